@@ -1,0 +1,168 @@
+"""What each exported graph is: the torch module it wraps, its ONNX signature and its seeded sample inputs.
+
+Names and layouts follow Optimum's Stable Diffusion export, so Optimum's and diffusers' ONNX pipelines
+can read our folders: int32 `input_ids`; UNet (`sample`, `timestep`, `encoder_hidden_states`) ->
+`out_sample`; VAE decoder `latent_sample` -> `sample`; VAE encoder `sample` -> `latent_parameters`
+(mean and log-variance, so the runtime draws the latent sample with its own seeded RNG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd_onnx.runtime.manifest import ModelConfig
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids.long(), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        # diffusers expands a 1-element timestep to the batch itself, so both (1,) and (batch,) work.
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(sample).latent_dist.parameters
+
+
+def _load_text_encoder(folder: Path) -> torch.nn.Module:
+    from transformers import CLIPTextModel
+
+    return TextEncoder(CLIPTextModel.from_pretrained(folder / "text_encoder"))
+
+
+def _load_unet(folder: Path) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet(UNet2DConditionModel.from_pretrained(folder / "unet"))
+
+
+def _load_vae(folder: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder / "vae")
+
+
+def _latent_side(config: ModelConfig) -> int:
+    """Latent side used for tracing and validation: the native one, capped at 32 to keep export fast."""
+    return min(config.sample_size, 32)
+
+
+def _text_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+    length = config.max_token_length
+    ids = torch.full((batch, length), 49407, dtype=torch.int32)
+    ids[:, 0] = 49406
+    ids[:, 1 : length // 2] = torch.randint(0, 49406, (batch, length // 2 - 1), generator=gen, dtype=torch.int32)
+    return (ids,)
+
+
+def _unet_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+    side = _latent_side(config)
+    sample = torch.randn(batch, config.latent_channels, side, side, generator=gen)
+    timestep = torch.tensor([981.0])
+    context = torch.randn(batch, config.max_token_length, config.embedding_dim, generator=gen)
+    return sample, timestep, context
+
+
+def _decoder_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+    side = _latent_side(config)
+    return (torch.randn(batch, config.latent_channels, side, side, generator=gen),)
+
+
+def _encoder_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+    side = _latent_side(config) * config.vae_scale_factor
+    return (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1,)
+
+
+IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """How to build, trace and exercise one component."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    load: Callable[[Path], torch.nn.Module]
+    sample_inputs: Callable[[ModelConfig, int, torch.Generator], Inputs]
+
+
+SPECS: dict[str, ComponentSpec] = {
+    "text_encoder": ComponentSpec(
+        "text_encoder",
+        ("input_ids",),
+        ("last_hidden_state", "pooler_output"),
+        {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "last_hidden_state": {0: "batch", 1: "sequence"},
+            "pooler_output": {0: "batch"},
+        },
+        _load_text_encoder,
+        _text_inputs,
+    ),
+    "unet": ComponentSpec(
+        "unet",
+        ("sample", "timestep", "encoder_hidden_states"),
+        ("out_sample",),
+        {
+            "sample": IMAGE_AXES,
+            "timestep": {0: "steps"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "out_sample": IMAGE_AXES,
+        },
+        _load_unet,
+        _unet_inputs,
+    ),
+    "vae_decoder": ComponentSpec(
+        "vae_decoder",
+        ("latent_sample",),
+        ("sample",),
+        {"latent_sample": IMAGE_AXES, "sample": IMAGE_AXES},
+        lambda folder: VaeDecoder(_load_vae(folder)),
+        _decoder_inputs,
+    ),
+    "vae_encoder": ComponentSpec(
+        "vae_encoder",
+        ("sample",),
+        ("latent_parameters",),
+        {"sample": IMAGE_AXES, "latent_parameters": IMAGE_AXES},
+        lambda folder: VaeEncoder(_load_vae(folder)),
+        _encoder_inputs,
+    ),
+}

@@ -1,0 +1,186 @@
+"""`convert`: diffusers pipeline -> validated ONNX model folder, built atomically.
+
+Passes per component, one component in memory at a time: load -> reference run -> trace -> free torch
+-> validate with onnxruntime -> hash. The folder is assembled under a temporary name beside OUTPUT and
+renamed only once complete, so an interrupted export never leaves a half folder at OUTPUT.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256_file
+
+from .components import SPECS
+from .errors import ExportError
+from .package import copy_scheduler, copy_tokenizer, write_model_index
+from .source import PipelineSource, resolve_source
+from .trace import trace_component
+from .validate import compare_outputs, open_session, signature
+
+DEFAULT_OPSET = 17
+DEFAULT_ATOL = 1e-3
+TRACE_SEED, VALIDATION_SEED = 0, 1
+Log = Callable[[str], None]
+
+
+def convert(
+    source: str,
+    output: Path,
+    *,
+    components: tuple[str, ...] = COMPONENTS,
+    opset: int = DEFAULT_OPSET,
+    atol: float = DEFAULT_ATOL,
+    overwrite: bool = False,
+    config: str | None = None,
+    log: Log = print,
+) -> Manifest:
+    """Export `source` to an ONNX model folder at `output` and return its manifest."""
+    _quiet_libraries()
+    output = Path(output).expanduser().resolve()
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists (use --overwrite to replace it)")
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
+    with _staging_folder(output) as staging:
+        src = resolve_source(source, config=config, work_dir=staging)
+        log(f"exporting {src.name} ({src.pipeline_class}, family {src.model_family}) to {output}")
+        infos = {}
+        for i, name in enumerate(components, 1):
+            started = time.perf_counter()
+            infos[name] = export_component(src, name, staging, opset, atol)
+            size_mb = sum((staging / f).stat().st_size for f in infos[name].files) / 1e6
+            max_diff = infos[name].validation["max_abs_diff"]
+            elapsed = time.perf_counter() - started
+            log(f"[{i}/{len(components)}] {name}: {size_mb:.1f} MB, max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s")
+        manifest = _package(src, staging, infos)
+        shutil.rmtree(staging / "_single_file_pipeline", ignore_errors=True)
+        _publish(staging, output)
+    log(f"wrote {output}")
+    return manifest
+
+
+def export_component(src: PipelineSource, name: str, folder: Path, opset: int, atol: float) -> ComponentInfo:
+    """Trace one component, validate it against PyTorch and describe it for the manifest."""
+    spec = SPECS[name]
+    out_file = folder / name / "model.onnx"
+    out_file.parent.mkdir(parents=True)
+    module = _load(spec.load, src.folder, name).eval()
+    trace_inputs = spec.sample_inputs(src.config, 1, torch.Generator().manual_seed(TRACE_SEED))
+    check_inputs = spec.sample_inputs(src.config, 2, torch.Generator().manual_seed(VALIDATION_SEED))
+    with torch.no_grad():
+        reference = module(*check_inputs)
+    reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
+    trace_component(module, spec, trace_inputs, out_file, opset)
+    del module
+    gc.collect()
+    session = open_session(out_file)
+    feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
+    validation = compare_outputs(name, session, feeds, reference, atol)
+    inputs, outputs = signature(session)
+    del session
+    files = sorted(p for p in out_file.parent.iterdir() if p.is_file())
+    return ComponentInfo(
+        file=f"{name}/{out_file.name}",
+        files={f"{name}/{p.name}": sha256_file(p) for p in files},
+        inputs=inputs,
+        outputs=outputs,
+        precision="fp32",
+        opset=opset,
+        validation=validation,
+    )
+
+
+def _load(load: Callable[[Path], torch.nn.Module], folder: Path, name: str) -> torch.nn.Module:
+    try:
+        return load(folder)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or unreadable weights file surfaces as many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{name}: cannot load weights from {folder}: {reason}") from exc
+
+
+def _package(src: PipelineSource, staging: Path, infos: dict[str, ComponentInfo]) -> Manifest:
+    copy_tokenizer(src.folder, staging)
+    copy_scheduler(src.folder, staging)
+    write_model_index(src.folder, staging, list(infos))
+    manifest = Manifest(
+        source=src.name,
+        model_family=src.model_family,
+        pipeline_class=src.pipeline_class,
+        config=src.config,
+        components=infos,
+        tools=_tool_versions(),
+    )
+    manifest.save(staging)
+    return manifest
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print loading bars and notices that drown our per-component progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("sd-onnx", "torch", "onnx", "onnxruntime", "diffusers", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+@contextmanager
+def _staging_folder(output: Path) -> Iterator[Path]:
+    """A temporary folder beside `output`, removed on any failure, Ctrl-C or SIGTERM."""
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _is_main_thread() else None
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Move the finished folder into place; an old OUTPUT is only removed once the new one is there."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,45 @@
+"""Non-graph parts of the model folder: tokenizer (with a `tokenizers` tokenizer.json), scheduler, model_index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import ExportError
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """Copy the tokenizer files and make sure a `tokenizers`-format tokenizer.json is among them."""
+    shutil.copytree(source / "tokenizer", out / "tokenizer")
+    if (out / "tokenizer" / TOKENIZER_JSON).is_file():
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer", use_fast=True)
+        tokenizer.backend_tokenizer.save(str(out / "tokenizer" / TOKENIZER_JSON))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
+        raise ExportError(f"{source / 'tokenizer'}: cannot build tokenizer.json ({exc})") from exc
+
+
+def copy_scheduler(source: Path, out: Path) -> None:
+    shutil.copytree(source / "scheduler", out / "scheduler")
+
+
+def write_model_index(source: Path, out: Path, components: list[str]) -> None:
+    """model_index.json in the layout of diffusers' OnnxStableDiffusionPipeline, which Optimum also reads."""
+    index = json.loads((source / "model_index.json").read_text())
+    onnx_index = {
+        "_class_name": "OnnxStableDiffusionPipeline",
+        "_diffusers_version": index.get("_diffusers_version", ""),
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": index["scheduler"],
+        "tokenizer": index["tokenizer"],
+    }
+    onnx_index.update({name: ["diffusers", "OnnxRuntimeModel"] for name in components})
+    (out / "model_index.json").write_text(json.dumps(onnx_index, indent=2) + "\n")

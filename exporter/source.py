@@ -1,0 +1,138 @@
+"""Resolve what the user named (local folder, hub id, single-file checkpoint) into a diffusers pipeline folder.
+
+Also reads the model's own configs into the manifest's `ModelConfig`: no size is assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd_onnx.runtime.manifest import ModelConfig
+
+from .errors import ExportError
+
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "LatentConsistencyModelPipeline",
+    "OnnxStableDiffusionPipeline",
+}
+REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class PipelineSource:
+    """A local diffusers-format folder plus what was read from its configs."""
+
+    folder: Path
+    name: str
+    pipeline_class: str
+    model_family: str
+    config: ModelConfig
+
+
+def resolve_source(source: str, config: str | None = None, work_dir: Path | None = None) -> PipelineSource:
+    """Turn SOURCE into a checked local diffusers folder.
+
+    `config` (a diffusers folder or hub id) tells the single-file loader which architecture a checkpoint has;
+    `work_dir` is where a converted single-file checkpoint is written.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ExportError(f"{source}: not a diffusers folder nor a .safetensors/.ckpt checkpoint")
+        if work_dir is None:
+            raise ExportError("internal: single-file conversion needs a work folder")
+        folder = _single_file_to_folder(path, config, work_dir)
+    elif path.is_dir():
+        folder = path
+    elif HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        folder = _download(source)
+    else:
+        raise ExportError(f"{source}: no such folder or file")
+    return inspect_folder(folder, name=source)
+
+
+def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
+    """Check that `folder` is a supported diffusers pipeline and read its sizes."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ExportError(f"{folder}: not a diffusers pipeline (no model_index.json)")
+    index = _read_json(index_path)
+    pipeline_class = index.get("_class_name", "?")
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        supported = ", ".join(sorted(SUPPORTED_PIPELINES))
+        raise ExportError(f"{folder}: unsupported model family {pipeline_class} (supported: {supported})")
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
+    config = read_model_config(folder)
+    return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config)
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """Read embedding width, latent channels, VAE scale and scaling factor, resolution from the configs."""
+    text = _read_json(folder / "text_encoder" / "config.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if unet.get("in_channels") != vae.get("latent_channels", 4):
+        raise ExportError(
+            f"{folder}: unsupported model family: UNet takes {unet.get('in_channels')} channels "
+            f"but the VAE has {vae.get('latent_channels', 4)} latent channels (inpainting models are not supported)"
+        )
+    return ModelConfig(
+        embedding_dim=int(text["hidden_size"]),
+        latent_channels=int(vae.get("latent_channels", 4)),
+        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        sample_size=int(unet["sample_size"]),
+        max_token_length=int(text.get("max_position_embeddings", 77)),
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        shift_factor=vae.get("shift_factor"),
+    )
+
+
+def _family(config: ModelConfig) -> str:
+    return {768: "sd1", 1024: "sd2"}.get(config.embedding_dim, "sd-custom")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ExportError(f"{path.parent}: incomplete pipeline, missing {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a diffusers pipeline from the Hugging Face Hub (needs a network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.txt", "*.safetensors", "tokenizer/*"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means the same thing to the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"{repo_id}: cannot download from the Hugging Face Hub (offline?): {reason}") from exc
+
+
+def _single_file_to_folder(path: Path, config: str | None, work_dir: Path) -> Path:
+    """Load a .safetensors/.ckpt checkpoint with diffusers' single-file loader and save it as a folder."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"config": config} if config else {}
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - loader errors are many and all mean "cannot read this file"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"{path}: cannot load single-file checkpoint: {reason}") from exc
+    folder = work_dir / "_single_file_pipeline"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

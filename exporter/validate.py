@@ -1,0 +1,55 @@
+"""Check an exported graph against PyTorch: same seeded inputs, onnxruntime vs torch outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from sd_onnx.runtime.manifest import TensorSpec
+
+from .errors import ExportError
+
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+def open_session(model_file: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+def signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs as manifest specs (symbolic dims as names)."""
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) else str(d) for d in arg.shape]
+        return TensorSpec(arg.name, shape, ORT_TYPES.get(arg.type, arg.type))
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+def compare_outputs(
+    name: str, session: ort.InferenceSession, feeds: dict[str, np.ndarray], reference: list[np.ndarray], atol: float
+) -> dict[str, Any]:
+    """Run the graph and compare with the torch reference; raise ExportError above `atol`."""
+    outputs = session.run(None, feeds)
+    max_abs = max(float(np.max(np.abs(o - r))) for o, r in zip(outputs, reference, strict=True))
+    mean_abs = float(np.mean([np.mean(np.abs(o - r)) for o, r in zip(outputs, reference, strict=True)]))
+    report = {
+        "max_abs_diff": max_abs,
+        "mean_abs_diff": mean_abs,
+        "atol": atol,
+        "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "reference": "torch",
+    }
+    if not np.isfinite(max_abs) or max_abs > atol:
+        raise ExportError(f"{name}: ONNX output differs from PyTorch by {max_abs:.3g} (> --atol {atol:g})")
+    return report

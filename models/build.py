@@ -1,0 +1,137 @@
+"""Build diffusers Stable Diffusion pipelines with seeded random weights, entirely offline.
+
+`tiny` is small enough for unit tests (seconds to build, export and run); `sd15` has SD 1.5's exact
+architecture (UNet 860M parameters) for speed and memory measurements. Both use the real CLIP tokenizer.
+
+    python -m sd_onnx.models.build tiny /tmp/tiny-sd
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .clip_vocab import write_clip_tokenizer_files
+
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+TINY = {
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+    "unet": {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 16,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    },
+    "vae": {
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+    },
+}
+
+SD15 = {
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12},
+    "unet": {
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "sample_size": 64,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+    },
+}
+
+RECIPES = {"tiny": TINY, "sd15": SD15}
+
+
+def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) -> Path:
+    """Write a diffusers StableDiffusionPipeline folder with the recipe's sizes and seeded random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    te = recipe["text_encoder"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            projection_dim=te["hidden_size"],
+            hidden_act="quick_gelu",
+            **te,
+        )
+    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
+    write_clip_tokenizer_files(out / "_tokenizer_src")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "_tokenizer_src")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in (out / "_tokenizer_src").iterdir():
+        f.unlink()
+    (out / "_tokenizer_src").rmdir()
+    return out
+
+
+def build_tiny_pipeline(out: Path, seed: int = 0) -> Path:
+    """Tiny SD-architecture pipeline for tests: 2 UNet levels, 32-wide CLIP, seconds to build."""
+    return build_pipeline(TINY, out, seed)
+
+
+def build_sd15_pipeline(out: Path, seed: int = 0) -> Path:
+    """Full-size SD 1.5 architecture (UNet 860M parameters) with random weights, for benchmarks."""
+    return build_pipeline(SD15, out, seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sd_onnx.models.build {tiny|sd15} OUT [SEED]`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] not in RECIPES:
+        raise SystemExit(f"usage: python -m sd_onnx.models.build {{{'|'.join(RECIPES)}}} OUT [SEED]")
+    seed = int(args[2]) if len(args) > 2 else 0
+    print(build_pipeline(RECIPES[args[0]], Path(args[1]), seed))
+
+
+if __name__ == "__main__":
+    main()

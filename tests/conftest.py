@@ -1,0 +1,23 @@
+"""Shared fixtures: the tiny seeded pipeline (diffusers format) and its ONNX export, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    convert(str(tiny_pipeline), out, log=lambda line: None)
+    return out

@@ -1,0 +1,123 @@
+"""Bad input to `sd-export convert`: one clear line, non-zero exit, nothing left at OUTPUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sd_onnx.exporter.cli import main
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["convert", *args])
+    return result.exit_code, result.output
+
+
+def copy_pipeline(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def assert_one_line_error(code: int, output: str, expected: str) -> None:
+    assert code != 0
+    lines = [line for line in output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and expected in lines[0], output
+    assert "Traceback" not in output
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    code, out = run_cli(str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert_one_line_error(code, out, "no such folder or file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, out = run_cli(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert_one_line_error(code, out, "not a diffusers pipeline")
+
+
+def test_unsupported_model_family(tiny_pipeline: Path, tmp_path: Path) -> None:
+    folder = copy_pipeline(tiny_pipeline, tmp_path / "xl")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    code, out = run_cli(str(folder), str(tmp_path / "out"))
+    assert_one_line_error(code, out, "unsupported model family StableDiffusionXLPipeline")
+
+
+def test_corrupt_weights_file(tiny_pipeline: Path, tmp_path: Path) -> None:
+    folder = copy_pipeline(tiny_pipeline, tmp_path / "corrupt")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, out = run_cli(str(folder), str(tmp_path / "out"))
+    assert_one_line_error(code, out, "unet: cannot load weights")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_no_write_permission(tiny_pipeline: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out = run_cli(str(tiny_pipeline), str(blocker / "out"))
+    assert_one_line_error(code, out, "cannot write to")
+
+
+def test_existing_output_needs_overwrite(tiny_pipeline: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("old")
+    code, out = run_cli(str(tiny_pipeline), str(out_dir), "--components", "vae_decoder")
+    assert_one_line_error(code, out, "already exists")
+    assert (out_dir / "keep.txt").exists()
+    code, out = run_cli(str(tiny_pipeline), str(out_dir), "--components", "vae_decoder", "--overwrite")
+    assert code == 0, out
+    assert not (out_dir / "keep.txt").exists() and (out_dir / "vae_decoder" / "model.onnx").is_file()
+    assert "[1/1] vae_decoder" in out
+
+
+def test_validation_failure_above_atol(tiny_pipeline: Path, tmp_path: Path) -> None:
+    code, out = run_cli(str(tiny_pipeline), str(tmp_path / "out"), "--components", "unet", "--atol", "1e-12")
+    assert_one_line_error(code, out, "unet: ONNX output differs from PyTorch")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_unknown_component(tiny_pipeline: Path, tmp_path: Path) -> None:
+    code, out = run_cli(str(tiny_pipeline), str(tmp_path / "out"), "--components", "unet,refiner")
+    assert_one_line_error(code, out, "unknown component(s) refiner")
+
+
+def test_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli("some-org/some-model", str(tmp_path / "out"))
+    assert_one_line_error(code, out, "some-org/some-model: cannot download from the Hugging Face Hub")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_interrupted_export_leaves_nothing_at_output(tiny_pipeline: Path, tmp_path: Path, sig: int) -> None:
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sd_onnx.exporter.cli", "convert", str(tiny_pipeline), str(out_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*/text_encoder")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode != 0
+    assert not out_dir.exists()
+    if sig != signal.SIGKILL:  # a catchable signal also cleans up the staging folder
+        assert not list(tmp_path.glob(".out.partial-*")), output
+        assert "Traceback" not in output
