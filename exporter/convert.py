@@ -26,7 +26,7 @@ from .components import SPECS
 from .errors import ExportError
 from .package import copy_scheduler, copy_tokenizer, write_model_index
 from .source import PipelineSource, resolve_source
-from .trace import trace_component
+from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
 
 DEFAULT_OPSET = 17
@@ -83,9 +83,10 @@ def export_component(src: PipelineSource, name: str, folder: Path, opset: int, a
     with torch.no_grad():
         reference = module(*check_inputs)
     reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
-    trace_component(module, spec, trace_inputs, out_file, opset)
+    traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
     del module
     gc.collect()
+    pack_graph(traced, out_file)
     session = open_session(out_file)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
     validation = compare_outputs(name, session, feeds, reference, atol)

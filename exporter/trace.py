@@ -15,18 +15,18 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .components import ComponentSpec, Inputs
 
 EXTERNAL_DATA_SUFFIX = "_data"
-TWO_GB = 2**31
+ALIGNMENT = 4096  # page-aligned tensors let onnxruntime memory-map them
 
 
-def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs, out_file: Path, opset: int) -> None:
-    """Export `module` to `out_file`; graphs over 2 GB keep their weights in one `model.onnx_data` file."""
-    scratch = out_file.parent / "_trace"
+def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs, scratch: Path, opset: int) -> Path:
+    """Export `module` into the empty folder `scratch`; returns the traced file (weights may lie beside it)."""
     scratch.mkdir(parents=True, exist_ok=True)
-    traced = scratch / out_file.name
+    traced = scratch / "model.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes are expected
         torch.onnx.export(
@@ -40,21 +40,40 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
             dynamic_axes=spec.dynamic_axes,
             do_constant_folding=True,
         )
-    if len(list(scratch.iterdir())) == 1 and traced.stat().st_size < TWO_GB:
+    return traced
+
+
+def pack_graph(traced: Path, out_file: Path) -> None:
+    """Move the traced graph to `out_file`; scattered external weights (graphs over 2 GB) are streamed,
+    one tensor at a time, into a single `<name>_data` file so that peak memory stays one tensor."""
+    scratch = traced.parent
+    if len(list(scratch.iterdir())) == 1:
         traced.replace(out_file)
     else:
-        _repack_external_data(traced, out_file)
+        model = onnx.load(str(traced), load_external_data=False)
+        data_name = out_file.name + EXTERNAL_DATA_SUFFIX
+        with open(out_file.parent / data_name, "wb") as data:
+            for tensor in _external_tensors(model):
+                info = ExternalDataInfo(tensor)
+                with open(scratch / info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    payload = src.read(info.length) if info.length else src.read()
+                data.write(b"\0" * (-data.tell() % ALIGNMENT))
+                offset = data.tell()
+                data.write(payload)
+                _point_to(tensor, data_name, offset, len(payload))
+        onnx.save_model(model, str(out_file))
     shutil.rmtree(scratch)
 
 
-def _repack_external_data(traced: Path, out_file: Path) -> None:
-    """Gather the tracer's one-file-per-tensor external data into a single `<name>_data` file."""
-    model = onnx.load(str(traced), load_external_data=True)
-    onnx.save_model(
-        model,
-        str(out_file),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=out_file.name + EXTERNAL_DATA_SUFFIX,
-        size_threshold=1024,
-    )
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for node in model.graph.node for a in node.attribute if a.HasField("t")]
+    return [t for t in tensors if uses_external_data(t)]

@@ -1,0 +1,58 @@
+"""NumPy schedulers, configured from an exported `scheduler_config.json`.
+
+Names accepted: our short names ("dpmpp_2m_karras"), diffusers class names ("DPMSolverMultistepScheduler")
+and A1111 sampler names ("DPM++ 2M Karras", "Euler a"), case-insensitively.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import NoiseSource, Scheduler
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpmpp_2m import DPMSolverMultistepScheduler
+from .euler import EulerScheduler
+from .euler_ancestral import EulerAncestralScheduler
+from .lcm import LCMScheduler
+from .lms import LMSScheduler
+from .pndm import PNDMScheduler
+
+KARRAS = {"use_karras_sigmas": True}
+
+# short name -> (class, config overrides, other accepted names)
+SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...]]] = {
+    "pndm": (PNDMScheduler, {}, ("PNDMScheduler", "PLMS")),
+    "ddim": (DDIMScheduler, {}, ("DDIMScheduler", "DDIM")),
+    "euler": (EulerScheduler, {}, ("EulerDiscreteScheduler", "Euler")),
+    "euler_a": (EulerAncestralScheduler, {}, ("EulerAncestralDiscreteScheduler", "Euler a", "euler_ancestral")),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}, ("DPMSolverMultistepScheduler", "DPM++ 2M")),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, KARRAS, ("DPM++ 2M Karras",)),
+    "lms": (LMSScheduler, {}, ("LMSDiscreteScheduler", "LMS")),
+    "lms_karras": (LMSScheduler, KARRAS, ("LMS Karras",)),
+    "lcm": (LCMScheduler, {}, ("LCMScheduler", "LCM")),
+    "ddpm": (DDPMScheduler, {}, ("DDPMScheduler", "DDPM")),
+}
+_BY_NAME = {alias.lower(): key for key, (_, _, aliases) in SCHEDULERS.items() for alias in (key, *aliases)}
+
+
+def scheduler_names() -> list[str]:
+    """Every accepted name, for help texts and the A1111 samplers endpoint."""
+    return [name for key, (_, _, aliases) in SCHEDULERS.items() for name in (key, *aliases)]
+
+
+def resolve_name(name: str) -> str:
+    """Short name for any accepted spelling; ValueError naming the choices otherwise."""
+    key = _BY_NAME.get(str(name).strip().lower())
+    if key is None:
+        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)}, or their diffusers/A1111 names)")
+    return key
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Scheduler:
+    """Build the named scheduler from a diffusers scheduler config (unknown keys are ignored)."""
+    cls, overrides, _ = SCHEDULERS[resolve_name(name)]
+    return cls(**{**config, **overrides})
+
+
+__all__ = ["NoiseSource", "Scheduler", "make_scheduler", "resolve_name", "scheduler_names", "SCHEDULERS"]

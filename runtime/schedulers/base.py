@@ -1,0 +1,186 @@
+"""What every NumPy scheduler shares: configuration as data, noise schedules, timestep spacing, sigmas.
+
+Each algorithm lives in its own module and mirrors the diffusers scheduler of the same name, so that a
+`scheduler_config.json` written by diffusers configures it the same way (keys the algorithm does not know
+are ignored, missing keys take diffusers' defaults for that class).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+}
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class NoiseSource(Protocol):
+    """Anything that draws standard normal arrays (the runtime's torch-compatible generator does)."""
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray: ...
+
+
+class Scheduler:
+    """Shared interface: `set_timesteps`, `scale_model_input`, `step`, `init_noise_sigma`, `add_noise`."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    order: ClassVar[int] = 1
+
+    def __init__(self, **config: Any) -> None:
+        self.config = {**COMMON_DEFAULTS, **self.defaults}
+        self.config.update({k: v for k, v in config.items() if k in self.config})
+        if self.config["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r} (known: {PREDICTION_TYPES})")
+        self.betas = make_betas(self.config)
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas, dtype=np.float32)
+        self.timesteps = np.zeros(0, dtype=np.float32)
+        self.num_inference_steps = 0
+        self.step_index = 0  # position in `timesteps`; `step` advances it, img2img starts it part-way
+
+    def set_begin_index(self, index: int) -> None:
+        """Start from `timesteps[index]` (img2img skips the noisiest steps)."""
+        self.step_index = index
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+        return sample
+
+    def step(
+        self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """Forward diffusion to `timestep` (img2img): sqrt(a) x0 + sqrt(1 - a) noise."""
+        alpha = self.alphas_cumprod[int(timestep)]
+        return (np.sqrt(alpha) * original + np.sqrt(1 - alpha) * noise).astype(np.float32)
+
+    def _require_noise(self, noise: NoiseSource | None) -> NoiseSource:
+        if noise is None:
+            raise ValueError(f"{self.name} draws fresh noise at each step: pass a noise source (generator)")
+        return noise
+
+
+def make_betas(config: dict[str, Any]) -> np.ndarray:
+    """The training noise schedule, in float32 as diffusers keeps it."""
+    n = config["num_train_timesteps"]
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    schedule = config["beta_schedule"]
+    if schedule == "linear":
+        return np.linspace(config["beta_start"], config["beta_end"], n, dtype=np.float32)
+    if schedule == "scaled_linear":
+        return np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
+    if schedule == "squaredcos_cap_v2":
+
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
+        return np.asarray(betas, dtype=np.float32)
+    raise ValueError(f"unknown beta_schedule {schedule!r}")
+
+
+def spaced_timesteps(config: dict[str, Any], num_steps: int) -> np.ndarray:
+    """Descending timesteps by the config's spacing ("linspace", "leading", "trailing"), as float64."""
+    n_train = config["num_train_timesteps"]
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, num_steps)[::-1].copy()
+    if spacing == "leading":
+        ratio = n_train // num_steps
+        return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float64) + config["steps_offset"]
+    if spacing == "trailing":
+        return np.arange(n_train, 0, -n_train / num_steps).round() - 1
+    raise ValueError(f"unknown timestep_spacing {spacing!r} (known: linspace, leading, trailing)")
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """k-diffusion sigmas of the training schedule: sqrt((1 - a) / a)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).astype(np.float64) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) schedule: evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating linearly in log-sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return (1 - w) * low + w * high
+
+
+def predict_x0_from_sigma(model_output: np.ndarray, sample: np.ndarray, sigma: float, prediction_type: str):
+    """Denoised estimate for k-diffusion style (sigma-parameterised) samplers."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output
+
+
+def predict_x0_and_eps(model_output: np.ndarray, sample: np.ndarray, alpha_prod: float, prediction_type: str):
+    """(x0, epsilon) estimates for alpha-parameterised (DDIM-family) samplers."""
+    beta_prod = 1 - alpha_prod
+    if prediction_type == "epsilon":
+        x0 = (sample - beta_prod**0.5 * model_output) / alpha_prod**0.5
+        return x0, model_output
+    if prediction_type == "v_prediction":
+        x0 = alpha_prod**0.5 * sample - beta_prod**0.5 * model_output
+        return x0, alpha_prod**0.5 * model_output + beta_prod**0.5 * sample
+    eps = (sample - alpha_prod**0.5 * model_output) / beta_prod**0.5
+    return model_output, eps
+
+
+class SigmaScheduler(Scheduler):
+    """Base of the samplers that work in sigma space (Euler, Euler a, LMS): inputs scaled by 1/sqrt(sigma^2+1)."""
+
+    sigmas: np.ndarray
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.num_inference_steps = num_inference_steps
+        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.float32)
+        all_sigmas = train_sigmas(self.alphas_cumprod)
+        sigmas = np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas)
+        if self.config.get("use_karras_sigmas"):
+            sigmas = karras_sigmas(sigmas[-1], sigmas[0], num_inference_steps)
+            timesteps = sigma_to_t(sigmas, np.log(all_sigmas))
+        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        self.timesteps = np.asarray(timesteps, dtype=np.float32)
+        self.step_index = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        sigma_max = float(self.sigmas.max())
+        if self.config["timestep_spacing"] in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+        sigma = self.sigmas[self.step_index]
+        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)

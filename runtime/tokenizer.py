@@ -1,0 +1,55 @@
+"""CLIP tokenization with the `tokenizers` library only: ids identical to transformers' CLIPTokenizer with
+padding="max_length" and truncation to the model's token length (77 for SD)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+class CLIPTokenizer:
+    """Tokenize prompts to fixed-length id arrays; over-long prompts are cut with a warning naming the cut."""
+
+    def __init__(self, folder: Path, max_length: int) -> None:
+        folder = Path(folder)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.max_length = max_length
+        pad_token = _special_token(folder, "pad_token") or "<|endoftext|>"
+        eos_token = _special_token(folder, "eos_token") or "<|endoftext|>"
+        self.pad_id = self.tokenizer.token_to_id(pad_token)
+        self.eos_id = self.tokenizer.token_to_id(eos_token)
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """int32 array (len(prompts), max_length)."""
+        return np.array([self.encode(p) for p in prompts], dtype=np.int32)
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt).ids
+        if len(ids) > self.max_length:
+            cut = self.tokenizer.decode(ids[self.max_length - 1 : -1])
+            warnings.warn(
+                f"prompt is longer than {self.max_length} tokens; this part was cut: {cut!r}", UserWarning, stacklevel=3
+            )
+            ids = ids[: self.max_length - 1] + [self.eos_id]
+        return ids + [self.pad_id] * (self.max_length - len(ids))
+
+
+def _special_token(folder: Path, key: str) -> str | None:
+    """A special token from tokenizer_config.json or special_tokens_map.json (string or AddedToken dict)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                return value
+    return None
