@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 
 class CLIPTokenizer:
@@ -19,6 +19,8 @@ class CLIPTokenizer:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # Only used to show the cut part of a long prompt; some exports lack a decoder that knows CLIP's </w>.
+        self.tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
         self.max_length = max_length
         pad_token = _special_token(folder, "pad_token") or "<|endoftext|>"
         eos_token = _special_token(folder, "eos_token") or "<|endoftext|>"
