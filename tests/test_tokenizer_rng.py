@@ -13,7 +13,27 @@ import torch
 from sd_onnx.runtime.rng import TorchGenerator
 from sd_onnx.runtime.tokenizer import CLIPTokenizer
 
-WORDS = ("a photo of an astronaut riding horse on mars red blue circle cat dog oil painting by greg rutkowski").split()
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "an",
+    "astronaut",
+    "riding",
+    "horse",
+    "on",
+    "mars",
+    "red",
+    "blue",
+    "circle",
+    "cat",
+    "dog",
+    "oil",
+    "painting",
+    "by",
+    "greg",
+    "rutkowski",
+]
 EXTRAS = [
     "",
     "   ",
