@@ -1,0 +1,98 @@
+"""Write a diffusers pipeline as an original (LDM / A1111-style) single-file checkpoint, for the
+single-file loader's round-trip test. The inverse of diffusers' `convert_ldm_*_checkpoint` key mapping,
+for any number of UNet levels and layers per block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def unet_key(key: str, levels: int, layers: int, up_attention: list[bool]) -> str:
+    p = key.split(".")
+    stride = layers + 1
+    if p[0] == "time_embedding":
+        return ".".join(["time_embed", {"linear_1": "0", "linear_2": "2"}[p[1]], *p[2:]])
+    if p[0] in ("conv_in",):
+        return ".".join(["input_blocks.0.0", *p[1:]])
+    if p[0] in ("conv_norm_out", "conv_out"):
+        return ".".join(["out", {"conv_norm_out": "0", "conv_out": "2"}[p[0]], *p[1:]])
+    if p[0] == "down_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "downsamplers":
+            return ".".join([f"input_blocks.{stride * (i + 1)}.0.op", *p[5:]])
+        j = int(p[3])
+        return ".".join([f"input_blocks.{stride * i + j + 1}.{0 if kind == 'resnets' else 1}", *_resnet(p[4:], kind)])
+    if p[0] == "up_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "upsamplers":
+            return ".".join([f"output_blocks.{stride * i + layers}.{2 if up_attention[i] else 1}", *p[4:]])
+        j = int(p[3])
+        return ".".join([f"output_blocks.{stride * i + j}.{0 if kind == 'resnets' else 1}", *_resnet(p[4:], kind)])
+    if p[0] == "mid_block":
+        kind, j = p[1], int(p[2])
+        return ".".join([f"middle_block.{1 if kind == 'attentions' else 2 * j}", *_resnet(p[3:], kind)])
+    raise KeyError(key)
+
+
+def _resnet(rest: list[str], kind: str) -> list[str]:
+    if kind != "resnets":
+        return rest
+    names = {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    }
+    return [names[rest[0]], *rest[1:]]
+
+
+def vae_key(key: str, levels: int) -> str:
+    p = key.split(".")
+    names = {"conv_norm_out": "norm_out", "conv_shortcut": "nin_shortcut", "group_norm": "norm"}
+    names.update({"to_q": "q", "to_k": "k", "to_v": "v"})
+    if p[1] == "down_blocks":
+        i, kind = p[2], p[3]
+        head = [p[0], "down", i, "downsample" if kind == "downsamplers" else f"block.{p[4]}"]
+        p = head + p[5:]
+    elif p[1] == "up_blocks":
+        i, kind = levels - 1 - int(p[2]), p[3]
+        head = [p[0], "up", str(i), "upsample" if kind == "upsamplers" else f"block.{p[4]}"]
+        p = head + p[5:]
+    elif p[1] == "mid_block":
+        head = [p[0], "mid", "attn_1" if p[2] == "attentions" else f"block_{int(p[3]) + 1}"]
+        p = head + p[4:]
+    joined = ".".join(names.get(x, x) for x in p)
+    return joined.replace("to_out.0", "proj_out")
+
+
+def write_single_file(folder: Path, out: Path) -> Path:
+    """Save the diffusers pipeline in `folder` as one LDM-format .safetensors file."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    levels, layers = len(unet.config.block_out_channels), unet.config.layers_per_block
+    up_attention = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    state = {}
+    for k, v in unet.state_dict().items():
+        state["model.diffusion_model." + unet_key(k, levels, layers, up_attention)] = v
+    for k, v in vae.state_dict().items():
+        is_attn_linear = ".attentions." in k and k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") and v.ndim == 2
+        state["first_stage_model." + vae_key(k, len(vae.config.block_out_channels))] = (
+            v[:, :, None, None] if is_attn_linear else v
+        )
+    for k, v in text.state_dict().items():  # LDM nests CLIP's weights under text_model (transformers >= 5.6 does not)
+        state["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_single_file(Path(sys.argv[1]), Path(sys.argv[2]))
