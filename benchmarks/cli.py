@@ -1,0 +1,153 @@
+"""`sd-bench`: run every engine on the same model and settings, each in its own process, and report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .machine import folder_mb, machine_info
+from .report import write_report
+
+ENGINES = ("diffusers-pytorch", "optimum-ort", "sd-onnx-fp32")
+KIND = {"diffusers-pytorch": "diffusers-pytorch", "optimum-ort": "optimum-ort", "sd-onnx-fp32": "sd-onnx"}
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_python: str) -> dict[str, Path]:
+    """Each engine's model folder: the diffusers source, our export, Optimum's export (made once, reused)."""
+    folders = {"diffusers-pytorch": source}
+    if "sd-onnx-fp32" in engines:
+        folders["sd-onnx-fp32"] = work / "sd-onnx-fp32"
+        if not folders["sd-onnx-fp32"].is_dir():
+            from sd_onnx.exporter.convert import convert
+
+            convert(str(source), folders["sd-onnx-fp32"], log=lambda line: click.echo(f"  {line}", err=True))
+    if "optimum-ort" in engines:
+        folders["optimum-ort"] = work / "optimum-ort"
+        if not folders["optimum-ort"].is_dir():
+            cmd = [optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
+            cmd += ["--model", str(source), "--task", "text-to-image", str(folders["optimum-ort"])]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return folders
+
+
+def run_engine(engine: str, spec: dict, python: str) -> dict:
+    """One engine in a fresh process; its last stdout line is the JSON record."""
+    cmd = [python, "-m", "sd_onnx.benchmarks.engines", engine, json.dumps(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise click.ClickException(f"{engine} failed: {tail[0]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def benchmark(
+    source: Path,
+    work: Path,
+    engines: tuple[str, ...],
+    steps: int,
+    size: int,
+    threads: int,
+    optimum_python: str,
+    model_label: str,
+    command: str,
+) -> dict:
+    folders = prepare_models(source, work, engines, optimum_python)
+    settings = {"steps": steps, "size": size, "guidance": 7.5, "threads": threads, "prompt": PROMPT}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "machine": machine_info(),
+        "settings": {**settings, "model_label": model_label, "scheduler": "PNDM (model default)"},
+        "engines": {},
+    }
+    for i, engine in enumerate(engines, 1):
+        click.echo(f"[{i}/{len(engines)}] {engine}: running", err=True)
+        spec = {**settings, "kind": KIND[engine], "model": str(folders[engine]), "vae_repeats": 2}
+        python = optimum_python if engine == "optimum-ort" else sys.executable
+        record = run_engine(engine, spec, python)
+        record["model_mb"] = folder_mb(folders[engine])
+        report["engines"][engine] = record
+        click.echo(
+            f"[{i}/{len(engines)}] {engine}: UNet step {record['unet_step_median_s']:.2f} s, "
+            f"end to end {record['end_to_end_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MB",
+            err=True,
+        )
+    return report
+
+
+@click.group(invoke_without_command=True)
+@click.option("--quick", is_flag=True, help="Smoke run: tiny model, sd-onnx and diffusers, under a minute.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where --quick writes JSON.")
+@click.pass_context
+def main(ctx: click.Context, quick: bool, json_path: Path | None) -> None:
+    """Benchmark sd-onnx against diffusers (PyTorch) and Optimum (onnxruntime)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not quick:
+        click.echo(ctx.get_help())
+        return
+    from sd_onnx.models.build import build_tiny_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build_tiny_pipeline(Path(tmp) / "tiny-sd")
+        engines = ("sd-onnx-fp32", "diffusers-pytorch")
+        report = benchmark(
+            source, Path(tmp), engines, 4, 32, 2, sys.executable, "tiny (seeded random)", "sd-bench --quick"
+        )
+    path = json_path or Path("sd-bench-quick.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(str(path))
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path, exists=True), default=None, help="Local diffusers folder.")
+@click.option("--sd15-random", is_flag=True, help="Build SD 1.5's architecture with seeded random weights.")
+@click.option("--engines", default=",".join(ENGINES), show_default=True)
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(2))
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
+@click.option("--optimum-python", default=sys.executable, help="Python of an environment with optimum-onnx.")
+def run(
+    model: Path | None,
+    sd15_random: bool,
+    engines: str,
+    steps: int,
+    size: int,
+    threads: int,
+    out: Path,
+    work: Path,
+    optimum_python: str,
+) -> None:
+    """Full benchmark: JSON, Markdown with ratios, and plots into --out."""
+    chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
+    unknown = set(chosen) - set(ENGINES)
+    if unknown:
+        raise click.ClickException(f"unknown engine(s) {', '.join(sorted(unknown))} (known: {', '.join(ENGINES)})")
+    if (model is None) == (not sd15_random):
+        raise click.ClickException("give exactly one of --model PATH or --sd15-random")
+    work.mkdir(parents=True, exist_ok=True)
+    if sd15_random:
+        from sd_onnx.models.build import build_sd15_pipeline
+
+        model = work / "sd15-random"
+        if not model.is_dir():
+            build_sd15_pipeline(model)
+    label = "SD 1.5 architecture, seeded random weights" if sd15_random else str(model)
+    command = "sd-bench run " + shlex.join(sys.argv[2:])
+    report = benchmark(model, work, chosen, steps, size, threads, optimum_python, label, command)
+    for path in write_report(report, out):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""One engine's measurements, run in its own process (`python -m sd_onnx.benchmarks.engines ENGINE SPEC`)
+so that peak RSS and imports belong to that engine alone. Prints one JSON record on its last line.
+
+Every engine runs the same work: load twice (first and second load), text encoder alone, one full
+generation with a per-step callback (first step, steady-state steps, end to end), VAE decode alone.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PACKAGES = {
+    "diffusers-pytorch": ("torch", "diffusers", "transformers", "accelerate"),
+    "optimum-ort": ("optimum-onnx", "optimum", "onnxruntime", "diffusers", "transformers", "torch"),
+    "sd-onnx": ("sd-onnx", "onnxruntime", "numpy", "tokenizers", "pillow", "click"),
+}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(_timed(fn)[0] for _ in range(repeats))
+
+
+def _summarise(
+    spec: dict, loads: list[float], text_s: float, e2e_s: float, stamps: list[float], start: float, vae_s: float
+) -> dict:
+    """Step times from the callback's timestamps; the first step also pays for first-run allocations."""
+    steps = np.diff([start + text_s, *stamps]).tolist()
+    steady = steps[1:] or steps
+    return {
+        "load_first_s": loads[0],
+        "load_second_s": loads[1],
+        "text_encoder_s": text_s,
+        "first_step_s": steps[0],
+        "unet_step_median_s": statistics.median(steady),
+        "unet_step_min_s": min(steady),
+        "unet_step_max_s": max(steady),
+        "unet_steps": len(steps),
+        "vae_decode_s": vae_s,
+        "end_to_end_s": e2e_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_sd_onnx(spec: dict) -> dict:
+    from sd_onnx.runtime import StableDiffusionPipeline
+
+    def load() -> StableDiffusionPipeline:
+        return StableDiffusionPipeline.from_pretrained(spec["model"], provider="cpu", threads=spec["threads"])
+
+    loads = []
+    for _ in range(2):
+        seconds, pipe = _timed(load)
+        loads.append(seconds)
+    text_s = _median_time(lambda: pipe._encode([spec["prompt"]], None, 1, True), 3)
+    stamps: list[float] = []
+    start = time.perf_counter()
+    e2e_s, out = _timed(
+        lambda: pipe(
+            spec["prompt"],
+            num_inference_steps=spec["steps"],
+            height=spec["size"],
+            width=spec["size"],
+            seed=0,
+            output_type="np",
+            callback=lambda i, n, x: stamps.append(time.perf_counter()),
+        )
+    )
+    latents = np.zeros((1, pipe.config.latent_channels, spec["size"] // 8, spec["size"] // 8), np.float32)
+    vae_s = _median_time(lambda: pipe._decode(latents), spec["vae_repeats"])
+    return _summarise(spec, loads, text_s, e2e_s, stamps, start, vae_s)
+
+
+def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[Any, Any], Any]) -> dict:
+    """diffusers' pipeline API, shared by the PyTorch and Optimum engines."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    loads = []
+    for _ in range(2):
+        seconds, pipe = _timed(load)
+        loads.append(seconds)
+    with torch.no_grad():
+        text_s = _median_time(lambda: pipe.encode_prompt(spec["prompt"], "cpu", 1, True), 3)
+        stamps: list[float] = []
+
+        def on_step(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        start = time.perf_counter()
+        e2e_s, _ = _timed(
+            lambda: pipe(
+                spec["prompt"],
+                num_inference_steps=spec["steps"],
+                height=spec["size"],
+                width=spec["size"],
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+                callback_on_step_end=on_step,
+            )
+        )
+        latents = torch.zeros(1, 4, spec["size"] // 8, spec["size"] // 8)
+        vae_s = _median_time(lambda: decode(pipe, latents), spec["vae_repeats"])
+    return _summarise(spec, loads, text_s, e2e_s, stamps, start, vae_s)
+
+
+def run_diffusers(spec: dict) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    def load() -> Any:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec["model"], safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return _run_diffusers_like(spec, load, lambda pipe, latents: pipe.vae.decode(latents))
+
+
+def run_optimum(spec: dict) -> dict:
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    def load() -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = spec["threads"]
+        pipe = ORTStableDiffusionPipeline.from_pretrained(spec["model"], session_options=options)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return _run_diffusers_like(spec, load, lambda pipe, latents: pipe.vae.decode(latents))
+
+
+RUNNERS = {"diffusers-pytorch": run_diffusers, "optimum-ort": run_optimum, "sd-onnx": run_sd_onnx}
+
+
+def main() -> None:
+    from .machine import install_footprint_mb, versions
+
+    spec = json.loads(sys.argv[2])  # argv[1], the engine's name, only labels the process
+    kind = spec["kind"]
+    record = RUNNERS[kind](spec)
+    record["install_mb"] = install_footprint_mb(PACKAGES[kind])
+    record["versions"] = versions(PACKAGES[kind])
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
