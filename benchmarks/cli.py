@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import click
+
+from sd_onnx.runtime.session import CACHE_DIR
 
 from .machine import folder_mb, machine_info
 from .report import write_report
@@ -29,6 +32,8 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
             from sd_onnx.exporter.convert import convert
 
             convert(str(source), folders["sd-onnx-fp32"], log=lambda line: click.echo(f"  {line}", err=True))
+        for cache in folders["sd-onnx-fp32"].glob(f"*/{CACHE_DIR}"):  # so that the first load is a real first load
+            shutil.rmtree(cache)
     if "optimum-ort" in engines:
         folders["optimum-ort"] = work / "optimum-ort"
         if not folders["optimum-ort"].is_dir():

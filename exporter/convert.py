@@ -24,7 +24,7 @@ from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256
 
 from .components import SPECS
 from .errors import ExportError
-from .package import copy_scheduler, copy_tokenizer, write_model_index
+from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .source import PipelineSource, resolve_source
 from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
@@ -115,6 +115,7 @@ def _load(load: Callable[[Path], torch.nn.Module], folder: Path, name: str) -> t
 def _package(src: PipelineSource, staging: Path, infos: dict[str, ComponentInfo]) -> Manifest:
     copy_tokenizer(src.folder, staging)
     copy_scheduler(src.folder, staging)
+    copy_component_configs(src.folder, staging, list(infos))
     write_model_index(src.folder, staging, list(infos))
     manifest = Manifest(
         source=src.name,

@@ -29,6 +29,15 @@ def copy_scheduler(source: Path, out: Path) -> None:
     shutil.copytree(source / "scheduler", out / "scheduler")
 
 
+CONFIG_SOURCES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def copy_component_configs(source: Path, out: Path, components: list[str]) -> None:
+    """Each graph's folder gets its torch model's config.json, which Optimum's ONNX pipeline requires."""
+    for name in components:
+        shutil.copy2(source / CONFIG_SOURCES[name] / "config.json", out / name / "config.json")
+
+
 def write_model_index(source: Path, out: Path, components: list[str]) -> None:
     """model_index.json in the layout of diffusers' OnnxStableDiffusionPipeline, which Optimum also reads."""
     index = json.loads((source / "model_index.json").read_text())

@@ -8,6 +8,7 @@ architecture (UNet 860M parameters) for speed and memory measurements. Both use 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,22 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    for f in (out / "_tokenizer_src").iterdir():
-        f.unlink()
-    (out / "_tokenizer_src").rmdir()
+    # Keep the slow-tokenizer files too: transformers 4.x (which Optimum pins) cannot read tokenizer.json alone.
+    for name in ("vocab.json", "merges.txt"):
+        (out / "_tokenizer_src" / name).replace(out / "tokenizer" / name)
+    shutil.rmtree(out / "_tokenizer_src")
+    _nest_clip_weights(out / "text_encoder" / "model.safetensors")
     return out
+
+
+def _nest_clip_weights(path: Path) -> None:
+    """Store CLIP's weights under `text_model.`, the layout every transformers version reads
+    (transformers >= 5.6 writes them flat, which 4.x, and so Optimum, silently fails to load)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    nested = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    save_file(nested, path, metadata={"format": "pt"})
 
 
 def build_tiny_pipeline(out: Path, seed: int = 0) -> Path:

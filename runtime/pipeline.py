@@ -20,7 +20,7 @@ from .image import from_pil, to_pil
 from .manifest import MANIFEST_NAME, ComponentInfo, Manifest, ManifestError, ModelConfig
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
-from .session import OnnxModel, resolve_providers
+from .session import OnnxModel, SessionConfig, resolve_providers
 from .tokenizer import CLIPTokenizer
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
@@ -45,16 +45,14 @@ class StableDiffusionPipeline:
         folder: Path,
         manifest: Manifest | None,
         config: ModelConfig,
-        scheduler: str,
-        providers: list[str],
-        threads: int | None = None,
+        scheduler: str | None,
+        session_config: SessionConfig,
         low_memory: bool = False,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.config = config
-        self.providers = providers
-        self.threads = threads
+        self.session_config = session_config
         self.low_memory = low_memory
         self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
@@ -73,13 +71,18 @@ class StableDiffusionPipeline:
         threads: int | None = None,
         low_memory: bool = False,
         verify: bool = True,
+        optimization: str = "all",
+        cache: bool = True,
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
-        Optimum/diffusers ONNX folder (sizes read from its configs)."""
+        Optimum/diffusers ONNX folder (sizes read from its configs).
+
+        `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
+        `cache` keeps the optimized CPU graph beside the model so later loads skip that work."""
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise ManifestError(f"{folder}: no such model folder")
-        providers = resolve_providers(provider)
+        session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache)
         if scheduler is not None:
             resolve_name(scheduler)
         if (folder / MANIFEST_NAME).is_file():
@@ -89,7 +92,7 @@ class StableDiffusionPipeline:
             config = manifest.config
         else:
             manifest, config = None, _config_from_plain_folder(folder)
-        return cls(folder, manifest, config, scheduler, providers, threads, low_memory)
+        return cls(folder, manifest, config, scheduler, session_config, low_memory)
 
     def _model(self, name: str) -> OnnxModel:
         if name not in self._models:
@@ -97,7 +100,7 @@ class StableDiffusionPipeline:
             file = self.folder / (info.file if info else f"{name}/model.onnx")
             if not file.is_file():
                 raise ManifestError(f"{name}: missing model file {file}")
-            self._models[name] = OnnxModel(file, info, self.providers, self.threads)
+            self._models[name] = OnnxModel(file, info, self.session_config)
         return self._models[name]
 
     def _release(self, name: str) -> None:
@@ -198,14 +201,15 @@ class StableDiffusionPipeline:
     ) -> np.ndarray:
         """Text embeddings, repeated per image; with guidance, [unconditional; conditional] in one batch."""
         encoder = self._model("text_encoder")
-        cond = encoder(input_ids=self.tokenizer(prompts))[0].repeat(per_prompt, axis=0)
+        ids_type = encoder.input_dtype("input_ids", np.int32)
+        cond = encoder(input_ids=self.tokenizer(prompts).astype(ids_type))[0].repeat(per_prompt, axis=0)
         if do_cfg:
             negatives = (
                 [""] * len(prompts) if negative is None else ([negative] if isinstance(negative, str) else negative)
             )
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-            uncond = encoder(input_ids=self.tokenizer(negatives))[0].repeat(per_prompt, axis=0)
+            uncond = encoder(input_ids=self.tokenizer(negatives).astype(ids_type))[0].repeat(per_prompt, axis=0)
             cond = np.concatenate([uncond, cond])
         self._release("text_encoder")
         return cond
@@ -222,10 +226,12 @@ class StableDiffusionPipeline:
         callback: StepCallback | None,
     ) -> np.ndarray:
         unet = self._model("unet")
+        timestep_type = unet.input_dtype("timestep")
+        scalar_timestep = unet.input_rank("timestep") == 0  # Optimum's recent exports take a 0-d timestep
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if do_cfg else latents
             model_input = sched.scale_model_input(model_input, t)
-            timestep = np.array([t], dtype=np.float32)
+            timestep = np.array(t, timestep_type) if scalar_timestep else np.full(len(model_input), t, timestep_type)
             noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeddings)[0]
             if do_cfg:
                 uncond, cond = np.split(noise_pred, 2)

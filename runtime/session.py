@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,12 @@ PROVIDER_ALIASES = {
     "directml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
+}
+OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 AUTO_ORDER = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 CACHE_DIR = ".ort_cache"
@@ -42,6 +49,24 @@ def resolve_providers(provider: str) -> list[str]:
     return [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
 
 
+@dataclass(frozen=True)
+class SessionConfig:
+    """onnxruntime settings shared by a pipeline's sessions."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int | None = None
+    optimization: str = "all"
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"unknown optimization level {self.optimization!r} (known: {', '.join(OPTIMIZATION_LEVELS)})"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
 class OnnxModel:
     """One component's session; checks feeds against the manifest's signature before running."""
 
@@ -49,21 +74,20 @@ class OnnxModel:
         self,
         model_file: Path,
         info: ComponentInfo | None,
-        providers: list[str],
-        threads: int | None = None,
-        cache: bool = True,
+        config: SessionConfig,
     ) -> None:
         self.name = model_file.parent.name
         self.info = info
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
+        if config.threads:
+            options.intra_op_num_threads = config.threads
         path = model_file
-        if cache and info is not None and providers[0] == "CPUExecutionProvider":
+        if config.cache and info is not None and config.providers[0] == "CPUExecutionProvider":
             path = _cached_graph(model_file, info, options)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=list(config.providers))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for unreadable graphs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{self.name}: cannot load {model_file} ({first})") from exc
@@ -71,7 +95,7 @@ class OnnxModel:
             partial = Path(options.optimized_model_filepath)
             partial.replace(partial.with_name(partial.name.replace(".partial", "")))
         self.input_specs = {i.name: i for i in info.inputs} if info else {}
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
         for name, value in feeds.items():
@@ -79,9 +103,15 @@ class OnnxModel:
                 _check(self.name, self.input_specs[name], value)
         return self.session.run(None, feeds)
 
-    def accepts(self, name: str) -> str | None:
-        """The onnxruntime type string of input `name`, or None if the graph has no such input."""
-        return self.input_types.get(name)
+    def input_dtype(self, name: str, default: type = np.float32) -> type:
+        """NumPy dtype the graph wants for input `name` (graphs from other exporters differ: int32/int64)."""
+        arg = self.graph_inputs.get(name)
+        return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}.get(
+            arg.type if arg else "", default
+        )
+
+    def input_rank(self, name: str) -> int:
+        return len(self.graph_inputs[name].shape)
 
 
 def _check(component: str, spec: TensorSpec, value: np.ndarray) -> None:
@@ -101,7 +131,7 @@ def _cached_graph(model_file: Path, info: ComponentInfo, options: ort.SessionOpt
     """
     digest = info.files[info.file][:16]
     cache_dir = model_file.parent / CACHE_DIR
-    cached = cache_dir / f"{digest}-ort{ort.__version__}.onnx"
+    cached = cache_dir / f"{digest}-ort{ort.__version__}-level{int(options.graph_optimization_level)}.onnx"
     if cached.is_file():
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return cached

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 
 class CLIPTokenizer:
@@ -16,7 +16,12 @@ class CLIPTokenizer:
 
     def __init__(self, folder: Path, max_length: int) -> None:
         folder = Path(folder)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if (folder / "tokenizer.json").is_file():
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            self.tokenizer = clip_tokenizer_from_vocab(folder / "vocab.json", folder / "merges.txt")
+        else:
+            raise ValueError(f"{folder}: no tokenizer.json (nor vocab.json + merges.txt)")
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         # Only used to show the cut part of a long prompt; some exports lack a decoder that knows CLIP's </w>.
@@ -55,3 +60,27 @@ def _special_token(folder: Path, key: str) -> str | None:
             if value:
                 return value
     return None
+
+
+def clip_tokenizer_from_vocab(vocab: Path, merges: Path) -> Tokenizer:
+    """CLIP's tokenizer built from slow-tokenizer files (as Optimum and older diffusers folders ship them),
+    with the normalizer, pre-tokenizer and post-processor transformers' CLIP converter uses."""
+    bpe = models.BPE.from_file(
+        str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    words = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tokenizer.post_processor = processors.RobertaProcessing(
+        (eos, tokenizer.token_to_id(eos)),
+        (bos, tokenizer.token_to_id(bos)),
+        add_prefix_space=False,
+        trim_offsets=False,
+    )
+    return tokenizer
