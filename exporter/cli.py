@@ -31,10 +31,24 @@ def main() -> None:
     help="Comma-separated components to export.",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="int8: static QDQ quantization of UNet and VAE, calibrated on real trajectories (for CPUs).",
+)
+@click.option(
     "--config", default=None, help="For a single-file checkpoint: diffusers folder or hub id of its architecture."
 )
 def convert(
-    source: str, output: Path, opset: int, atol: float, overwrite: bool, components: str, config: str | None
+    source: str,
+    output: Path,
+    opset: int,
+    atol: float,
+    overwrite: bool,
+    components: str,
+    precision: str,
+    config: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .convert import convert as run_convert
@@ -49,6 +63,7 @@ def convert(
             atol=atol,
             overwrite=overwrite,
             config=config,
+            precision=precision,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:
@@ -57,6 +72,49 @@ def convert(
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
     click.echo(f"done in {time.perf_counter() - started:.1f} s", err=True)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--components", default="unet,vae_decoder,vae_encoder", show_default=True, help="Components to make int8."
+)
+@click.option("--calibration-steps", default=10, show_default=True, type=click.IntRange(1), help="Steps per prompt.")
+@click.option(
+    "--calibration-size", default=None, type=int, help="Image side for calibration runs (default min(native, 256))."
+)
+@click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Calibration prompts, one per line (default: a built-in varied set of 8).")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def quantize(
+    source: Path,
+    output: Path,
+    components: str,
+    calibration_steps: int,
+    calibration_size: int | None,
+    prompts: Path | None,
+    overwrite: bool,
+) -> None:
+    """Quantize the fp32 export SOURCE to int8 (static QDQ, calibrated on real trajectories) into OUTPUT."""
+    from sd_onnx.runtime.manifest import ManifestError
+
+    from .quantize_folder import quantize_folder
+
+    options = {
+        "components": tuple(c.strip() for c in components.split(",") if c.strip()),
+        "steps": calibration_steps,
+        "size": calibration_size,
+    }
+    if prompts is not None:
+        options["prompts"] = tuple(line.strip() for line in prompts.read_text().splitlines() if line.strip())
+    try:
+        quantize_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True), **options)
+    except (ExportError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

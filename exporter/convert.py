@@ -8,13 +8,9 @@ renamed only once complete, so an interrupted export never leaves a half folder 
 from __future__ import annotations
 
 import gc
-import os
 import shutil
-import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -22,15 +18,18 @@ import torch
 
 from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256_file
 
+from .atomic import publish, staging_folder
 from .components import SPECS
 from .errors import ExportError
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
+from .quantize import RECIPES
 from .source import PipelineSource, resolve_source
 from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
+PRECISIONS = ("fp32", "int8")
 TRACE_SEED, VALIDATION_SEED = 0, 1
 Log = Callable[[str], None]
 
@@ -44,17 +43,22 @@ def convert(
     atol: float = DEFAULT_ATOL,
     overwrite: bool = False,
     config: str | None = None,
+    precision: str = "fp32",
     log: Log = print,
 ) -> Manifest:
-    """Export `source` to an ONNX model folder at `output` and return its manifest."""
+    """Export `source` to an ONNX model folder at `output` and return its manifest.
+
+    precision "int8" quantizes the UNet and VAE after export (see quantize.py for the recipes)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
-    with _staging_folder(output) as staging:
+    with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
         log(f"exporting {src.name} ({src.pipeline_class}, family {src.model_family}) to {output}")
         infos = {}
@@ -67,7 +71,12 @@ def convert(
             log(f"[{i}/{len(components)}] {name}: {size_mb:.1f} MB, max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s")
         manifest = _package(src, staging, infos)
         shutil.rmtree(staging / "_single_file_pipeline", ignore_errors=True)
-        _publish(staging, output)
+        if precision == "int8":
+            from .quantize_folder import quantize_in_place
+
+            quantizable = tuple(c for c in components if c in RECIPES)
+            manifest = quantize_in_place(staging, components=quantizable, log=log)
+        publish(staging, output)
     log(f"wrote {output}")
     return manifest
 
@@ -147,42 +156,3 @@ def _tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "unknown"
     return versions
-
-
-@contextmanager
-def _staging_folder(output: Path) -> Iterator[Path]:
-    """A temporary folder beside `output`, removed on any failure, Ctrl-C or SIGTERM."""
-    parent = output.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _is_main_thread() else None
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move the finished folder into place; an old OUTPUT is only removed once the new one is there."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

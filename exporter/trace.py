@@ -20,6 +20,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 from .components import ComponentSpec, Inputs
 
 EXTERNAL_DATA_SUFFIX = "_data"
+TWO_GB = 2**31
 ALIGNMENT = 4096  # page-aligned tensors let onnxruntime memory-map them
 
 

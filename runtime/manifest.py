@@ -41,6 +41,7 @@ class ComponentInfo:
     precision: str = "fp32"
     opset: int = 17
     validation: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentInfo:

@@ -1,0 +1,52 @@
+"""Build a folder under a temporary name beside its destination and rename it into place when complete,
+so an interrupted run (Ctrl-C, SIGTERM, crash) never leaves a half-written result where a complete one is expected."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ExportError
+
+
+@contextmanager
+def staging_folder(output: Path) -> Iterator[Path]:
+    """A temporary folder beside `output`, removed on any failure, Ctrl-C or SIGTERM."""
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _is_main_thread() else None
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the finished folder into place; an old OUTPUT is only removed once the new one is there."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

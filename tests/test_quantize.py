@@ -1,0 +1,112 @@
+"""int8 quantization of the tiny export: QDQ placement per recipe, fidelity, manifest, runtime loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from sd_onnx.exporter.cli import main as export_cli
+from sd_onnx.exporter.quantize import RECIPES
+from sd_onnx.runtime import Manifest, StableDiffusionPipeline
+
+# Documented tolerance of int8 against fp32 on held-out calibration-like inputs (tiny random-weight model).
+MIN_COSINE = {"unet": 0.97, "vae_decoder": 0.99, "vae_encoder": 0.99}
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    result = CliRunner().invoke(export_cli, ["quantize", str(tiny_export), str(out), "--calibration-steps", "4"])
+    assert result.exit_code == 0, result.output
+    assert "[1/3] unet: int8" in result.output
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def test_qdq_only_where_the_recipe_says(int8_export: Path) -> None:
+    model = onnx.load(str(int8_export / "unet" / "model.onnx"))
+    made_by = producers(model)
+    weights = {i.name for i in model.graph.initializer}
+
+    def dequantized(name: str) -> bool:
+        return name in made_by and made_by[name].op_type == "DequantizeLinear"
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(dequantized(n.input[0]) and dequantized(n.input[1]) for n in convs)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    weight_mm = [n for n in matmuls if any(dequantized(i) and made_by[i].input[0] in weights for i in n.input)]
+    attention_mm = [n for n in matmuls if n not in weight_mm]
+    assert weight_mm and attention_mm
+    assert all(not dequantized(i) for n in attention_mm for i in n.input), "attention MatMuls must stay float"
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmax and all(not dequantized(n.input[0]) for n in softmax)
+    text = onnx.load(str(int8_export / "text_encoder" / "model.onnx"))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in text.graph.node)
+
+
+def test_vae_keeps_first_and_last_conv_float(int8_export: Path) -> None:
+    model = onnx.load(str(int8_export / "vae_decoder" / "model.onnx"))
+    made_by = producers(model)
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            weight = node.input[1]  # a kept-float Conv keeps float weights, so it cannot become a QLinearConv
+            is_dq = weight in made_by and made_by[weight].op_type == "DequantizeLinear"
+            assert is_dq != any(k in node.name for k in RECIPES["vae_decoder"].keep_float), node.name
+
+
+def test_manifest_records_recipe_calibration_and_fidelity(int8_export: Path) -> None:
+    manifest = Manifest.load(int8_export)
+    manifest.verify(int8_export)
+    assert manifest.components["text_encoder"].precision == "fp32"
+    for name, min_cosine in MIN_COSINE.items():
+        info = manifest.components[name]
+        assert info.precision == "int8"
+        assert info.quantization["recipe"]["op_types"] == list(RECIPES[name].op_types)
+        assert info.quantization["quantized_nodes"] > 0
+        assert info.quantization["calibration"]["prompts"] == 8 and info.quantization["calibration"]["steps"] == 4
+        assert (int8_export / info.quantization["calibration"]["ranges_file"]).is_file()
+        assert info.validation["cosine_min"] >= min_cosine, (name, info.validation)
+        assert info.validation["reference"] == "fp32 onnx"
+
+
+def test_int8_folder_runs_in_the_runtime_close_to_fp32(int8_export: Path, tiny_export: Path) -> None:
+    settings = {"prompt": "a red circle", "seed": 4, "num_inference_steps": 6, "output_type": "np"}
+    fp32 = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")(**settings).images
+    int8 = StableDiffusionPipeline.from_pretrained(int8_export, provider="cpu")(**settings).images
+    assert int8.shape == fp32.shape
+    assert np.abs(int8 - fp32).mean() < 0.05
+
+
+def test_unknown_component_has_no_recipe(tiny_export: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        export_cli, ["quantize", str(tiny_export), str(tmp_path / "q"), "--components", "text_encoder"]
+    )
+    assert result.exit_code != 0 and "no int8 recipe for text_encoder" in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_convert_with_precision_int8(tiny_pipeline: Path, tmp_path: Path) -> None:
+    out = tmp_path / "direct-int8"
+    result = CliRunner().invoke(
+        export_cli,
+        [
+            "convert",
+            str(tiny_pipeline),
+            str(out),
+            "--precision",
+            "int8",
+            "--components",
+            "text_encoder,unet,vae_decoder",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = Manifest.load(out)
+    assert manifest.components["unet"].precision == "int8" and manifest.components["text_encoder"].precision == "fp32"
+    assert "vae_encoder" not in manifest.components
