@@ -18,21 +18,34 @@ from sd_onnx.runtime.session import CACHE_DIR
 from .machine import folder_mb, machine_info
 from .report import write_report
 
-ENGINES = ("diffusers-pytorch", "optimum-ort", "sd-onnx-fp32")
-KIND = {"diffusers-pytorch": "diffusers-pytorch", "optimum-ort": "optimum-ort", "sd-onnx-fp32": "sd-onnx"}
+ENGINES = ("diffusers-pytorch", "optimum-ort", "sd-onnx-fp32", "sd-onnx-int8")
+KIND = {
+    "diffusers-pytorch": "diffusers-pytorch",
+    "optimum-ort": "optimum-ort",
+    "sd-onnx-fp32": "sd-onnx",
+    "sd-onnx-int8": "sd-onnx",
+}
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_python: str) -> dict[str, Path]:
     """Each engine's model folder: the diffusers source, our export, Optimum's export (made once, reused)."""
     folders = {"diffusers-pytorch": source}
-    if "sd-onnx-fp32" in engines:
+    log = lambda line: click.echo(f"  {line}", err=True)  # noqa: E731
+    if {"sd-onnx-fp32", "sd-onnx-int8"} & set(engines):
         folders["sd-onnx-fp32"] = work / "sd-onnx-fp32"
         if not folders["sd-onnx-fp32"].is_dir():
             from sd_onnx.exporter.convert import convert
 
-            convert(str(source), folders["sd-onnx-fp32"], log=lambda line: click.echo(f"  {line}", err=True))
-        for cache in folders["sd-onnx-fp32"].glob(f"*/{CACHE_DIR}"):  # so that the first load is a real first load
+            convert(str(source), folders["sd-onnx-fp32"], log=log)
+    if "sd-onnx-int8" in engines:
+        folders["sd-onnx-int8"] = work / "sd-onnx-int8"
+        if not folders["sd-onnx-int8"].is_dir():
+            from sd_onnx.exporter.quantize_folder import quantize_folder
+
+            quantize_folder(folders["sd-onnx-fp32"], folders["sd-onnx-int8"], log=log)
+    for name in ("sd-onnx-fp32", "sd-onnx-int8"):
+        for cache in folders.get(name, work / "-").glob(f"*/{CACHE_DIR}"):  # so that the first load is a real one
             shutil.rmtree(cache)
     if "optimum-ort" in engines:
         folders["optimum-ort"] = work / "optimum-ort"

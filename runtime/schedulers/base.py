@@ -58,7 +58,22 @@ class Scheduler:
         return 1.0
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        raise NotImplementedError
+        """Integer timesteps by the config's spacing (the DDIM family); sigma samplers override this."""
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = spaced_timesteps(self.config, num_inference_steps).round().astype(np.int64)
+        self.step_index = 0
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        """alpha_cumprod "before" the first training step, used by the last denoising step."""
+        return 1.0 if self.config.get("set_alpha_to_one") else float(self.alphas_cumprod[0])
+
+    def clip_x0(self, x0: np.ndarray) -> np.ndarray:
+        """Clamp the denoised estimate when the config asks for it (`clip_sample`)."""
+        if not self.config.get("clip_sample"):
+            return x0
+        limit = self.config["clip_sample_range"]
+        return np.clip(x0, -limit, limit)
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         return sample

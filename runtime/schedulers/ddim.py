@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NoiseSource, Scheduler, predict_x0_and_eps, spaced_timesteps
+from .base import NoiseSource, Scheduler, predict_x0_and_eps
 
 
 class DDIMScheduler(Scheduler):
@@ -14,12 +14,6 @@ class DDIMScheduler(Scheduler):
     def __init__(self, eta: float = 0.0, **config: object) -> None:
         super().__init__(**config)
         self.eta = eta
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = spaced_timesteps(self.config, num_inference_steps).round().astype(np.int64)
-        self.step_index = 0
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None
@@ -29,9 +23,7 @@ class DDIMScheduler(Scheduler):
         alpha = float(self.alphas_cumprod[t])
         alpha_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         x0, eps = predict_x0_and_eps(model_output, sample, alpha, self.config["prediction_type"])
-        if self.config["clip_sample"]:
-            limit = self.config["clip_sample_range"]
-            x0 = np.clip(x0, -limit, limit)
+        x0 = self.clip_x0(x0)
         variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
         std = self.eta * variance**0.5
         prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps

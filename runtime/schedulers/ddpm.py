@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NoiseSource, Scheduler, predict_x0_and_eps, spaced_timesteps
+from .base import NoiseSource, Scheduler, predict_x0_and_eps
 
 
 class DDPMScheduler(Scheduler):
     name = "DDPMScheduler"
     defaults = {"clip_sample": True, "clip_sample_range": 1.0, "variance_type": "fixed_small"}
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = spaced_timesteps(self.config, num_inference_steps).round().astype(np.int64)
-        self.step_index = 0
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None
@@ -27,9 +22,7 @@ class DDPMScheduler(Scheduler):
         current_alpha = alpha / alpha_prev
         current_beta = 1 - current_alpha
         x0, _ = predict_x0_and_eps(model_output, sample, alpha, self.config["prediction_type"])
-        if self.config["clip_sample"]:
-            limit = self.config["clip_sample_range"]
-            x0 = np.clip(x0, -limit, limit)
+        x0 = self.clip_x0(x0)
         prev = (alpha_prev**0.5 * current_beta / (1 - alpha)) * x0
         prev = prev + (current_alpha**0.5 * (1 - alpha_prev) / (1 - alpha)) * sample
         if t > 0:

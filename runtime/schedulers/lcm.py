@@ -22,10 +22,6 @@ class LCMScheduler(Scheduler):
         "timestep_scaling": 10.0,
     }
 
-    def __init__(self, **config: object) -> None:
-        super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
         original = self.config["original_inference_steps"]
         stride = self.config["num_train_timesteps"] // original
@@ -50,8 +46,7 @@ class LCMScheduler(Scheduler):
         c_skip = SIGMA_DATA**2 / (scaled_t**2 + SIGMA_DATA**2)
         c_out = scaled_t / (scaled_t**2 + SIGMA_DATA**2) ** 0.5
         x0, _ = predict_x0_and_eps(model_output, sample, alpha, self.config["prediction_type"])
-        if self.config["clip_sample"]:
-            x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
+        x0 = self.clip_x0(x0)
         denoised = c_out * x0 + c_skip * sample
         self.step_index += 1
         if last:

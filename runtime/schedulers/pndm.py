@@ -12,10 +12,6 @@ class PNDMScheduler(Scheduler):
     defaults = {"skip_prk_steps": False, "set_alpha_to_one": False}
     pndm_order = 4
 
-    def __init__(self, **config: object) -> None:
-        super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.num_inference_steps = num_inference_steps
         base = spaced_timesteps(self.config, num_inference_steps)[::-1].round().astype(np.int64)
