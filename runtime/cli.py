@@ -114,5 +114,64 @@ def info(model: Path | None) -> None:
     click.echo("providers available: " + ", ".join(ort.get_available_providers()))
 
 
+@main.command()
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
+)
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Generation worker threads.")
+@click.option("--queue-size", default=8, show_default=True, type=click.IntRange(1), help="Jobs that may wait.")
+@click.option("--api-key", envvar="SD_ONNX_API_KEY", default=None, help="Required key (or $SD_ONNX_API_KEY).")
+@click.option("--provider", default="auto", show_default=True)
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
+@click.option("--max-steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--max-pixels", default=1024 * 1024, show_default=True, type=click.IntRange(64))
+@click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds a request may take.")
+@click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
+def serve(
+    model: Path | None,
+    host: str,
+    port: int,
+    workers: int,
+    queue_size: int,
+    api_key: str | None,
+    provider: str,
+    threads: int | None,
+    max_steps: int,
+    max_pixels: int,
+    max_batch: int,
+    timeout: float,
+    max_body_bytes: int,
+) -> None:
+    """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/generations) image APIs over HTTP."""
+    try:
+        import uvicorn
+
+        from .server.app import ServeConfig, ServerState, create_app
+    except ImportError:
+        raise click.ClickException("sd-run serve needs the [serve] extra: pip install 'sd-onnx[serve]'") from None
+    from .pipeline import StableDiffusionPipeline
+    from .session import resolve_providers
+
+    folder = model or default_model()
+    if not folder.is_dir():
+        raise click.ClickException(f"{folder}: no such model folder")
+    try:
+        resolve_providers(provider)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    config = ServeConfig(max_steps, max_pixels, max_batch, timeout, max_body_bytes, api_key, workers, queue_size)
+    state = ServerState(config)
+
+    def loader() -> StableDiffusionPipeline:
+        return StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
+    uvicorn.run(create_app(state, loader), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
 if __name__ == "__main__":
     main()
