@@ -204,7 +204,8 @@ def test_soak_rss_before_and_after(server: Server) -> None:
 
 def test_schemathesis_finds_no_server_errors(server: Server, tmp_path: Path) -> None:
     report = tmp_path / "schemathesis.json"
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+           "--checks", "not_a_server_error",
            "--max-examples", "15", "--seed", "1", "--request-timeout", "60", "--report", "ndjson",
            "--report-ndjson-path", str(report)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
