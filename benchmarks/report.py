@@ -77,7 +77,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     steps = report["settings"]["steps"]
     parts = {
         "text encoder": [engines[n]["text_encoder_s"] for n in names],
-        f"UNet ({steps} steps)": [
+        f"denoising ({steps} steps)": [
             engines[n]["end_to_end_s"] - engines[n]["text_encoder_s"] - engines[n]["vae_decode_s"] for n in names
         ],
         "VAE decode": [engines[n]["vae_decode_s"] for n in names],

@@ -40,7 +40,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "unet": Recipe(op_types=("Conv", "MatMul")),
+    "unet": Recipe(op_types=("Conv", "MatMul", "Gemm")),  # Gemm: the time-embedding projections (100 MB fp32)
     "vae_decoder": Recipe(op_types=("Conv",), keep_float=("conv_in", "conv_out")),
     "vae_encoder": Recipe(op_types=("Conv",), keep_float=("conv_in", "conv_out")),
 }
