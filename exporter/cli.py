@@ -38,6 +38,12 @@ def main() -> None:
     help="int8: static QDQ quantization of UNet and VAE, calibrated on real trajectories (for CPUs).",
 )
 @click.option(
+    "--optimize/--no-optimize",
+    default=True,
+    show_default=True,
+    help="Fuse attention into onnxruntime's MultiHeadAttention (faster on CPU; --no-optimize keeps standard ops).",
+)
+@click.option(
     "--config", default=None, help="For a single-file checkpoint: diffusers folder or hub id of its architecture."
 )
 def convert(
@@ -48,6 +54,7 @@ def convert(
     overwrite: bool,
     components: str,
     precision: str,
+    optimize: bool,
     config: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
@@ -64,6 +71,7 @@ def convert(
             overwrite=overwrite,
             config=config,
             precision=precision,
+            optimize=optimize,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

@@ -21,6 +21,7 @@ from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256
 from .atomic import publish, staging_folder
 from .components import SPECS
 from .errors import ExportError
+from .optimize import fuse_attention_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
 from .source import PipelineSource, resolve_source
@@ -44,11 +45,13 @@ def convert(
     overwrite: bool = False,
     config: str | None = None,
     precision: str = "fp32",
+    optimize: bool = True,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
 
-    precision "int8" quantizes the UNet and VAE after export (see quantize.py for the recipes)."""
+    precision "int8" quantizes the UNet and VAE after export (see quantize.py for the recipes); `optimize`
+    fuses attention into onnxruntime's MultiHeadAttention (see optimize.py) before the graphs are validated."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -64,7 +67,7 @@ def convert(
         infos = {}
         for i, name in enumerate(components, 1):
             started = time.perf_counter()
-            infos[name] = export_component(src, name, staging, opset, atol)
+            infos[name] = export_component(src, name, staging, opset, atol, optimize)
             size_mb = sum((staging / f).stat().st_size for f in infos[name].files) / 1e6
             max_diff = infos[name].validation["max_abs_diff"]
             elapsed = time.perf_counter() - started
@@ -81,8 +84,10 @@ def convert(
     return manifest
 
 
-def export_component(src: PipelineSource, name: str, folder: Path, opset: int, atol: float) -> ComponentInfo:
-    """Trace one component, validate it against PyTorch and describe it for the manifest."""
+def export_component(
+    src: PipelineSource, name: str, folder: Path, opset: int, atol: float, optimize: bool = True
+) -> ComponentInfo:
+    """Trace one component, optimize it, validate it against PyTorch and describe it for the manifest."""
     spec = SPECS[name]
     out_file = folder / name / "model.onnx"
     out_file.parent.mkdir(parents=True)
@@ -96,6 +101,7 @@ def export_component(src: PipelineSource, name: str, folder: Path, opset: int, a
     del module
     gc.collect()
     pack_graph(traced, out_file)
+    optimizations = {"attention_fused": fuse_attention_file(out_file, out_file)} if optimize else {}
     session = open_session(out_file)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
     validation = compare_outputs(name, session, feeds, reference, atol)
@@ -110,6 +116,7 @@ def export_component(src: PipelineSource, name: str, folder: Path, opset: int, a
         precision="fp32",
         opset=opset,
         validation=validation,
+        optimizations=optimizations,
     )
 
 

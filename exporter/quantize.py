@@ -1,11 +1,12 @@
 """int8 quantization: static QDQ with onnxruntime's quantization tools, one recipe per component.
 
 What the recipes encode (measured, see ../shared/NOTES.md and benchmarks/results): Conv and the weight
-MatMuls are quantized (u8 activations, s8 per-channel weights) because onnxruntime has fast QLinearConv
-and QLinearMatMul kernels for them; attention's activation x activation MatMuls and Softmax stay float,
-because quantizing them costs more in (de)quantization than it saves; dynamic quantization is never used
-(ConvInteger has no fast kernel). The text encoder stays fp32: it runs once per image and conditions
-everything after it.
+MatMuls/Gemms are quantized (u8 activations, s8 per-channel weights) because onnxruntime has fast
+QLinearConv and QLinearMatMul kernels for them; the attention core (fused at export into
+MultiHeadAttention, or left as activation x activation MatMuls and Softmax with --no-optimize) stays
+float, because quantizing it costs more in (de)quantization than it saves; dynamic quantization is never
+used (ConvInteger has no fast kernel). The text encoder stays fp32: it runs once per image and
+conditions everything after it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def quantize_graph(
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(
-            str(src), str(prepared), skip_symbolic_shape=True, save_as_external_data=big, all_tensors_to_one_file=True
+            str(src), str(prepared), auto_merge=True, save_as_external_data=big, all_tensors_to_one_file=True
         )
         chosen, kept = select_nodes(prepared, recipe)
         quantize_static(
@@ -154,4 +155,5 @@ def component_info(
         opset=base.opset,
         validation=extra.pop("validation"),
         quantization=extra,
+        optimizations=base.optimizations,
     )

@@ -42,6 +42,7 @@ class ComponentInfo:
     opset: int = 17
     validation: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    optimizations: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentInfo:

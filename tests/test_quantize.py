@@ -40,13 +40,12 @@ def test_qdq_only_where_the_recipe_says(int8_export: Path) -> None:
 
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert convs and all(dequantized(n.input[0]) and dequantized(n.input[1]) for n in convs)
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
-    weight_mm = [n for n in matmuls if any(dequantized(i) and made_by[i].input[0] in weights for i in n.input)]
-    attention_mm = [n for n in matmuls if n not in weight_mm]
-    assert weight_mm and attention_mm
-    assert all(not dequantized(i) for n in attention_mm for i in n.input), "attention MatMuls must stay float"
-    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
-    assert softmax and all(not dequantized(n.input[0]) for n in softmax)
+    linear = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert linear and all(dequantized(n.input[1]) and made_by[n.input[1]].input[0] in weights for n in linear)
+    # The attention core was fused at export and stays a float MultiHeadAttention; no Softmax is left.
+    attention = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 8 and not any(n.op_type == "Softmax" for n in model.graph.node)
+    assert not any(n.op_type in ("QLinearSoftmax", "QAttention") for n in model.graph.node)
     text = onnx.load(str(int8_export / "text_encoder" / "model.onnx"))
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in text.graph.node)
 
