@@ -72,7 +72,7 @@ def run_sd_onnx(spec: dict) -> dict:
     text_s = _median_time(lambda: pipe._encode([spec["prompt"]], None, 1, True), 3)
     stamps: list[float] = []
     start = time.perf_counter()
-    e2e_s, out = _timed(
+    e2e_s, _ = _timed(
         lambda: pipe(
             spec["prompt"],
             num_inference_steps=spec["steps"],
@@ -83,7 +83,8 @@ def run_sd_onnx(spec: dict) -> dict:
             callback=lambda i, n, x: stamps.append(time.perf_counter()),
         )
     )
-    latents = np.zeros((1, pipe.config.latent_channels, spec["size"] // 8, spec["size"] // 8), np.float32)
+    side = spec["size"] // pipe.config.vae_scale_factor
+    latents = np.zeros((1, pipe.config.latent_channels, side, side), np.float32)
     vae_s = _median_time(lambda: pipe._decode(latents), spec["vae_repeats"])
     return _summarise(spec, loads, text_s, e2e_s, stamps, start, vae_s)
 
@@ -114,7 +115,8 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[A
                 callback_on_step_end=on_step,
             )
         )
-        latents = torch.zeros(1, 4, spec["size"] // 8, spec["size"] // 8)
+        side = spec["size"] // pipe.vae_scale_factor
+        latents = torch.zeros(1, pipe.unet.config.in_channels, side, side)
         vae_s = _median_time(lambda: decode(pipe, latents), spec["vae_repeats"])
     return _summarise(spec, loads, text_s, e2e_s, stamps, start, vae_s)
 

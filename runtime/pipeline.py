@@ -277,29 +277,31 @@ class StableDiffusionPipeline:
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:
-    """Sizes for an Optimum/diffusers ONNX folder without our manifest: from its configs, or the graphs."""
-    import onnxruntime as ort
+    """Sizes for an Optimum/diffusers ONNX folder without our manifest, from the configs it carries
+    (the embedding width from the text encoder graph when its config is missing)."""
 
     def read(rel: str) -> dict[str, Any]:
         path = folder / rel
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    vae = read("vae_decoder/config.json")
-    unet = read("unet/config.json")
-    scheduler = read("scheduler/scheduler_config.json")
-    unet_file = folder / "unet" / "model.onnx"
-    if not unet_file.is_file():
+    if not (folder / "unet" / "model.onnx").is_file():
         raise ManifestError(f"{folder}: not an ONNX Stable Diffusion folder (no unet/model.onnx)")
-    inputs = {i.name: i.shape for i in ort.InferenceSession(str(folder / "text_encoder" / "model.onnx")).get_outputs()}
-    width = next(iter(inputs.values()))[-1]
+    vae, unet, text = read("vae_decoder/config.json"), read("unet/config.json"), read("text_encoder/config.json")
+    width = text.get("hidden_size")
+    if width is None:
+        import onnxruntime as ort
+
+        graph = ort.InferenceSession(str(folder / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+        width = graph.get_outputs()[0].shape[-1]
+    levels = len(vae.get("block_out_channels", (128, 256, 512, 512)))
     return ModelConfig(
         embedding_dim=int(width),
         latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        vae_scale_factor=2 ** (levels - 1),
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         sample_size=int(unet.get("sample_size", 64)),
-        max_token_length=77,
-        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        max_token_length=int(text.get("max_position_embeddings", 77)),
+        prediction_type=read("scheduler/scheduler_config.json").get("prediction_type", "epsilon"),
     )
 
 
