@@ -169,7 +169,9 @@ def test_load_beyond_queue_gets_images_or_503_none_lost(server: Server) -> None:
 
     def call(seed: int) -> None:
         results[seed] = httpx.post(
-            f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 6, "seed": seed}, timeout=120
+            f"{server.url}/sdapi/v1/txt2img",
+            json={"prompt": "x", "steps": 20, "width": 64, "height": 64, "seed": seed},
+            timeout=120,
         )
 
     threads = [threading.Thread(target=call, args=(seed,)) for seed in range(1000, 1012)]
