@@ -166,7 +166,7 @@ class StableDiffusionPipeline:
             "CFG scale": guidance_scale,
             "Seed": generator.seed,
             "Size": f"{width}x{height}",
-            "Model": self.manifest.source if self.manifest else self.folder.name,
+            "Model": Path(self.manifest.source).name if self.manifest else self.folder.name,
         }
         if image is not None:
             params["Denoising strength"] = strength
