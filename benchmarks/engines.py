@@ -34,6 +34,17 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
 
+def _generation(spec: dict) -> dict[str, Any]:
+    """The generation arguments every engine shares (same names in diffusers and in sd-onnx)."""
+    return {
+        "prompt": spec["prompt"],
+        "num_inference_steps": spec["steps"],
+        "height": spec["size"],
+        "width": spec["size"],
+        "output_type": "np",
+    }
+
+
 def _load_twice(load: Callable[[], Any]) -> tuple[list[float], Any]:
     """First and second load time (the second shows caches: file system, optimized graphs)."""
     first, _ = _timed(load)
@@ -87,12 +98,8 @@ def run_sd_onnx(spec: dict) -> dict:
     _stamp_calls(pipe._model("unet").session, "run", unet_starts)
     e2e_s, _ = _timed(
         lambda: pipe(
-            spec["prompt"],
-            num_inference_steps=spec["steps"],
-            height=spec["size"],
-            width=spec["size"],
+            **_generation(spec),
             seed=0,
-            output_type="np",
             callback=lambda i, n, x: stamps.append(time.perf_counter()),
         )
     )
@@ -120,12 +127,8 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[A
 
         e2e_s, _ = _timed(
             lambda: pipe(
-                spec["prompt"],
-                num_inference_steps=spec["steps"],
-                height=spec["size"],
-                width=spec["size"],
+                **_generation(spec),
                 generator=torch.Generator().manual_seed(0),
-                output_type="np",
                 callback_on_step_end=on_step,
             )
         )

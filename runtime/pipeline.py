@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .image import from_pil, to_pil
-from .manifest import MANIFEST_NAME, ComponentInfo, Manifest, ManifestError, ModelConfig
+from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
@@ -305,4 +305,4 @@ def _config_from_plain_folder(folder: Path) -> ModelConfig:
     )
 
 
-__all__ = ["StableDiffusionPipeline", "PipelineOutput", "GenerationCancelled", "ComponentInfo"]
+__all__ = ["StableDiffusionPipeline", "PipelineOutput", "GenerationCancelled"]
