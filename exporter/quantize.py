@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sd_onnx.runtime.manifest import ComponentInfo, sha256_file
 
 from .calibrate import FeedReader
-from .trace import EXTERNAL_DATA_SUFFIX, TWO_GB
+from .trace import EXTERNAL_DATA_SUFFIX, TWO_GB, pack_graph
 from .validate import open_session
 
 
@@ -108,8 +108,6 @@ def quantize_graph(
 
 def _rename_external_data(model_file: Path) -> None:
     """onnxruntime names the data file `<model>.data`; use the exporter's `<model>_data` convention."""
-    from .trace import pack_graph
-
     scratch = model_file.parent / "_requant"
     scratch.mkdir()
     for item in list(model_file.parent.iterdir()):

@@ -84,7 +84,9 @@ def test_no_guidance_skips_unconditional_batch(reference_pipe, ours) -> None:
     assert np.abs(got.images - expected).mean() <= 1 / 255
 
 
-def test_img2img_matches_diffusers(tiny_pipeline: Path, ours) -> None:
+@pytest.mark.parametrize("scheduler", ["pndm", "euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(tiny_pipeline: Path, ours, scheduler: str) -> None:
+    import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
@@ -92,10 +94,11 @@ def test_img2img_matches_diffusers(tiny_pipeline: Path, ours) -> None:
         tiny_pipeline, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_NAMES[scheduler]).from_config(pipe.scheduler.config)
     init = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     settings = {"num_inference_steps": 10, "strength": 0.6, "guidance_scale": 7.5}
     expected = pipe(PROMPT, image=init, generator=torch.Generator().manual_seed(9), output_type="np", **settings).images
-    got = ours(PROMPT, image=init, seed=9, output_type="np", **settings)
+    got = ours(PROMPT, image=init, seed=9, output_type="np", scheduler=scheduler, **settings)
     assert np.abs(got.images - expected).mean() <= 1 / 255
 
 

@@ -199,3 +199,7 @@ class SigmaScheduler(Scheduler):
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         sigma = self.sigmas[self.step_index]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """Noise to the current (start) sigma: x0 + sigma * noise, unscaled as these samplers keep it."""
+        return (original + noise * self.sigmas[self.step_index]).astype(np.float32)

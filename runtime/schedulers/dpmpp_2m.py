@@ -63,6 +63,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.model_outputs: list[np.ndarray] = []
         self.step_index = 0
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """Noise to the current (start) sigma, in this solver's alpha/sigma parameterisation."""
+        alpha_t, sigma_t = _alpha_sigma(float(self.sigmas[self.step_index]))
+        return (alpha_t * original + sigma_t * noise).astype(np.float32)
+
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None
     ) -> np.ndarray:
