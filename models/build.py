@@ -76,11 +76,16 @@ RECIPES = {"tiny": TINY, "sd15": SD15}
 def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) -> Path:
     """Write a diffusers StableDiffusionPipeline folder with the recipe's sizes and seeded random weights."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    out = Path(out)
     torch.manual_seed(seed)
+    return save_pipeline(*create_modules(recipe), Path(out))
+
+
+def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
+    """(text_encoder, unet, vae) with the recipe's sizes, initialised from torch's current random state."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     te = recipe["text_encoder"]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -94,16 +99,31 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
             **te,
         )
     )
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
-    write_clip_tokenizer_files(out / "_tokenizer_src")
-    tokenizer = CLIPTokenizer.from_pretrained(out / "_tokenizer_src")
+    unet_config = {"in_channels": 4, "out_channels": 4, **recipe["unet"]}
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(**{"in_channels": 3, "out_channels": 3, "latent_channels": 4, **recipe["vae"]})
+    return text_encoder, unet, vae
+
+
+def clip_tokenizer(folder: Path) -> Any:
+    """transformers' CLIPTokenizer on the real CLIP vocabulary, its files written to `folder`."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None) -> Path:
+    """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = clip_tokenizer(out / "_tokenizer_src")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=scheduler or PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

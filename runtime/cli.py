@@ -16,10 +16,12 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def default_model() -> Path:
-    """The model used when `-m` is not given: $SD_ONNX_MODEL, else the demo export made by the README."""
+    """The model used when `-m` is not given: $SD_ONNX_MODEL, else the shapes model shipped in the package."""
     import os
 
-    return Path(os.environ.get(DEFAULT_MODEL_ENV, "out/tiny-onnx"))
+    from ..models.shapes import shipped_model
+
+    return Path(os.environ.get(DEFAULT_MODEL_ENV) or shipped_model())
 
 
 @click.group()

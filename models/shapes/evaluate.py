@@ -1,0 +1,114 @@
+"""Score an exported shapes model with the judge: accuracy per attribute on seen and held-out combinations.
+
+    python -m sd_onnx.models.shapes.evaluate MODEL_DIR [--prompts 200] [--json scores.json] [--grid grid.png]
+
+Every prompt names all five attributes (size, color, shape, position, background), so each attribute is
+judged on every image. Uses only the runtime (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ...runtime.pipeline import StableDiffusionPipeline
+from .data import Scene, random_scene, split_combinations
+from .judge import judge, score
+
+EVAL_SEED = 1234
+STEPS = 20
+BATCH = 25
+GRID_PROMPTS = (
+    "a red circle on a blue background",
+    "a large yellow square in the center on a black background",
+    "a small white triangle on the left on a green background",
+    "a green circle at the top on a white background",
+    "a purple square on the right on a yellow background",
+    "a large orange triangle at the bottom on a blue background",
+    "a small black circle in the center on a orange background",
+    "a blue triangle on the left on a red background",
+)
+
+
+def eval_scenes(count: int) -> dict[str, list[Scene]]:
+    """`count` fully specified scenes from the seen combinations and `count` from the held-out ones."""
+    seen, held = split_combinations()
+    rng = random.Random(EVAL_SEED)
+    return {
+        "seen": [random_scene(rng, seen, 1.0, 1.0) for _ in range(count)],
+        "held_out": [random_scene(rng, held, 1.0, 1.0) for _ in range(count)],
+    }
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, **kwargs: object) -> list[Image.Image]:
+    """Images for `prompts` in batches of BATCH (seed + batch index, so runs are reproducible)."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), BATCH):
+        out = pipe(prompts[start : start + BATCH], num_inference_steps=STEPS, seed=seed + start, **kwargs)
+        images += out.images
+    return images
+
+
+def accuracy(pipe: StableDiffusionPipeline, scenes: list[Scene], **kwargs: object) -> dict[str, float]:
+    """Fraction of images the judge finds right, per attribute and for all attributes at once."""
+    images = generate(pipe, [s.caption for s in scenes], EVAL_SEED, **kwargs)
+    verdicts = [score(s, judge(img)) for s, img in zip(scenes, images, strict=True)]
+    result = {attr: sum(v[attr] for v in verdicts) / len(verdicts) for attr in verdicts[0]}
+    result["all"] = sum(all(v.values()) for v in verdicts) / len(verdicts)
+    return result
+
+
+def sample_grid(pipe: StableDiffusionPipeline, prompts: tuple[str, ...] = GRID_PROMPTS, zoom: int = 2) -> Image.Image:
+    """One image per prompt, upscaled `zoom` times, with the prompt under it."""
+    images = generate(pipe, list(prompts), EVAL_SEED)
+    tile = images[0].width * zoom
+    caption_h, cols = 40, 4
+    rows = (len(images) + cols - 1) // cols
+    width = max(tile, 200)
+    grid = Image.new("RGB", (cols * width, rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        x, y = (i % cols) * width, (i // cols) * (tile + caption_h)
+        grid.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (x + (width - tile) // 2, y))
+        words = prompt.split(" on a ")
+        draw.text((x + 4, y + tile + 2), words[0], fill="black")
+        draw.text((x + 4, y + tile + 16), "on a " + words[1], fill="black")
+    return grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--grid", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    started = time.time()
+    report = {
+        "model": args.model.name,
+        "steps": STEPS,
+        "guidance_scale": args.guidance,
+        "scheduler": pipe.scheduler_name,
+        "prompts_per_split": args.prompts,
+    }
+    for split, scenes in eval_scenes(args.prompts).items():
+        report[split] = accuracy(pipe, scenes, guidance_scale=args.guidance)
+        print(split, json.dumps(report[split]), file=sys.stderr)
+    report["seconds"] = round(time.time() - started, 1)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.grid:
+        sample_grid(pipe).save(args.grid)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Train the shapes model on this machine's CPU: first the VAE, then text encoder + UNet jointly.
+
+    python -m sd_onnx.models.shapes.train out/shapes-train      # resumes from its last checkpoint
+
+Seeded end to end. Writes `checkpoint.pt` every few hundred steps (an interrupted run resumes there) and,
+when done, a diffusers pipeline folder `OUT/pipeline` for `sd-export convert`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..build import SD15_SCHEDULER, clip_tokenizer, create_modules, save_pipeline
+from . import data
+
+RESOLUTION = 64
+RECIPE: dict[str, dict[str, Any]] = {
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2},
+    "unet": {
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "sample_size": 16,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        "block_out_channels": (16, 32, 64),
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "sample_size": RESOLUTION,
+    },
+}
+SEED = 0
+VAE_STEPS, VAE_BATCH, VAE_LR, KL_WEIGHT = 2_500, 16, 1e-3, 1e-6
+DATASET_SIZE = 40_000
+UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 4_000, 64, 1e-3, 200
+EMPTY_CAPTION_P, MIN_SNR_GAMMA, EMA_DECAY = 0.1, 5.0, 0.999
+CHECKPOINT_EVERY = 250
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
+    """Linear warm-up then cosine decay to 1 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    """Holds the models, optimisers and progress; `run()` trains whatever is left and saves the pipeline."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.checkpoint = workdir / "checkpoint.pt"
+        torch.manual_seed(SEED)
+        self.text_encoder, self.unet, self.vae = create_modules(RECIPE)
+        self.tokenizer = clip_tokenizer(workdir / "tokenizer")
+        self.seen, _ = data.split_combinations()
+        self.state: dict[str, Any] = {"vae_step": 0, "unet_step": 0, "scaling_factor": None}
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=VAE_LR)
+        self.opt = torch.optim.AdamW([*self.text_encoder.parameters(), *self.unet.parameters()], lr=UNET_LR)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        from diffusers import DDPMScheduler
+
+        self.noise = DDPMScheduler(
+            **{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+        )
+        self._zero_unused_embeddings()
+        if self.checkpoint.exists():
+            self._load()
+
+    def _zero_unused_embeddings(self) -> None:
+        """Rows of tokens the captions never use stay exactly zero (AdamW keeps zeros at zero): the exported
+        text encoder compresses to little, and unknown words map to a neutral embedding."""
+        words = {*data.COLORS, *data.SHAPES, *data.SIZES, "a", "on", "background"}
+        words |= {w for p in data.POSITIONS for w in p.split()}
+        used = set(self.tokenizer(" ".join(sorted(words)), padding="max_length", max_length=77).input_ids)
+        used |= {self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        emb = self.text_encoder.get_input_embeddings().weight
+        mask = torch.ones(emb.shape[0], dtype=torch.bool)
+        mask[sorted(used)] = False
+        with torch.no_grad():
+            emb[mask] = 0.0
+
+    def run(self) -> Path:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self._train_vae()
+        latents, ids = self._encode_dataset()
+        self._train_unet(latents, ids)
+        return self._export_pipeline()
+
+    # -- stage 1: VAE reconstruction -------------------------------------------------------------
+    def _train_vae(self) -> None:
+        rng = random.Random(SEED + self.state["vae_step"])
+        bar = tqdm(total=VAE_STEPS, initial=self.state["vae_step"], desc="vae", file=sys.stdout, mininterval=10)
+        self.vae.train()
+        while self.state["vae_step"] < VAE_STEPS:
+            step = self.state["vae_step"]
+            pixels, _ = data.batch(rng, data.all_combinations(), VAE_BATCH, RESOLUTION)
+            x = torch.from_numpy(pixels)
+            posterior = self.vae.encode(x).latent_dist
+            recon = self.vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+            for group in self.vae_opt.param_groups:
+                group["lr"] = cosine_lr(step, VAE_STEPS, VAE_LR, warmup=50)
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.state["vae_step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if self.state["vae_step"] % CHECKPOINT_EVERY == 0 or self.state["vae_step"] == VAE_STEPS:
+                self._save()
+        bar.close()
+
+    @torch.no_grad()
+    def _encode_dataset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render DATASET_SIZE scenes from the seen combinations once; keep their latent mean/std and token ids."""
+        cache = self.workdir / "dataset.pt"
+        if cache.exists():
+            saved = torch.load(cache)
+            self.state["scaling_factor"] = saved["scaling_factor"]
+            return saved["latents"], saved["ids"]
+        self.vae.eval()
+        rng = random.Random(SEED + 1)
+        moments, captions = [], []
+        for _ in tqdm(range(DATASET_SIZE // 250), desc="encode", file=sys.stdout, mininterval=10):
+            pixels, caps = data.batch(rng, self.seen, 250, RESOLUTION)
+            dist = self.vae.encode(torch.from_numpy(pixels)).latent_dist
+            moments.append(torch.cat([dist.mean, dist.std], dim=1))
+            captions += caps
+        latents = torch.cat(moments)
+        scaling_factor = float(1.0 / latents[:, :4].std())
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        torch.save({"latents": latents, "ids": ids, "scaling_factor": scaling_factor}, cache)
+        self.state["scaling_factor"] = scaling_factor
+        return latents, ids
+
+    # -- stage 2: text encoder + UNet -----------------------------------------------------------
+    def _train_unet(self, latents: torch.Tensor, ids: torch.Tensor) -> None:
+        gen = torch.Generator().manual_seed(SEED + 2 + self.state["unet_step"])
+        empty = self.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        snr = self.noise.alphas_cumprod / (1 - self.noise.alphas_cumprod)
+        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+        scale = self.state["scaling_factor"]
+        bar = tqdm(total=UNET_STEPS, initial=self.state["unet_step"], desc="unet", file=sys.stdout, mininterval=10)
+        self.unet.train()
+        self.text_encoder.train()
+        while self.state["unet_step"] < UNET_STEPS:
+            step = self.state["unet_step"]
+            idx = torch.randint(0, len(latents), (UNET_BATCH,), generator=gen)
+            mean, std = latents[idx, :4], latents[idx, 4:]
+            x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * scale
+            tokens = ids[idx].clone()
+            tokens[torch.rand(UNET_BATCH, generator=gen) < EMPTY_CAPTION_P] = empty
+            t = torch.randint(0, self.noise.config.num_train_timesteps, (UNET_BATCH,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            noisy = self.noise.add_noise(x0, eps, t)
+            pred = self.unet(noisy, t, self.text_encoder(tokens)[0]).sample
+            loss = (weights[t] * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+            for group in self.opt.param_groups:
+                group["lr"] = cosine_lr(step, UNET_STEPS, UNET_LR, warmup=WARMUP)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text_encoder.parameters()], 1.0)
+            self.opt.step()
+            self._update_ema(min(EMA_DECAY, (1 + step) / (10 + step)))
+            self.state["unet_step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if self.state["unet_step"] % CHECKPOINT_EVERY == 0 or self.state["unet_step"] == UNET_STEPS:
+                self._save()
+        bar.close()
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float) -> None:
+        for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text_encoder)):
+            for e, p in zip(ema.parameters(), live.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+
+    # -- checkpoints and output -------------------------------------------------------------------
+    def _modules(self) -> dict[str, Any]:
+        return {
+            "text_encoder": self.text_encoder,
+            "unet": self.unet,
+            "vae": self.vae,
+            "ema_unet": self.ema_unet,
+            "ema_text": self.ema_text,
+            "vae_opt": self.vae_opt,
+            "opt": self.opt,
+        }
+
+    def _save(self) -> None:
+        payload = {name: m.state_dict() for name, m in self._modules().items()}
+        payload["state"] = dict(self.state, saved_at=time.time())
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.checkpoint)
+
+    def _load(self) -> None:
+        payload = torch.load(self.checkpoint, weights_only=False)
+        for name, module in self._modules().items():
+            module.load_state_dict(payload[name])
+        self.state.update(payload["state"])
+        print(f"resumed: vae step {self.state['vae_step']}, unet step {self.state['unet_step']}")
+
+    def _export_pipeline(self) -> Path:
+        """The EMA weights as a diffusers pipeline; the VAE records the scaling factor measured on its latents."""
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        out = self.workdir / "pipeline"
+        save_pipeline(self.ema_text.eval(), self.ema_unet.eval(), self.vae.eval(), out)
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m sd_onnx.models.shapes.train WORKDIR")
+    workdir = Path(args[0])
+    workdir.mkdir(parents=True, exist_ok=True)
+    np.random.seed(SEED)
+    started = time.time()
+    out = Trainer(workdir).run()
+    print(f"pipeline: {out} ({(time.time() - started) / 60:.1f} min this run)")
+
+
+if __name__ == "__main__":
+    main()
