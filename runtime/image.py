@@ -33,7 +33,12 @@ def a1111_parameters(prompt: str, negative_prompt: str | None, settings: dict[st
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Save with the generation parameters in a tEXt "parameters" chunk."""
+    """Save with the generation parameters in a tEXt "parameters" chunk (folders made as needed; written
+    under a temporary name and renamed, so an interrupted save leaves no truncated PNG)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    image.save(path, pnginfo=info)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG", pnginfo=info)
+    partial.replace(path)

@@ -52,6 +52,17 @@ def test_optional_words_are_left_out_of_caption_and_score() -> None:
     assert set(score(scene, judge(data.render(scene)))) == {"color", "shape", "background"}
 
 
+def test_captions_parse_back_to_their_scene() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = data.random_scene(rng, data.all_combinations())
+        assert data.parse_caption(scene.caption) == scene
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        data.parse_caption("a photo of a cat")
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        data.parse_caption("a small red on a blue background")
+
+
 def test_held_out_split_is_fixed_and_composes_seen_words() -> None:
     seen, held = data.split_combinations()
     assert (seen, held) == data.split_combinations()

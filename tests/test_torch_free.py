@@ -1,10 +1,16 @@
-"""The runtime installs and generates with only its five dependencies: a fresh venv, `pip install .`, no torch."""
+"""The runtime installs and generates with only its five dependencies: a fresh venv, `pip install .`, no torch;
+the installed package draws with its shipped model and no `-m`."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
+
+from sd_onnx.models.shapes.data import parse_caption
+from sd_onnx.models.shapes.judge import judge, score
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers", "optimum", "scipy")
@@ -32,4 +38,9 @@ def test_plain_install_has_no_torch_and_generates(tiny_export: Path, tmp_path: P
     )
     assert result.returncode == 0, result.stderr
     assert out.is_file()
+    shipped = tmp_path / "shipped.png"
+    prompt = "a red circle on a blue background"
+    result = subprocess.run([sd_run, "prompt", prompt, "-o", shipped, "--seed", "3"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert all(score(parse_caption(prompt), judge(Image.open(shipped))).values())
     print(f"torch-free environment: {folder_mb(venv):.0f} MB")

@@ -35,7 +35,7 @@ ANCHORS: dict[str, tuple[float, float]] = {
     "at the top": (0.5, 0.25),
     "at the bottom": (0.5, 0.75),
 }
-SIDE: dict[str, float] = {"small": 0.22, "large": 0.42}
+SIDE: dict[str, float] = {"small": 0.28, "large": 0.42}
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 7
 SUPERSAMPLE = 4
@@ -61,6 +61,19 @@ class Scene:
             words.append(self.position)
         words += ["on a", self.background, "background"]
         return " ".join(words)
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of the grammar describes; ValueError for anything else."""
+    words = caption.strip().split()
+    body = words[1:-4]
+    size = body.pop(0) if body and body[0] in SIZES else None
+    if len(body) < 2 or words[0] != "a" or words[-4:-2] != ["on", "a"] or words[-1] != "background":
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    color, shape, position, background = body[0], body[1], " ".join(body[2:]) or None, words[-2]
+    if color not in COLORS or shape not in SHAPES or background not in COLORS or position not in (None, *POSITIONS):
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    return Scene(color, shape, background, size, position)
 
 
 def all_combinations() -> list[tuple[str, str, str]]:

@@ -1,6 +1,10 @@
 """Score an exported shapes model with the judge: accuracy per attribute on seen and held-out combinations.
 
     python -m sd_onnx.models.shapes.evaluate MODEL_DIR [--prompts 200] [--json scores.json] [--grid grid.png]
+        [--reference FP32_DIR]
+
+With --reference, the same prompts and seeds also run through the reference export (say, fp32 for an int8
+model) and the images are compared: PSNR and mean abs difference (0-255).
 
 Every prompt names all five attributes (size, color, shape, position, background), so each attribute is
 judged on every image. Uses only the runtime (no torch).
@@ -15,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ...runtime.pipeline import StableDiffusionPipeline
@@ -55,13 +60,23 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, **kwa
     return images
 
 
-def accuracy(pipe: StableDiffusionPipeline, scenes: list[Scene], **kwargs: object) -> dict[str, float]:
+def accuracy(scenes: list[Scene], images: list[Image.Image]) -> dict[str, float]:
     """Fraction of images the judge finds right, per attribute and for all attributes at once."""
-    images = generate(pipe, [s.caption for s in scenes], EVAL_SEED, **kwargs)
     verdicts = [score(s, judge(img)) for s, img in zip(scenes, images, strict=True)]
     result = {attr: sum(v[attr] for v in verdicts) / len(verdicts) for attr in verdicts[0]}
     result["all"] = sum(all(v.values()) for v in verdicts) / len(verdicts)
     return result
+
+
+def image_difference(images: list[Image.Image], reference: list[Image.Image]) -> dict[str, float]:
+    """Mean PSNR (dB) and mean abs difference (0-255) of `images` against `reference`, pairwise."""
+    a = np.stack([np.asarray(i, dtype=np.float64) for i in images])
+    b = np.stack([np.asarray(i, dtype=np.float64) for i in reference])
+    mse = np.maximum(((a - b) ** 2).mean(axis=(1, 2, 3)), 1e-10)
+    return {
+        "psnr_db": round(float(np.mean(10 * np.log10(255.0**2 / mse))), 2),
+        "mean_abs_diff": round(float(np.abs(a - b).mean()), 3),
+    }
 
 
 def sample_grid(pipe: StableDiffusionPipeline, prompts: tuple[str, ...] = GRID_PROMPTS, zoom: int = 2) -> Image.Image:
@@ -89,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None)
+    parser.add_argument("--reference", type=Path, default=None, help="Export to compare images with (same seeds).")
     args = parser.parse_args(argv)
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    reference = StableDiffusionPipeline.from_pretrained(args.reference) if args.reference else None
     started = time.time()
     report = {
         "model": args.model.name,
@@ -98,9 +115,15 @@ def main(argv: list[str] | None = None) -> None:
         "guidance_scale": args.guidance,
         "scheduler": pipe.scheduler_name,
         "prompts_per_split": args.prompts,
+        "reference": args.reference.name if args.reference else None,
     }
     for split, scenes in eval_scenes(args.prompts).items():
-        report[split] = accuracy(pipe, scenes, guidance_scale=args.guidance)
+        prompts = [s.caption for s in scenes]
+        images = generate(pipe, prompts, EVAL_SEED, guidance_scale=args.guidance)
+        report[split] = accuracy(scenes, images)
+        if reference:
+            expected = generate(reference, prompts, EVAL_SEED, guidance_scale=args.guidance)
+            report[split]["vs_reference"] = image_difference(images, expected)
         print(split, json.dumps(report[split]), file=sys.stderr)
     report["seconds"] = round(time.time() - started, 1)
     if args.json:

@@ -1,7 +1,8 @@
 """An automatic judge for shapes images: what background, what object, where, how big, which shape.
 
 Independent of the training code: it only reads pixels. Background = median of the border ring; object =
-the largest connected region that differs from it; its color = median of its interior; position = the
+the largest connected region that differs from it; its color = median of its interior; its outline = where
+pixels are more than halfway from the background to that color (the true edge of a blurred object); position = the
 anchor nearest to its centroid; size = side of its bounding box; shape = how much of the bounding box it
 fills (square 1.0, circle pi/4, triangle 0.5).
 """
@@ -60,6 +61,13 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+def _interior(region: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Pixels of the region whose four neighbours are in it too (all of it if that leaves too few)."""
+    interior = region.copy()
+    interior[1:-1, 1:-1] &= region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
+    return pixels[interior] if interior.sum() >= 4 else pixels[region]
+
+
 def _classify_shape(fill: float) -> str:
     if fill > 0.89:
         return "square"
@@ -76,13 +84,14 @@ def judge(image: Image.Image) -> Verdict:
     )
     background_rgb = np.median(ring, axis=0)
     background = nearest_color(background_rgb)
-    mask = np.linalg.norm(pixels - background_rgb, axis=2) > OBJECT_DISTANCE
-    region = _largest_component(mask)
+    distance = np.linalg.norm(pixels - background_rgb, axis=2)
+    region = _largest_component(distance > OBJECT_DISTANCE)
     if region.sum() < 4:
         return Verdict(background, None, None, None, None)
-    interior = region.copy()
-    interior[1:-1, 1:-1] &= region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
-    core = pixels[interior] if interior.sum() >= 4 else pixels[region]
+    object_rgb = np.median(_interior(region, pixels), axis=0)
+    # The edge of a soft-edged object is where it is halfway between background and object color.
+    halfway = 0.5 * float(np.linalg.norm(object_rgb - background_rgb))
+    region = _largest_component(distance > max(halfway, OBJECT_DISTANCE))
     ys, xs = np.nonzero(region)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     centroid = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / side
@@ -91,7 +100,7 @@ def judge(image: Image.Image) -> Verdict:
     size = min(SIDE, key=lambda name: abs(SIDE[name] - box_side))
     return Verdict(
         background=background,
-        color=nearest_color(np.median(core, axis=0)),
+        color=nearest_color(object_rgb),
         shape=_classify_shape(region.sum() / (height * width)),
         position=position,
         size=size,

@@ -1,0 +1,55 @@
+"""The shapes model shipped in the package draws what it is told, in fp32 and int8, from the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sd_onnx.models.shapes import shipped_model
+from sd_onnx.models.shapes.data import parse_caption
+from sd_onnx.models.shapes.judge import judge, score
+from sd_onnx.runtime import StableDiffusionPipeline
+from sd_onnx.runtime.cli import main as sd_run
+
+PROMPTS = (
+    "a red circle on a blue background",
+    "a large yellow square in the center on a black background",
+    "a small white triangle on the left on a green background",
+    "a green circle at the top on a white background",
+    "a purple square on the right on a yellow background",
+    "a large orange triangle at the bottom on a blue background",
+)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def shipped(request: pytest.FixtureRequest) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(shipped_model(request.param), cache=False)
+
+
+def test_shipped_model_draws_what_it_is_told(shipped: StableDiffusionPipeline) -> None:
+    images = shipped(list(PROMPTS), num_inference_steps=20, seed=0).images
+    for prompt, image in zip(PROMPTS, images, strict=True):
+        verdict = judge(image)
+        assert all(score(parse_caption(prompt), verdict).values()), (prompt, verdict)
+
+
+def test_shipped_model_sizes_come_from_its_configs() -> None:
+    manifest = json.loads((shipped_model() / "sd_onnx.json").read_text())
+    config = manifest["config"]
+    assert (config["vae_scale_factor"], config["sample_size"], config["embedding_dim"]) == (4, 16, 32)
+    image = StableDiffusionPipeline.from_pretrained(shipped_model(), cache=False)("a red circle on a blue background")
+    assert image.images[0].size == (64, 64)
+
+
+def test_sd_run_without_model_uses_the_shipped_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SD_ONNX_MODEL", raising=False)
+    out = tmp_path / "demo.png"
+    result = CliRunner().invoke(sd_run, ["prompt", "a red circle on a blue background", "-o", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert "a red circle on a blue background" in image.text["parameters"]
+    assert all(score(parse_caption("a red circle on a blue background"), judge(image)).values())

@@ -1,0 +1,57 @@
+"""The shapes training recipe runs end to end on tiny step counts, checkpoints, and resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd_onnx.models.shapes import train
+
+
+@pytest.fixture
+def short_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "VAE_STEPS": 2,
+        "VAE_BATCH": 4,
+        "DATASET_SIZE": 250,
+        "UNET_STEPS": 3,
+        "UNET_BATCH": 4,
+        "CHECKPOINT_EVERY": 1,
+    }.items():
+        monkeypatch.setattr(train, name, value)
+
+
+def test_training_writes_a_pipeline_with_measured_scaling_factor(short_recipe: None, tmp_path: Path) -> None:
+    out = train.Trainer(tmp_path).run()
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    dataset = torch.load(tmp_path / "dataset.pt")
+    assert vae_config["scaling_factor"] == pytest.approx(1 / dataset["latents"].std().item())
+    assert dataset["latents"].shape == (250, 4, 16, 16)
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+
+
+def test_unused_token_embeddings_stay_zero(short_recipe: None, tmp_path: Path) -> None:
+    trainer = train.Trainer(tmp_path)
+    trainer.run()
+    weights = trainer.ema_text.get_input_embeddings().weight
+    used = (weights.abs().sum(dim=1) > 0).sum().item()
+    assert 20 < used < 40  # the grammar's words plus the special tokens, out of 49,408 rows
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(short_recipe: None, tmp_path: Path) -> None:
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    trainer = train.Trainer(tmp_path)
+    trainer._train_unet = interrupt  # Ctrl-C as the second stage starts
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    resumed = train.Trainer(tmp_path)
+    assert resumed.state["vae_step"] == 2 and resumed.state["unet_step"] == 0
+    vae_before = {k: v.clone() for k, v in resumed.vae.state_dict().items()}
+    resumed.run()
+    assert resumed.state["unet_step"] == 3
+    assert all(torch.equal(vae_before[k], v) for k, v in resumed.vae.state_dict().items())
