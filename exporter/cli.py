@@ -46,6 +46,12 @@ def main() -> None:
 @click.option(
     "--config", default=None, help="For a single-file checkpoint: diffusers folder or hub id of its architecture."
 )
+@click.option(
+    "--guidance-scale",
+    default=None,
+    type=click.FloatRange(min=0.0),
+    help="Guidance the model was made for, recorded as the runtime's default (else 7.5).",
+)
 def convert(
     source: str,
     output: Path,
@@ -56,6 +62,7 @@ def convert(
     precision: str,
     optimize: bool,
     config: str | None,
+    guidance_scale: float | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .convert import convert as run_convert
@@ -72,6 +79,7 @@ def convert(
             config=config,
             precision=precision,
             optimize=optimize,
+            guidance_scale=guidance_scale,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

@@ -46,12 +46,14 @@ def convert(
     config: str | None = None,
     precision: str = "fp32",
     optimize: bool = True,
+    guidance_scale: float | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
 
     precision "int8" quantizes the UNet and VAE after export (see quantize.py for the recipes); `optimize`
-    fuses attention into onnxruntime's MultiHeadAttention (see optimize.py) before the graphs are validated."""
+    fuses attention into onnxruntime's MultiHeadAttention (see optimize.py) before the graphs are validated;
+    `guidance_scale` records the guidance the model was made for (the runtime's default for it)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -63,6 +65,8 @@ def convert(
         raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
     with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
+        if guidance_scale is not None:
+            src.config.guidance_scale = guidance_scale
         log(f"exporting {src.name} ({src.pipeline_class}, family {src.model_family}) to {output}")
         infos = {}
         for i, name in enumerate(components, 1):

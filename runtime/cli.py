@@ -35,7 +35,7 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=int)
-@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--guidance", default=None, type=float, help="Guidance scale [default: the model's, else 7.5].")
 @click.option("--seed", default=None, type=int, help="Seed (reproduces diffusers' torch CPU generator).")
 @click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, lcm, ddpm")
 @click.option("--width", default=None, type=int)
@@ -50,7 +50,7 @@ def prompt(
     output: Path,
     negative: str | None,
     steps: int,
-    guidance: float,
+    guidance: float | None,
     seed: int | None,
     scheduler: str | None,
     width: int | None,

@@ -64,6 +64,8 @@ class ModelConfig:
     max_token_length: int
     prediction_type: str = "epsilon"
     shift_factor: float | None = None
+    # The classifier-free guidance the model was made for (SD: 7.5); used when a caller gives none.
+    guidance_scale: float = 7.5
 
     @property
     def default_resolution(self) -> int:

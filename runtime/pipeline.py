@@ -112,7 +112,7 @@ class StableDiffusionPipeline:
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -129,6 +129,7 @@ class StableDiffusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         height = height or self.config.default_resolution
         width = width or self.config.default_resolution
         self._check_settings(height, width, num_inference_steps, num_images_per_prompt, output_type, strength)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance", type=float, default=None, help="Default: the model's own.")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None)
     parser.add_argument("--reference", type=Path, default=None, help="Export to compare images with (same seeds).")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "model": args.model.name,
         "steps": STEPS,
-        "guidance_scale": args.guidance,
+        "guidance_scale": args.guidance or pipe.config.guidance_scale,
         "scheduler": pipe.scheduler_name,
         "prompts_per_split": args.prompts,
         "reference": args.reference.name if args.reference else None,

@@ -71,6 +71,7 @@ class Trainer:
         torch.manual_seed(SEED)
         self.text_encoder, self.unet, self.vae = create_modules(RECIPE)
         self.tokenizer = clip_tokenizer(workdir / "tokenizer")
+        self._zero_unused_embeddings()
         self.seen, _ = data.split_combinations()
         self.state: dict[str, Any] = {"vae_step": 0, "unet_step": 0, "scaling_factor": None}
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=VAE_LR)
@@ -82,7 +83,6 @@ class Trainer:
         self.noise = DDPMScheduler(
             **{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
         )
-        self._zero_unused_embeddings()
         if self.checkpoint.exists():
             self._load()
 
@@ -100,7 +100,6 @@ class Trainer:
             emb[mask] = 0.0
 
     def run(self) -> Path:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self._train_vae()
         latents, ids = self._encode_dataset()
         self._train_unet(latents, ids)

@@ -11,7 +11,7 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = Field(20, ge=1)
-    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    cfg_scale: float | None = Field(None, ge=0.0, le=100.0, description="Default: the model's guidance.")
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
     seed: int = Field(-1, ge=-1, le=2**63 - 1)
