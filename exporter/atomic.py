@@ -24,6 +24,7 @@ def staging_folder(output: Path) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
     except OSError as exc:
         raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
+    _signals_received.clear()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _is_main_thread() else None
     try:
         yield staging
@@ -34,7 +35,12 @@ def staging_folder(output: Path) -> Iterator[Path]:
 
 
 def publish(staging: Path, output: Path) -> None:
-    """Move the finished folder into place; an old OUTPUT is only removed once the new one is there."""
+    """Move the finished folder into place; an old OUTPUT is only removed once the new one is there.
+
+    A SIGTERM whose KeyboardInterrupt was swallowed on the way (raised inside a finalizer or a library's
+    callback) still stops the publication here."""
+    if _signals_received:
+        raise KeyboardInterrupt(f"signal {_signals_received[0]}")
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
@@ -44,7 +50,11 @@ def publish(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_signals_received: list[int] = []
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
+    _signals_received.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
