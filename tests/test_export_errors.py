@@ -108,7 +108,14 @@ def test_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def test_interrupted_export_leaves_nothing_at_output(tiny_pipeline: Path, tmp_path: Path, sig: int) -> None:
     out_dir = tmp_path / "out"
     cmd = [sys.executable, "-m", "sd_onnx.exporter.cli", "convert", str(tiny_pipeline), str(out_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    # A job started in the background inherits SIGINT ignored (as CI may run us); the child starts from the default.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*/text_encoder")):
         assert proc.poll() is None, proc.stdout.read().decode()
