@@ -99,9 +99,8 @@ def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
             **te,
         )
     )
-    unet_config = {"in_channels": 4, "out_channels": 4, **recipe["unet"]}
-    unet = UNet2DConditionModel(**unet_config)
-    vae = AutoencoderKL(**{"in_channels": 3, "out_channels": 3, "latent_channels": 4, **recipe["vae"]})
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     return text_encoder, unet, vae
 
 
@@ -113,7 +112,7 @@ def clip_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None) -> Path:
+def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path) -> Path:
     """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
@@ -123,7 +122,7 @@ def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: 
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler or PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

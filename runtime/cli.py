@@ -86,7 +86,6 @@ def prompt(
         raise click.ClickException(str(exc)) from None
     for i, image in enumerate(out.images):
         path = output if len(out.images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image, path, a1111_parameters(text, negative, out.parameters))
         click.echo(str(path))
 

@@ -123,11 +123,7 @@ class Trainer:
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
-            self.state["vae_step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if self.state["vae_step"] % CHECKPOINT_EVERY == 0 or self.state["vae_step"] == VAE_STEPS:
-                self._save()
+            self._step_done("vae_step", VAE_STEPS, bar, loss)
         bar.close()
 
     @torch.no_grad()
@@ -180,12 +176,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([*self.unet.parameters(), *self.text_encoder.parameters()], 1.0)
             self.opt.step()
             self._update_ema(min(EMA_DECAY, (1 + step) / (10 + step)))
-            self.state["unet_step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if self.state["unet_step"] % CHECKPOINT_EVERY == 0 or self.state["unet_step"] == UNET_STEPS:
-                self._save()
+            self._step_done("unet_step", UNET_STEPS, bar, loss)
         bar.close()
+
+    def _step_done(self, counter: str, total: int, bar: tqdm, loss: torch.Tensor) -> None:
+        """Count the step, show it, and checkpoint every CHECKPOINT_EVERY steps and at the stage's end."""
+        self.state[counter] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if self.state[counter] % CHECKPOINT_EVERY == 0 or self.state[counter] == total:
+            self._save()
 
     @torch.no_grad()
     def _update_ema(self, decay: float) -> None:
