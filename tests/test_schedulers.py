@@ -37,7 +37,11 @@ VARIANTS = [
     ("leading", {}),
     ("linspace", {"timestep_spacing": "linspace", "steps_offset": 0}),
     ("trailing-linear", {"timestep_spacing": "trailing", "beta_schedule": "linear", "skip_prk_steps": False}),
+    ("zero-snr", {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}),
 ]
+# Schedulers whose diffusers counterpart offers zero terminal SNR; it needs v-prediction (epsilon is undefined
+# at the pure-noise timestep).
+ZERO_SNR = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lcm")
 
 
 class ListNoise:
@@ -79,12 +83,17 @@ def test_matches_diffusers_step_by_step(name: str, steps: int, variant: str, pre
     config = {**SD15_CONFIG, **dict(VARIANTS)[variant], "prediction_type": prediction_type}
     if name == "lcm" and variant == "trailing-linear":
         pytest.skip("LCM has its own timestep rule; spacing does not apply")
+    if variant == "zero-snr" and (name not in ZERO_SNR or prediction_type == "epsilon"):
+        pytest.skip("zero terminal SNR: only with v-prediction, in the schedulers diffusers offers it in")
     ours, theirs = make_scheduler(name, config), reference(name, config)
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
     np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=1e-5)
     assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-5)
 
+    # Sigma samplers start at sigma 4096 on a zero-SNR schedule: diffusers' float32 sigmas differ from ours
+    # (float64) by 1e-6, which Euler a's noise split amplifies to ~1e-4 of the sample.
+    rtol = 2e-4 if variant == "zero-snr" and ours.uses_sigmas else 1e-5
     rng = np.random.default_rng(0)
     shape = (1, 4, 8, 8)
     x_ours = rng.standard_normal(shape).astype(np.float32) * np.float32(ours.init_noise_sigma)
@@ -93,7 +102,7 @@ def test_matches_diffusers_step_by_step(name: str, steps: int, variant: str, pre
     for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps, strict=True):
         model_in = ours.scale_model_input(x_ours, t_ours)
         ref_in = theirs.scale_model_input(x_theirs, t_theirs)
-        assert_close_relative(model_in, ref_in.numpy())
+        assert_close_relative(model_in, ref_in.numpy(), rtol)
         eps = fake_model(ref_in.numpy(), float(t_theirs))
         # diffusers draws its step noise from `generator`; replay the same draws for ours.
         state = generator.get_state()
@@ -102,7 +111,7 @@ def test_matches_diffusers_step_by_step(name: str, steps: int, variant: str, pre
         kwargs = {"generator": generator} if "generator" in inspect.signature(theirs.step).parameters else {}
         x_theirs = theirs.step(torch.from_numpy(eps), t_theirs, x_theirs, **kwargs).prev_sample
         x_ours = ours.step(eps, t_ours, x_ours, noise=ListNoise(draws))
-        assert_close_relative(x_ours, x_theirs.numpy())
+        assert_close_relative(x_ours, x_theirs.numpy(), rtol)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +126,14 @@ def test_matches_diffusers_step_by_step(name: str, steps: int, variant: str, pre
 )
 def test_accepts_diffusers_and_a1111_names(alias: str, key: str) -> None:
     assert resolve_name(alias) == key
+
+
+def test_zero_terminal_snr_reaches_pure_noise() -> None:
+    config = {**SD15_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    assert make_scheduler("ddim", config).alphas_cumprod[-1] == 0.0
+    assert make_scheduler("pndm", config).alphas_cumprod[-1] > 0.004  # diffusers' PNDM has no such option
+    with pytest.raises(ValueError, match="Karras sigmas are not supported on a zero-terminal-SNR schedule"):
+        make_scheduler("dpmpp_2m_karras", config)
 
 
 def test_unknown_scheduler_is_a_clear_error() -> None:

@@ -49,11 +49,18 @@ RECIPE: dict[str, dict[str, Any]] = {
 SEED = 0
 VAE_STEPS, VAE_BATCH, VAE_LR, EDGE_WEIGHT = 3_000, 16, 1e-3, 8.0
 DATASET_SIZE = 40_000
-UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 4_000, 64, 1e-3, 200
+UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 3_500, 64, 1e-3, 200
 EMPTY_CAPTION_P, EMA_DECAY = 0.1, 0.999
-# v-prediction: its loss weighs the nearly pure-noise timesteps, where the caption alone decides where the
-# object goes, about 1/SNR times more than epsilon-prediction does; an epsilon model ignored position words.
-PREDICTION_TYPE = "v_prediction"
+# Zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): on SD's
+# schedule the last timestep still leaks the image's low frequencies, which include where a large shape sits, so
+# a model learns to read position from the noise and ignores the caption's position words (ours did: the seed
+# chose the place). With the leak closed only the caption can say where; that needs v-prediction and sampling
+# from the last timestep ("trailing" spacing).
+NOISE_SCHEDULE = {
+    **{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")},
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+}
 CHECKPOINT_EVERY = 250
 
 
@@ -93,8 +100,7 @@ class Trainer:
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         from diffusers import DDPMScheduler
 
-        config = {k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
-        self.noise = DDPMScheduler(**{**config, "prediction_type": PREDICTION_TYPE})
+        self.noise = DDPMScheduler(**NOISE_SCHEDULE)
         if self.checkpoint.exists():
             self._load()
 
@@ -232,9 +238,14 @@ class Trainer:
 
     def _export_pipeline(self) -> Path:
         """The EMA weights as a diffusers pipeline; the VAE records the scaling factor measured on its latents."""
+        from diffusers import DDIMScheduler
+
         self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         out = self.workdir / "pipeline"
-        save_pipeline(self.ema_text.eval(), self.ema_unet.eval(), self.vae.eval(), out, PREDICTION_TYPE)
+        scheduler = DDIMScheduler(
+            **NOISE_SCHEDULE, set_alpha_to_one=False, clip_sample=False, timestep_spacing="trailing"
+        )
+        save_pipeline(self.ema_text.eval(), self.ema_unet.eval(), self.vae.eval(), out, scheduler)
         return out
 
 

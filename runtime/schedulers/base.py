@@ -37,14 +37,23 @@ class Scheduler:
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     order: ClassVar[int] = 1
+    # Samplers in sigma space need a finite first sigma on a zero-terminal-SNR schedule.
+    uses_sigmas: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         self.config = {**COMMON_DEFAULTS, **self.defaults}
         self.config.update({k: v for k, v in config.items() if k in self.config})
         if self.config["prediction_type"] not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r} (known: {PREDICTION_TYPES})")
+        if self.config.get("rescale_betas_zero_snr") and self.config.get("use_karras_sigmas"):
+            # Karras spacing from sigma 4096 crowds the steps at t=999, where float rounding dominates.
+            raise ValueError("Karras sigmas are not supported on a zero-terminal-SNR schedule (rescale_betas_zero_snr)")
         self.betas = make_betas(self.config)
+        if self.config.get("rescale_betas_zero_snr"):
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas, dtype=np.float32)
+        if self.config.get("rescale_betas_zero_snr") and self.uses_sigmas:
+            self.alphas_cumprod[-1] = 2.0**-24  # close to 0 but not 0, as diffusers does
         self.timesteps = np.zeros(0, dtype=np.float32)
         self.num_inference_steps = 0
         self.step_index = 0  # position in `timesteps`; `step` advances it, img2img starts it part-way
@@ -114,6 +123,18 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
     raise ValueError(f"unknown beta_schedule {schedule!r}")
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose last timestep is pure noise (Lin et al. 2023, algorithm 1), as diffusers rescales them:
+    sqrt(alpha_cumprod) shifted to end at 0 and scaled to keep its first value. Offered by the schedulers whose
+    diffusers counterpart offers it (`rescale_betas_zero_snr` in their defaults); needs v-prediction."""
+    root = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    first, last = root[0].copy(), root[-1].copy()
+    root = (root - last) * (first / (first - last))
+    alphas_bar = root**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
 def spaced_timesteps(config: dict[str, Any], num_steps: int) -> np.ndarray:
     """Descending timesteps by the config's spacing ("linspace", "leading", "trailing"), as float64."""
     n_train = config["num_train_timesteps"]
@@ -176,6 +197,7 @@ class SigmaScheduler(Scheduler):
     """Base of the samplers that work in sigma space (Euler, Euler a, LMS): inputs scaled by 1/sqrt(sigma^2+1)."""
 
     sigmas: np.ndarray
+    uses_sigmas = True
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.num_inference_steps = num_inference_steps

@@ -9,7 +9,12 @@ from .base import NoiseSource, Scheduler, predict_x0_and_eps
 
 class DDIMScheduler(Scheduler):
     name = "DDIMScheduler"
-    defaults = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}
+    defaults = {
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "rescale_betas_zero_snr": False,
+    }
 
     def __init__(self, eta: float = 0.0, **config: object) -> None:
         super().__init__(**config)

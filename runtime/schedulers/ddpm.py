@@ -9,7 +9,12 @@ from .base import NoiseSource, Scheduler, predict_x0_and_eps
 
 class DDPMScheduler(Scheduler):
     name = "DDPMScheduler"
-    defaults = {"clip_sample": True, "clip_sample_range": 1.0, "variance_type": "fixed_small"}
+    defaults = {
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "variance_type": "fixed_small",
+        "rescale_betas_zero_snr": False,
+    }
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None

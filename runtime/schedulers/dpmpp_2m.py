@@ -31,7 +31,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         "final_sigmas_type": "zero",
         "algorithm_type": "dpmsolver++",
         "solver_order": 2,
+        "rescale_betas_zero_snr": False,
     }
+    uses_sigmas = True
 
     def __init__(self, **config: object) -> None:
         super().__init__(**config)

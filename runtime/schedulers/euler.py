@@ -9,7 +9,7 @@ from .base import NoiseSource, SigmaScheduler, predict_x0_from_sigma
 
 class EulerScheduler(SigmaScheduler):
     name = "EulerDiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False}
+    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False, "rescale_betas_zero_snr": False}
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None

@@ -9,7 +9,7 @@ from .base import NoiseSource, SigmaScheduler, predict_x0_from_sigma
 
 class EulerAncestralScheduler(SigmaScheduler):
     name = "EulerAncestralDiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace"}
+    defaults = {"timestep_spacing": "linspace", "rescale_betas_zero_snr": False}
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None

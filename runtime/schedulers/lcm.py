@@ -20,6 +20,7 @@ class LCMScheduler(Scheduler):
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
         "timestep_scaling": 10.0,
+        "rescale_betas_zero_snr": False,
     }
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
