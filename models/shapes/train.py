@@ -28,11 +28,13 @@ RESOLUTION = 64
 RECIPE: dict[str, dict[str, Any]] = {
     "text_encoder": {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2},
     "unet": {
-        "block_out_channels": (32, 64, 64),
+        # A fourth level brings the latents down to 2x2, where zero padding makes each cell's features differ:
+        # absolute position, which "on the left" needs and convolutions otherwise barely see.
+        "block_out_channels": (32, 64, 64, 64),
         "layers_per_block": 1,
         "sample_size": 16,
-        "down_block_types": ("CrossAttnDownBlock2D",) * 3,
-        "up_block_types": ("CrossAttnUpBlock2D",) * 3,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 4,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 4,
         "cross_attention_dim": 32,
         "attention_head_dim": 8,
         "norm_num_groups": 16,
@@ -49,7 +51,7 @@ RECIPE: dict[str, dict[str, Any]] = {
 SEED = 0
 VAE_STEPS, VAE_BATCH, VAE_LR, EDGE_WEIGHT = 3_000, 16, 1e-3, 8.0
 DATASET_SIZE = 40_000
-UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 3_500, 64, 1e-3, 200
+UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 3_000, 64, 1e-3, 200
 EMPTY_CAPTION_P, EMA_DECAY = 0.1, 0.999
 # Zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): on SD's
 # schedule the last timestep still leaks the image's low frequencies, which include where a large shape sits, so
