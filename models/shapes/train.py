@@ -28,13 +28,11 @@ RESOLUTION = 64
 RECIPE: dict[str, dict[str, Any]] = {
     "text_encoder": {"hidden_size": 32, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2},
     "unet": {
-        # A fourth level brings the latents down to 2x2, where zero padding makes each cell's features differ:
-        # absolute position, which "on the left" needs and convolutions otherwise barely see.
-        "block_out_channels": (32, 64, 64, 64),
+        "block_out_channels": (32, 64, 64),
         "layers_per_block": 1,
         "sample_size": 16,
-        "down_block_types": ("CrossAttnDownBlock2D",) * 4,
-        "up_block_types": ("CrossAttnUpBlock2D",) * 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 3,
         "cross_attention_dim": 32,
         "attention_head_dim": 8,
         "norm_num_groups": 16,
@@ -49,20 +47,10 @@ RECIPE: dict[str, dict[str, Any]] = {
     },
 }
 SEED = 0
-VAE_STEPS, VAE_BATCH, VAE_LR, EDGE_WEIGHT = 3_000, 16, 1e-3, 8.0
+VAE_STEPS, VAE_BATCH, VAE_LR = 2_000, 16, 1e-3
 DATASET_SIZE = 40_000
-UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 3_000, 64, 1e-3, 200
-EMPTY_CAPTION_P, EMA_DECAY = 0.1, 0.999
-# Zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): on SD's
-# schedule the last timestep still leaks the image's low frequencies, which include where a large shape sits, so
-# a model learns to read position from the noise and ignores the caption's position words (ours did: the seed
-# chose the place). With the leak closed only the caption can say where; that needs v-prediction and sampling
-# from the last timestep ("trailing" spacing).
-NOISE_SCHEDULE = {
-    **{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")},
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-}
+UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 4_000, 64, 1e-3, 200
+EMPTY_CAPTION_P, MIN_SNR_GAMMA, EMA_DECAY = 0.1, 5.0, 0.999
 CHECKPOINT_EVERY = 250
 
 
@@ -72,16 +60,6 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def edge_weights(pixels: torch.Tensor) -> torch.Tensor:
-    """Per-pixel loss weights, 1 + EDGE_WEIGHT within a pixel of a color edge: a shape is told apart by its
-    outline (a triangle's tip, a square's corners), a few percent of the pixels that plain MSE lets blur."""
-    dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().sum(1, keepdim=True)
-    dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).abs().sum(1, keepdim=True)
-    edges = F.pad(dx, (0, 1, 0, 0)) + F.pad(dy, (0, 0, 0, 1))
-    near_edge = F.max_pool2d(edges, kernel_size=3, stride=1, padding=1) > 0.05
-    return 1.0 + EDGE_WEIGHT * near_edge.float()
 
 
 class Trainer:
@@ -102,7 +80,9 @@ class Trainer:
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         from diffusers import DDPMScheduler
 
-        self.noise = DDPMScheduler(**NOISE_SCHEDULE)
+        self.noise = DDPMScheduler(
+            **{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+        )
         if self.checkpoint.exists():
             self._load()
 
@@ -137,8 +117,7 @@ class Trainer:
             # Deterministic (the posterior mean, no KL term): with sampled latents the decoder learns to
             # expect noise and blurs the small shapes; the scaling factor normalises the latents instead.
             recon = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
-            error = (recon - x).pow(2) + 0.5 * (recon - x).abs()
-            loss = (edge_weights(x) * error).mean()
+            loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
             for group in self.vae_opt.param_groups:
                 group["lr"] = cosine_lr(step, VAE_STEPS, VAE_LR, warmup=50)
             self.vae_opt.zero_grad(set_to_none=True)
@@ -173,6 +152,8 @@ class Trainer:
     def _train_unet(self, latents: torch.Tensor, ids: torch.Tensor) -> None:
         gen = torch.Generator().manual_seed(SEED + 2 + self.state["unet_step"])
         empty = self.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        snr = self.noise.alphas_cumprod / (1 - self.noise.alphas_cumprod)
+        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
         scale = self.state["scaling_factor"]
         bar = tqdm(total=UNET_STEPS, initial=self.state["unet_step"], desc="unet", file=sys.stdout, mininterval=10)
         self.unet.train()
@@ -187,7 +168,7 @@ class Trainer:
             eps = torch.randn(x0.shape, generator=gen)
             noisy = self.noise.add_noise(x0, eps, t)
             pred = self.unet(noisy, t, self.text_encoder(tokens)[0]).sample
-            loss = F.mse_loss(pred, self.noise.get_velocity(x0, eps, t))
+            loss = (weights[t] * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in self.opt.param_groups:
                 group["lr"] = cosine_lr(step, UNET_STEPS, UNET_LR, warmup=WARMUP)
             self.opt.zero_grad(set_to_none=True)
@@ -240,14 +221,9 @@ class Trainer:
 
     def _export_pipeline(self) -> Path:
         """The EMA weights as a diffusers pipeline; the VAE records the scaling factor measured on its latents."""
-        from diffusers import DDIMScheduler
-
         self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         out = self.workdir / "pipeline"
-        scheduler = DDIMScheduler(
-            **NOISE_SCHEDULE, set_alpha_to_one=False, clip_sample=False, timestep_spacing="trailing"
-        )
-        save_pipeline(self.ema_text.eval(), self.ema_unet.eval(), self.vae.eval(), out, scheduler)
+        save_pipeline(self.ema_text.eval(), self.ema_unet.eval(), self.vae.eval(), out)
         return out
 
 
