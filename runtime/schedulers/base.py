@@ -45,14 +45,15 @@ class Scheduler:
         self.config.update({k: v for k, v in config.items() if k in self.config})
         if self.config["prediction_type"] not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r} (known: {PREDICTION_TYPES})")
-        if self.config.get("rescale_betas_zero_snr") and self.config.get("use_karras_sigmas"):
+        zero_snr = bool(self.config.get("rescale_betas_zero_snr"))
+        if zero_snr and self.config.get("use_karras_sigmas"):
             # Karras spacing from sigma 4096 crowds the steps at t=999, where float rounding dominates.
             raise ValueError("Karras sigmas are not supported on a zero-terminal-SNR schedule (rescale_betas_zero_snr)")
         self.betas = make_betas(self.config)
-        if self.config.get("rescale_betas_zero_snr"):
+        if zero_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas, dtype=np.float32)
-        if self.config.get("rescale_betas_zero_snr") and self.uses_sigmas:
+        if zero_snr and self.uses_sigmas:
             self.alphas_cumprod[-1] = 2.0**-24  # close to 0 but not 0, as diffusers does
         self.timesteps = np.zeros(0, dtype=np.float32)
         self.num_inference_steps = 0
@@ -128,7 +129,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     sqrt(alpha_cumprod) shifted to end at 0 and scaled to keep its first value. Offered by the schedulers whose
     diffusers counterpart offers it (`rescale_betas_zero_snr` in their defaults); needs v-prediction."""
     root = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
-    first, last = root[0].copy(), root[-1].copy()
+    first, last = root[0], root[-1]
     root = (root - last) * (first / (first - last))
     alphas_bar = root**2
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
