@@ -32,10 +32,11 @@ def main() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     default="fp32",
     show_default=True,
-    help="int8: static QDQ quantization of UNet and VAE, calibrated on real trajectories (for CPUs).",
+    help="fp16: half-precision graphs for GPU providers; int8: static QDQ quantization of UNet and VAE, "
+    "calibrated on real trajectories (for CPUs).",
 )
 @click.option(
     "--optimize/--no-optimize",

@@ -21,6 +21,7 @@ from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256
 from .atomic import publish, staging_folder
 from .components import SPECS
 from .errors import ExportError
+from .half import convert_to_fp16, fp16_atol
 from .optimize import fuse_attention_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
@@ -30,7 +31,7 @@ from .validate import compare_outputs, open_session, signature
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 TRACE_SEED, VALIDATION_SEED = 0, 1
 Log = Callable[[str], None]
 
@@ -51,7 +52,8 @@ def convert(
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
 
-    precision "int8" quantizes the UNet and VAE after export (see quantize.py for the recipes); `optimize`
+    precision "fp16" converts every graph to half precision for GPU providers (see half.py); "int8" quantizes
+    the UNet and VAE after export (see quantize.py for the recipes); `optimize`
     fuses attention into onnxruntime's MultiHeadAttention (see optimize.py) before the graphs are validated;
     `guidance_scale` records the guidance the model was made for (the runtime's default for it)."""
     _quiet_libraries()
@@ -71,7 +73,7 @@ def convert(
         infos = {}
         for i, name in enumerate(components, 1):
             started = time.perf_counter()
-            infos[name] = export_component(src, name, staging, opset, atol, optimize)
+            infos[name] = export_component(src, name, staging, opset, atol, optimize, half=precision == "fp16")
             size_mb = sum((staging / f).stat().st_size for f in infos[name].files) / 1e6
             max_diff = infos[name].validation["max_abs_diff"]
             elapsed = time.perf_counter() - started
@@ -89,9 +91,16 @@ def convert(
 
 
 def export_component(
-    src: PipelineSource, name: str, folder: Path, opset: int, atol: float, optimize: bool = True
+    src: PipelineSource,
+    name: str,
+    folder: Path,
+    opset: int,
+    atol: float,
+    optimize: bool = True,
+    half: bool = False,
 ) -> ComponentInfo:
-    """Trace one component, optimize it, validate it against PyTorch and describe it for the manifest."""
+    """Trace one component, optimize it (and make it fp16 if `half`), validate it against PyTorch and describe
+    it for the manifest."""
     spec = SPECS[name]
     out_file = folder / name / "model.onnx"
     out_file.parent.mkdir(parents=True)
@@ -106,6 +115,9 @@ def export_component(
     gc.collect()
     pack_graph(traced, out_file)
     optimizations = {"attention_fused": fuse_attention_file(out_file, out_file)} if optimize else {}
+    if half:
+        optimizations["fp16"] = convert_to_fp16(out_file)
+        atol = fp16_atol(reference, atol)
     session = open_session(out_file)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
     validation = compare_outputs(name, session, feeds, reference, atol)
@@ -117,7 +129,7 @@ def export_component(
         files={f"{name}/{p.name}": sha256_file(p) for p in files},
         inputs=inputs,
         outputs=outputs,
-        precision="fp32",
+        precision="fp16" if half else "fp32",
         opset=opset,
         validation=validation,
         optimizations=optimizations,
