@@ -112,8 +112,9 @@ def clip_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path) -> Path:
-    """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read."""
+def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None) -> Path:
+    """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read;
+    the scheduler is SD 1.5's PNDM unless the model was trained for another."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     tokenizer = clip_tokenizer(out / "_tokenizer_src")
@@ -122,7 +123,7 @@ def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path) -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=scheduler or PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

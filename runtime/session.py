@@ -78,6 +78,12 @@ class OnnxModel:
     ) -> None:
         self.name = model_file.parent.name
         self.info = info
+        if info is not None and info.precision == "fp16" and config.providers[0] == "CPUExecutionProvider":
+            warnings.warn(
+                f"{self.name} is fp16, which the CPU provider runs through casts (slower than fp32); "
+                "on CPUs use an fp32 or int8 export",
+                stacklevel=2,
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
