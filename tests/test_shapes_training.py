@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from sd_onnx.models.shapes import train
+from sd_onnx.models.shapes import data, train
 
 
 @pytest.fixture
@@ -16,6 +17,8 @@ def short_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {
         "VAE_STEPS": 2,
         "VAE_BATCH": 4,
+        "TEXT_STEPS": 2,
+        "TEXT_BATCH": 4,
         "DATASET_SIZE": 250,
         "UNET_STEPS": 3,
         "UNET_BATCH": 4,
@@ -36,7 +39,7 @@ def test_training_writes_a_pipeline_with_measured_scaling_factor(short_recipe: N
 def test_unused_token_embeddings_stay_zero(short_recipe: None, tmp_path: Path) -> None:
     trainer = train.Trainer(tmp_path)
     trainer.run()
-    weights = trainer.ema_text.get_input_embeddings().weight
+    weights = trainer.text_encoder.get_input_embeddings().weight
     used = (weights.abs().sum(dim=1) > 0).sum().item()
     assert 20 < used < 40  # the grammar's words plus the special tokens, out of 49,408 rows
 
@@ -50,8 +53,26 @@ def test_interrupted_run_resumes_from_its_checkpoint(short_recipe: None, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     resumed = train.Trainer(tmp_path)
-    assert resumed.state["vae_step"] == 2 and resumed.state["unet_step"] == 0
+    assert resumed.state["vae_step"] == 2 and resumed.state["text_step"] == 2 and resumed.state["unet_step"] == 0
     vae_before = {k: v.clone() for k, v in resumed.vae.state_dict().items()}
+    text_before = {k: v.clone() for k, v in resumed.text_encoder.state_dict().items()}
     resumed.run()
     assert resumed.state["unet_step"] == 3
     assert all(torch.equal(vae_before[k], v) for k, v in resumed.vae.state_dict().items())
+    # The UNet stage trains on a frozen text encoder.
+    assert all(torch.equal(text_before[k], v) for k, v in resumed.text_encoder.state_dict().items())
+
+
+def test_text_pretraining_makes_every_attribute_readable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(train, "TEXT_STEPS", 300)
+    trainer = train.Trainer(tmp_path)
+    heads = trainer._pretrain_text()
+    rng = random.Random(123)
+    scenes = [data.random_scene(rng, data.split_combinations()[1]) for _ in range(200)]  # held-out combinations
+    ids = trainer._tokens([s.caption for s in scenes])
+    with torch.no_grad():
+        logits = heads.logits(trainer.text_encoder(ids)[0][:, -1])  # the last padding token
+    for name, values in train.AttributeHeads.ATTRIBUTES.items():
+        labels = torch.tensor([values.index(getattr(s, name)) for s in scenes])
+        accuracy = (logits[name].argmax(-1) == labels).float().mean().item()
+        assert accuracy > 0.9, f"{name}: {accuracy:.2f}"
