@@ -30,16 +30,20 @@ def shipped(request: pytest.FixtureRequest) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(shipped_model(request.param), cache=False)
 
 
-# What the model has learned (>= 98 % in models/shapes/scores_*.json); shape (76 %) and position (chance)
-# fall short of the 90 % goal and are reported there, not asserted here.
-LEARNED = ("color", "background", "size")
+# Judged right on >= 99.5 % of 400 prompts in models/shapes/scores_*.json, so asserted on every image.
+LEARNED = ("color", "background", "size", "position")
+# Shape is right on 88-89 % (fp32) and 84-86 % (int8) of those prompts, so asserted on most images, not all.
+MIN_SHAPES_RIGHT = 5
 
 
 def test_shipped_model_draws_what_it_is_told(shipped: StableDiffusionPipeline) -> None:
     images = shipped(list(PROMPTS), num_inference_steps=20, seed=0).images
+    shapes_right = 0
     for prompt, image in zip(PROMPTS, images, strict=True):
         verdict = score(parse_caption(prompt), judge(image))
         assert all(verdict[attr] for attr in LEARNED if attr in verdict), (prompt, verdict)
+        shapes_right += verdict["shape"]
+    assert shapes_right >= MIN_SHAPES_RIGHT
 
 
 def test_shipped_model_sizes_come_from_its_configs() -> None:
