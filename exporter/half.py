@@ -9,7 +9,6 @@ without a GPU, and why fp16 is slower than fp32 on CPU (use int8 there).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from .trace import EXTERNAL_DATA_SUFFIX, pack_graph
 # fp16 carries about 3 significant digits: the exporter accepts an fp16 graph whose outputs stay within this
 # fraction of the PyTorch fp32 output's largest magnitude (or --atol, whichever is larger).
 FP16_RELATIVE_TOLERANCE = 1e-2
+# Graphs whose weights pass this size keep them in one external data file, as the fp32 export does.
+PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def convert_to_fp16(model_file: Path) -> dict[str, Any]:
@@ -31,18 +32,17 @@ def convert_to_fp16(model_file: Path) -> dict[str, Any]:
     half = convert_float_to_float16(str(model_file), keep_io_types=True)
     scratch = model_file.parent / "_fp16"
     scratch.mkdir()
+    large = sum(t.ByteSize() for t in half.graph.initializer) > PROTOBUF_LIMIT
     onnx.save_model(
         half,
         str(scratch / model_file.name),
-        save_as_external_data=True,
+        save_as_external_data=large,
         all_tensors_to_one_file=True,
         location=model_file.name + EXTERNAL_DATA_SUFFIX,
-        size_threshold=1024,
     )
     (model_file.parent / (model_file.name + EXTERNAL_DATA_SUFFIX)).unlink(missing_ok=True)
     model_file.unlink()
-    pack_graph(scratch / model_file.name, model_file)
-    shutil.rmtree(scratch, ignore_errors=True)
+    pack_graph(scratch / model_file.name, model_file)  # one file, or graph + one data file; removes scratch
     float_ops = sorted({n.op_type for n in half.graph.node} & set(DEFAULT_OP_BLOCK_LIST))
     return {
         "method": "fp16 cast (onnxruntime.transformers.float16)",
