@@ -106,12 +106,17 @@ class AttributeHeads(torch.nn.Module):
     def logits(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(hidden) for name, head in self.heads.items()}
 
+    @classmethod
+    def labels(cls, name: str, scenes: list[data.Scene]) -> torch.Tensor:
+        """Class index of attribute `name` for each scene (None: not named in the caption)."""
+        return torch.tensor([cls.ATTRIBUTES[name].index(getattr(s, name)) for s in scenes])
+
     def loss(self, hidden: torch.Tensor, summary: torch.Tensor, scenes: list[data.Scene]) -> torch.Tensor:
         """Cross-entropy of every attribute, averaged over the tokens where `summary` is true."""
         total = hidden.new_zeros(())
         for name, logits in self.logits(hidden).items():
-            labels = torch.tensor([self.ATTRIBUTES[name].index(getattr(s, name)) for s in scenes])
-            ce = F.cross_entropy(logits.transpose(1, 2), labels[:, None].expand(-1, hidden.shape[1]), reduction="none")
+            labels = self.labels(name, scenes)[:, None].expand(-1, hidden.shape[1])
+            ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
             total = total + (ce * summary).sum() / summary.sum()
         return total
 
