@@ -11,8 +11,11 @@ conditions everything after it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +78,10 @@ def quantize_graph(
 ) -> dict[str, Any]:
     """Static QDQ quantization of `src` into `dst` (weights over 2 GB go to `<name>_data`)."""
     big = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > TWO_GB
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    src, dst, ranges = src.resolve(), dst.resolve(), ranges.resolve()
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, working_directory(Path(tmp)):
+        # onnxruntime's shape inference drops a debug copy of the graph in the working directory when it
+        # cannot infer every shape; here that copy goes away with the temporary folder.
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(
             str(src), str(prepared), auto_merge=True, save_as_external_data=big, all_tensors_to_one_file=True
@@ -104,6 +110,17 @@ def quantize_graph(
         "float_nodes": len(kept),
         "reduce_range": reduce_range,
     }
+
+
+@contextmanager
+def working_directory(folder: Path) -> Iterator[None]:
+    """Run the block with `folder` as the working directory (contextlib.chdir, before Python 3.11)."""
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _rename_external_data(model_file: Path) -> None:

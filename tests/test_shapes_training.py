@@ -20,7 +20,7 @@ def short_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
         "TEXT_STEPS": 2,
         "TEXT_BATCH": 4,
         "DATASET_SIZE": 250,
-        "UNET_STEPS": 3,
+        "UNET_CYCLES": ((2, 1e-3, 1), (1, 3e-4, 0)),
         "UNET_BATCH": 4,
         "CHECKPOINT_EVERY": 1,
     }.items():

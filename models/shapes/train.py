@@ -50,7 +50,10 @@ SEED = 0
 VAE_STEPS, VAE_BATCH, VAE_LR, EDGE_WEIGHT = 3_000, 16, 1e-3, 8.0
 TEXT_STEPS, TEXT_BATCH, TEXT_LR = 800, 128, 1e-3
 DATASET_SIZE = 40_000
-UNET_STEPS, UNET_BATCH, UNET_LR, WARMUP = 4_000, 64, 1e-3, 200
+UNET_BATCH = 64
+# (steps, peak learning rate, warm-up steps) per cosine cycle. The loss was still falling when the first
+# cycle's rate reached its floor; a second, lower cycle (a warm restart, as in SGDR) goes on from there.
+UNET_CYCLES: tuple[tuple[int, float, int], ...] = ((4_000, 1e-3, 200), (2_000, 3e-4, 50))
 EMPTY_CAPTION_P, EMA_DECAY = 0.1, 0.999
 CHECKPOINT_EVERY = 250
 # Zero terminal SNR (Lin et al. 2023): on SD's schedule the last timestep still leaks the noise's low
@@ -69,6 +72,15 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cycles_lr(step: int, cycles: tuple[tuple[int, float, int], ...]) -> float:
+    """The rate of `step` in consecutive cosine cycles of (steps, peak, warm-up)."""
+    for length, peak, warmup in cycles:
+        if step < length:
+            return cosine_lr(step, length, peak, warmup)
+        step -= length
+    raise ValueError("step is past the last cycle")
 
 
 def edge_weights(pixels: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,7 @@ class Trainer:
         self.seen, _ = data.split_combinations()
         self.state: dict[str, Any] = {"vae_step": 0, "text_step": 0, "unet_step": 0, "scaling_factor": None}
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=VAE_LR)
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=UNET_LR)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=UNET_CYCLES[0][1])
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         from diffusers import DDPMScheduler
 
@@ -240,9 +252,10 @@ class Trainer:
         gen = torch.Generator().manual_seed(SEED + 2 + self.state["unet_step"])
         empty = self._tokens([""])
         scale = self.state["scaling_factor"]
-        bar = tqdm(total=UNET_STEPS, initial=self.state["unet_step"], desc="unet", file=sys.stdout, mininterval=10)
+        total = sum(length for length, _, _ in UNET_CYCLES)
+        bar = tqdm(total=total, initial=self.state["unet_step"], desc="unet", file=sys.stdout, mininterval=10)
         self.unet.train()
-        while self.state["unet_step"] < UNET_STEPS:
+        while self.state["unet_step"] < total:
             step = self.state["unet_step"]
             idx = torch.randint(0, len(latents), (UNET_BATCH,), generator=gen)
             x0 = latents[idx] * scale
@@ -256,13 +269,13 @@ class Trainer:
             pred = self.unet(noisy, t, text).sample
             loss = F.mse_loss(pred, self.noise.get_velocity(x0, eps, t))
             for group in self.opt.param_groups:
-                group["lr"] = cosine_lr(step, UNET_STEPS, UNET_LR, warmup=WARMUP)
+                group["lr"] = cycles_lr(step, UNET_CYCLES)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
             self.opt.step()
             self._update_ema(min(EMA_DECAY, (1 + step) / (10 + step)))
-            self._step_done("unet_step", UNET_STEPS, bar, loss)
+            self._step_done("unet_step", total, bar, loss)
         bar.close()
 
     def _step_done(self, counter: str, total: int, bar: tqdm, loss: torch.Tensor) -> None:
