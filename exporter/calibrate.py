@@ -51,10 +51,19 @@ class _Recorder:
 
 
 def record(
-    model_dir: Path, prompts: tuple[str, ...], steps: int, size: int, seed: int = 0, guidance: float = 7.5
+    model_dir: Path,
+    prompts: tuple[str, ...],
+    steps: int,
+    size: int,
+    seed: int = 0,
+    guidance: float | None = None,
 ) -> CalibrationSet:
-    """Run the fp32 pipeline on `prompts` and record what each component was fed."""
+    """Run the fp32 pipeline on `prompts` and record what each component was fed.
+
+    `guidance` defaults to the model's own (the manifest's): the UNet's inputs along the trajectory, and so
+    the ranges calibration measures, depend on it, and users sample at that guidance."""
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, provider="cpu", cache=False)
+    guidance = pipe.config.guidance_scale if guidance is None else guidance
     feeds: dict[str, list[dict[str, np.ndarray]]] = {
         "text_encoder": [],
         "unet": [],

@@ -109,3 +109,41 @@ def test_convert_with_precision_int8(tiny_pipeline: Path, tmp_path: Path) -> Non
     manifest = Manifest.load(out)
     assert manifest.components["unet"].precision == "int8" and manifest.components["text_encoder"].precision == "fp32"
     assert "vae_encoder" not in manifest.components
+
+
+def test_quantization_leaves_nothing_in_the_working_directory(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's shape inference drops a debug graph in the working directory when it cannot infer every
+    shape (as on SD 1.5's UNet); it must not land in the user's folder."""
+    from sd_onnx.exporter import quantize
+
+    original = quantize.quant_pre_process
+
+    def leaky(*args: object, **kwargs: object) -> None:
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"debug copy")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quant_pre_process", leaky)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_export), str(out), "--components", "unet", "--calibration-steps", "2"]
+    result = CliRunner().invoke(export_cli, args)
+    assert result.exit_code == 0, result.output
+    assert list(cwd.iterdir()) == []
+    assert Manifest.load(out).components["unet"].precision == "int8"
+
+
+def test_calibration_samples_at_the_models_own_guidance() -> None:
+    """The shapes model is made for guidance 2 (its manifest says so); calibrating at another guidance would
+    measure ranges along trajectories users never sample."""
+    from sd_onnx.exporter.calibrate import record
+    from sd_onnx.models.shapes import shipped_model
+
+    folder = shipped_model("fp32")
+    calibration = record(folder, ("a red circle on a blue background",), steps=2, size=64)
+    assert calibration.settings["guidance"] == Manifest.load(folder).config.guidance_scale == 2.0
+    assert [f["sample"].shape for f in calibration.feeds["unet"]] == [(2, 4, 16, 16)] * 2
+    assert record(folder, ("a red circle",), steps=1, size=64, guidance=5.0).settings["guidance"] == 5.0
