@@ -22,6 +22,8 @@ def short_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
         "DATASET_SIZE": 250,
         "UNET_CYCLES": ((2, 1e-3, 1), (1, 3e-4, 0)),
         "UNET_BATCH": 4,
+        "DECODER_STEPS": 2,
+        "DECODER_BATCH": 4,
         "CHECKPOINT_EVERY": 1,
     }.items():
         monkeypatch.setattr(train, name, value)
@@ -57,8 +59,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(short_recipe: None, tmp_pat
     vae_before = {k: v.clone() for k, v in resumed.vae.state_dict().items()}
     text_before = {k: v.clone() for k, v in resumed.text_encoder.state_dict().items()}
     resumed.run()
-    assert resumed.state["unet_step"] == 3
-    assert all(torch.equal(vae_before[k], v) for k, v in resumed.vae.state_dict().items())
+    assert resumed.state["unet_step"] == 3 and resumed.state["decoder_step"] == 2
+    vae = resumed.vae.state_dict()
+    decoder = [k for k in vae if k.startswith(("decoder.", "post_quant_conv."))]
+    # The decoder stage fine-tunes the decoder only: the encoder, and the latents the UNet learned, stay.
+    assert all(torch.equal(vae_before[k], v) for k, v in vae.items() if k not in decoder)
+    assert not all(torch.equal(vae_before[k], vae[k]) for k in decoder)
     # The UNet stage trains on a frozen text encoder.
     assert all(torch.equal(text_before[k], v) for k, v in resumed.text_encoder.state_dict().items())
 
