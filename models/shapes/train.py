@@ -1,4 +1,4 @@
-"""Train the shapes model on this machine's CPU: the VAE, then the text encoder on its own, then the UNet.
+"""Train the shapes model on this machine's CPU: the VAE, the text encoder on its own, the UNet, then the decoder again.
 
     python -m sd_onnx.models.shapes.train out/shapes-train      # resumes from its last checkpoint
 
