@@ -167,5 +167,32 @@ def run(
         click.echo(str(path))
 
 
+@main.command()
+@click.argument("folders", nargs=-1, required=True)
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file for the report.")
+def components(folders: tuple[str, ...], size: int, threads: int, rounds: int, out: Path | None) -> None:
+    """UNet step and VAE decode of NAME=FOLDER model folders (sd-onnx or Optimum exports), interleaved in one
+    process; ratios against the first."""
+    from .components import compare_components
+
+    named = {}
+    for item in folders:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            raise click.ClickException(f"expected NAME=FOLDER with an existing folder, got {item!r}")
+        named[name] = Path(path)
+    report = {"machine": machine_info(), **compare_components(named, size, threads, rounds)}
+    text = json.dumps(report, indent=2) + "\n"
+    if out:
+        out.write_text(text)
+    for component in ("unet", "vae_decoder"):
+        for name, ratio in report.get(component, {}).get("ratio", {}).items():
+            median = report[component]["median_s"][name]
+            click.echo(f"{component:12s} {name:20s} {median:7.3f} s  {ratio:.3f}x")
+
+
 if __name__ == "__main__":
     main()

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
 from sd_onnx.benchmarks.report import markdown, write_report
 
 FIXTURE = Path(__file__).parent / "data" / "bench_fixture.json"
@@ -58,3 +61,43 @@ def test_report_markdown_and_plots_from_fixed_json(tmp_path: Path) -> None:
     assert names == ["benchmark.json", "benchmark.md", "peak_rss.png", "time_per_component.png"]
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_components_interleaves_runs_and_reports_ratios_to_the_first(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sd_onnx.benchmarks import components
+    from sd_onnx.benchmarks.cli import main
+
+    order: list[str] = []
+    open_graph = components.open_graph
+
+    class Recorded:
+        """A session that logs which folder's graph runs."""
+
+        def __init__(self, file: Path, threads: int) -> None:
+            self.session, self.folder = open_graph(file, threads), file.parent.parent.name
+
+        def get_inputs(self) -> list:
+            return self.session.get_inputs()
+
+        def run(self, *args: object) -> list:
+            order.append(self.folder)
+            return self.session.run(*args)
+
+    monkeypatch.setattr(components, "open_graph", Recorded)
+    other = tmp_path / "other"
+    other.symlink_to(tiny_export)
+    out = tmp_path / "components.json"
+    args = ["components", f"a={tiny_export}", f"b={other}", "--size", "64", "--rounds", "3", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for component in ("unet", "vae_decoder"):
+        assert report[component]["ratio"]["a"] == 1.0
+        assert all(len(report[component]["seconds"][n]) == 3 for n in ("a", "b"))
+    # Per component: two warm-up runs each, then rounds that alternate a, b, a, b, ...
+    a, b = tiny_export.name, "other"
+    assert order == ([a, a, b, b] + [a, b] * 3) * 2
+    bad = CliRunner().invoke(main, ["components", "nonsense"])
+    assert bad.exit_code != 0 and "NAME=FOLDER" in bad.output

@@ -1,0 +1,93 @@
+"""UNet step and VAE decode of several model folders, timed in one process with the runs interleaved.
+
+`sd-bench run` gives each engine its own process (so that peak RSS belongs to one engine), one after the
+other; on a noisy machine the ratios between engines then move by 10-30 %. Here every graph is loaded once,
+and round after round each one runs once in turn, so that a slow spell of the machine hits all of them:
+the ratios against the baseline (the first folder) are what to quote.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from sd_onnx.runtime.manifest import MANIFEST_NAME, Manifest
+
+TIMESTEP = 500
+
+
+def open_graph(file: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    """Latent channels, text width and VAE scale factor from the folder's manifest (Optimum: SD 1.x's)."""
+    if (folder / MANIFEST_NAME).is_file():
+        config = Manifest.load(folder).config
+        return {"channels": config.latent_channels, "width": config.embedding_dim, "factor": config.vae_scale_factor}
+    return {"channels": 4, "width": 768, "factor": 8}
+
+
+def unet_feeds(session: ort.InferenceSession, sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
+    """A classifier-free-guidance batch of 2 in the input types the graph declares (Optimum: 0-d timestep)."""
+    rng = np.random.default_rng(seed)
+    side = size // sizes["factor"]
+    timestep = next(i for i in session.get_inputs() if i.name == "timestep")
+    dtype = np.int64 if timestep.type == "tensor(int64)" else np.float32
+    return {
+        "sample": rng.standard_normal((2, sizes["channels"], side, side), np.float32),
+        "timestep": np.array(TIMESTEP, dtype) if not timestep.shape else np.full(2, TIMESTEP, dtype),
+        "encoder_hidden_states": rng.standard_normal((2, 77, sizes["width"]), np.float32),
+    }
+
+
+def vae_feeds(sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
+    side = size // sizes["factor"]
+    return {
+        "latent_sample": np.random.default_rng(seed).standard_normal((1, sizes["channels"], side, side), np.float32)
+    }
+
+
+def interleaved(runs: dict[str, tuple[ort.InferenceSession, dict[str, np.ndarray]]], rounds: int) -> dict[str, Any]:
+    """Two warm-up runs each, then `rounds` rounds in which every session runs once; medians and ratios
+    against the first session."""
+    for session, feeds in runs.values():
+        for _ in range(2):
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (session, feeds) in runs.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    baseline = medians[next(iter(runs))]
+    return {"seconds": times, "median_s": medians, "ratio": {n: m / baseline for n, m in medians.items()}}
+
+
+def compare_components(
+    folders: dict[str, Path], size: int = 512, threads: int = 2, rounds: int = 4, seed: int = 0
+) -> dict[str, Any]:
+    """Interleaved UNet-step and VAE-decode timings of `folders` (name -> model folder; the first is the
+    baseline). Components a folder lacks are skipped."""
+    report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
+    for component, file_name in (("unet", "unet/model.onnx"), ("vae_decoder", "vae_decoder/model.onnx")):
+        runs = {}
+        for name, folder in folders.items():
+            if (folder / file_name).is_file():
+                session = open_graph(folder / file_name, threads)
+                sizes = _sizes(folder)
+                feeds = unet_feeds(session, sizes, size, seed) if component == "unet" else vae_feeds(sizes, size, seed)
+                runs[name] = (session, feeds)
+        if runs:
+            report[component] = interleaved(runs, rounds)
+        del runs
+    return report
