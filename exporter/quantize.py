@@ -41,6 +41,10 @@ class Recipe:
     per_channel: bool = True
     calibration: str = "minmax"
     keep_float: tuple[str, ...] = ()  # node-name substrings left in float (sensitive layers)
+    # Op types whose int8 outputs are not requantized: onnxruntime then runs DQ -> MatMul as
+    # MatMulIntegerToFloat (int8 GEMM, float result), saving a quantize and a dequantize per projection
+    # (SD 1.5 UNet step 0.95x, closer to fp32; measured in one process, same calibration ranges).
+    float_outputs: tuple[str, ...] = ("MatMul", "Gemm")
 
 
 RECIPES: dict[str, Recipe] = {
@@ -101,6 +105,7 @@ def quantize_graph(
             use_external_data_format=big,
             calibrate_method=CALIBRATION[recipe.calibration],
             calibration_cache_path=ranges,
+            extra_options={"OpTypesToExcludeOutputQuantization": list(recipe.float_outputs)},
         )
     if big:
         _rename_external_data(dst)

@@ -42,6 +42,9 @@ def test_qdq_only_where_the_recipe_says(int8_export: Path) -> None:
     assert convs and all(dequantized(n.input[0]) and dequantized(n.input[1]) for n in convs)
     linear = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert linear and all(dequantized(n.input[1]) and made_by[n.input[1]].input[0] in weights for n in linear)
+    # Their outputs stay float (no requantize): onnxruntime runs them as MatMulIntegerToFloat.
+    requantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert not any(n.output[0] in requantized for n in linear)
     # The attention core was fused at export and stays a float MultiHeadAttention; no Softmax is left.
     attention = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(attention) == 8 and not any(n.op_type == "Softmax" for n in model.graph.node)

@@ -84,6 +84,17 @@ def cycles_lr(step: int, cycles: tuple[tuple[int, float, int], ...]) -> float:
     raise ValueError("step is past the last cycle")
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: float | None = None) -> None:
+    """One step of `opt` on `loss` at learning rate `lr`, the gradient norm clipped to `clip` if given."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
+    opt.step()
+
+
 def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """MSE + 0.5 L1, weighted towards color edges."""
     error = (recon - pixels).pow(2) + 0.5 * (recon - pixels).abs()
@@ -203,11 +214,7 @@ class Trainer:
             # expect noise and blurs the small shapes; the scaling factor normalises the latents instead.
             recon = self.vae.decode(self.vae.encode(x).latent_dist.mode()).sample
             loss = reconstruction_loss(recon, x)
-            for group in self.vae_opt.param_groups:
-                group["lr"] = cosine_lr(step, VAE_STEPS, VAE_LR, warmup=50)
-            self.vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.vae_opt.step()
+            optimizer_step(self.vae_opt, loss, cosine_lr(step, VAE_STEPS, VAE_LR, warmup=50))
             self._step_done("vae_step", VAE_STEPS, bar, loss)
         bar.close()
 
@@ -227,11 +234,7 @@ class Trainer:
             scenes = [data.random_scene(rng, self.seen) for _ in range(TEXT_BATCH)]
             ids = self._tokens([s.caption for s in scenes])
             loss = heads.loss(self.text_encoder(ids)[0], (ids == self.tokenizer.eos_token_id).float(), scenes)
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, TEXT_STEPS, TEXT_LR, warmup=50)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, loss, cosine_lr(step, TEXT_STEPS, TEXT_LR, warmup=50))
         self.text_encoder.requires_grad_(False).eval()
         self.state["text_step"] = TEXT_STEPS
         self._save()
@@ -283,12 +286,7 @@ class Trainer:
                 text = self.text_encoder(tokens)[0]
             pred = self.unet(noisy, t, text).sample
             loss = F.mse_loss(pred, self.noise.get_velocity(x0, eps, t))
-            for group in self.opt.param_groups:
-                group["lr"] = cycles_lr(step, UNET_CYCLES)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            self.opt.step()
+            optimizer_step(self.opt, loss, cycles_lr(step, UNET_CYCLES), clip=1.0)
             self._update_ema(min(EMA_DECAY, (1 + step) / (10 + step)))
             self._step_done("unet_step", total, bar, loss)
         bar.close()
@@ -315,11 +313,7 @@ class Trainer:
             level = LATENT_NOISE * spread * torch.rand(len(x), 1, 1, 1, generator=gen)
             noisy = latents + level * torch.randn(latents.shape, generator=gen)
             loss = reconstruction_loss(self.vae.decode(noisy).sample, x)
-            for group in self.decoder_opt.param_groups:
-                group["lr"] = cosine_lr(step, DECODER_STEPS, DECODER_LR, warmup=50)
-            self.decoder_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.decoder_opt.step()
+            optimizer_step(self.decoder_opt, loss, cosine_lr(step, DECODER_STEPS, DECODER_LR, warmup=50))
             self._step_done("decoder_step", DECODER_STEPS, bar, loss)
         bar.close()
 
