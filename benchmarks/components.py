@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from sd_onnx.runtime.manifest import MANIFEST_NAME, Manifest
+from sd_onnx.runtime import StableDiffusionPipeline
 
 TIMESTEP = 500
 
@@ -29,11 +29,10 @@ def open_graph(file: Path, threads: int) -> ort.InferenceSession:
 
 
 def _sizes(folder: Path) -> dict[str, int]:
-    """Latent channels, text width and VAE scale factor from the folder's manifest (Optimum: SD 1.x's)."""
-    if (folder / MANIFEST_NAME).is_file():
-        config = Manifest.load(folder).config
-        return {"channels": config.latent_channels, "width": config.embedding_dim, "factor": config.vae_scale_factor}
-    return {"channels": 4, "width": 768, "factor": 8}
+    """Latent channels, text width and VAE scale factor, read as the runtime reads them (our manifest, or an
+    Optimum folder's configs); no session is opened."""
+    config = StableDiffusionPipeline.from_pretrained(folder, low_memory=True, verify=False).config
+    return {"channels": config.latent_channels, "width": config.embedding_dim, "factor": config.vae_scale_factor}
 
 
 def unet_feeds(session: ort.InferenceSession, sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
@@ -79,13 +78,14 @@ def compare_components(
     """Interleaved UNet-step and VAE-decode timings of `folders` (name -> model folder; the first is the
     baseline). Components a folder lacks are skipped."""
     report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
+    sizes = {name: _sizes(folder) for name, folder in folders.items()}
     for component, file_name in (("unet", "unet/model.onnx"), ("vae_decoder", "vae_decoder/model.onnx")):
         runs = {}
         for name, folder in folders.items():
             if (folder / file_name).is_file():
                 session = open_graph(folder / file_name, threads)
-                sizes = _sizes(folder)
-                feeds = unet_feeds(session, sizes, size, seed) if component == "unet" else vae_feeds(sizes, size, seed)
+                shape = sizes[name]
+                feeds = unet_feeds(session, shape, size, seed) if component == "unet" else vae_feeds(shape, size, seed)
                 runs[name] = (session, feeds)
         if runs:
             report[component] = interleaved(runs, rounds)

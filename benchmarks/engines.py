@@ -24,14 +24,14 @@ PACKAGES = {
 }
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    return statistics.median(_timed(fn)[0] for _ in range(repeats))
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def _generation(spec: dict) -> dict[str, Any]:
@@ -47,8 +47,8 @@ def _generation(spec: dict) -> dict[str, Any]:
 
 def _load_twice(load: Callable[[], Any]) -> tuple[list[float], Any]:
     """First and second load time (the second shows caches: file system, optimized graphs)."""
-    first, _ = _timed(load)
-    second, pipe = _timed(load)
+    first, _ = timed(load)
+    second, pipe = timed(load)
     return [first, second], pipe
 
 
@@ -96,7 +96,7 @@ def run_sd_onnx(spec: dict) -> dict:
     stamps: list[float] = []
     unet_starts: list[float] = []
     _stamp_calls(pipe._model("unet").session, "run", unet_starts)
-    e2e_s, _ = _timed(
+    e2e_s, _ = timed(
         lambda: pipe(
             **_generation(spec),
             seed=0,
@@ -125,7 +125,7 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[A
             stamps.append(time.perf_counter())
             return kwargs
 
-        e2e_s, _ = _timed(
+        e2e_s, _ = timed(
             lambda: pipe(
                 **_generation(spec),
                 generator=torch.Generator().manual_seed(0),

@@ -15,33 +15,23 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .engines import timed
+from .int8_fidelity import psnr
+
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [0, 1]."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {
         "max_abs_diff": float(np.max(np.abs(a - b))),
         "mean_abs_diff": float(np.mean(np.abs(a - b))),
-        "psnr_db": psnr(a, b),
+        "psnr_db": psnr(a, b, peak=1.0),
     }
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def export(source: Path, out: Path, precision: str, components: tuple[str, ...]) -> float:
@@ -115,14 +105,13 @@ def run_diffusers(folder: Path, dtype: str, steps: int, size: int) -> dict[str, 
     stamps.clear()
     torch.cuda.reset_peak_memory_stats()
     e2e_s, image = timed(generate)
-    result = {
+    return {
         "load_s": load_s,
         "end_to_end_s": e2e_s,
         "unet_step_median_s": statistics.median(np.diff(stamps)),
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20,
         "image": image,
     }
-    return result
 
 
 def tiny_check(work: Path) -> dict[str, Any]:
@@ -159,7 +148,7 @@ def sd15(work: Path, steps: int, size: int) -> dict[str, Any]:
     reference = engines["diffusers-fp32-cuda"]["image"]
     for name, result in engines.items():
         result["vs_diffusers_fp32"] = compare(result.pop("image"), reference)
-        print(name, {k: v for k, v in result.items()}, flush=True)
+        print(name, result, flush=True)
     return {"build_s": build_s, "fp16_export_s": export_s, "steps": steps, "size": size, "engines": engines}
 
 

@@ -20,9 +20,10 @@ from sd_onnx.runtime import Manifest, StableDiffusionPipeline
 PROMPTS = (*HELD_OUT_PROMPTS, "a photo of an astronaut riding a horse on mars", "a red circle on a blue background")
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR in dB of two images whose values reach `peak` (255 for 8-bit, 1 for floats in [0, 1])."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def main() -> None:
