@@ -194,5 +194,38 @@ def components(folders: tuple[str, ...], size: int, threads: int, rounds: int, o
             click.echo(f"{component:12s} {name:20s} {median:7.3f} s  {ratio:.3f}x")
 
 
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Folder whose UNet step the ratios divide by (Optimum's fp32 export).",
+)
+@click.option("--size", default=None, type=int, help="Image side in pixels [default: the model's own].")
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Profiled runs.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Interleaved rounds.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file for the report.")
+def roofline(
+    folder: Path, baseline: Path | None, size: int | None, threads: int, runs: int, rounds: int, out: Path | None
+) -> None:
+    """Where FOLDER's UNet step goes by operator type, against this machine's GEMM peaks; the floor that
+    leaves for any recipe keeping the same operators."""
+    from .roofline import roofline as measure
+
+    report = {"machine": machine_info(), **measure(folder, baseline, size, threads, runs, rounds)}
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in report["peaks_gop_per_s"].items())
+    click.echo(f"peaks (GOP/s): {peaks}")
+    for row in report["ops"][:12]:
+        rate = f"{row['gop_per_s']:6.0f} GOP/s" if row["gop_per_s"] else " " * 11
+        click.echo(f"{row['op']:22s} {row['seconds']:6.3f} s  {rate}  floor {row['floor_s']:.3f} s")
+    click.echo(f"step {report['step_wall_s']:.3f} s, floor {report['floor_s']:.3f} s")
+    if "ratio" in report:
+        click.echo(f"ratio to baseline {report['ratio']:.3f}x, floor {report['floor_ratio']:.3f}x")
+
+
 if __name__ == "__main__":
     main()

@@ -29,10 +29,15 @@ def open_graph(file: Path, threads: int) -> ort.InferenceSession:
 
 
 def _sizes(folder: Path) -> dict[str, int]:
-    """Latent channels, text width and VAE scale factor, read as the runtime reads them (our manifest, or an
-    Optimum folder's configs); no session is opened."""
+    """Latent channels, text width, VAE scale factor and default resolution, read as the runtime reads them
+    (our manifest, or an Optimum folder's configs); no session is opened."""
     config = StableDiffusionPipeline.from_pretrained(folder, low_memory=True, verify=False).config
-    return {"channels": config.latent_channels, "width": config.embedding_dim, "factor": config.vae_scale_factor}
+    return {
+        "channels": config.latent_channels,
+        "width": config.embedding_dim,
+        "factor": config.vae_scale_factor,
+        "resolution": config.default_resolution,
+    }
 
 
 def unet_feeds(session: ort.InferenceSession, sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
