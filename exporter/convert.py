@@ -22,7 +22,7 @@ from .atomic import publish, staging_folder
 from .components import SPECS
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
-from .optimize import fuse_attention_file
+from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
 from .source import PipelineSource, resolve_source
@@ -114,7 +114,7 @@ def export_component(
     del module
     gc.collect()
     pack_graph(traced, out_file)
-    optimizations = {"attention_fused": fuse_attention_file(out_file, out_file)} if optimize else {}
+    optimizations = optimize_file(out_file, out_file) if optimize else {}
     if half:
         optimizations["fp16"] = convert_to_fp16(out_file)
         atol = fp16_atol(reference, atol)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -95,7 +96,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     """Replace every decomposed attention in `model` (in place); returns how many were fused."""
     g = _Graph(model.graph)
     replaced: set[int] = set()
-    fused_nodes: dict[int, onnx.NodeProto] = {}
+    inserted: dict[int, list[onnx.NodeProto]] = {}
     for node in list(model.graph.node):
         if node.op_type != "Softmax":
             continue
@@ -104,21 +105,85 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             continue
         old, new = found
         replaced.update(id(n) for n in old)
-        fused_nodes[id(old[-1])] = new  # insert where the attention's output used to be produced
-    if not fused_nodes:
-        return 0
+        inserted[id(old[-1])] = [new]  # where the attention's output used to be produced
+    if inserted:
+        _rewrite(model.graph, replaced, inserted)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return len(inserted)
+
+
+def _geglu_halves(g: _Graph, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int, list[onnx.NodeProto]] | None:
+    """For `add` = MatMul(x, W) + b whose output only feeds (besides Shape) two last-axis Slices, as GEGLU's
+    `chunk(2, dim=-1)` exports: (the MatMul, b's input index, [first-half Slice, second-half Slice])."""
+    dims = {init.name: list(init.dims) for init in g.graph.initializer}
+    bias_index = next((i for i, name in enumerate(add.input) if len(dims.get(name, [])) == 1), None)
+    matmul = g.parent(add, 1 - bias_index, "MatMul") if bias_index is not None else None
+    if matmul is None or len(dims.get(matmul.input[1], [])) != 2 or len(g.consumers[matmul.output[0]]) != 1:
+        return None
+    width = dims[matmul.input[1]][1]
+    users = [n for n in g.consumers.get(add.output[0], []) if n.op_type != "Shape"]
+    if width % 2 or len(users) != 2 or any(n.op_type != "Slice" or n.input[0] != add.output[0] for n in users):
+        return None
+    if any(len(n.input) < 4 or g.constant(n.input[3]) != -1 for n in users):
+        return None
+    starts = [g.constant(n.input[1]) for n in users]
+    if 0 not in starts:
+        return None
+    first = users[starts.index(0)]
+    return matmul, bias_index, [first, users[1 - users.index(first)]]
+
+
+def split_geglu(model: onnx.ModelProto) -> int:
+    """Give each GEGLU projection two MatMuls, one per half, in place; returns how many were split.
+
+    GEGLU projects to twice the width and chunks the result into value and gate: two Slices that copy the
+    whole projection once more (64 Slices, 0.15 s of a 4 s SD 1.5 int8 step). Slicing the weight and bias
+    instead (constants: onnxruntime folds them at load, and the quantizer sees two ordinary weight MatMuls)
+    computes the same halves directly; the gate's bias Add then fuses with its Gelu into onnxruntime's BiasGelu.
+    """
+    g = _Graph(model.graph)
+    replaced: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    for add in list(model.graph.node):
+        found = _geglu_halves(g, add) if add.op_type == "Add" else None
+        if found is None:
+            continue
+        matmul, bias_index, slices = found
+        weight, bias = matmul.input[1], add.input[bias_index]
+        width = next(list(i.dims) for i in model.graph.initializer if i.name == weight)[1]
+        halves = ((0, width // 2), (width // 2, width))
+        nodes = []
+        for half, (piece, (start, end)) in enumerate(zip(slices, halves, strict=True)):
+            tag = f"{matmul.name}_half{half}"
+            bounds = [
+                numpy_helper.from_array(np.array([v], np.int64), f"{tag}_{k}")
+                for k, v in (("start", start), ("end", end), ("axis", -1))
+            ]
+            model.graph.initializer.extend(bounds)
+            nodes += [
+                helper.make_node("Slice", [weight, *(b.name for b in bounds)], [f"{tag}_weight"], name=f"{tag}_weight"),
+                helper.make_node("Slice", [bias, *(b.name for b in bounds)], [f"{tag}_bias"], name=f"{tag}_bias"),
+                helper.make_node("MatMul", [matmul.input[0], f"{tag}_weight"], [f"{tag}_out"], name=tag),
+                helper.make_node("Add", [f"{tag}_out", f"{tag}_bias"], [piece.output[0]], name=f"{tag}_add"),
+            ]
+        replaced.update(id(n) for n in (matmul, add, *slices))
+        inserted[id(add)] = nodes
+    if inserted:
+        _rewrite(model.graph, replaced, inserted)
+    return len(inserted)
+
+
+def _rewrite(graph: onnx.GraphProto, replaced: set[int], inserted: dict[int, list[onnx.NodeProto]]) -> None:
+    """Drop the `replaced` nodes, put each `inserted` list where its key node was, then drop what died."""
     kept = []
-    for node in model.graph.node:
-        if id(node) in fused_nodes:
-            kept.append(fused_nodes[id(node)])
-        elif id(node) not in replaced:
+    for node in graph.node:
+        kept.extend(inserted.get(id(node), []))
+        if id(node) not in replaced:
             kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _remove_dead_nodes(model.graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return len(fused_nodes)
+    del graph.node[:]
+    graph.node.extend(kept)
+    _remove_dead_nodes(graph)
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
@@ -133,9 +198,10 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
         graph.node.extend(alive)
 
 
-def fuse_attention_file(src: Path, dst: Path) -> int:
-    """Fuse attention in an ONNX file; weights stay in (and keep pointing at) the external data beside it."""
+def optimize_file(src: Path, dst: Path) -> dict[str, int]:
+    """Fuse attention and split GEGLU projections in an ONNX file; weights stay in (and keep pointing at) the
+    external data beside it. Returns how many of each were rewritten."""
     model = onnx.load(str(src), load_external_data=False)
-    count = fuse_attention(model)
+    counts = {"attention_fused": fuse_attention(model), "geglu_split": split_geglu(model)}
     onnx.save_model(model, str(dst))
-    return count
+    return counts
