@@ -42,7 +42,8 @@ def main() -> None:
     "--optimize/--no-optimize",
     default=True,
     show_default=True,
-    help="Fuse attention into onnxruntime's MultiHeadAttention (faster on CPU; --no-optimize keeps standard ops).",
+    help="Fuse attention into onnxruntime's MultiHeadAttention and split GEGLU projections (faster on CPU; "
+    "--no-optimize keeps the graph as traced).",
 )
 @click.option(
     "--config", default=None, help="For a single-file checkpoint: diffusers folder or hub id of its architecture."

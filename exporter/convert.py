@@ -54,7 +54,8 @@ def convert(
 
     precision "fp16" converts every graph to half precision for GPU providers (see half.py); "int8" quantizes
     the UNet and VAE after export (see quantize.py for the recipes); `optimize`
-    fuses attention into onnxruntime's MultiHeadAttention (see optimize.py) before the graphs are validated;
+    fuses attention into onnxruntime's MultiHeadAttention and splits GEGLU projections (see optimize.py)
+    before the graphs are validated;
     `guidance_scale` records the guidance the model was made for (the runtime's default for it)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
