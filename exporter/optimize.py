@@ -1,4 +1,7 @@
-"""Attention fusion for CPUs: scaled-dot-product attention, as torch's exporter decomposes it, becomes one
+"""Graph rewrites for CPUs, made at export before each graph is validated against PyTorch: attention fusion,
+and the GEGLU split (see `split_geglu`).
+
+Attention fusion: scaled-dot-product attention, as torch's exporter decomposes it, becomes one
 onnxruntime `MultiHeadAttention` (com.microsoft) node with separate Q, K, V inputs.
 
 Why our own pass: onnxruntime's transformer optimizer fuses UNet self-attention into the `Attention`
@@ -34,6 +37,7 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
+        self.dims = {init.name: list(init.dims) for init in graph.initializer}
         self.producer = {out: node for node in graph.node for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -116,12 +120,11 @@ def fuse_attention(model: onnx.ModelProto) -> int:
 def _geglu_halves(g: _Graph, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int, list[onnx.NodeProto]] | None:
     """For `add` = MatMul(x, W) + b whose output only feeds (besides Shape) two last-axis Slices, as GEGLU's
     `chunk(2, dim=-1)` exports: (the MatMul, b's input index, [first-half Slice, second-half Slice])."""
-    dims = {init.name: list(init.dims) for init in g.graph.initializer}
-    bias_index = next((i for i, name in enumerate(add.input) if len(dims.get(name, [])) == 1), None)
+    bias_index = next((i for i, name in enumerate(add.input) if len(g.dims.get(name, [])) == 1), None)
     matmul = g.parent(add, 1 - bias_index, "MatMul") if bias_index is not None else None
-    if matmul is None or len(dims.get(matmul.input[1], [])) != 2 or len(g.consumers[matmul.output[0]]) != 1:
+    if matmul is None or len(g.dims.get(matmul.input[1], [])) != 2 or len(g.consumers[matmul.output[0]]) != 1:
         return None
-    width = dims[matmul.input[1]][1]
+    width = g.dims[matmul.input[1]][1]
     users = [n for n in g.consumers.get(add.output[0], []) if n.op_type != "Shape"]
     if width % 2 or len(users) != 2 or any(n.op_type != "Slice" or n.input[0] != add.output[0] for n in users):
         return None
@@ -131,7 +134,11 @@ def _geglu_halves(g: _Graph, add: onnx.NodeProto) -> tuple[onnx.NodeProto, int, 
     if 0 not in starts:
         return None
     first = users[starts.index(0)]
-    return matmul, bias_index, [first, users[1 - users.index(first)]]
+    second = users[1 - starts.index(0)]
+    # chunk(2) computes the middle from the shape at run time; where it is a constant, it must be the middle.
+    if g.constant(first.input[2]) not in (None, width // 2) or g.constant(second.input[1]) not in (None, width // 2):
+        return None
+    return matmul, bias_index, [first, second]
 
 
 def split_geglu(model: onnx.ModelProto) -> int:
@@ -151,7 +158,7 @@ def split_geglu(model: onnx.ModelProto) -> int:
             continue
         matmul, bias_index, slices = found
         weight, bias = matmul.input[1], add.input[bias_index]
-        width = next(list(i.dims) for i in model.graph.initializer if i.name == weight)[1]
+        width = g.dims[weight][1]
         halves = ((0, width // 2), (width // 2, width))
         nodes = []
         for half, (piece, (start, end)) in enumerate(zip(slices, halves, strict=True)):

@@ -33,15 +33,15 @@ def test_export_fuses_every_attention_and_splits_every_geglu(tiny_export: Path, 
     assert not any(p is not None and p.op_type == "Add" for p in sliced)
 
 
-def _projection_then_slices(axis: int, width: int) -> onnx.ModelProto:
-    """x @ W + b, then two Slices at `axis` splitting at width // 2, added back together."""
+def _projection_then_slices(axis: int, width: int, cut: int | None = None) -> onnx.ModelProto:
+    """x @ W + b, then two Slices at `axis` splitting at `cut` (default: the middle), multiplied."""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(rng.standard_normal((8, width)).astype(np.float32), "w"),
         numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), "b"),
         *(
             numpy_helper.from_array(np.array([v], np.int64), n)
-            for n, v in [("zero", 0), ("mid", width // 2), ("end", width), ("axis", axis)]
+            for n, v in [("zero", 0), ("mid", width // 2 if cut is None else cut), ("end", width), ("axis", axis)]
         ),
     ]
     nodes = [
@@ -71,6 +71,6 @@ def test_split_is_exact_and_only_for_last_axis_halves() -> None:
     assert split_geglu(model) == 1
     assert [n.op_type for n in model.graph.node].count("MatMul") == 2
     np.testing.assert_array_equal(run(model), expected)
-    for axis, width in ((1, 6), (-1, 7)):  # another axis, or an odd width: not a GEGLU chunk
-        untouched = _projection_then_slices(axis, width)
+    for axis, width, cut in ((1, 6, None), (-1, 7, None), (-1, 6, 2)):  # not GEGLU's chunk(2, dim=-1)
+        untouched = _projection_then_slices(axis, width, cut)
         assert split_geglu(untouched) == 0 and len(untouched.graph.node) == 5
