@@ -28,7 +28,7 @@ def open_graph(file: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
 
-def _sizes(folder: Path) -> dict[str, int]:
+def model_sizes(folder: Path) -> dict[str, int]:
     """Latent channels, text width, VAE scale factor and default resolution, read as the runtime reads them
     (our manifest, or an Optimum folder's configs); no session is opened."""
     config = StableDiffusionPipeline.from_pretrained(folder, low_memory=True, verify=False).config
@@ -83,7 +83,7 @@ def compare_components(
     """Interleaved UNet-step and VAE-decode timings of `folders` (name -> model folder; the first is the
     baseline). Components a folder lacks are skipped."""
     report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
-    sizes = {name: _sizes(folder) for name, folder in folders.items()}
+    sizes = {name: model_sizes(folder) for name, folder in folders.items()}
     for component, file_name in (("unet", "unet/model.onnx"), ("vae_decoder", "vae_decoder/model.onnx")):
         runs = {}
         for name, folder in folders.items():

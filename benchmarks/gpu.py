@@ -131,17 +131,16 @@ def tiny_check(work: Path) -> dict[str, Any]:
 
 
 def sd15(work: Path, steps: int, size: int) -> dict[str, Any]:
-    """SD 1.5 architecture: sd-onnx fp16 on CUDA against diffusers fp16 and fp32 on CUDA."""
+    """SD 1.5 architecture: sd-onnx fp16 and fp32 on CUDA against diffusers fp16 and fp32 on CUDA."""
     import torch
 
     from sd_onnx.models.build import build_sd15_pipeline
 
     build_s, source = timed(lambda: build_sd15_pipeline(work / "sd15"))
-    export_s = export(source, work / "sd15-fp16", "fp16", ("text_encoder", "unet", "vae_decoder"))
-    print(f"sd15: built in {build_s:.0f} s, fp16 export in {export_s:.0f} s", flush=True)
-    engines = {
-        "sd-onnx-fp16-cuda": run_sd_onnx(work / "sd15-fp16", "cuda", steps, size),
-    }
+    components = ("text_encoder", "unet", "vae_decoder")
+    export_s = {p: export(source, work / f"sd15-{p}", p, components) for p in ("fp16", "fp32")}
+    print(f"sd15: built in {build_s:.0f} s, exported in {export_s} s", flush=True)
+    engines = {f"sd-onnx-{p}-cuda": run_sd_onnx(work / f"sd15-{p}", "cuda", steps, size) for p in ("fp16", "fp32")}
     for dtype in ("fp16", "fp32"):
         engines[f"diffusers-{dtype}-cuda"] = run_diffusers(source, dtype, steps, size)
         torch.cuda.empty_cache()
@@ -149,7 +148,7 @@ def sd15(work: Path, steps: int, size: int) -> dict[str, Any]:
     for name, result in engines.items():
         result["vs_diffusers_fp32"] = compare(result.pop("image"), reference)
         print(name, result, flush=True)
-    return {"build_s": build_s, "fp16_export_s": export_s, "steps": steps, "size": size, "engines": engines}
+    return {"build_s": build_s, "export_s": export_s, "steps": steps, "size": size, "engines": engines}
 
 
 def environment() -> dict[str, Any]:

@@ -11,7 +11,6 @@ fp32 graph, timed interleaved with ours) it bounds the ratio any recipe that kee
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .components import _sizes, interleaved, open_graph, unet_feeds
+from .components import interleaved, model_sizes, open_graph, unet_feeds
 
 FLOAT_OPS = {"MultiHeadAttention", "Attention", "MatMul", "Gemm", "FusedMatMul", "Conv", "FusedConv"}
 MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}
@@ -164,7 +163,7 @@ def profile_step(file: Path, feeds: dict[str, np.ndarray], threads: int, runs: i
         args = event["args"]
         shapes = [next(iter(s.values())) for s in args["input_type_shape"]]
         output = next(iter(args["output_type_shape"][0].values()))
-        name = re.sub(r"_kernel_time$", "", event["name"])
+        name = event["name"].removesuffix("_kernel_time")
         seconds[args["op_name"]] += event["dur"] / 1e6 / runs
         work[args["op_name"]] += node_work(args["op_name"], shapes, output, weights.get(name)) / 1e9 / runs
     return {"wall_s": wall, "seconds": dict(seconds), "gop": dict(work)}
@@ -181,10 +180,11 @@ def roofline(
     """Profile `folder`'s UNet step (at `size`, by default the model's own resolution) by operator type
     against this machine's kernel peaks; with `baseline`, time both steps interleaved and express the step and
     its floor as ratios of the baseline's step."""
-    sizes = _sizes(folder)
+    sizes = model_sizes(folder)
     size = size or sizes["resolution"]
     file = folder / "unet" / "model.onnx"
-    feeds = unet_feeds(open_graph(file, threads), sizes, size, seed=0)
+    session = open_graph(file, threads)  # for the feeds' types, and later the interleaved timing
+    feeds = unet_feeds(session, sizes, size, seed=0)
     before = kernel_peaks(threads)
     profile = profile_step(file, feeds, threads, runs)
     after = kernel_peaks(threads)  # measured on both sides of the profile, the better of the two kept
@@ -212,8 +212,8 @@ def roofline(
         base_session = open_graph(base_file, threads)
         timing = interleaved(
             {
-                "baseline": (base_session, unet_feeds(base_session, _sizes(baseline), size, seed=0)),
-                "model": (open_graph(file, threads), feeds),
+                "baseline": (base_session, unet_feeds(base_session, model_sizes(baseline), size, seed=0)),
+                "model": (session, feeds),
             },
             rounds,
         )
