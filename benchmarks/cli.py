@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from sd_onnx.runtime.session import CACHE_DIR
+from sd_onnx.runtime.session import CACHE_ENV
 
 from .machine import folder_mb, machine_info
 from .report import write_report
@@ -44,9 +45,9 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
             from sd_onnx.exporter.quantize_folder import quantize_folder
 
             quantize_folder(folders["sd-onnx-fp32"], folders["sd-onnx-int8"], log=log)
-    for name in ("sd-onnx-fp32", "sd-onnx-int8"):
-        for cache in folders.get(name, work / "-").glob(f"*/{CACHE_DIR}"):  # so that the first load is a real one
-            shutil.rmtree(cache)
+    # A fresh optimized-graph cache for this run (child processes inherit it), so the first load is a real one.
+    shutil.rmtree(work / "ort-cache", ignore_errors=True)
+    os.environ[CACHE_ENV] = str(work / "ort-cache")
     if "optimum-ort" in engines:
         folders["optimum-ort"] = work / "optimum-ort"
         if not folders["optimum-ort"].is_dir():

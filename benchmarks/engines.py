@@ -92,10 +92,10 @@ def run_sd_onnx(spec: dict) -> dict:
         return StableDiffusionPipeline.from_pretrained(spec["model"], provider="cpu", threads=spec["threads"])
 
     loads, pipe = _load_twice(load)
-    text_s = _median_time(lambda: pipe._encode([spec["prompt"]], None, 1, True), 3)
+    text_s = _median_time(lambda: pipe.encode_prompt([spec["prompt"]], None, 1, True), 3)
     stamps: list[float] = []
     unet_starts: list[float] = []
-    _stamp_calls(pipe._model("unet").session, "run", unet_starts)
+    pipe.component("unet").observers.append(lambda feeds: unet_starts.append(time.perf_counter()))
     e2e_s, _ = timed(
         lambda: pipe(
             **_generation(spec),
@@ -105,7 +105,7 @@ def run_sd_onnx(spec: dict) -> dict:
     )
     side = spec["size"] // pipe.config.vae_scale_factor
     latents = np.zeros((1, pipe.config.latent_channels, side, side), np.float32)
-    vae_s = _median_time(lambda: pipe._decode(latents), spec["vae_repeats"])
+    vae_s = _median_time(lambda: pipe.decode_latents(latents), spec["vae_repeats"])
     return _summarise(loads, text_s, e2e_s, unet_starts, stamps, vae_s)
 
 

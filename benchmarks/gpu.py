@@ -57,7 +57,7 @@ def run_sd_onnx(folder: Path, provider: str, steps: int, size: int) -> dict[str,
     pipe(**args)
     stamps: list[float] = []
     e2e_s, out = timed(lambda: pipe(**args, callback=lambda i, n, x: stamps.append(time.perf_counter())))
-    providers = {name: model.session.get_providers()[0] for name, model in pipe._models.items()}
+    providers = {name: pipe.component(name).provider for name in pipe.loaded_components}
     return {
         "load_s": load_s,
         "end_to_end_s": e2e_s,

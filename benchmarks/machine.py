@@ -66,5 +66,5 @@ def install_footprint_mb(packages: tuple[str, ...]) -> float:
 
 
 def folder_mb(path: Path) -> float:
-    """Size of a model folder on disk (caches excluded)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and ".ort_cache" not in f.parts) / 1e6
+    """Size of a model folder on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from sd_onnx.runtime.session import CACHE_ENV
 
 CHILD = """
 import json, resource, sys, time
@@ -52,8 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime_load_memory.json"))
     args = parser.parse_args()
-    for cache in args.model.glob("*/.ort_cache"):
-        shutil.rmtree(cache)
+    cache = Path(tempfile.mkdtemp(prefix="sd-onnx-cache-"))
+    os.environ[CACHE_ENV] = str(cache)  # a fresh optimized-graph cache, inherited by each measured process
     started = time.time()
     results = {
         "first_load (no cache)": run(args.model, False, args.size, args.steps),

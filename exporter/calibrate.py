@@ -36,20 +36,6 @@ class CalibrationSet:
     settings: dict[str, Any]
 
 
-class _Recorder:
-    """Wraps a runtime session: records every feed, then runs it."""
-
-    def __init__(self, model: Any, sink: list[dict[str, np.ndarray]]) -> None:
-        self.model, self.sink = model, sink
-
-    def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
-        self.sink.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.model(**feeds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-
 def record(
     model_dir: Path,
     prompts: tuple[str, ...],
@@ -71,7 +57,8 @@ def record(
         "vae_encoder": [],
     }
     for name in ("text_encoder", "unet", "vae_decoder"):
-        pipe._models[name] = _Recorder(pipe._model(name), feeds[name])
+        sink = feeds[name]
+        pipe.component(name).observers.append(lambda run, sink=sink: sink.append({k: v.copy() for k, v in run.items()}))
     images = []
     for i, prompt in enumerate(prompts):
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=seed + i,

@@ -54,6 +54,13 @@ def main() -> None:
     type=click.FloatRange(min=0.0),
     help="Guidance the model was made for, recorded as the runtime's default (else 7.5).",
 )
+@click.option("--name", default=None, help="Model name in the manifest and PNGs [default: SOURCE's last part].")
+@click.option(
+    "--vocabulary",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="File of the words the text encoder knows (one per line); the runtime warns about others.",
+)
 def convert(
     source: str,
     output: Path,
@@ -65,6 +72,8 @@ def convert(
     optimize: bool,
     config: str | None,
     guidance_scale: float | None,
+    name: str | None,
+    vocabulary: Path | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .convert import convert as run_convert
@@ -82,6 +91,8 @@ def convert(
             precision=precision,
             optimize=optimize,
             guidance_scale=guidance_scale,
+            name=name,
+            vocabulary=vocabulary.read_text().split() if vocabulary else None,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

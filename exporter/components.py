@@ -16,6 +16,8 @@ import torch
 
 from sd_onnx.runtime.manifest import ModelConfig
 
+from .source import PipelineSource
+
 Inputs = tuple[torch.Tensor, ...]
 
 
@@ -78,19 +80,27 @@ def _load_vae(folder: Path) -> torch.nn.Module:
 
 
 def _latent_side(config: ModelConfig) -> int:
-    """Latent side used for tracing and validation: the native one, capped at 32 to keep export fast."""
-    return min(config.sample_size, 32)
+    """Latent side used for tracing and validation: the native one, capped at 32 to keep export fast, and a
+    multiple of what the UNet halves and doubles again."""
+    multiple = max(1, config.size_multiple // config.vae_scale_factor)
+    return max(multiple, min(config.sample_size, 32) // multiple * multiple)
 
 
-def _text_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
-    length = config.max_token_length
-    ids = torch.full((batch, length), 49407, dtype=torch.int32)
-    ids[:, 0] = 49406
-    ids[:, 1 : length // 2] = torch.randint(0, 49406, (batch, length // 2 - 1), generator=gen, dtype=torch.int32)
+def _text_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
+    """Prompts as the tokenizer makes them: [bos] random tokens, eos, then padding, all inside the vocabulary."""
+    length, tokens = src.config.max_token_length, src.tokens
+    ids = torch.full((batch, length), tokens.pad_id, dtype=torch.int32)
+    start = 0 if tokens.bos_id is None else 1
+    end = max(start, length // 2)
+    ids[:, start:end] = torch.randint(0, tokens.vocab_size, (batch, end - start), generator=gen, dtype=torch.int32)
+    if tokens.bos_id is not None:
+        ids[:, 0] = tokens.bos_id
+    ids[:, min(end, length - 1)] = tokens.eos_id
     return (ids,)
 
 
-def _unet_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+def _unet_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
+    config = src.config
     side = _latent_side(config)
     sample = torch.randn(batch, config.latent_channels, side, side, generator=gen)
     timestep = torch.tensor([981.0])
@@ -98,12 +108,14 @@ def _unet_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Input
     return sample, timestep, context
 
 
-def _decoder_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+def _decoder_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
+    config = src.config
     side = _latent_side(config)
     return (torch.randn(batch, config.latent_channels, side, side, generator=gen),)
 
 
-def _encoder_inputs(config: ModelConfig, batch: int, gen: torch.Generator) -> Inputs:
+def _encoder_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
+    config = src.config
     side = _latent_side(config) * config.vae_scale_factor
     return (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1,)
 
@@ -120,7 +132,7 @@ class ComponentSpec:
     output_names: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
     load: Callable[[Path], torch.nn.Module]
-    sample_inputs: Callable[[ModelConfig, int, torch.Generator], Inputs]
+    sample_inputs: Callable[[PipelineSource, int, torch.Generator], Inputs]
 
 
 SPECS: dict[str, ComponentSpec] = {

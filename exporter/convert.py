@@ -48,6 +48,8 @@ def convert(
     precision: str = "fp32",
     optimize: bool = True,
     guidance_scale: float | None = None,
+    name: str | None = None,
+    vocabulary: list[str] | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -56,7 +58,8 @@ def convert(
     the UNet and VAE after export (see quantize.py for the recipes); `optimize`
     fuses attention into onnxruntime's MultiHeadAttention and splits GEGLU projections (see optimize.py)
     before the graphs are validated;
-    `guidance_scale` records the guidance the model was made for (the runtime's default for it)."""
+    `guidance_scale` records the guidance the model was made for (the runtime's default for it); `name` and
+    `vocabulary` (the words the text encoder knows) go into the manifest as they are."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -72,14 +75,19 @@ def convert(
             src.config.guidance_scale = guidance_scale
         log(f"exporting {src.name} ({src.pipeline_class}, family {src.model_family}) to {output}")
         infos = {}
-        for i, name in enumerate(components, 1):
+        for i, component in enumerate(components, 1):
             started = time.perf_counter()
-            infos[name] = export_component(src, name, staging, opset, atol, optimize, half=precision == "fp16")
-            size_mb = sum((staging / f).stat().st_size for f in infos[name].files) / 1e6
-            max_diff = infos[name].validation["max_abs_diff"]
+            infos[component] = export_component(
+                src, component, staging, opset, atol, optimize, half=precision == "fp16"
+            )
+            size_mb = sum((staging / f).stat().st_size for f in infos[component].files) / 1e6
+            max_diff = infos[component].validation["max_abs_diff"]
             elapsed = time.perf_counter() - started
-            log(f"[{i}/{len(components)}] {name}: {size_mb:.1f} MB, max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s")
-        manifest = _package(src, staging, infos)
+            log(
+                f"[{i}/{len(components)}] {component}: {size_mb:.1f} MB, "
+                f"max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s"
+            )
+        manifest = _package(src, staging, infos, name, vocabulary)
         shutil.rmtree(staging / "_single_file_pipeline", ignore_errors=True)
         if precision == "int8":
             from .quantize_folder import quantize_in_place
@@ -106,8 +114,8 @@ def export_component(
     out_file = folder / name / "model.onnx"
     out_file.parent.mkdir(parents=True)
     module = _load(spec.load, src.folder, name).eval()
-    trace_inputs = spec.sample_inputs(src.config, 1, torch.Generator().manual_seed(TRACE_SEED))
-    check_inputs = spec.sample_inputs(src.config, 2, torch.Generator().manual_seed(VALIDATION_SEED))
+    trace_inputs = spec.sample_inputs(src, 1, torch.Generator().manual_seed(TRACE_SEED))
+    check_inputs = spec.sample_inputs(src, 2, torch.Generator().manual_seed(VALIDATION_SEED))
     with torch.no_grad():
         reference = module(*check_inputs)
     reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
@@ -145,7 +153,13 @@ def _load(load: Callable[[Path], torch.nn.Module], folder: Path, name: str) -> t
         raise ExportError(f"{name}: cannot load weights from {folder}: {reason}") from exc
 
 
-def _package(src: PipelineSource, staging: Path, infos: dict[str, ComponentInfo]) -> Manifest:
+def _package(
+    src: PipelineSource,
+    staging: Path,
+    infos: dict[str, ComponentInfo],
+    name: str | None = None,
+    vocabulary: list[str] | None = None,
+) -> Manifest:
     copy_tokenizer(src.folder, staging)
     copy_scheduler(src.folder, staging)
     copy_component_configs(src.folder, staging, list(infos))
@@ -157,6 +171,8 @@ def _package(src: PipelineSource, staging: Path, infos: dict[str, ComponentInfo]
         config=src.config,
         components=infos,
         tools=_tool_versions(),
+        name=name or "",
+        vocabulary=vocabulary,
     )
     manifest.save(staging)
     return manifest

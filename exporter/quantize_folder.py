@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sd_onnx.runtime.manifest import Manifest
-from sd_onnx.runtime.session import CACHE_DIR
 
 from .atomic import publish, staging_folder
 from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
@@ -52,7 +51,6 @@ def quantize_in_place(
         fp32_file.parent.mkdir()
         if (fp32_copy / "config.json").is_file():
             shutil.copy2(fp32_copy / "config.json", fp32_file.parent / "config.json")
-        shutil.rmtree(fp32_copy / CACHE_DIR, ignore_errors=True)
         ranges = folder / "quantization" / f"{name}_ranges.json"
         report = quantize_graph(
             fp32_copy / fp32_file.name, fp32_file, RECIPES[name], calibration.feeds[name], reduce_range, ranges
@@ -80,7 +78,7 @@ def quantize_folder(
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     with staging_folder(output) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CACHE_DIR))
+        shutil.copytree(source, staging, dirs_exist_ok=True)
         manifest = quantize_in_place(staging, log=log, **options)
         publish(staging, output)
     log(f"wrote {output}")

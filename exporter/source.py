@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_onnx.runtime.manifest import ModelConfig
+from sd_onnx.runtime import configs
+from sd_onnx.runtime.manifest import ManifestError, ModelConfig
 
 from .errors import ExportError
 
@@ -25,6 +26,16 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """The text encoder's vocabulary size and the tokenizer's special ids: sample inputs are drawn from these."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+
 @dataclass
 class PipelineSource:
     """A local diffusers-format folder plus what was read from its configs."""
@@ -34,6 +45,7 @@ class PipelineSource:
     pipeline_class: str
     model_family: str
     config: ModelConfig
+    tokens: TokenIds
 
 
 def resolve_source(source: str, config: str | None = None, work_dir: Path | None = None) -> PipelineSource:
@@ -72,30 +84,48 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if missing:
         raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
     config = read_model_config(folder)
-    return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config)
+    tokens = read_token_ids(folder, config.max_token_length)
+    return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens)
+
+
+def read_token_ids(folder: Path, max_length: int) -> TokenIds:
+    """Special token ids from the pipeline's own tokenizer, checked against its text encoder's vocabulary."""
+    from sd_onnx.runtime.tokenizer import CLIPTokenizer
+
+    vocab_size = _read_json(folder / "text_encoder" / "config.json").get("vocab_size")
+    try:
+        tokenizer = CLIPTokenizer(folder / "tokenizer", max_length)
+    except ValueError as exc:
+        raise ExportError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ExportError(f"{folder / 'text_encoder'}: config.json has no vocab_size")
+    ids = {"eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "bos": tokenizer.bos_id}
+    for role, value in ids.items():
+        if value is not None and not 0 <= value < vocab_size:
+            raise ExportError(
+                f"{folder}: the tokenizer's {role} token id {value} is outside the text encoder's "
+                f"vocabulary of {vocab_size} (tokenizer and text encoder do not match)"
+            )
+    if tokenizer.eos_id is None or tokenizer.pad_id is None:
+        raise ExportError(f"{folder / 'tokenizer'}: no end-of-text / padding token")
+    return TokenIds(vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
 
 
 def read_model_config(folder: Path) -> ModelConfig:
-    """Read embedding width, latent channels, VAE scale and scaling factor, resolution from the configs."""
-    text = _read_json(folder / "text_encoder" / "config.json")
+    """The model's sizes from its own configs (the runtime's reader), refusing UNets this exporter cannot run."""
     unet = _read_json(folder / "unet" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    _read_json(folder / "text_encoder" / "config.json")
+    _read_json(folder / "scheduler" / "scheduler_config.json")
     if unet.get("in_channels") != vae.get("latent_channels", 4):
         raise ExportError(
             f"{folder}: unsupported model family: UNet takes {unet.get('in_channels')} channels "
             f"but the VAE has {vae.get('latent_channels', 4)} latent channels (inpainting models are not supported)"
         )
-    return ModelConfig(
-        embedding_dim=int(text["hidden_size"]),
-        latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        sample_size=int(unet["sample_size"]),
-        max_token_length=int(text.get("max_position_embeddings", 77)),
-        prediction_type=scheduler.get("prediction_type", "epsilon"),
-        shift_factor=vae.get("shift_factor"),
-    )
+    try:
+        return configs.read_model_config(folder)
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _family(config: ModelConfig) -> str:

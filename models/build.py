@@ -86,19 +86,17 @@ def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    te = recipe["text_encoder"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-            projection_dim=te["hidden_size"],
-            hidden_act="quick_gelu",
-            **te,
-        )
-    )
+    text_config = {
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "projection_dim": recipe["text_encoder"]["hidden_size"],
+        "hidden_act": "quick_gelu",
+        **recipe["text_encoder"],
+    }  # CLIP's vocabulary unless the recipe names its own
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     return text_encoder, unet, vae
@@ -112,12 +110,15 @@ def clip_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None) -> Path:
+def save_pipeline(
+    text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None, tokenizer: Any = None
+) -> Path:
     """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read;
-    the scheduler is SD 1.5's PNDM unless the model was trained for another."""
+    the scheduler is SD 1.5's PNDM unless the model was trained for another, the tokenizer CLIP's unless given."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    tokenizer = clip_tokenizer(out / "_tokenizer_src")
+    own_tokenizer = tokenizer is not None
+    tokenizer = tokenizer if own_tokenizer else clip_tokenizer(out / "_tokenizer_src")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -129,10 +130,11 @@ def save_pipeline(text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: 
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    # Keep the slow-tokenizer files too: transformers 4.x (which Optimum pins) cannot read tokenizer.json alone.
-    for name in ("vocab.json", "merges.txt"):
-        (out / "_tokenizer_src" / name).replace(out / "tokenizer" / name)
-    shutil.rmtree(out / "_tokenizer_src")
+    if not own_tokenizer:
+        # Keep the slow-tokenizer files too: transformers 4.x (which Optimum pins) cannot read tokenizer.json alone.
+        for name in ("vocab.json", "merges.txt"):
+            (out / "_tokenizer_src" / name).replace(out / "tokenizer" / name)
+        shutil.rmtree(out / "_tokenizer_src")
     _nest_clip_weights(out / "text_encoder" / "model.safetensors")
     return out
 

@@ -1,27 +1,82 @@
-"""`sd-run`: generate images from an exported model folder (`prompt`) and describe one (`info`)."""
+"""`sd-run`: generate images from an exported model folder (`prompt`), describe one (`info`), serve it (`serve`).
+
+Every user error ends in one line (`Error: --guidance: must be a finite number, got nan`) and a non-zero exit,
+before any work where it can be known up front (settings, output path, model folder).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
-import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .manifest import MANIFEST_NAME
+from .request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
+from .schedulers import scheduler_names
 
 DEFAULT_MODEL_ENV = "SD_ONNX_MODEL"
 USER_ERRORS = (ValueError, OSError)
+# GenerationRequest field -> the option that sets it, so errors name what the user typed.
+OPTION_NAMES = {
+    "prompt": "TEXT",
+    "negative_prompt": "--negative",
+    "steps": "--steps",
+    "guidance_scale": "--guidance",
+    "width": "--width",
+    "height": "--height",
+    "seed": "--seed",
+    "batch": "--batch",
+    "scheduler": "--scheduler",
+    "strength": "--strength",
+    "eta": "--eta",
+}
+DEFAULT_LIMITS = Limits()
 
 
 def default_model() -> Path:
     """The model used when `-m` is not given: $SD_ONNX_MODEL, else the shapes model shipped in the package."""
-    import os
-
     from ..models.shapes import shipped_model
 
     return Path(os.environ.get(DEFAULT_MODEL_ENV) or shipped_model())
+
+
+def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-steps/--max-pixels/--max-batch with the one set of defaults (request.Limits), for prompt and serve."""
+    for name, help_text in reversed(
+        [("max-steps", "Most denoising steps."), ("max-pixels", "Most pixels per image (width x height)."),
+         ("max-batch", "Most images per request.")]
+    ):  # fmt: skip
+        default = getattr(DEFAULT_LIMITS, name.replace("-", "_"))
+        command = click.option(f"--{name}", default=default, show_default=True, type=click.IntRange(1), help=help_text)(
+            command
+        )
+    return command
+
+
+def user_error(exc: Exception) -> click.ClickException:
+    """One line for the user; request errors name the option rather than the API field."""
+    if isinstance(exc, RequestError):
+        return click.ClickException(f"{OPTION_NAMES.get(exc.field, exc.field)}: {exc.reason}")
+    return click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def log_to_stderr() -> None:
+    """Library warnings (long prompts, unknown words, provider fallback) as `warning: ...` lines."""
+    import warnings
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("sd_onnx")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    warnings.simplefilter("default")
+    warnings.showwarning = lambda msg, *args, **kwargs: click.echo(f"warning: {msg}", err=True)
 
 
 @click.group()
@@ -32,80 +87,116 @@ def main() -> None:
 @main.command()
 @click.argument("text")
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("-o", "--output", default="out.png", show_default=True, help="PNG to write (several: NAME-0.png, ...).")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, type=int)
-@click.option("--guidance", default=None, type=float, help="Guidance scale [default: the model's, else 7.5].")
-@click.option("--seed", default=None, type=int, help="Seed (reproduces diffusers' torch CPU generator).")
-@click.option("--scheduler", default=None, help="pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lms, lcm, ddpm")
-@click.option("--width", default=None, type=int)
-@click.option("--height", default=None, type=int)
+@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=int)
+@click.option("--guidance", default=None, type=float, help="Guidance scale [default: the model's].")
+@click.option("--seed", default=-1, show_default=True, type=int, help="Seed; -1 draws one (recorded in the PNG).")
+@click.option("--scheduler", default=None, help="Sampler [default: the model's]: " + ", ".join(scheduler_names()))
+@click.option("--width", default=None, type=int, help="[default: the model's resolution]")
+@click.option("--height", default=None, type=int, help="[default: the model's resolution]")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images for this prompt.")
+@click.option("--image", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Init image (img2img).")
+@click.option("--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75].")
+@click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
 @click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and free it after use.")
+@limit_options
 def prompt(
     text: str,
     model: Path | None,
-    output: Path,
+    output: str,
     negative: str | None,
     steps: int,
     guidance: float | None,
-    seed: int | None,
+    seed: int,
     scheduler: str | None,
     width: int | None,
     height: int | None,
     batch: int,
+    image: Path | None,
+    strength: float | None,
+    eta: float,
     provider: str,
     threads: int | None,
     low_memory: bool,
+    max_steps: int,
+    max_pixels: int,
+    max_batch: int,
 ) -> None:
     """Generate an image for TEXT and write it as PNG with its generation parameters."""
-    from .image import a1111_parameters, save_png
+    from .image import check_writable, decode_image, parameters_text, save_png
     from .pipeline import StableDiffusionPipeline
 
-    warnings.simplefilter("default")
-    warnings.showwarning = lambda msg, *args, **kwargs: click.echo(f"warning: {msg}", err=True)
+    log_to_stderr()
+    limits = Limits(max_steps, max_pixels, max_batch)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model or default_model(), provider=provider, scheduler=scheduler, threads=threads, low_memory=low_memory
+        paths = output_paths(output, batch)
+        for path in paths:
+            check_writable(path)
+        init = decode_image(image.read_bytes(), limits.max_input_pixels) if image else None
+        request = GenerationRequest(
+            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength
         )
-        with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
-            out = pipe(
-                text,
-                negative_prompt=negative,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                seed=seed,
-                num_images_per_prompt=batch,
-                callback=lambda i, n, _: bar.update(1) if i < steps else None,
-            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model or default_model(), provider=provider, threads=threads, low_memory=low_memory
+        )
+        request = pipe.prepare(request, limits)
+        with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
+            out = pipe.generate(request, callback=progress(bar))
+        for i, (path, picture) in enumerate(zip(paths, out.images, strict=True)):
+            save_png(picture, path, parameters_text(request, out.parameters, i))
+            click.echo(str(path))
     except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
-    for i, image in enumerate(out.images):
-        path = output if len(out.images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
-        save_png(image, path, a1111_parameters(text, negative, out.parameters))
-        click.echo(str(path))
+        raise user_error(exc) from None
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """The file for each image: OUTPUT itself for one, OUTPUT's stem with -0, -1, ... for several."""
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        raise OSError(f"-o {output}: is a directory; give a file name such as {Path(output) / 'out.png'}")
+    path = Path(output).expanduser()
+    if count < 2:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def progress(bar: Any) -> Callable[[int, int, Any], None]:
+    def on_step(i: int, total: int, _latents: Any) -> None:
+        bar.length = total  # img2img runs fewer steps than asked
+        bar.update(1)
+
+    return on_step
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path), required=False)
-def info(model: Path | None) -> None:
-    """Print MODEL's manifest (sizes, components, validation figures) and the providers available here."""
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
+@click.option("--no-verify", is_flag=True, help="Skip checking each file's sha256.")
+def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
+    """Print a model's manifest (sizes, size multiple, components, validation) and the providers available here.
+
+    Exits non-zero when a file is missing or fails its sha256."""
     import onnxruntime as ort
 
     from .manifest import Manifest
 
-    folder = model or default_model()
+    if folder and model and folder != model:
+        raise click.ClickException("give the model folder once (either FOLDER or -m)")
+    folder = folder or model or default_model()
     try:
         manifest = Manifest.load(folder)
     except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"model: {folder} ({MANIFEST_NAME} format {manifest.format_version})")
+        raise user_error(exc) from None
+    config = manifest.to_dict()["config"]
+    click.echo(f"model: {manifest.name} in {folder} ({MANIFEST_NAME} format {manifest.format_version})")
     click.echo(f"source: {manifest.source}  family: {manifest.model_family}  pipeline: {manifest.pipeline_class}")
-    click.echo("config: " + json.dumps(manifest.to_dict()["config"]))
+    click.echo(
+        f"size: {config['default_resolution']}px by default; width and height must be multiples of "
+        f"{config['size_multiple']}"
+    )
+    click.echo("config: " + json.dumps(config))
     for name, comp in manifest.components.items():
         val = comp.validation
         click.echo(
@@ -113,6 +204,13 @@ def info(model: Path | None) -> None:
             f"max |onnx - torch| {val.get('max_abs_diff', float('nan')):.2e} (atol {val.get('atol')})"
         )
     click.echo("providers available: " + ", ".join(ort.get_available_providers()))
+    problems = [] if no_verify else manifest.problems(folder)
+    for line in problems:
+        click.echo(f"damaged: {line}", err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} file(s) missing or modified; re-export or re-download the model")
+    if not no_verify:
+        click.echo("files: all sha256 match the manifest")
 
 
 @main.command()
@@ -120,21 +218,21 @@ def info(model: Path | None) -> None:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
 )
-@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--public-url", default=None, help="Base URL of image links (default: http://HOST:PORT).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Generation worker threads.")
 @click.option("--queue-size", default=8, show_default=True, type=click.IntRange(1), help="Jobs that may wait.")
 @click.option("--api-key", envvar="SD_ONNX_API_KEY", default=None, help="Required key (or $SD_ONNX_API_KEY).")
 @click.option("--provider", default="auto", show_default=True)
-@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads.")
-@click.option("--max-steps", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--max-pixels", default=1024 * 1024, show_default=True, type=click.IntRange(64))
-@click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds a request may take.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@limit_options
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1), help="Seconds per request.")
 @click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
 def serve(
     model: Path | None,
     host: str,
     port: int,
+    public_url: str | None,
     workers: int,
     queue_size: int,
     api_key: str | None,
@@ -146,32 +244,39 @@ def serve(
     timeout: float,
     max_body_bytes: int,
 ) -> None:
-    """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/generations) image APIs over HTTP."""
+    """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/...) image APIs over HTTP."""
     try:
-        import uvicorn
-
-        from .server.app import ServeConfig, ServerState, create_app
+        from .server.app import ServeConfig, run_server
     except ImportError:
-        raise click.ClickException("sd-run serve needs the [serve] extra: pip install 'sd-onnx[serve]'") from None
-    from .pipeline import StableDiffusionPipeline
+        raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
     from .session import resolve_providers
 
+    log_to_stderr()
     folder = model or default_model()
     if not folder.is_dir():
         raise click.ClickException(f"{folder}: no such model folder")
+    if api_key is not None and not api_key.strip():
+        raise click.ClickException("--api-key is empty; give a key, or leave the option out to serve without one")
     try:
         resolve_providers(provider)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    config = ServeConfig(max_steps, max_pixels, max_batch, timeout, max_body_bytes, api_key, workers, queue_size)
-    state = ServerState(config)
-
-    def loader() -> StableDiffusionPipeline:
-        return StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
-
+        raise user_error(exc) from None
+    config = ServeConfig(
+        limits=Limits(max_steps, max_pixels, max_batch),
+        timeout_s=timeout,
+        max_body_bytes=max_body_bytes,
+        api_key=api_key,
+        workers=workers,
+        queue_size=queue_size,
+        public_url=(public_url or f"http://{_url_host(host)}:{port}").rstrip("/"),
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
-    uvicorn.run(create_app(state, loader), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    run_server(config, folder, provider, threads, host, port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
-"""Image conversions between NumPy and Pillow, and the A1111 "parameters" PNG text chunk."""
+"""Images in and out: NumPy <-> Pillow, decoding untrusted image bytes within a pixel limit, and PNG files
+carrying their generation parameters (one writer for the CLI and the server)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """Image bytes that cannot be used: not an image, too large, truncated."""
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -23,6 +33,38 @@ def from_pil(image: Image.Image, width: int, height: int) -> np.ndarray:
     return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes to RGB, refusing more than `max_pixels` from the header, before any pixel is decoded
+    (a PNG can declare 100000x100000 in a few bytes)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise ImageError(f"image is over the limit of {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError("not a readable image (PNG, JPEG, WebP, ...)") from None
+
+
+def decode_base64_image(text: str, max_pixels: int) -> Image.Image:
+    """A base64 image, optionally as a `data:image/...;base64,` URL, decoded within `max_pixels`."""
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or ";base64" not in header:
+            raise ImageError("a data URL must look like data:image/png;base64,<data>")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("not valid base64") from None
+    return decode_image(data, max_pixels)
+
+
 def a1111_parameters(prompt: str, negative_prompt: str | None, settings: dict[str, Any]) -> str:
     """The text A1111 writes into a PNG's "parameters" chunk, which many tools read back."""
     lines = [prompt]
@@ -32,13 +74,51 @@ def a1111_parameters(prompt: str, negative_prompt: str | None, settings: dict[st
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Save with the generation parameters in a tEXt "parameters" chunk (folders made as needed; written
-    under a temporary name and renamed, so an interrupted save leaves no truncated PNG)."""
+def parameters_text(request: Any, parameters: dict[str, Any], index: int) -> str:
+    """The "parameters" text of image `index` of a resolved GenerationRequest (its prompt and negative prompt)."""
+    prompt = request.prompts[index // request.batch]
+    negatives = request.negative_prompts
+    return a1111_parameters(prompt, negatives[index // request.batch] if negatives else None, parameters)
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """The image as PNG, with `parameters` in a tEXt "parameters" chunk when given."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if a file cannot be written at `path`: it names a directory, its folder is a file,
+    or the folder is not writable. Creates missing folders, as saving would."""
+    path = Path(path)
+    if path.is_dir() or str(path).endswith(("/", os.sep)):
+        raise OSError(f"{path}: is a directory; give a file name such as {path / 'out.png'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = _partial(path)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    """Write a PNG with its parameters under a temporary name beside `path`, then rename: an interrupted or
+    failed save leaves neither a truncated PNG nor the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    partial.replace(path)
+    partial = _partial(path)
+    try:
+        partial.write_bytes(png_bytes(image, parameters))
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")

@@ -46,9 +46,9 @@ class ComponentInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentInfo:
-        data = dict(data)
-        data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
-        data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        data["inputs"] = [TensorSpec(t["name"], t["shape"], t["dtype"]) for t in data["inputs"]]
+        data["outputs"] = [TensorSpec(t["name"], t["shape"], t["dtype"]) for t in data["outputs"]]
         return cls(**data)
 
 
@@ -66,6 +66,8 @@ class ModelConfig:
     shift_factor: float | None = None
     # The classifier-free guidance the model was made for (SD: 7.5); used when a caller gives none.
     guidance_scale: float = 7.5
+    # Pixel sides must be multiples of this: VAE factor x 2 per UNet down-sampling level (configs.size_multiple).
+    size_multiple: int = 0
 
     @property
     def default_resolution(self) -> int:
@@ -83,6 +85,15 @@ class Manifest:
     components: dict[str, ComponentInfo]
     tools: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # The model's display name (PNG parameters, /sdapi/v1/sd-models); the source's last path part by default.
+    name: str = ""
+    # Words the text encoder was trained on, when the model knows them (the shapes model does): the runtime
+    # warns about words outside it. None: any text.
+    vocabulary: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.source.replace("\\", "/").rstrip("/").split("/")[-1] or "model"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,17 +106,27 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"unsupported manifest format_version {data.get('format_version')!r}")
-        config = {k: v for k, v in data["config"].items() if k != "default_resolution"}
+    def from_dict(cls, data: Any, folder: Path | None = None) -> Manifest:
+        """Check `data` against the manifest schema (ManifestError naming the first bad field), then build.
+
+        A manifest written before `size_multiple` existed gets it from `folder`/unet/config.json."""
+        from .manifest_schema import check_manifest
+
+        check_manifest(data)
+        if data["format_version"] != FORMAT_VERSION:
+            raise ManifestError(f"unsupported manifest format_version {data['format_version']!r}")
+        config = {k: v for k, v in data["config"].items() if k in ModelConfig.__dataclass_fields__}
+        if "size_multiple" not in config:
+            config["size_multiple"] = _size_multiple_from_unet_config(folder, config["vae_scale_factor"])
         return cls(
             source=data["source"],
             model_family=data["model_family"],
             pipeline_class=data["pipeline_class"],
             config=ModelConfig(**config),
             components={k: ComponentInfo.from_dict(v) for k, v in data["components"].items()},
-            tools=data.get("tools", {}),
+            tools=data.get("tools") or {},
+            name=data.get("name") or "",
+            vocabulary=data.get("vocabulary"),
         )
 
     @classmethod
@@ -114,19 +135,39 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{folder}: no {MANIFEST_NAME}; not an sd-onnx model folder")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path}: corrupt manifest ({exc})") from exc
+        try:
+            return cls.from_dict(data, Path(folder))
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
 
     def verify(self, folder: Path, components: tuple[str, ...] | None = None) -> None:
         """Check that every file of the named components exists and has the recorded sha256."""
+        problems = self.problems(folder, components)
+        if problems:
+            raise ManifestError(problems[0])
+
+    def problems(self, folder: Path, components: tuple[str, ...] | None = None) -> list[str]:
+        """Every missing or modified file of the named components, one line each (empty: all intact)."""
+        found = []
         for name in components or tuple(self.components):
             for rel, expected in self.components[name].files.items():
                 path = Path(folder) / rel
                 if not path.is_file():
-                    raise ManifestError(f"{name}: missing model file {path}")
-                if sha256_file(path) != expected:
-                    raise ManifestError(f"{name}: sha256 mismatch for {path} (corrupt or modified file)")
+                    found.append(f"{name}: missing model file {path}")
+                elif sha256_file(path) != expected:
+                    found.append(f"{name}: sha256 mismatch for {path} (corrupt or modified file)")
+        return found
+
+
+def _size_multiple_from_unet_config(folder: Path | None, vae_scale_factor: int) -> int:
+    from .configs import read_json, size_multiple
+
+    if folder is None or not (Path(folder) / "unet" / "config.json").is_file():
+        raise ManifestError("config.size_multiple: missing, and no unet/config.json to compute it from")
+    return size_multiple(vae_scale_factor, read_json(Path(folder) / "unet" / "config.json"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

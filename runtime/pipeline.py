@@ -3,11 +3,18 @@
 Same call as diffusers' StableDiffusionPipeline (prompt, negative_prompt, num_inference_steps,
 guidance_scale, height, width, latents, num_images_per_prompt, eta, output_type) plus `seed=`, which
 reproduces diffusers' `torch.Generator("cpu").manual_seed(seed)`, and img2img through `image=`/`strength=`.
+Every call becomes a `GenerationRequest` (request.py), the one place settings are defaulted and checked;
+front ends build the request themselves and call `generate`.
+
+The component seams (`component`, `encode_prompt`, `predict_noise`, `decode_latents`, `encode_image`) are
+public so calibration, benchmarks and tests drive the same code the pipeline runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .configs import read_model_config
 from .image import from_pil, to_pil
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig
+from .request import GenerationRequest, Limits, RequestError
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
@@ -26,15 +35,22 @@ from .tokenizer import CLIPTokenizer
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
 """Called after each step with (step index, total steps, latents); returning False cancels the run."""
 
+LOG = logging.getLogger("sd_onnx")
+COMPONENTS_LOADED_UP_FRONT = ("text_encoder", "unet", "vae_decoder")
+MAX_WORDS_NAMED = 8
+# GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
+ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
+
 
 class GenerationCancelled(Exception):
-    """The step callback asked to stop."""
+    """The step callback (or the `cancelled` check) asked to stop."""
 
 
 @dataclass
 class PipelineOutput:
     images: list[Image.Image] | np.ndarray
     parameters: dict[str, Any]
+    request: GenerationRequest | None = None
 
 
 class StableDiffusionPipeline:
@@ -54,18 +70,18 @@ class StableDiffusionPipeline:
         self.config = config
         self.session_config = session_config
         self.low_memory = low_memory
-        self.scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        self.scheduler_config = _read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
         self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length)
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
-            for name in ("text_encoder", "unet", "vae_decoder"):
-                self._model(name)
+            for name in COMPONENTS_LOADED_UP_FRONT:
+                self.component(name)
 
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         provider: str = "auto",
         scheduler: str | None = None,
         threads: int | None = None,
@@ -73,16 +89,19 @@ class StableDiffusionPipeline:
         verify: bool = True,
         optimization: str = "all",
         cache: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
-        Optimum/diffusers ONNX folder (sizes read from its configs).
+        Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
-        `cache` keeps the optimized CPU graph beside the model so later loads skip that work."""
-        folder = Path(path).expanduser()
+        `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
+        session.cache_root) so later loads skip that work."""
+        folder = Path(path).expanduser() if path is not None else _shipped_model()
         if not folder.is_dir():
             raise ManifestError(f"{folder}: no such model folder")
-        session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache)
+        cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
+        session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache, cache_root)
         if scheduler is not None:
             resolve_name(scheduler)
         if (folder / MANIFEST_NAME).is_file():
@@ -94,7 +113,15 @@ class StableDiffusionPipeline:
             manifest, config = None, _config_from_plain_folder(folder)
         return cls(folder, manifest, config, scheduler, session_config, low_memory)
 
-    def _model(self, name: str) -> OnnxModel:
+    @property
+    def model_name(self) -> str:
+        """The name images and servers report: the manifest's, else the folder's."""
+        return self.manifest.name if self.manifest else self.folder.name
+
+    # Components -------------------------------------------------------------------------------------------
+
+    def component(self, name: str) -> OnnxModel:
+        """The onnxruntime session of `name` ("text_encoder", "unet", "vae_decoder", "vae_encoder"), loaded once."""
         if name not in self._models:
             info = self.manifest.components.get(name) if self.manifest else None
             file = self.folder / (info.file if info else f"{name}/model.onnx")
@@ -103,15 +130,27 @@ class StableDiffusionPipeline:
             self._models[name] = OnnxModel(file, info, self.session_config)
         return self._models[name]
 
-    def _release(self, name: str) -> None:
+    @property
+    def loaded_components(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def release(self, name: str) -> None:
+        """Free a component's session in low-memory mode (a no-op otherwise)."""
         if self.low_memory:
             self._models.pop(name, None)
+
+    # Requests ---------------------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
+        """`request` with this model's defaults filled in, checked against the model and `limits` (none: no
+        limits, as diffusers); RequestError (a ValueError) naming the bad field."""
+        return request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
 
     def __call__(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -122,188 +161,210 @@ class StableDiffusionPipeline:
         output_type: str = "pil",
         callback: StepCallback | None = None,
         image: Image.Image | np.ndarray | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         scheduler: str | None = None,
     ) -> PipelineOutput:
-        """Generate images; see diffusers' StableDiffusionPipeline for the meaning of each argument."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        height = height or self.config.default_resolution
-        width = width or self.config.default_resolution
-        self._check_settings(height, width, num_inference_steps, num_images_per_prompt, output_type, strength)
-        name = resolve_name(scheduler) if scheduler else self.scheduler_name
-        sched = make_scheduler(name, self.scheduler_config)
-        if name == "ddim":
-            sched.eta = eta
-        generator = TorchGenerator(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
-        do_cfg = guidance_scale > 1.0
-
-        embeddings = self._encode(prompts, negative_prompt, num_images_per_prompt, do_cfg)
-        batch = len(prompts) * num_images_per_prompt
-        shape = (
-            batch,
-            self.config.latent_channels,
-            height // self.config.vae_scale_factor,
-            width // self.config.vae_scale_factor,
+        """Generate images; see diffusers' StableDiffusionPipeline for the meaning of each argument (steps
+        default to request.DEFAULT_STEPS, guidance and size to the model's, seed to a random one)."""
+        request = GenerationRequest(
+            prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
+            negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            width=width,
+            height=height,
+            seed=seed,
+            batch=num_images_per_prompt,
+            scheduler=scheduler,
+            eta=eta,
+            image=image,
+            strength=strength,
         )
-        sched.set_timesteps(num_inference_steps)
+        try:
+            request = self.prepare(request)
+        except RequestError as exc:  # name the argument as this call spells it
+            raise RequestError(ARGUMENT_NAMES.get(exc.field, exc.field), exc.reason) from None
+        return self.generate(request, callback=callback, output_type=output_type, latents=latents)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None = None,
+        output_type: str = "pil",
+        latents: np.ndarray | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> PipelineOutput:
+        """Run one request (resolved here if it is not yet). `cancelled` is polled between steps and between
+        decoded images; `callback` after each step. Raises GenerationCancelled when either asks to stop."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        request = self.prepare(request) if not request.resolved else request
+        self._warn_unknown_words(request.prompts)
+        sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
+        generator = TorchGenerator(request.seed)
+        do_cfg = request.guidance_scale > 1.0
+        embeddings = self.encode_prompt(request.prompts, request.negative_prompts, request.batch, do_cfg)
+        self.release("text_encoder")
+        shape = self.latent_shape(request)
+        sched.set_timesteps(request.steps)
         timesteps = sched.timesteps
-        if image is not None:
-            latents, timesteps = self._img2img_latents(image, sched, strength, shape, generator, width, height)
+        if request.image is not None:
+            latents, timesteps = self._img2img_latents(request, sched, shape, generator)
         elif latents is None:
             latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
         else:
-            latents = self._check_latents(latents, shape) * np.float32(sched.init_noise_sigma)
+            latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
+        should_stop = _stop_check(callback, cancelled)
+        for i, t in enumerate(timesteps):
+            noise_pred = self.predict_noise(sched.scale_model_input(latents, t), t, embeddings, request.guidance_scale)
+            latents = sched.step(noise_pred, t, latents, noise=generator)
+            if should_stop(i, len(timesteps), latents):
+                raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
+        self.release("unet")
+        images = self.decode_latents(latents, cancelled)
+        self.release("vae_decoder")
+        params = request.parameters(self.model_name)
+        return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
 
-        latents = self._denoise(latents, embeddings, sched, timesteps, guidance_scale, do_cfg, generator, callback)
-        self._release("unet")
-        images = self._decode(latents)
-        self._release("vae_decoder")
-        params = {
-            "Steps": num_inference_steps,
-            "Sampler": name,
-            "CFG scale": guidance_scale,
-            "Seed": generator.seed,
-            "Size": f"{width}x{height}",
-            "Model": Path(self.manifest.source).name if self.manifest else self.folder.name,
-        }
-        if image is not None:
-            params["Denoising strength"] = strength
-        return PipelineOutput(images=to_pil(images) if output_type == "pil" else images, parameters=params)
-
-    def _check_settings(
-        self, height: int, width: int, steps: int, per_prompt: int, output: str, strength: float
-    ) -> None:
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor
-        if height % 8 or width % 8 or height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {max(8, factor)}, got {width}x{height}")
-        if height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive, got {width}x{height}")
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps}")
-        if per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {per_prompt}")
-        if output not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output!r}")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        return (request.image_count, self.config.latent_channels, request.height // factor, request.width // factor)
 
-    @staticmethod
-    def _check_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != shape:
-            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
-        return latents
+    # Steps --------------------------------------------------------------------------------------------------
 
-    def _encode(
-        self, prompts: list[str], negative: str | list[str] | None, per_prompt: int, do_cfg: bool
+    def encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, per_prompt: int = 1, do_cfg: bool = True
     ) -> np.ndarray:
         """Text embeddings, repeated per image; with guidance, [unconditional; conditional] in one batch."""
-        encoder = self._model("text_encoder")
+        encoder = self.component("text_encoder")
         ids_type = encoder.input_dtype("input_ids", np.int32)
         cond = encoder(input_ids=self.tokenizer(prompts).astype(ids_type))[0].repeat(per_prompt, axis=0)
-        if do_cfg:
-            negatives = (
-                [""] * len(prompts) if negative is None else ([negative] if isinstance(negative, str) else negative)
-            )
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-            uncond = encoder(input_ids=self.tokenizer(negatives).astype(ids_type))[0].repeat(per_prompt, axis=0)
-            cond = np.concatenate([uncond, cond])
-        self._release("text_encoder")
-        return cond
+        if not do_cfg:
+            return cond
+        negatives = negative if negative is not None else [""] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        uncond = encoder(input_ids=self.tokenizer(negatives).astype(ids_type))[0].repeat(per_prompt, axis=0)
+        return np.concatenate([uncond, cond])
 
-    def _denoise(
-        self,
-        latents: np.ndarray,
-        embeddings: np.ndarray,
-        sched: Scheduler,
-        timesteps: np.ndarray,
-        guidance_scale: float,
-        do_cfg: bool,
-        generator: TorchGenerator,
-        callback: StepCallback | None,
+    def predict_noise(
+        self, model_input: np.ndarray, t: float, embeddings: np.ndarray, guidance_scale: float
     ) -> np.ndarray:
-        unet = self._model("unet")
+        """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
+        unconditional and conditional halves run as one batch and are combined."""
+        unet = self.component("unet")
+        do_cfg = len(embeddings) == 2 * len(model_input)
+        batch = np.concatenate([model_input] * 2) if do_cfg else model_input
         timestep_type = unet.input_dtype("timestep")
-        scalar_timestep = unet.input_rank("timestep") == 0  # Optimum's recent exports take a 0-d timestep
-        for i, t in enumerate(timesteps):
-            model_input = np.concatenate([latents] * 2) if do_cfg else latents
-            model_input = sched.scale_model_input(model_input, t)
-            timestep = np.array(t, timestep_type) if scalar_timestep else np.full(len(model_input), t, timestep_type)
-            noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeddings)[0]
-            if do_cfg:
-                uncond, cond = np.split(noise_pred, 2)
-                noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
-            latents = sched.step(noise_pred, t, latents, noise=generator)
-            if callback is not None and callback(i, len(timesteps), latents) is False:
-                raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
-        return latents
+        if unet.input_rank("timestep") == 0:  # Optimum's recent exports take a 0-d timestep
+            timestep = np.array(t, timestep_type)
+        else:
+            timestep = np.full(len(batch), t, timestep_type)
+        noise_pred = unet(sample=batch, timestep=timestep, encoder_hidden_states=embeddings)[0]
+        if not do_cfg:
+            return noise_pred
+        uncond, cond = np.split(noise_pred, 2)
+        return uncond + np.float32(guidance_scale) * (cond - uncond)
 
-    def _decode(self, latents: np.ndarray) -> np.ndarray:
+    def decode_latents(self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Latents -> (N, H, W, 3) floats in [0, 1]; one image at a time keeps VAE memory flat."""
-        decoder = self._model("vae_decoder")
+        decoder = self.component("vae_decoder")
         scaled = latents / np.float32(self.config.scaling_factor)
         if self.config.shift_factor:
             scaled = scaled + np.float32(self.config.shift_factor)
-        images = np.concatenate([decoder(latent_sample=scaled[i : i + 1])[0] for i in range(len(scaled))])
-        return np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        images = []
+        for i in range(len(scaled)):
+            if cancelled is not None and cancelled():
+                raise GenerationCancelled(f"cancelled while decoding image {i + 1} of {len(scaled)}")
+            images.append(decoder(latent_sample=scaled[i : i + 1])[0])
+        return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
-    def _img2img_latents(
-        self,
-        image: Image.Image | np.ndarray,
-        sched: Scheduler,
-        strength: float,
-        shape: tuple[int, ...],
-        generator: TorchGenerator,
-        width: int,
-        height: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode the init image, noise it to the start timestep; as diffusers' img2img pipeline."""
-        pixels = from_pil(image, width, height) if isinstance(image, Image.Image) else np.asarray(image, np.float32)
-        moments = self._model("vae_encoder")(sample=pixels)[0]
-        self._release("vae_encoder")
+    def encode_image(self, pixels: np.ndarray, generator: TorchGenerator) -> np.ndarray:
+        """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`."""
+        moments = self.component("vae_encoder")(sample=pixels)[0]
+        self.release("vae_encoder")
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        init = (mean + std * generator.randn(mean.shape)) * np.float32(self.config.scaling_factor)
+        return (mean + std * generator.randn(mean.shape)) * np.float32(self.config.scaling_factor)
+
+    def _img2img_latents(
+        self, request: GenerationRequest, sched: Scheduler, shape: tuple[int, ...], generator: TorchGenerator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encode the init image, noise it to the start timestep; as diffusers' img2img pipeline."""
+        image = request.image
+        if isinstance(image, Image.Image):
+            pixels = from_pil(image, request.width, request.height)
+        else:
+            pixels = np.asarray(image, np.float32)
+        init = self.encode_image(pixels, generator)
         init = np.concatenate([init] * (shape[0] // init.shape[0]))
         n = sched.num_inference_steps
-        start = max(n - min(int(n * strength), n), 0)
+        start = n - min(int(n * request.strength), n)
         sched.set_begin_index(start)
         timesteps = sched.timesteps[start:]
-        noise = generator.randn(shape)
-        return sched.add_noise(init, noise, timesteps[0]), timesteps
+        return sched.add_noise(init, generator.randn(shape), timesteps[0]), timesteps
+
+    def _warn_unknown_words(self, prompts: list[str]) -> None:
+        """Models that know their vocabulary (the shapes model) say which words they will ignore."""
+        vocabulary = self.manifest.vocabulary if self.manifest else None
+        if not vocabulary:
+            return
+        known = {w.lower() for w in vocabulary}
+        unknown = sorted({w for p in prompts for w in re.findall(r"[^\W\d_]+", p.lower())} - known)
+        if unknown:
+            named = ", ".join(unknown[:MAX_WORDS_NAMED]) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
+            LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
+
+
+def _stop_check(
+    callback: StepCallback | None, cancelled: Callable[[], bool] | None
+) -> Callable[[int, int, np.ndarray], bool]:
+    def should_stop(i: int, total: int, latents: np.ndarray) -> bool:
+        if callback is not None and callback(i, total, latents) is False:
+            return True
+        return cancelled is not None and cancelled()
+
+    return should_stop
+
+
+def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+    return latents
+
+
+def _read_scheduler_config(folder: Path) -> dict[str, Any]:
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{folder}: incomplete model, missing scheduler/scheduler_config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: corrupt JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    return config
+
+
+def _shipped_model() -> Path:
+    from ..models.shapes import shipped_model
+
+    return shipped_model()
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:
     """Sizes for an Optimum/diffusers ONNX folder without our manifest, from the configs it carries
     (the embedding width from the text encoder graph when its config is missing)."""
-
-    def read(rel: str) -> dict[str, Any]:
-        path = folder / rel
-        return json.loads(path.read_text()) if path.is_file() else {}
-
     if not (folder / "unet" / "model.onnx").is_file():
         raise ManifestError(f"{folder}: not an ONNX Stable Diffusion folder (no unet/model.onnx)")
-    vae, unet, text = read("vae_decoder/config.json"), read("unet/config.json"), read("text_encoder/config.json")
-    width = text.get("hidden_size")
-    if width is None:
+    width = None
+    if not (folder / "text_encoder" / "config.json").is_file():
         import onnxruntime as ort
 
         graph = ort.InferenceSession(str(folder / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
         width = graph.get_outputs()[0].shape[-1]
-    levels = len(vae.get("block_out_channels", (128, 256, 512, 512)))
-    return ModelConfig(
-        embedding_dim=int(width),
-        latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (levels - 1),
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        sample_size=int(unet.get("sample_size", 64)),
-        max_token_length=int(text.get("max_position_embeddings", 77)),
-        prediction_type=read("scheduler/scheduler_config.json").get("prediction_type", "epsilon"),
-    )
+    return read_model_config(folder, vae="vae_decoder", text_width=width)
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "GenerationCancelled"]

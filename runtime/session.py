@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,21 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 AUTO_ORDER = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
-CACHE_DIR = ".ort_cache"
+CACHE_ENV = "SD_ONNX_CACHE"
+
+
+def cache_root() -> Path:
+    """Where optimized graphs are kept: $SD_ONNX_CACHE, else the platform's user cache directory
+    ($XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows) / sd-onnx.
+    Never the model folder, which may be read-only or inside the installed package."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        return base / "sd-onnx" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "sd-onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-onnx"
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -57,6 +73,7 @@ class SessionConfig:
     threads: int | None = None
     optimization: str = "all"
     cache: bool = True
+    cache_dir: Path | None = None  # None: cache_root()
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -91,7 +108,7 @@ class OnnxModel:
             options.intra_op_num_threads = config.threads
         path = model_file
         if config.cache and info is not None and config.providers[0] == "CPUExecutionProvider":
-            path = _cached_graph(model_file, info, options)
+            path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(config.providers))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for unreadable graphs
@@ -102,12 +119,21 @@ class OnnxModel:
             partial.replace(partial.with_name(partial.name.replace(".partial", "")))
         self.input_specs = {i.name: i for i in info.inputs} if info else {}
         self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        # Called with each run's feeds before it runs (calibration records them, benchmarks time them).
+        self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
         for name, value in feeds.items():
             if name in self.input_specs:
                 _check(self.name, self.input_specs[name], value)
+        for observe in self.observers:
+            observe(feeds)
         return self.session.run(None, feeds)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs this graph first (CPU fallback comes after)."""
+        return self.session.get_providers()[0]
 
     def input_dtype(self, name: str, default: type = np.float32) -> type:
         """NumPy dtype the graph wants for input `name` (graphs from other exporters differ: int32/int64)."""
@@ -129,20 +155,20 @@ def _check(component: str, spec: TensorSpec, value: np.ndarray) -> None:
         raise ValueError(f"{component}: input {spec.name} must have shape {spec.shape}, got {list(value.shape)}")
 
 
-def _cached_graph(model_file: Path, info: ComponentInfo, options: ort.SessionOptions) -> Path:
+def _cached_graph(model_file: Path, info: ComponentInfo, options: ort.SessionOptions, root: Path) -> Path:
     """Path to load: the optimized graph saved by an earlier load, or the original while saving one.
 
     The cache key is the model's hash and the onnxruntime version, so a changed model or runtime
-    never reuses a stale graph. A read-only model folder simply skips the cache.
+    never reuses a stale graph. An unwritable cache directory simply skips the cache.
     """
     digest = info.files[info.file][:16]
-    cache_dir = model_file.parent / CACHE_DIR
+    cache_dir = root / "optimized"
     cached = cache_dir / f"{digest}-ort{ort.__version__}-level{int(options.graph_optimization_level)}.onnx"
     if cached.is_file():
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return cached
     try:
-        cache_dir.mkdir(exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
         return model_file
     if os.access(cache_dir, os.W_OK):

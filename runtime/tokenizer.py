@@ -4,15 +4,19 @@ padding="max_length" and truncation to the model's token length (77 for SD)."""
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+LOG = logging.getLogger("sd_onnx")
+# A cut prompt is logged as a bounded excerpt: a 1 MB prompt must not become a 1 MB log line.
+EXCERPT_TOKENS, EXCERPT_CHARS = 12, 80
+
 
 class CLIPTokenizer:
-    """Tokenize prompts to fixed-length id arrays; over-long prompts are cut with a warning naming the cut."""
+    """Tokenize prompts to fixed-length id arrays; over-long prompts are cut, logging how much and where."""
 
     def __init__(self, folder: Path, max_length: int) -> None:
         folder = Path(folder)
@@ -29,8 +33,10 @@ class CLIPTokenizer:
         self.max_length = max_length
         pad_token = _special_token(folder, "pad_token") or "<|endoftext|>"
         eos_token = _special_token(folder, "eos_token") or "<|endoftext|>"
+        bos_token = _special_token(folder, "bos_token") or "<|startoftext|>"
         self.pad_id = self.tokenizer.token_to_id(pad_token)
         self.eos_id = self.tokenizer.token_to_id(eos_token)
+        self.bos_id = self.tokenizer.token_to_id(bos_token)
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """int32 array (len(prompts), max_length)."""
@@ -41,10 +47,13 @@ class CLIPTokenizer:
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         ids = self.tokenizer.encode(prompt).ids
         if len(ids) > self.max_length:
-            cut = self.tokenizer.decode(ids[self.max_length - 1 : -1])
-            warnings.warn(
-                f"prompt is longer than {self.max_length} tokens; this part was cut: {cut!r}", UserWarning, stacklevel=3
-            )
+            cut = ids[self.max_length - 1 : -1]
+            excerpt = self.tokenizer.decode(cut[:EXCERPT_TOKENS])
+            more = " ..." if len(cut) > EXCERPT_TOKENS else ""
+            LOG.warning(
+                "prompt is longer than %d tokens; %d tokens were cut, starting %r%s",
+                self.max_length, len(cut), excerpt[:EXCERPT_CHARS], more,
+            )  # fmt: skip
             ids = ids[: self.max_length - 1] + [self.eos_id]
         return ids + [self.pad_id] * (self.max_length - len(ids))
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Optimized graphs go to the user cache directory by default; tests (and the servers they start) use their own.
+os.environ.setdefault("SD_ONNX_CACHE", tempfile.mkdtemp(prefix="sd-onnx-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -55,8 +58,8 @@ def corrupt_copy(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--width", "30"], "multiples of 8"),
-        (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
+        (["--width", "30"], "--width: must be a positive multiple of 4 for this model"),
+        (["--steps", "0"], "--steps: must be >= 1"),
         (["--scheduler", "heun"], "unknown scheduler 'heun'"),
         (["--provider", "tpu"], "unknown provider 'tpu'"),
         (["-m", "/nonexistent/model"], "no such model folder"),
@@ -84,3 +87,106 @@ def test_unavailable_provider_falls_back_to_cpu_with_warning(tiny_export: Path, 
     code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(out), "--steps", "1", "--provider", "cuda")
     assert code == 0 and out.is_file()
     assert "falling back to CPU" in output
+
+
+def errors_of(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--guidance", "nan"], "--guidance: must be a finite number, got nan"),
+        (["--guidance", "-1"], "--guidance: must be >= 0"),
+        (["--seed", str(2**64)], "--seed: must be in [0, 18446744073709551615] or -1 for a random seed"),
+        (["--seed", "-5"], "--seed: must be in [0, 18446744073709551615]"),
+        (["--width", "100000", "--height", "64"], "--width: 100000x64 exceeds the limit max_pixels=1048576"),
+        (["--width", "64", "--max-pixels", "1000"], "--width: 64x32 exceeds the limit max_pixels=1000"),
+        (["--steps", "51"], "--steps: 51 exceeds the limit max_steps=50"),
+        (["--batch", "5"], "--batch: 5 images exceeds the limit max_batch=4"),
+    ],
+)
+def test_bad_numbers_are_one_line_errors_before_any_work(
+    tiny_export: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "o.png"), "--height", "32", *args)
+    errors = errors_of(output)
+    assert code != 0 and len(errors) == 1 and errors[0].startswith(f"Error: {message}"), output
+    assert "denoising" not in output and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("target", ["dir", "dir/", "file.png/x.png", "/proc/x.png"])
+def test_unusable_output_path_fails_before_loading_anything(tmp_path: Path, target: str) -> None:
+    """Checked before the model is even opened (the model named here does not exist), nothing left behind."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file.png").write_bytes(b"not a folder")
+    out = target if target.startswith("/") else str(tmp_path / target)
+    before = sorted(tmp_path.rglob("*"))
+    code, output = run("prompt", "x", "-m", str(tmp_path / "no-model"), "-o", out)
+    assert code != 0 and len(errors_of(output)) == 1, output
+    assert "no such model folder" not in output and "Traceback" not in output
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_invalid_utf8_prompt_is_a_one_line_error(tiny_export: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "sd_onnx.runtime.cli", "prompt", b"a \xff\xfe circle", "-m", str(tiny_export),
+           "-o", str(tmp_path / "o.png"), "--steps", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Error: TEXT: is not valid Unicode text" in result.stderr
+
+
+def test_random_seed_is_recorded_and_model_named(tmp_path: Path) -> None:
+    """The shipped model: `Model: shapes` (not its source folder), the seed actually drawn in the PNG."""
+    code, output = run("prompt", "a red circle on a blue background", "-o", str(tmp_path / "a.png"), "--steps", "2")
+    assert code == 0, output
+    params = Image.open(tmp_path / "a.png").text["parameters"]
+    assert "Model: shapes" in params and "Seed: -1" not in params
+    seed = int(params.split("Seed: ")[1].split(",")[0])
+    code, output = run("prompt", "a red circle on a blue background", "-o", str(tmp_path / "b.png"),
+                       "--steps", "2", "--seed", str(seed))  # fmt: skip
+    assert code == 0 and (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_unknown_words_warn_once_naming_them(tmp_path: Path) -> None:
+    code, output = run("prompt", "a photo of a cat, a red circle", "-o", str(tmp_path / "c.png"), "--steps", "1")
+    warnings = [line for line in output.splitlines() if "does not know" in line]
+    assert code == 0 and warnings == ["warning: shapes does not know these words, which it will ignore: cat, of, photo"]
+
+
+def test_readme_sampler_example_and_help_list_every_name(tmp_path: Path) -> None:
+    code, output = run("prompt", "x", "-o", str(tmp_path / "k.png"), "--steps", "1", "--scheduler", "DPM++ 2M Karras")
+    assert code != 0 and "Karras sigmas are numerically unstable" in errors_of(output)[0]
+    code, output = run("prompt", "--help")
+    flat = " ".join(output.split())
+    for name in ("lms_karras", "LMS Karras", "DPM++ 2M Karras", "euler_a", "LCMScheduler"):
+        assert name in flat
+
+
+def test_img2img_from_the_cli_matches_the_api(tiny_export: Path, tmp_path: Path) -> None:
+    from sd_onnx.runtime import StableDiffusionPipeline
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    settings = ["--strength", "0.6", "--steps", "5", "--seed", "3", "--width", "32", "--height", "32"]
+    code, output = run(
+        "prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "i.png"), "--image", str(init), *settings
+    )
+    assert code == 0, output
+    made = Image.open(tmp_path / "i.png")
+    assert "Denoising strength: 0.6" in made.text["parameters"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    expected = pipe("x", image=Image.open(init), strength=0.6, num_inference_steps=5, seed=3, width=32, height=32)
+    assert np.array_equal(np.asarray(made), np.asarray(expected.images[0]))
+    code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "j.png"), "--image", str(init),
+                       "--strength", "0.1", "--steps", "5")  # fmt: skip
+    assert code != 0 and "--strength: 0.1 x 5 steps leaves no denoising step" in output
+
+
+def test_info_takes_the_folder_either_way_and_fails_on_damage(tiny_export: Path, tmp_path: Path) -> None:
+    for args in (["info", str(tiny_export)], ["info", "-m", str(tiny_export)]):
+        code, output = run(*args)
+        assert code == 0 and "multiples of 4" in output and "all sha256 match" in output, output
+    folder = corrupt_copy(tiny_export, tmp_path / "damaged")
+    code, output = run("info", "-m", str(folder))
+    assert code != 0 and "sha256 mismatch" in output and "1 file(s) missing or modified" in output

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sd_onnx.runtime import GenerationCancelled, StableDiffusionPipeline
 from sd_onnx.runtime.schedulers import SCHEDULERS
@@ -121,10 +122,14 @@ def test_pil_output_and_parameters(ours) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"height": 36}, "multiples of 8"),
-        ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+        ({"height": 34}, "height: must be a positive multiple of 4 for this model"),
+        ({"num_inference_steps": 0}, "num_inference_steps: must be >= 1"),
         ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
-        ({"prompt": 42}, "prompt must be a string"),
+        ({"prompt": 42}, "prompt: must be a string"),
+        ({"guidance_scale": float("nan")}, "guidance_scale: must be a finite number"),
+        ({"seed": 2**64}, r"seed: must be in \[0, 18446744073709551615\]"),
+        ({"prompt": "a \ud800 cat"}, "prompt: is not valid Unicode text"),
+        ({"image": Image.new("RGB", (8, 8)), "strength": 0.1}, r"strength: 0.1 x 2 steps leaves no denoising step"),
         ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, "latents must have shape"),
         ({"output_type": "latent"}, "output_type must be"),
     ],

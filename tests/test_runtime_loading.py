@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from sd_onnx.runtime import StableDiffusionPipeline
-from sd_onnx.runtime.session import CACHE_DIR
 
 PROMPT = "a photo of an astronaut riding a horse"
 
@@ -37,9 +36,9 @@ def test_plain_onnx_folder_without_manifest_or_tokenizer_json(tiny_export: Path,
 
 def test_low_memory_loads_on_demand_and_gives_the_same_image(tiny_export: Path, reference) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu", low_memory=True)
-    assert pipe._models == {}
+    assert pipe.loaded_components == ()
     np.testing.assert_array_equal(generate(pipe), reference)
-    assert pipe._models == {}
+    assert pipe.loaded_components == ()
 
 
 @pytest.mark.parametrize("level", ["disabled", "basic", "extended"])
@@ -54,12 +53,41 @@ def test_unknown_optimization_level(tiny_export: Path) -> None:
 
 
 def test_optimized_graph_cache_is_written_then_used(tiny_export: Path, tmp_path: Path, reference) -> None:
-    folder = tmp_path / "cached"
-    shutil.copytree(tiny_export, folder, ignore=shutil.ignore_patterns(CACHE_DIR))
-    first = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
-    cached = sorted((folder / "unet" / CACHE_DIR).glob("*.onnx"))
-    assert len(cached) == 1 and "partial" not in cached[0].name
-    second = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
-    assert second._models["unet"].session._model_path == str(cached[0])
+    """The cache goes to `cache_dir` (default: the user cache directory), never into the model folder, which
+    may be read-only or inside site-packages."""
+    folder, cache = tmp_path / "model", tmp_path / "cache"
+    shutil.copytree(tiny_export, folder)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    first = StableDiffusionPipeline.from_pretrained(folder, provider="cpu", cache_dir=cache)
+    cached = sorted((cache / "optimized").glob("*.onnx"))
+    assert len(cached) == 3 and not any("partial" in p.name for p in cached)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    second = StableDiffusionPipeline.from_pretrained(folder, provider="cpu", cache_dir=cache)
+    unet_digest = second.manifest.components["unet"].files["unet/model.onnx"][:16]
+    assert Path(second.component("unet").session._model_path).name.startswith(unet_digest)
     np.testing.assert_allclose(generate(second), generate(first), atol=1e-6)
     np.testing.assert_allclose(generate(second), reference, atol=1e-5)
+
+
+def test_cache_defaults_to_the_user_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sd_onnx.runtime.session import CACHE_ENV, cache_root
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "sd-onnx"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+
+
+def test_read_only_model_folder_loads_and_caches_elsewhere(tiny_export: Path, tmp_path: Path, reference) -> None:
+    folder = tmp_path / "ro"
+    shutil.copytree(tiny_export, folder)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, provider="cpu", cache_dir=tmp_path / "c")
+        np.testing.assert_allclose(generate(pipe), reference, atol=1e-5)
+        assert list((tmp_path / "c" / "optimized").glob("*.onnx"))
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)

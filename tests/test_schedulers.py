@@ -131,9 +131,17 @@ def test_accepts_diffusers_and_a1111_names(alias: str, key: str) -> None:
 def test_zero_terminal_snr_reaches_pure_noise() -> None:
     config = {**SD15_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
     assert make_scheduler("ddim", config).alphas_cumprod[-1] == 0.0
-    assert make_scheduler("pndm", config).alphas_cumprod[-1] > 0.004  # diffusers' PNDM has no such option
-    with pytest.raises(ValueError, match="Karras sigmas are not supported on a zero-terminal-SNR schedule"):
-        make_scheduler("dpmpp_2m_karras", config)
+    with pytest.raises(ValueError, match="dpmpp_2m_karras: Karras sigmas are numerically unstable"):
+        make_scheduler("DPM++ 2M Karras", config)
+
+
+@pytest.mark.parametrize("name", ["pndm", "lms", "LMS Karras"])
+def test_samplers_that_cannot_follow_zero_snr_refuse_with_the_reason(name: str) -> None:
+    """One rule for every sampler: diffusers' PNDM and LMS have no zero-SNR option; running them would
+    silently use another noise schedule than the model was trained on."""
+    config = {**SD15_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    with pytest.raises(ValueError, match=r"cannot follow this model's zero-terminal-SNR .* samplers that can: ddim"):
+        make_scheduler(name, config)
 
 
 def test_unknown_scheduler_is_a_clear_error() -> None:

@@ -136,10 +136,10 @@ def test_openai_client(server: Server) -> None:
         ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 21}, 422, "max_steps=20"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "width": 128, "height": 128}, 422, "max_pixels=4096"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, 422, "max_batch=4"),
-        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 36, "steps": 1}, 422, "multiples of 8"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 34, "steps": 1}, 422, "width: must be a positive multiple of 4"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "heun", "steps": 1}, 422, "unknown scheduler"),
         ("/sdapi/v1/txt2img", {"prompt": 5}, 422, ""),
-        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64!"]}, 422, "not a base64-encoded image"),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64!"]}, 422, "init_images[0]: not valid base64"),
         ("/v1/images/generations", {"prompt": "x", "size": "big"}, 422, ""),
         ("/sdapi/v1/txt2img", {"prompt": "x" * 300_000}, 413, "max_body_bytes=200000"),
     ],
@@ -231,3 +231,36 @@ def test_graceful_shutdown_finishes_running_work(tiny_export: Path) -> None:
     worker.join()
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 4
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down cleanly
+
+
+def test_one_request_through_every_front_end_gives_the_same_pixels(
+    server: Server, tiny_export: Path, tmp_path: Path
+) -> None:
+    """CLI, A1111 route, OpenAI route (seed and steps as extensions) and Python API build the same
+    GenerationRequest, so the pixels and the PNG parameters agree byte for byte."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from sd_onnx.runtime import StableDiffusionPipeline
+    from sd_onnx.runtime.cli import main
+
+    prompt, seed, steps = "a blue square", 1234, 3
+    settings = ["--seed", str(seed), "--steps", str(steps), "--width", "32", "--height", "32"]
+    result = CliRunner().invoke(
+        main, ["prompt", prompt, "-m", str(tiny_export), "-o", str(tmp_path / "cli.png"), *settings]
+    )
+    assert result.exit_code == 0, result.output
+    cli = Image.open(tmp_path / "cli.png")
+    a1111 = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": prompt, "seed": seed, "steps": steps,
+                       "width": 32, "height": 32}, timeout=60).json()  # fmt: skip
+    openai = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": prompt, "seed": seed, "steps": steps,
+                        "size": "32x32"}, timeout=60).json()  # fmt: skip
+    api = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")(
+        prompt, seed=seed, num_inference_steps=steps, width=32, height=32
+    )
+    images = [cli, png_of(a1111["images"][0]), png_of(openai["data"][0]["b64_json"]), api.images[0]]
+    pixels = [np.asarray(image.convert("RGB")) for image in images]
+    for other in pixels[1:]:
+        np.testing.assert_array_equal(other, pixels[0])
+    texts = {image.text["parameters"] for image in images[:3]}
+    assert len(texts) == 1 and f"Seed: {seed}" in texts.pop()

@@ -37,6 +37,9 @@ ANCHORS: dict[str, tuple[float, float]] = {
 }
 SIDE: dict[str, float] = {"small": 0.28, "large": 0.42}
 HELD_OUT_FRACTION = 0.2
+# Every word the captions use: recorded in the exported manifest, so the runtime can name the words of a prompt
+# that this model never saw (it ignores them).
+VOCABULARY = sorted({"a", "on", "background", *COLORS, *SHAPES, *SIZES, *" ".join(POSITIONS).split()})
 SPLIT_SEED = 7
 SUPERSAMPLE = 4
 

@@ -47,7 +47,6 @@ class Scheduler:
             raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r} (known: {PREDICTION_TYPES})")
         zero_snr = bool(self.config.get("rescale_betas_zero_snr"))
         if zero_snr and self.config.get("use_karras_sigmas"):
-            # Karras spacing from sigma 4096 crowds the steps at t=999, where float rounding dominates.
             raise ValueError("Karras sigmas are not supported on a zero-terminal-SNR schedule (rescale_betas_zero_snr)")
         self.betas = make_betas(self.config)
         if zero_snr:
@@ -136,18 +135,24 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-def spaced_timesteps(config: dict[str, Any], num_steps: int) -> np.ndarray:
-    """Descending timesteps by the config's spacing ("linspace", "leading", "trailing"), as float64."""
+def spaced_timesteps(config: dict[str, Any], num_steps: int, solver_spacing: bool = False) -> np.ndarray:
+    """Descending timesteps by the config's spacing ("linspace", "leading", "trailing"), as float64.
+
+    `solver_spacing`: DPM-Solver's variant, which spaces num_steps + 1 points and drops the last (rounded)."""
     n_train = config["num_train_timesteps"]
     spacing = config["timestep_spacing"]
+    points = num_steps + 1 if solver_spacing else num_steps
     if spacing == "linspace":
-        return np.linspace(0, n_train - 1, num_steps)[::-1].copy()
-    if spacing == "leading":
-        ratio = n_train // num_steps
-        return (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.float64) + config["steps_offset"]
-    if spacing == "trailing":
+        steps = np.linspace(0, n_train - 1, points)
+        steps = steps.round() if solver_spacing else steps
+    elif spacing == "leading":
+        steps = (np.arange(0, points) * (n_train // points)).round().astype(np.float64) + config["steps_offset"]
+    elif spacing == "trailing":
         return np.arange(n_train, 0, -n_train / num_steps).round() - 1
-    raise ValueError(f"unknown timestep_spacing {spacing!r} (known: linspace, leading, trailing)")
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r} (known: linspace, leading, trailing)")
+    steps = steps[::-1]
+    return (steps[:-1] if solver_spacing else steps).copy()
 
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NoiseSource, Scheduler, karras_sigmas, sigma_to_t, train_sigmas
+from .base import NoiseSource, Scheduler, karras_sigmas, predict_x0_and_eps, sigma_to_t, spaced_timesteps, train_sigmas
 
 
 def _alpha_sigma(sigma: float) -> tuple[float, float]:
@@ -41,17 +41,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             raise ValueError("only DPM-Solver++ of order 2 (DPM++ 2M) is implemented")
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        n_train = self.config["num_train_timesteps"]
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            timesteps = np.linspace(0, n_train - 1, num_inference_steps + 1).round()[::-1][:-1]
-        elif spacing == "leading":
-            ratio = n_train // (num_inference_steps + 1)
-            timesteps = (np.arange(0, num_inference_steps + 1) * ratio).round()[::-1][:-1] + self.config["steps_offset"]
-        elif spacing == "trailing":
-            timesteps = np.arange(n_train, 0, -n_train / num_inference_steps).round() - 1
-        else:
-            raise ValueError(f"unknown timestep_spacing {spacing!r} (known: linspace, leading, trailing)")
+        timesteps = spaced_timesteps(self.config, num_inference_steps, solver_spacing=True)
         all_sigmas = train_sigmas(self.alphas_cumprod)
         if self.config["use_karras_sigmas"]:
             sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], num_inference_steps)
@@ -88,13 +78,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         return prev.astype(np.float32)
 
     def _data_prediction(self, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
-        alpha_t, sigma_t = _alpha_sigma(sigma)
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if kind == "v_prediction":
-            return alpha_t * sample - sigma_t * model_output
-        return model_output
+        alpha_t, _ = _alpha_sigma(sigma)
+        return predict_x0_and_eps(model_output, sample, alpha_t**2, self.config["prediction_type"])[0]
 
     def _first_order(self, sample: np.ndarray, i: int) -> np.ndarray:
         s, t = float(self.sigmas[i]), float(self.sigmas[i + 1])

@@ -1,5 +1,9 @@
 """A bounded job queue in front of one shared pipeline: a fixed pool of worker threads takes jobs in order;
-a full queue is refused at once (the caller answers 503), so accepted work is never dropped."""
+a full queue is refused at once (the caller answers 503), so accepted work is never dropped.
+
+Cancellation (interrupt, request timeout, shutdown) is a flag the pipeline polls between denoising steps and
+between decoded images, so a cancelled job stops within one UNet step or one VAE decode.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
+from ..request import GenerationRequest
 
 
 class QueueFull(Exception):
@@ -26,9 +30,9 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Job:
-    """One generation request: pipeline keyword arguments, a future for its result, a cancel flag."""
+    """One resolved generation request, a future for its result, a cancel flag and its progress."""
 
-    kwargs: dict[str, Any]
+    request: GenerationRequest
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -46,6 +50,7 @@ class JobQueue:
         self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=size)
         self.running: dict[str, Job] = {}
         self.accepting = True
+        self.stopping = False
         self.steps_done = 0
         self.busy_seconds = 0.0
         self._lock = threading.Lock()
@@ -55,11 +60,11 @@ class JobQueue:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, kwargs: dict[str, Any]) -> Job:
+    def submit(self, request: GenerationRequest) -> Job:
         """Queue a job or raise QueueFull / ShuttingDown right away."""
         if not self.accepting:
             raise ShuttingDown("server is shutting down")
-        job = Job(kwargs)
+        job = Job(request)
         try:
             self.pending.put_nowait(job)
         except queue.Full:
@@ -73,6 +78,10 @@ class JobQueue:
         with self._lock:
             return next(iter(self.running.values()), None)
 
+    def busy(self) -> int:
+        with self._lock:
+            return len(self.running)
+
     def interrupt(self) -> int:
         """Cancel every running job; returns how many."""
         with self._lock:
@@ -81,20 +90,27 @@ class JobQueue:
             return len(self.running)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting, cancel what waits, let running jobs finish (up to `timeout`)."""
+        """Stop accepting, answer every queued job "shutting down", let running jobs finish for up to `timeout`
+        seconds, then cancel them (each stops within a step). Safe to call more than once."""
         self.accepting = False
         while True:
             try:
                 job = self.pending.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if job is not None and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ShuttingDown("server is shutting down"))
-        for _ in self._workers:
-            self.pending.put(None)
+        if not self.stopping:
+            self.stopping = True
+            for _ in self._workers:
+                self.pending.put(None)
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
+        if any(worker.is_alive() for worker in self._workers):
+            self.interrupt()
+            for worker in self._workers:
+                worker.join(10.0)
 
     def _work(self) -> None:
         while (job := self.pending.get()) is not None:
@@ -102,21 +118,20 @@ class JobQueue:
                 self._run(job)
 
     def _run(self, job: Job) -> None:
-        def on_step(i: int, total: int, latents: np.ndarray) -> bool:
+        def on_step(i: int, total: int, latents: np.ndarray) -> None:
             job.step, job.total, job.latents = i + 1, total, latents
             with self._lock:
                 self.steps_done += 1
-            return not job.cancelled.is_set()
 
         with self._lock:
             self.running[job.id] = job
         job.started = time.monotonic()
         try:
-            result: PipelineOutput = self.pipe(**job.kwargs, callback=on_step)
+            result: PipelineOutput = self.pipe.generate(job.request, callback=on_step, cancelled=job.cancelled.is_set)
             job.future.set_result(result)
-        except (GenerationCancelled, ValueError) as exc:
-            job.future.set_exception(exc)
-        except Exception as exc:  # noqa: BLE001 - any other failure must still answer the waiting request
+        except GenerationCancelled as exc:
+            job.future.set_exception(ShuttingDown("server is shutting down") if not self.accepting else exc)
+        except Exception as exc:  # noqa: BLE001 - any failure must still answer the waiting request
             job.future.set_exception(exc)
         finally:
             with self._lock:

@@ -1,36 +1,52 @@
-"""Request bodies of the A1111 and OpenAI image APIs (the fields this server honours)."""
+"""Request bodies of the A1111 and OpenAI image APIs (the fields this server honours).
+
+Types only: ranges, defaults and limits are checked once, by `GenerationRequest.resolve`, and its errors are
+answered 422 naming the field as these bodies spell it. Non-finite numbers are refused here already.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+FINITE = ConfigDict(allow_inf_nan=False)
 
 
 class Txt2ImgRequest(BaseModel):
+    model_config = FINITE
+
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    cfg_scale: float | None = Field(None, ge=0.0, le=100.0, description="Default: the model's guidance.")
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
-    seed: int = Field(-1, ge=-1, le=2**63 - 1)
+    steps: int | None = Field(None, description="Default: 20 (or the server's max_steps if lower).")
+    cfg_scale: float | None = Field(None, description="Default: the model's guidance.")
+    width: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
+    height: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
+    seed: int = Field(-1, description="-1 draws a random seed (reported in info).")
     sampler_name: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
+    batch_size: int = 1
+    n_iter: int = 1
+    eta: float = 0.0
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(..., min_length=1, max_length=1)
-    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
+    init_images: list[str] = Field(..., min_length=1, max_length=1, description="One base64 image or data URL.")
+    denoising_strength: float | None = Field(None, description="Default: 0.75.")
 
 
 class OpenAIImageRequest(BaseModel):
+    model_config = FINITE
+
     prompt: str = Field(..., max_length=4000)
-    n: int = Field(1, ge=1)
+    n: int = 1
     size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
     response_format: Literal["b64_json", "url"] = "b64_json"
     model: str | None = None
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+    # Extensions (the official client sends them with extra_body=...): reproducible images.
+    seed: int = Field(-1, description="sd-onnx extension; -1 draws a random seed.")
+    steps: int | None = Field(None, description="sd-onnx extension.")
+    negative_prompt: str | None = Field(None, description="sd-onnx extension.")
+    guidance_scale: float | None = Field(None, description="sd-onnx extension.")

@@ -1,0 +1,68 @@
+"""Read a model folder's own component configs into `ModelConfig`: the one reader, for the exporter (diffusers
+folders: `vae/`) and the runtime (ONNX folders without a manifest: `vae_decoder/`). JSON only, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .manifest import ManifestError, ModelConfig
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; ManifestError naming the file when it is missing, corrupt or not an object."""
+    if not path.is_file():
+        raise ManifestError(f"{path.parent}: incomplete model, missing {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: corrupt JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def size_multiple(vae_scale_factor: int, unet: dict[str, Any]) -> int:
+    """Pixel sides the model can run: the VAE factor times 2 per UNet down-sampling level (each level but the
+    last halves the latent, and the up path must meet the skip connections at the same size)."""
+    levels = len(unet.get("block_out_channels") or unet.get("down_block_types") or ())
+    if levels < 1:
+        raise ManifestError("unet config has no block_out_channels: cannot tell its size multiple")
+    return vae_scale_factor * 2 ** (levels - 1)
+
+
+def read_model_config(
+    folder: Path, vae: str = "vae", text_width: int | None = None, guidance_scale: float | None = None
+) -> ModelConfig:
+    """Sizes, token length and prediction type from `text_encoder/`, `unet/`, `<vae>/` and `scheduler/` configs.
+
+    `text_width` stands in for the text encoder's hidden size where its config is missing (some ONNX
+    folders); the UNet's `cross_attention_dim` is the next fallback."""
+    folder = Path(folder)
+    unet = read_json(folder / "unet" / "config.json")
+    vae_config = read_json(folder / vae / "config.json")
+    text_path = folder / "text_encoder" / "config.json"
+    text = read_json(text_path) if text_path.is_file() else {}
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    width = text.get("hidden_size") or text_width or unet.get("cross_attention_dim")
+    try:
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        config = ModelConfig(
+            embedding_dim=int(width),
+            latent_channels=int(vae_config.get("latent_channels", unet.get("in_channels", 4))),
+            vae_scale_factor=factor,
+            scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+            sample_size=int(unet["sample_size"]),
+            max_token_length=int(text.get("max_position_embeddings", 77)),
+            prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+            shift_factor=vae_config.get("shift_factor"),
+            size_multiple=size_multiple(factor, unet),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc
+    if guidance_scale is not None:
+        config.guidance_scale = guidance_scale
+    return config

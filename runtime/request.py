@@ -1,0 +1,258 @@
+"""`GenerationRequest`: every generation setting, its default and its limits, validated in one place.
+
+The CLI, both server APIs and `StableDiffusionPipeline.__call__` all build one and call `resolve`, which fills
+the defaults from the model (guidance, size, sampler), draws the seed, and checks every field against what the
+model can run (its size multiple, its noise schedule) and against `Limits`. A bad field raises `RequestError`
+(a ValueError) naming the field, so each front end only renames the field into its own vocabulary.
+PNG parameters and server answers are derived from the resolved request.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .manifest import ModelConfig
+from .schedulers import make_scheduler, resolve_name
+
+DEFAULT_STEPS = 20
+DEFAULT_STRENGTH = 0.75
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts for non-negative seeds
+RANDOM_SEED = -1  # A1111's convention; the seed actually drawn is recorded
+
+
+class RequestError(ValueError):
+    """A generation setting is invalid; `field` is the GenerationRequest field it concerns."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one deployment allows per request; the CLI and the server share these defaults.
+
+    The defaults fit a CPU of this project's reference machine (2 cores) within `timeout_s` for the shipped
+    model; a larger model needs lower limits or a longer timeout (docs/serving.md has the figures)."""
+
+    max_steps: int = 50
+    max_pixels: int = 1024 * 1024
+    max_batch: int = 4
+
+    @classmethod
+    def none(cls) -> Limits:
+        """No limits: the Python API's default, like diffusers."""
+        return cls(max_steps=2**31, max_pixels=2**62, max_batch=2**31)
+
+    @property
+    def max_input_pixels(self) -> int:
+        """Largest init image accepted (decoded, before resizing): four times the output limit."""
+        return 4 * self.max_pixels
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: prompts and settings; `None` means "the model's default" until `resolve`."""
+
+    prompt: str | tuple[str, ...]
+    negative_prompt: str | tuple[str, ...] | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    batch: int = 1
+    scheduler: str | None = None
+    eta: float = 0.0
+    image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None
+    resolved: bool = field(default=False, compare=False, repr=False)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negative_prompts(self) -> list[str] | None:
+        """One negative prompt per prompt, or None when none was given."""
+        if self.negative_prompt is None:
+            return None
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts)
+        return list(self.negative_prompt)
+
+    @property
+    def image_count(self) -> int:
+        return len(self.prompts) * self.batch
+
+    def resolve(
+        self, config: ModelConfig, scheduler_config: dict[str, Any], default_scheduler: str, limits: Limits
+    ) -> GenerationRequest:
+        """A copy with every default filled in and every field checked; RequestError on the first bad one."""
+        prompt = _prompts("prompt", self.prompt)
+        negative = None if self.negative_prompt is None else _prompts("negative_prompt", self.negative_prompt)
+        if isinstance(negative, tuple) and len(negative) != len(_as_tuple(prompt)):
+            raise RequestError("negative_prompt", f"has {len(negative)} entries for {len(_as_tuple(prompt))} prompts")
+        steps = _integer("steps", min(DEFAULT_STEPS, limits.max_steps) if self.steps is None else self.steps)
+        _in_range("steps", steps, 1, limits.max_steps)
+        guidance = config.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        guidance = _number("guidance_scale", guidance)
+        _in_range("guidance_scale", guidance, 0.0, None)
+        width, height = self._size(config, limits)
+        batch = _integer("batch", self.batch)
+        _in_range("batch", batch, 1, None)
+        images = len(_as_tuple(prompt)) * batch
+        if images > limits.max_batch:
+            raise RequestError("batch", f"{images} images exceeds the limit max_batch={limits.max_batch}")
+        scheduler = self._scheduler(scheduler_config, default_scheduler)
+        eta = _number("eta", self.eta)
+        _in_range("eta", eta, 0.0, 1.0)
+        strength = self._strength(steps)
+        return replace(
+            self,
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            seed=_seed(self.seed),
+            batch=batch,
+            scheduler=scheduler,
+            eta=eta,
+            strength=strength,
+            resolved=True,
+        )
+
+    def _size(self, config: ModelConfig, limits: Limits) -> tuple[int, int]:
+        multiple = config.size_multiple
+        sides = []
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            value = config.default_resolution if value is None else _integer(name, value)
+            if value <= 0 or value % multiple:
+                raise RequestError(
+                    name, f"must be a positive multiple of {multiple} for this model (its size multiple), got {value}"
+                )
+            sides.append(value)
+        width, height = sides
+        if width * height > limits.max_pixels:
+            raise RequestError("width", f"{width}x{height} exceeds the limit max_pixels={limits.max_pixels}")
+        return width, height
+
+    def _scheduler(self, scheduler_config: dict[str, Any], default: str) -> str:
+        name = default if self.scheduler is None else self.scheduler
+        if not isinstance(name, str):
+            raise RequestError("scheduler", f"must be a string, got {type(name).__name__}")
+        try:
+            name = resolve_name(name)
+            make_scheduler(name, scheduler_config)  # refuses what cannot run on this model's noise schedule
+        except ValueError as exc:
+            raise RequestError("scheduler", str(exc)) from None
+        return name
+
+    def _strength(self, steps: int) -> float | None:
+        if self.image is None:
+            if self.strength is not None:
+                _number("strength", self.strength)
+            return self.strength
+        strength = _number("strength", DEFAULT_STRENGTH if self.strength is None else self.strength)
+        if not 0.0 < strength <= 1.0:
+            raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
+        if int(steps * strength) < 1:
+            raise RequestError(
+                "strength", f"{strength:g} x {steps} steps leaves no denoising step; raise steps or strength"
+            )
+        return strength
+
+    def parameters(self, model_name: str) -> dict[str, Any]:
+        """A1111-style generation parameters of a resolved request (PNG "parameters" chunk, server info)."""
+        if not self.resolved:
+            raise ValueError("parameters() needs a resolved request")
+        params: dict[str, Any] = {
+            "Steps": self.steps,
+            "Sampler": self.scheduler,
+            "CFG scale": self.guidance_scale,
+            "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}",
+            "Model": model_name,
+        }
+        if self.image is not None:
+            params["Denoising strength"] = self.strength
+        if self.eta:
+            params["Eta"] = self.eta
+        return params
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (no image)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
+
+
+def _as_tuple(prompt: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (prompt,) if isinstance(prompt, str) else prompt
+
+
+def _prompts(name: str, value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        _text(name, value)
+        return value
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) for p in value):
+        raise RequestError(name, "must be a string or a non-empty list of strings")
+    for p in value:
+        _text(name, p)
+    return tuple(value)
+
+
+def _text(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(name, f"is not valid Unicode text (character {exc.start} is a lone surrogate)") from None
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RequestError(name, f"must be an integer, got {value!r}")
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or value != int(value):
+            raise RequestError(name, f"must be an integer, got {value!r}")
+        return int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise RequestError(name, f"must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(name, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _in_range(name: str, value: float, low: float, high: float | None) -> None:
+    if value < low:
+        raise RequestError(name, f"must be >= {low:g}, got {value:g}")
+    if high is not None and value > high:
+        limit = f"max_{name}" if name == "steps" else "the maximum"
+        raise RequestError(name, f"{value:g} exceeds the limit {limit}={high:g}")
+
+
+def _seed(seed: Any) -> int:
+    if seed is None or (not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and seed == RANDOM_SEED):
+        return secrets.randbits(32)
+    seed = _integer("seed", seed)
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise RequestError("seed", f"must be in [{low}, {high}] or {RANDOM_SEED} for a random seed, got {seed}")
+    return seed
+
+
+__all__ = ["GenerationRequest", "Limits", "RequestError", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "SEED_RANGE"]

@@ -1,0 +1,129 @@
+"""AUTOMATIC1111-compatible routes (/sdapi/v1/...): bodies become GenerationRequests, answers come from the
+resolved request and its images."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from PIL import Image
+
+from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
+from ..request import GenerationRequest
+from ..schedulers import SCHEDULERS, resolve_name, scheduler_names
+from .schemas import Img2ImgRequest, Txt2ImgRequest
+from .state import ServerState
+
+# GenerationRequest field -> A1111 body field, so 422s name what the client sent.
+FIELD_NAMES = {
+    "guidance_scale": "cfg_scale",
+    "batch": "batch_size",
+    "scheduler": "sampler_name",
+    "strength": "denoising_strength",
+}
+# SD 1.x latent -> RGB approximation, for cheap progress previews of 4-channel latents.
+PREVIEW_FACTORS = np.array(
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], np.float32
+)
+
+
+def to_request(body: Txt2ImgRequest, image: Image.Image | None = None) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or None,
+        steps=body.steps,
+        guidance_scale=body.cfg_scale,
+        width=body.width,
+        height=body.height,
+        seed=body.seed,
+        batch=body.batch_size * body.n_iter,
+        scheduler=body.sampler_name or None,
+        eta=body.eta,
+        image=image,
+        strength=getattr(body, "denoising_strength", None),
+    )
+
+
+def add_routes(api: APIRouter, state: ServerState) -> None:
+    async def run(body: Txt2ImgRequest, image: Image.Image | None) -> dict[str, Any]:
+        if body.batch_size < 1 or body.n_iter < 1:
+            bad = "batch_size" if body.batch_size < 1 else "n_iter"
+            raise HTTPException(422, f"{bad}: must be >= 1")
+        request = state.prepare(to_request(body, image), FIELD_NAMES)
+        out = await state.generate(request)
+        texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]
+        images = [base64.b64encode(png_bytes(img, text)).decode() for img, text in zip(out.images, texts, strict=True)]
+        info = {"prompt": body.prompt, "seed": request.seed, "infotexts": texts, **out.parameters}
+        return {"images": images, "parameters": body.model_dump(exclude={"init_images"}), "info": json.dumps(info)}
+
+    @api.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+        return await run(body, None)
+
+    @api.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
+        state.ready()
+        try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
+            image = await asyncio.to_thread(
+                decode_base64_image, body.init_images[0], state.config.limits.max_input_pixels
+            )
+        except ImageError as exc:
+            raise HTTPException(422, f"init_images[0]: {exc}") from None
+        return await run(body, image)
+
+    @api.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        names = scheduler_names()
+        return [
+            {"name": key, "aliases": [n for n in names if n != key and resolve_name(n) == key], "options": {}}
+            for key in SCHEDULERS
+        ]
+
+    @api.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        pipe, _ = state.ready()
+        manifest = pipe.manifest
+        digest = manifest.components["unet"].files[manifest.components["unet"].file] if manifest else ""
+        name = pipe.model_name
+        return [
+            {"title": name, "model_name": name, "hash": digest[:10], "sha256": digest, "filename": name, "config": None}
+        ]
+
+    @api.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        _, jobs = state.ready()
+        job = jobs.current()
+        fraction = job.step / job.total if job and job.total else 0.0
+        elapsed = time.monotonic() - job.started if job and job.started else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        preview = None if skip_current_image or job is None or job.latents is None else _preview(job.latents)
+        return {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": {
+                "job_count": jobs.depth() + jobs.busy(),
+                "sampling_step": job.step if job else 0,
+                "sampling_steps": job.total if job else 0,
+                "interrupted": bool(job and job.cancelled.is_set()),
+            },
+            "current_image": preview,
+            "textinfo": None,
+        }
+
+    @api.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict[str, Any]:
+        _, jobs = state.ready()
+        return {"interrupted": jobs.interrupt()}
+
+
+def _preview(latents: np.ndarray) -> str | None:
+    if latents.shape[1] != PREVIEW_FACTORS.shape[0]:
+        return None
+    rgb = np.einsum("chw,cr->hwr", latents[0], PREVIEW_FACTORS)
+    image = Image.fromarray(((rgb + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+    return base64.b64encode(png_bytes(image)).decode()

@@ -1,0 +1,124 @@
+"""What the routes share: settings, the pipeline once loaded, its job queue, metrics, the URL image store, and
+`generate`, the one path from a GenerationRequest to an HTTP answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import HTTPException
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
+from ..request import GenerationRequest, Limits, RequestError
+from .jobs import JobQueue, QueueFull, ShuttingDown
+
+LOG = logging.getLogger("sd_onnx.server")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and security settings of one server."""
+
+    limits: Limits = field(default_factory=Limits)
+    timeout_s: float = 600.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    api_key: str | None = None
+    workers: int = 1
+    queue_size: int = 8
+    image_store_size: int = 64
+    public_url: str = "http://127.0.0.1:7860"
+    graceful_shutdown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; give a key or None for no authentication")
+
+
+class ServerState:
+    """Shared by every route; the pipeline arrives from a loader thread so /health can say "loading"."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.pipe: StableDiffusionPipeline | None = None
+        self.jobs: JobQueue | None = None
+        self.images: OrderedDict[str, bytes] = OrderedDict()
+        self.images_lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sd_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "sd_request_latency_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+        )  # fmt: skip
+        Gauge("sd_queue_depth", "Jobs waiting", registry=self.registry).set_function(
+            lambda: self.jobs.depth() if self.jobs else 0
+        )
+        Gauge("sd_steps_per_second", "Denoising steps per busy second", registry=self.registry).set_function(
+            lambda: self.jobs.steps_done / self.jobs.busy_seconds if self.jobs and self.jobs.busy_seconds else 0.0
+        )
+
+    def load(self, loader: Callable[[], StableDiffusionPipeline]) -> None:
+        """Build the pipeline; a model that cannot load ends the server with its one-line reason."""
+        try:
+            pipe = loader()
+        except Exception as exc:  # noqa: BLE001 - whatever stops the model loading must stop the server, visibly
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"Error: {reason}", file=sys.stderr, flush=True)
+            os._exit(1)
+        self.jobs = JobQueue(pipe, self.config.workers, self.config.queue_size)
+        self.pipe = pipe
+
+    def ready(self) -> tuple[StableDiffusionPipeline, JobQueue]:
+        if self.jobs is not None and not self.jobs.accepting:
+            raise HTTPException(503, "server is shutting down", headers={"Retry-After": "10"})
+        if self.pipe is None or self.jobs is None:
+            raise HTTPException(503, "model is still loading", headers={"Retry-After": "5"})
+        return self.pipe, self.jobs
+
+    def prepare(self, request: GenerationRequest, names: dict[str, str]) -> GenerationRequest:
+        """Resolve against the model and the server's limits; 422 naming the field as the API spells it."""
+        pipe, _ = self.ready()
+        try:
+            return pipe.prepare(request, self.config.limits)
+        except RequestError as exc:
+            raise HTTPException(422, f"{names.get(exc.field, exc.field)}: {exc.reason}") from None
+
+    async def generate(self, request: GenerationRequest) -> PipelineOutput:
+        """Queue a resolved request and wait; queue, timeout and cancellation become HTTP answers. A timed-out
+        job is cancelled, not left running."""
+        _, jobs = self.ready()
+        try:
+            job = jobs.submit(request)
+        except (QueueFull, ShuttingDown) as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.config.timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
+            job.cancelled.set()
+            job.future.cancel()  # still queued: never runs
+            raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
+        except GenerationCancelled:
+            raise HTTPException(409, "generation was interrupted") from None
+        except ShuttingDown as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    def store_image(self, png: bytes) -> str:
+        image_id = secrets.token_hex(16)
+        with self.images_lock:
+            self.images[image_id] = png
+            while len(self.images) > self.config.image_store_size:
+                self.images.popitem(last=False)
+        return image_id
+
+    def image_url(self, png: bytes) -> str:
+        """A link to a stored image on the configured public URL (never the client's Host header)."""
+        return f"{self.config.public_url}/v1/images/files/{self.store_image(png)}.png"

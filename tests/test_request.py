@@ -1,0 +1,90 @@
+"""GenerationRequest: defaults from the model, every field checked once, errors naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sd_onnx.runtime.manifest import ModelConfig
+from sd_onnx.runtime.request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
+
+CONFIG = ModelConfig(
+    embedding_dim=32, latent_channels=4, vae_scale_factor=4, scaling_factor=0.5, sample_size=16,
+    max_token_length=77, guidance_scale=2.0, size_multiple=16,
+)  # fmt: skip
+ZERO_SNR = {"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing"}  # fmt: skip
+LIMITS = Limits(max_steps=30, max_pixels=128 * 128, max_batch=4)
+
+
+def resolve(limits: Limits = LIMITS, **fields: object) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": "a red circle", **fields}).resolve(CONFIG, ZERO_SNR, "ddim", limits)
+
+
+def test_defaults_come_from_the_model_and_one_constant() -> None:
+    request = resolve()
+    assert request.steps == DEFAULT_STEPS and request.guidance_scale == 2.0
+    assert (request.width, request.height) == (64, 64) and request.scheduler == "ddim"
+    assert 0 <= request.seed < 2**32 and request.strength is None
+    assert resolve(limits=Limits(max_steps=5)).steps == 5  # the default never exceeds the limit
+    assert request.resolve(CONFIG, ZERO_SNR, "ddim", LIMITS) == request  # idempotent: the seed stays
+
+
+def test_random_seed_is_drawn_and_recorded() -> None:
+    seeds = {resolve(seed=-1).seed for _ in range(5)}
+    assert len(seeds) > 1
+    assert resolve(seed=2**64 - 1).seed == 2**64 - 1 and resolve(seed=0).seed == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"steps": 0}, "steps", "must be >= 1"),
+        ({"steps": 31}, "steps", "exceeds the limit max_steps=30"),
+        ({"steps": 2.5}, "steps", "must be an integer"),
+        ({"steps": math.nan}, "steps", "must be an integer"),
+        ({"steps": True}, "steps", "must be an integer"),
+        ({"guidance_scale": math.nan}, "guidance_scale", "must be a finite number"),
+        ({"guidance_scale": math.inf}, "guidance_scale", "must be a finite number"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "must be >= 0"),
+        ({"width": 72}, "width", "must be a positive multiple of 16 for this model"),
+        ({"height": 0}, "height", "must be a positive multiple of 16"),
+        ({"width": 256, "height": 256}, "width", "256x256 exceeds the limit max_pixels=16384"),
+        ({"seed": -2}, "seed", "must be in [0, 18446744073709551615] or -1"),
+        ({"seed": 2**64}, "seed", "must be in [0, 18446744073709551615]"),
+        ({"seed": math.nan}, "seed", "must be an integer"),
+        ({"batch": 0}, "batch", "must be >= 1"),
+        ({"batch": 5}, "batch", "5 images exceeds the limit max_batch=4"),
+        ({"prompt": ("a", "b", "c"), "batch": 2}, "batch", "6 images exceeds the limit max_batch=4"),
+        ({"prompt": "bad \ud800 text"}, "prompt", "is not valid Unicode text"),
+        ({"prompt": 5}, "prompt", "must be a string or a non-empty list of strings"),
+        ({"prompt": ()}, "prompt", "must be a string or a non-empty list of strings"),
+        ({"negative_prompt": "\udcff"}, "negative_prompt", "is not valid Unicode text"),
+        ({"prompt": ("a", "b"), "negative_prompt": ("x",)}, "negative_prompt", "has 1 entries for 2 prompts"),
+        ({"scheduler": "heun"}, "scheduler", "unknown scheduler 'heun'"),
+        ({"scheduler": "LMS Karras"}, "scheduler", "cannot follow this model's zero-terminal-SNR"),
+        ({"scheduler": "DPM++ 2M Karras"}, "scheduler", "Karras sigmas are numerically unstable"),
+        ({"scheduler": 3}, "scheduler", "must be a string"),
+        ({"eta": math.nan}, "eta", "must be a finite number"),
+        ({"eta": 2.0}, "eta", "exceeds the limit"),
+        ({"image": object(), "strength": 0.0}, "strength", "must be in (0, 1]"),
+        ({"image": object(), "strength": math.nan}, "strength", "must be a finite number"),
+        ({"image": object(), "steps": 4, "strength": 0.2}, "strength", "0.2 x 4 steps leaves no denoising step"),
+    ],
+)
+def test_each_bad_field_is_a_request_error_naming_it(fields: dict, field: str, message: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        resolve(**fields)
+    assert caught.value.field == field and message in caught.value.reason
+    assert isinstance(caught.value, ValueError) and "\n" not in str(caught.value)
+
+
+def test_img2img_strength_default_and_parameters() -> None:
+    request = resolve(image=object(), seed=7, steps=10)
+    assert request.strength == 0.75
+    params = request.parameters("shapes")
+    assert params == {"Steps": 10, "Sampler": "ddim", "CFG scale": 2.0, "Seed": 7, "Size": "64x64",
+                      "Model": "shapes", "Denoising strength": 0.75}  # fmt: skip
+    with pytest.raises(ValueError, match="resolved"):
+        GenerationRequest("x").parameters("m")
