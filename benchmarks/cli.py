@@ -228,5 +228,49 @@ def roofline(
         click.echo(f"ratio to baseline {report['ratio']:.3f}x, floor {report['floor_ratio']:.3f}x")
 
 
+@main.command()
+@click.argument("fp32", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("int8", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--size", default=None, type=int, help="Image side in pixels [default: the model's own].")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/int8_fidelity.json"))
+def fidelity(fp32: Path, int8: Path, size: int | None, steps: int, out: Path) -> None:
+    """PSNR of int8 against fp32 images for the same prompts and seeds."""
+    from .int8_fidelity import measure
+
+    write_json(out, measure(fp32, int8, size, steps))
+
+
+@main.command("load-memory")
+@click.argument("model", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--steps", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/runtime_load_memory.json"))
+def load_memory(model: Path, size: int, steps: int, out: Path) -> None:
+    """Load time and peak RSS: cold, cached and low-memory loads, each in a fresh process."""
+    from .runtime_load_memory import measure
+
+    write_json(out, measure(model, size, steps))
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("result", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--skip-sd15", is_flag=True, help="Only the tiny model's CUDA check.")
+def gpu(work: Path, result: Path, steps: int, size: int, skip_sd15: bool) -> None:
+    """fp16 export on onnxruntime CUDA against diffusers on CUDA (needs a GPU and onnxruntime-gpu)."""
+    from .gpu import measure
+
+    measure(work, result, steps, size, skip_sd15)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(str(path))
+
+
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ architecture with seeded random weights (how fast, against the tools users would
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -164,26 +163,18 @@ def environment() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path)
-    parser.add_argument("result", type=Path)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--skip-sd15", action="store_true", help="only the tiny model's check")
-    args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
+def measure(work: Path, result: Path, steps: int = 20, size: int = 512, skip_sd15: bool = False) -> dict[str, Any]:
+    """The tiny model's CUDA check, then SD 1.5 timings (`sd-bench gpu`); `result` is rewritten after each part,
+    so a run cut short keeps what it measured."""
+    work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"environment": environment()}
     print(report, flush=True)
-    report["tiny"] = tiny_check(args.work)
+    report["tiny"] = tiny_check(work)
     print("tiny:", report["tiny"], flush=True)
-    args.result.write_text(json.dumps(report, indent=2, default=str))
+    result.write_text(json.dumps(report, indent=2, default=str))
     if set(report["tiny"]["providers"].values()) != {"CUDAExecutionProvider"}:
         raise SystemExit("the CUDA provider did not run every graph; not timing SD 1.5")
-    if not args.skip_sd15:
-        report["sd15"] = sd15(args.work, args.steps, args.size)
-        args.result.write_text(json.dumps(report, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    main()
+    if not skip_sd15:
+        report["sd15"] = sd15(work, steps, size)
+        result.write_text(json.dumps(report, indent=2, default=str))
+    return report

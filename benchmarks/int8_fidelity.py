@@ -8,8 +8,6 @@ plus the per-component figures the quantizer stored in the int8 manifest.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +24,14 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("fp32", type=Path)
-    parser.add_argument("int8", type=Path)
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_fidelity.json"))
-    args = parser.parse_args()
-    pipes = {
-        p: StableDiffusionPipeline.from_pretrained(getattr(args, p), provider="cpu", cache=False)
-        for p in ("fp32", "int8")
-    }
+def measure(fp32: Path, int8: Path, size: int | None = None, steps: int = 20) -> dict:
+    """Images of the fp32 and int8 exports for the same prompts and seeds, and their PSNR (`sd-bench fidelity`)."""
+    pipes = {name: StableDiffusionPipeline.from_pretrained(folder, provider="cpu", cache=False)
+             for name, folder in (("fp32", fp32), ("int8", int8))}  # fmt: skip
     rows = []
     for seed, prompt in enumerate(PROMPTS):
         images = {
-            name: np.asarray(
-                pipe(prompt, seed=seed, num_inference_steps=args.steps, height=args.size, width=args.size).images[0]
-            )
+            name: np.asarray(pipe(prompt, seed=seed, num_inference_steps=steps, height=size, width=size).images[0])
             for name, pipe in pipes.items()
         }
         rows.append({
@@ -53,20 +41,13 @@ def main() -> None:
             "mean_abs_diff_255": float(np.abs(images["int8"].astype(float) - images["fp32"]).mean()),
         })  # fmt: skip
         print(rows[-1], flush=True)
-    manifest = Manifest.load(args.int8)
-    report = {
-        "fp32": str(args.fp32),
-        "int8": str(args.int8),
-        "steps": args.steps,
-        "size": args.size or manifest.config.default_resolution,
+    manifest = Manifest.load(int8)
+    return {
+        "fp32": Path(fp32).name,
+        "int8": Path(int8).name,
+        "steps": steps,
+        "size": size or manifest.config.default_resolution,
         "images": rows,
         "mean_psnr_db": float(np.mean([r["psnr_db"] for r in rows])),
         "components": {k: v.validation for k, v in manifest.components.items() if v.precision == "int8"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("mean_psnr_db", "components")}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,10 +6,10 @@ without --low-memory, each in its own subprocess, on one model folder, in one in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,33 +48,23 @@ def run(model: Path, low_memory: bool, size: int, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime_load_memory.json"))
-    args = parser.parse_args()
+def measure(model: Path, size: int = 512, steps: int = 2) -> dict:
+    """Load time, generation time and peak RSS of a cold load, a cached load and low-memory mode, each in its own
+    process with a fresh optimized-graph cache (`sd-bench load-memory`)."""
     cache = Path(tempfile.mkdtemp(prefix="sd-onnx-cache-"))
-    os.environ[CACHE_ENV] = str(cache)  # a fresh optimized-graph cache, inherited by each measured process
+    os.environ[CACHE_ENV] = str(cache)  # inherited by each measured process
     started = time.time()
     results = {
-        "first_load (no cache)": run(args.model, False, args.size, args.steps),
-        "second_load (cached optimized graphs)": run(args.model, False, args.size, args.steps),
-        "low_memory (cached)": run(args.model, True, args.size, args.steps),
+        "first_load (no cache)": run(model, False, size, steps),
+        "second_load (cached optimized graphs)": run(model, False, size, steps),
+        "low_memory (cached)": run(model, True, size, steps),
     }
-    report = {
+    shutil.rmtree(cache, ignore_errors=True)
+    return {
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
         "machine": {"cpu": platform.processor() or platform.machine(), "isa": isa(), "threads": 2},
-        "model": str(args.model),
-        "size": args.size,
-        "steps": args.steps,
+        "model": Path(model).name,
+        "size": size,
+        "steps": steps,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

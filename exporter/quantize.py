@@ -1,6 +1,6 @@
 """int8 quantization: static QDQ with onnxruntime's quantization tools, one recipe per component.
 
-What the recipes encode (measured, see ../shared/NOTES.md and benchmarks/results): Conv and the weight
+What the recipes encode (measured, see docs/performance.md and benchmarks/results): Conv and the weight
 MatMuls/Gemms are quantized (u8 activations, s8 per-channel weights) because onnxruntime has fast
 QLinearConv and QLinearMatMul kernels for them; the attention core (fused at export into
 MultiHeadAttention, or left as activation x activation MatMuls and Softmax with --no-optimize) stays

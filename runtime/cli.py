@@ -41,7 +41,7 @@ DEFAULT_LIMITS = Limits()
 
 def default_model() -> Path:
     """The model used when `-m` is not given: $SD_ONNX_MODEL, else the shapes model shipped in the package."""
-    from ..models.shapes import shipped_model
+    from .shipped import shipped_model
 
     return Path(os.environ.get(DEFAULT_MODEL_ENV) or shipped_model())
 
@@ -71,12 +71,19 @@ def log_to_stderr() -> None:
     import warnings
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setFormatter(_LevelPrefix())
     logger = logging.getLogger("sd_onnx")
     logger.handlers[:] = [handler]
     logger.propagate = False
     warnings.simplefilter("default")
     warnings.showwarning = lambda msg, *args, **kwargs: click.echo(f"warning: {msg}", err=True)
+
+
+class _LevelPrefix(logging.Formatter):
+    """`warning: ...` / `error: ...`, as click prints its own messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 @click.group()
@@ -122,7 +129,7 @@ def prompt(
     threads: int | None,
     low_memory: bool,
     max_steps: int,
-    max_pixels: int,
+    max_pixels: int | None,
     max_batch: int,
 ) -> None:
     """Generate an image for TEXT and write it as PNG with its generation parameters."""
@@ -135,12 +142,12 @@ def prompt(
         paths = output_paths(output, batch)
         for path in paths:
             check_writable(path)
-        init = decode_image(image.read_bytes(), limits.max_input_pixels) if image else None
-        request = GenerationRequest(
-            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength
-        )
         pipe = StableDiffusionPipeline.from_pretrained(
             model or default_model(), provider=provider, threads=threads, low_memory=low_memory
+        )
+        init = decode_image(image.read_bytes(), limits.input_pixels(pipe.config)) if image else None
+        request = GenerationRequest(
+            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength
         )
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -239,7 +246,7 @@ def serve(
     provider: str,
     threads: int | None,
     max_steps: int,
-    max_pixels: int,
+    max_pixels: int | None,
     max_batch: int,
     timeout: float,
     max_body_bytes: int,

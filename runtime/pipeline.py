@@ -30,6 +30,7 @@ from .request import GenerationRequest, Limits, RequestError
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
+from .shipped import shipped_model
 from .tokenizer import CLIPTokenizer
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
@@ -97,7 +98,7 @@ class StableDiffusionPipeline:
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
         session.cache_root) so later loads skip that work."""
-        folder = Path(path).expanduser() if path is not None else _shipped_model()
+        folder = Path(path).expanduser() if path is not None else shipped_model()
         if not folder.is_dir():
             raise ManifestError(f"{folder}: no such model folder")
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
@@ -345,12 +346,6 @@ def _read_scheduler_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ManifestError(f"{path}: expected a JSON object")
     return config
-
-
-def _shipped_model() -> Path:
-    from ..models.shapes import shipped_model
-
-    return shipped_model()
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:

@@ -39,11 +39,12 @@ class RequestError(ValueError):
 class Limits:
     """What one deployment allows per request; the CLI and the server share these defaults.
 
-    The defaults fit a CPU of this project's reference machine (2 cores) within `timeout_s` for the shipped
-    model; a larger model needs lower limits or a longer timeout (docs/serving.md has the figures)."""
+    `max_pixels` None means four times the model's native image (1024x1024 for SD 1.5, 128x128 for the shipped
+    model): attention grows with the square of the pixel count, so a fixed figure would be either useless for
+    small models or minutes per step for large ones. docs/serving.md has measured times against the timeout."""
 
     max_steps: int = 50
-    max_pixels: int = 1024 * 1024
+    max_pixels: int | None = None
     max_batch: int = 4
 
     @classmethod
@@ -51,10 +52,13 @@ class Limits:
         """No limits: the Python API's default, like diffusers."""
         return cls(max_steps=2**31, max_pixels=2**62, max_batch=2**31)
 
-    @property
-    def max_input_pixels(self) -> int:
+    def pixels(self, config: ModelConfig) -> int:
+        """The pixel limit for this model."""
+        return self.max_pixels if self.max_pixels is not None else 4 * config.default_resolution**2
+
+    def input_pixels(self, config: ModelConfig) -> int:
         """Largest init image accepted (decoded, before resizing): four times the output limit."""
-        return 4 * self.max_pixels
+        return 4 * self.pixels(config)
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,8 @@ class GenerationRequest:
                 )
             sides.append(value)
         width, height = sides
-        if width * height > limits.max_pixels:
-            raise RequestError("width", f"{width}x{height} exceeds the limit max_pixels={limits.max_pixels}")
+        if width * height > limits.pixels(config):
+            raise RequestError("width", f"{width}x{height} exceeds the limit max_pixels={limits.pixels(config)}")
         return width, height
 
     def _scheduler(self, scheduler_config: dict[str, Any], default: str) -> str:

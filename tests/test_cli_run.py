@@ -100,7 +100,7 @@ def errors_of(output: str) -> list[str]:
         (["--guidance", "-1"], "--guidance: must be >= 0"),
         (["--seed", str(2**64)], "--seed: must be in [0, 18446744073709551615] or -1 for a random seed"),
         (["--seed", "-5"], "--seed: must be in [0, 18446744073709551615]"),
-        (["--width", "100000", "--height", "64"], "--width: 100000x64 exceeds the limit max_pixels=1048576"),
+        (["--width", "100000", "--height", "64"], "--width: 100000x64 exceeds the limit max_pixels=4096"),
         (["--width", "64", "--max-pixels", "1000"], "--width: 64x32 exceeds the limit max_pixels=1000"),
         (["--steps", "51"], "--steps: 51 exceeds the limit max_steps=50"),
         (["--batch", "5"], "--batch: 5 images exceeds the limit max_batch=4"),

@@ -88,3 +88,10 @@ def test_img2img_strength_default_and_parameters() -> None:
                       "Model": "shapes", "Denoising strength": 0.75}  # fmt: skip
     with pytest.raises(ValueError, match="resolved"):
         GenerationRequest("x").parameters("m")
+
+
+def test_default_pixel_limit_is_four_times_the_models_native_image() -> None:
+    assert Limits().pixels(CONFIG) == 4 * 64 * 64 and Limits(max_pixels=100).pixels(CONFIG) == 100
+    assert resolve(limits=Limits(), width=128, height=128).width == 128
+    with pytest.raises(RequestError, match="128x144 exceeds the limit max_pixels=16384"):
+        resolve(limits=Limits(), width=128, height=144)

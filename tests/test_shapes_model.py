@@ -64,3 +64,9 @@ def test_sd_run_without_model_uses_the_shipped_one(tmp_path: Path, monkeypatch: 
     assert "a red circle on a blue background" in image.text["parameters"]
     verdict = score(parse_caption("a red circle on a blue background"), judge(image))
     assert verdict["color"] and verdict["background"], verdict
+
+
+def test_from_pretrained_without_a_path_opens_the_shipped_model() -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(cache=False)
+    assert pipe.folder == shipped_model() and pipe.model_name == "shapes"
+    assert pipe.manifest.vocabulary and "circle" in pipe.manifest.vocabulary

@@ -67,11 +67,10 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
-        state.ready()
+        pipe, _ = state.ready()
+        limit = state.config.limits.input_pixels(pipe.config)
         try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
-            image = await asyncio.to_thread(
-                decode_base64_image, body.init_images[0], state.config.limits.max_input_pixels
-            )
+            image = await asyncio.to_thread(decode_base64_image, body.init_images[0], limit)
         except ImageError as exc:
             raise HTTPException(422, f"init_images[0]: {exc}") from None
         return await run(body, image)
