@@ -4,24 +4,12 @@ folders: `vae/`) and the runtime (ONNX folders without a manifest: `vae_decoder/
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .manifest import ManifestError, ModelConfig
+from .manifest import ManifestError, ModelConfig, read_json
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; ManifestError naming the file when it is missing, corrupt or not an object."""
-    if not path.is_file():
-        raise ManifestError(f"{path.parent}: incomplete model, missing {path.name}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: corrupt JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+__all__ = ["read_json", "read_model_config", "size_multiple"]
 
 
 def size_multiple(vae_scale_factor: int, unet: dict[str, Any]) -> int:

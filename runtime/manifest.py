@@ -134,10 +134,7 @@ class Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{folder}: no {MANIFEST_NAME}; not an sd-onnx model folder")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{path}: corrupt manifest ({exc})") from exc
+        data = read_json(path, expect_object=False)  # the schema check names what is wrong with its shape
         try:
             return cls.from_dict(data, Path(folder))
         except ManifestError as exc:
@@ -162,8 +159,23 @@ class Manifest:
         return found
 
 
+def read_json(path: Path, expect_object: bool = True) -> Any:
+    """JSON from a model folder's file; ManifestError naming the file when it is missing, corrupt or (with
+    `expect_object`) not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path.parent}: incomplete model, missing {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: corrupt JSON ({exc})") from exc
+    if expect_object and not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _size_multiple_from_unet_config(folder: Path | None, vae_scale_factor: int) -> int:
-    from .configs import read_json, size_multiple
+    from .configs import size_multiple
 
     if folder is None or not (Path(folder) / "unet" / "config.json").is_file():
         raise ManifestError("config.size_multiple: missing, and no unet/config.json to compute it from")

@@ -12,7 +12,6 @@ public so calibration, benchmarks and tests drive the same code the pipeline run
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from PIL import Image
 
 from .configs import read_model_config
 from .image import from_pil, to_pil
-from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig
+from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
@@ -336,16 +335,7 @@ def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _read_scheduler_config(folder: Path) -> dict[str, Any]:
-    path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"{folder}: incomplete model, missing scheduler/scheduler_config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: corrupt JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    return config
+    return read_json(folder / "scheduler" / "scheduler_config.json")
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:
