@@ -96,7 +96,7 @@ def main() -> None:
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG to write (several: NAME-0.png, ...).")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=int)
+@click.option("--steps", default=None, type=int, help=f"Denoising steps [default: {DEFAULT_STEPS}].")
 @click.option("--guidance", default=None, type=float, help="Guidance scale [default: the model's].")
 @click.option("--seed", default=-1, show_default=True, type=int, help="Seed; -1 draws one (recorded in the PNG).")
 @click.option("--scheduler", default=None, help="Sampler [default: the model's]: " + ", ".join(scheduler_names()))
@@ -115,7 +115,7 @@ def prompt(
     model: Path | None,
     output: str,
     negative: str | None,
-    steps: int,
+    steps: int | None,
     guidance: float | None,
     seed: int,
     scheduler: str | None,

@@ -190,3 +190,9 @@ def test_info_takes_the_folder_either_way_and_fails_on_damage(tiny_export: Path,
     folder = corrupt_copy(tiny_export, tmp_path / "damaged")
     code, output = run("info", "-m", str(folder))
     assert code != 0 and "sha256 mismatch" in output and "1 file(s) missing or modified" in output
+
+
+def test_default_steps_never_exceed_the_step_limit(tiny_export: Path, tmp_path: Path) -> None:
+    code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "s.png"), "--max-steps", "2")
+    assert code == 0, output
+    assert "Steps: 2," in Image.open(tmp_path / "s.png").text["parameters"]

@@ -98,11 +98,13 @@ class ServerState:
             job = jobs.submit(request)
         except (QueueFull, ShuttingDown) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
+        waiter = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.config.timeout_s)
+            return await asyncio.wait_for(asyncio.shield(waiter), self.config.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
             job.cancelled.set()
             job.future.cancel()  # still queued: never runs
+            waiter.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody waits for it now
             raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
         except GenerationCancelled:
             raise HTTPException(409, "generation was interrupted") from None
