@@ -133,7 +133,7 @@ def prompt(
     max_batch: int,
 ) -> None:
     """Generate an image for TEXT and write it as PNG with its generation parameters."""
-    from .image import check_writable, decode_image, parameters_text, save_png
+    from .image import check_writable, parameters_text, save_png
     from .pipeline import StableDiffusionPipeline
 
     log_to_stderr()
@@ -145,7 +145,7 @@ def prompt(
         pipe = StableDiffusionPipeline.from_pretrained(
             model or default_model(), provider=provider, threads=threads, low_memory=low_memory
         )
-        init = decode_image(image.read_bytes(), limits.input_pixels(pipe.config)) if image else None
+        init = read_init_image(image, limits.input_pixels(pipe.config)) if image else None
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength
         )
@@ -160,13 +160,27 @@ def prompt(
 
 
 def output_paths(output: str, count: int) -> list[Path]:
-    """The file for each image: OUTPUT itself for one, OUTPUT's stem with -0, -1, ... for several."""
+    """The file for each image: OUTPUT itself for one, OUTPUT's stem with -0, -1, ... for several; a link is
+    followed, so the image replaces the file it points to, not the link."""
+    if not output.strip():
+        raise click.BadParameter("give a file name such as out.png", param_hint="-o")
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
         raise OSError(f"-o {output}: is a directory; give a file name such as {Path(output) / 'out.png'}")
     path = Path(output).expanduser()
+    path = path.resolve() if path.is_symlink() else path
     if count < 2:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def read_init_image(path: Path, max_pixels: int) -> Any:
+    """The --image file, read lazily and refused from its header when over the pixel limit."""
+    from .image import ImageError, decode_image
+
+    try:
+        return decode_image(path, max_pixels)
+    except ImageError as exc:
+        raise click.BadParameter(str(exc), param_hint="--image") from None
 
 
 def progress(bar: Any) -> Callable[[int, int, Any], None]:
@@ -205,11 +219,9 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     )
     click.echo("config: " + json.dumps(config))
     for name, comp in manifest.components.items():
-        val = comp.validation
-        click.echo(
-            f"  {name}: {comp.file} {comp.precision} opset {comp.opset}, "
-            f"max |onnx - torch| {val.get('max_abs_diff', float('nan')):.2e} (atol {val.get('atol')})"
-        )
+        diff, atol = comp.validation.get("max_abs_diff"), comp.validation.get("atol")
+        checked = f"max |onnx - torch| {diff:.2e} (atol {atol})" if isinstance(diff, (int, float)) else "not validated"
+        click.echo(f"  {name}: {comp.file} {comp.precision} opset {comp.opset}, {checked}")
     click.echo("providers available: " + ", ".join(ort.get_available_providers()))
     problems = [] if no_verify else manifest.problems(folder)
     for line in problems:
@@ -262,8 +274,14 @@ def serve(
     folder = model or default_model()
     if not folder.is_dir():
         raise click.ClickException(f"{folder}: no such model folder")
+    if api_key is None and os.environ.get("SD_ONNX_API_KEY") is not None:
+        api_key = os.environ["SD_ONNX_API_KEY"]  # click reads an empty variable as unset; it is a mistake here
     if api_key is not None and not api_key.strip():
-        raise click.ClickException("--api-key is empty; give a key, or leave the option out to serve without one")
+        raise click.ClickException(
+            "--api-key (or $SD_ONNX_API_KEY) is empty; give a key, or leave both out to serve without one"
+        )
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise click.ClickException(f"--public-url must start with http:// or https://, got {public_url!r}")
     try:
         resolve_providers(provider)
     except ValueError as exc:
@@ -279,6 +297,7 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
+    click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
     run_server(config, folder, provider, threads, host, port)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,15 @@ def from_pil(image: Image.Image, width: int, height: int) -> np.ndarray:
     return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes to RGB, refusing more than `max_pixels` from the header, before any pixel is decoded
-    (a PNG can declare 100000x100000 in a few bytes)."""
+def decode_image(data: bytes | Path, max_pixels: int) -> Image.Image:
+    """Decode image bytes (or a regular file, read lazily) to RGB, refusing more than `max_pixels` from the
+    header, before any pixel is decoded (a PNG can declare 100000x100000 in a few bytes)."""
+    if isinstance(data, Path) and not data.is_file():
+        raise ImageError(f"{data}: not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
@@ -92,18 +94,24 @@ def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
 
 
 def check_writable(path: Path) -> None:
-    """Fail before any work if a file cannot be written at `path`: it names a directory, its folder is a file,
-    or the folder is not writable. Creates missing folders, as saving would."""
+    """Fail before any work if a PNG cannot be written at `path`: not a .png name, an existing directory or
+    other non-regular file (a device, a FIFO), a folder that is a file, or a folder that cannot be written.
+    Creates nothing: the probe file goes into the nearest folder that exists."""
     path = Path(path)
-    if path.is_dir() or str(path).endswith(("/", os.sep)):
-        raise OSError(f"{path}: is a directory; give a file name such as {path / 'out.png'}")
+    if path.suffix.lower() != ".png":
+        raise OSError(f"{path}: sd-run writes PNG files; give a name ending in .png")
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path}: exists and is not a regular file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OSError(f"{path}: {folder} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = _partial(path)
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
-        raise OSError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+        raise OSError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

@@ -64,16 +64,25 @@ MANIFEST = Obj(
     },
     {"tools": Opt({str: str}), "name": Opt(str), "vocabulary": Opt([str])},
 )
-POSITIVE = ("embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple")
+# Sizes: positive and below what any model uses by far (an absurd value would fail later, deep in a library).
+SIZES = ("embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple")
+MAX_SIZE = 1 << 16
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def check_manifest(data: Any) -> None:
     """ManifestError naming the first field that does not match the schema or its rules."""
     check(data, MANIFEST, "")
     config = data["config"]
-    for key in POSITIVE:
-        if key in config and config[key] <= 0:
-            raise ManifestError(f"config.{key}: must be positive, got {config[key]}")
+    for key in SIZES:
+        if key in config and not 0 < config[key] <= MAX_SIZE:
+            raise ManifestError(f"config.{key}: must be in 1..{MAX_SIZE}, got {config[key]}")
+    if config["scaling_factor"] <= 0:
+        raise ManifestError(f"config.scaling_factor: must be positive, got {config['scaling_factor']}")
+    if not 0 <= config.get("guidance_scale", 0) <= 100:
+        raise ManifestError(f"config.guidance_scale: must be in 0..100, got {config['guidance_scale']}")
+    if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise ManifestError(f"config.prediction_type: must be one of {', '.join(PREDICTION_TYPES)}")
     if "unet" not in data["components"]:
         raise ManifestError("components: no unet")
     for name, component in data["components"].items():
@@ -99,8 +108,8 @@ def check(value: Any, spec: Any, path: str) -> None:
                 raise ManifestError(f"{_join(path, key)}: missing")
             check(value[key], sub, _join(path, key))
         for key, sub in spec.optional.items():
-            if key in value:
-                check(value[key], Opt(sub) if not isinstance(sub, Opt) else sub, _join(path, key))
+            if key in value:  # present: it must match (null only where the spec says Opt)
+                check(value[key], sub, _join(path, key))
     elif isinstance(spec, list):
         _expect(value, list, where)
         for i, item in enumerate(value):

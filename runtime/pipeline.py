@@ -37,7 +37,7 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 
 LOG = logging.getLogger("sd_onnx")
 COMPONENTS_LOADED_UP_FRONT = ("text_encoder", "unet", "vae_decoder")
-MAX_WORDS_NAMED = 8
+MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
 ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
 
@@ -72,6 +72,7 @@ class StableDiffusionPipeline:
         self.low_memory = low_memory
         self.scheduler_config = _read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
+        make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
         self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length)
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
@@ -102,8 +103,6 @@ class StableDiffusionPipeline:
             raise ManifestError(f"{folder}: no such model folder")
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
         session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache, cache_root)
-        if scheduler is not None:
-            resolve_name(scheduler)
         if (folder / MANIFEST_NAME).is_file():
             manifest = Manifest.load(folder)
             if verify:
@@ -312,7 +311,8 @@ class StableDiffusionPipeline:
         known = {w.lower() for w in vocabulary}
         unknown = sorted({w for p in prompts for w in re.findall(r"[^\W\d_]+", p.lower())} - known)
         if unknown:
-            named = ", ".join(unknown[:MAX_WORDS_NAMED]) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
+            shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]
+            named = ", ".join(shown) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
             LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
 
 

@@ -22,6 +22,9 @@ from .schedulers import make_scheduler, resolve_name
 
 DEFAULT_STEPS = 20
 DEFAULT_STRENGTH = 0.75
+# Guidance beyond this is no longer guidance: the difference of the two predictions overflows float32 into a
+# black image well before 1e39 (useful values are 1-20).
+MAX_GUIDANCE = 100.0
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts for non-negative seeds
 RANDOM_SEED = -1  # A1111's convention; the seed actually drawn is recorded
 
@@ -46,11 +49,14 @@ class Limits:
     max_steps: int = 50
     max_pixels: int | None = None
     max_batch: int = 4
+    # The text encoder reads 77 tokens or so; a longer prompt is cut, and echoing megabytes back in answers
+    # and PNG chunks helps no one.
+    max_prompt_chars: int = 10_000
 
     @classmethod
     def none(cls) -> Limits:
         """No limits: the Python API's default, like diffusers."""
-        return cls(max_steps=2**31, max_pixels=2**62, max_batch=2**31)
+        return cls(max_steps=2**31, max_pixels=2**62, max_batch=2**31, max_prompt_chars=2**62)
 
     def pixels(self, config: ModelConfig) -> int:
         """The pixel limit for this model."""
@@ -100,15 +106,16 @@ class GenerationRequest:
         self, config: ModelConfig, scheduler_config: dict[str, Any], default_scheduler: str, limits: Limits
     ) -> GenerationRequest:
         """A copy with every default filled in and every field checked; RequestError on the first bad one."""
-        prompt = _prompts("prompt", self.prompt)
-        negative = None if self.negative_prompt is None else _prompts("negative_prompt", self.negative_prompt)
+        prompt = _prompts("prompt", self.prompt, limits.max_prompt_chars)
+        negative = self.negative_prompt
+        negative = None if negative is None else _prompts("negative_prompt", negative, limits.max_prompt_chars)
         if isinstance(negative, tuple) and len(negative) != len(_as_tuple(prompt)):
             raise RequestError("negative_prompt", f"has {len(negative)} entries for {len(_as_tuple(prompt))} prompts")
         steps = _integer("steps", min(DEFAULT_STEPS, limits.max_steps) if self.steps is None else self.steps)
         _in_range("steps", steps, 1, limits.max_steps)
         guidance = config.guidance_scale if self.guidance_scale is None else self.guidance_scale
         guidance = _number("guidance_scale", guidance)
-        _in_range("guidance_scale", guidance, 0.0, None)
+        _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
         width, height = self._size(config, limits)
         batch = _integer("batch", self.batch)
         _in_range("batch", batch, 1, None)
@@ -165,8 +172,9 @@ class GenerationRequest:
     def _strength(self, steps: int) -> float | None:
         if self.image is None:
             if self.strength is not None:
-                _number("strength", self.strength)
-            return self.strength
+                raise RequestError("strength", "applies to img2img only: give an init image too")
+            return None
+        _check_image(self.image)
         strength = _number("strength", DEFAULT_STRENGTH if self.strength is None else self.strength)
         if not 0.0 < strength <= 1.0:
             raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
@@ -203,18 +211,20 @@ def _as_tuple(prompt: str | tuple[str, ...]) -> tuple[str, ...]:
     return (prompt,) if isinstance(prompt, str) else prompt
 
 
-def _prompts(name: str, value: Any) -> str | tuple[str, ...]:
+def _prompts(name: str, value: Any, max_chars: int) -> str | tuple[str, ...]:
     if isinstance(value, str):
-        _text(name, value)
+        _text(name, value, max_chars)
         return value
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(p, str) for p in value):
         raise RequestError(name, "must be a string or a non-empty list of strings")
     for p in value:
-        _text(name, p)
+        _text(name, p, max_chars)
     return tuple(value)
 
 
-def _text(name: str, value: str) -> None:
+def _text(name: str, value: str, max_chars: int) -> None:
+    if len(value) > max_chars:
+        raise RequestError(name, f"{len(value)} characters exceeds the limit max_prompt_chars={max_chars}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -245,8 +255,19 @@ def _in_range(name: str, value: float, low: float, high: float | None) -> None:
     if value < low:
         raise RequestError(name, f"must be >= {low:g}, got {value:g}")
     if high is not None and value > high:
-        limit = f"max_{name}" if name == "steps" else "the maximum"
-        raise RequestError(name, f"{value:g} exceeds the limit {limit}={high:g}")
+        if name == "steps":
+            raise RequestError(name, f"{value:g} exceeds the limit max_steps={high:g}")
+        raise RequestError(name, f"must be <= {high:g}, got {value:g}")
+
+
+def _check_image(image: Any) -> None:
+    """An init image: a PIL image, or pixels as the VAE encoder takes them ((1, 3, H, W) floats in [-1, 1])."""
+    if isinstance(image, Image.Image):
+        return
+    if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[:2] == (1, 3):
+        return
+    shape = f" of shape {list(image.shape)}" if isinstance(image, np.ndarray) else ""
+    raise RequestError("image", f"must be a PIL image or a (1, 3, H, W) array, got {type(image).__name__}{shape}")
 
 
 def _seed(seed: Any) -> int:

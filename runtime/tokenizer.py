@@ -11,8 +11,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 LOG = logging.getLogger("sd_onnx")
-# A cut prompt is logged as a bounded excerpt: a 1 MB prompt must not become a 1 MB log line.
-EXCERPT_TOKENS, EXCERPT_CHARS = 12, 80
+# A cut prompt is logged as a bounded excerpt of its own text: a 1 MB prompt must not become a 1 MB log line.
+EXCERPT_CHARS = 80
 
 
 class CLIPTokenizer:
@@ -45,14 +45,16 @@ class CLIPTokenizer:
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt).ids
+        encoding = self.tokenizer.encode(prompt)
+        ids = encoding.ids
         if len(ids) > self.max_length:
-            cut = ids[self.max_length - 1 : -1]
-            excerpt = self.tokenizer.decode(cut[:EXCERPT_TOKENS])
-            more = " ..." if len(cut) > EXCERPT_TOKENS else ""
+            cut = len(ids) - self.max_length  # the last id is the end-of-text token, kept
+            start = encoding.offsets[self.max_length - 1][0]  # where the first cut token begins in the prompt
+            excerpt = prompt[start : start + EXCERPT_CHARS]
+            more = " ..." if len(prompt) - start > EXCERPT_CHARS else ""
             LOG.warning(
                 "prompt is longer than %d tokens; %d tokens were cut, starting %r%s",
-                self.max_length, len(cut), excerpt[:EXCERPT_CHARS], more,
+                self.max_length, cut, excerpt, more,
             )  # fmt: skip
             ids = ids[: self.max_length - 1] + [self.eos_id]
         return ids + [self.pad_id] * (self.max_length - len(ids))

@@ -115,7 +115,9 @@ def test_bad_numbers_are_one_line_errors_before_any_work(
     assert "denoising" not in output and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("target", ["dir", "dir/", "file.png/x.png", "/proc/x.png"])
+@pytest.mark.parametrize(
+    "target", ["dir", "dir/", "file.png/x.png", "/proc/x.png", "/dev/null", "new/x.jpg", "new/deeper/x", ""]
+)
 def test_unusable_output_path_fails_before_loading_anything(tmp_path: Path, target: str) -> None:
     """Checked before the model is even opened (the model named here does not exist), nothing left behind."""
     (tmp_path / "dir").mkdir()
@@ -125,7 +127,8 @@ def test_unusable_output_path_fails_before_loading_anything(tmp_path: Path, targ
     code, output = run("prompt", "x", "-m", str(tmp_path / "no-model"), "-o", out)
     assert code != 0 and len(errors_of(output)) == 1, output
     assert "no such model folder" not in output and "Traceback" not in output
-    assert sorted(tmp_path.rglob("*")) == before
+    assert sorted(tmp_path.rglob("*")) == before  # not even the folders of the path were created
+    assert Path("/dev/null").is_char_device()
 
 
 def test_invalid_utf8_prompt_is_a_one_line_error(tiny_export: Path, tmp_path: Path) -> None:
@@ -196,3 +199,22 @@ def test_default_steps_never_exceed_the_step_limit(tiny_export: Path, tmp_path: 
     code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "s.png"), "--max-steps", "2")
     assert code == 0, output
     assert "Steps: 2," in Image.open(tmp_path / "s.png").text["parameters"]
+
+
+def test_output_through_a_link_replaces_the_file_it_points_to(tiny_export: Path, tmp_path: Path) -> None:
+    (tmp_path / "real.png").write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "link.png"), "--steps", "1")
+    assert code == 0, output
+    assert (tmp_path / "link.png").is_symlink() and Image.open(tmp_path / "real.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "missing.png", "folder"])
+def test_init_image_that_is_not_a_regular_file_is_refused_without_reading_it(
+    tiny_export: Path, tmp_path: Path, source: str
+) -> None:
+    (tmp_path / "folder").mkdir()
+    path = source if source.startswith("/") else str(tmp_path / source)
+    code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "o.png"), "--image", path)
+    errors = errors_of(output)
+    assert code != 0 and len(errors) == 1 and "--image" in errors[0], output

@@ -36,7 +36,7 @@ BROKEN = [
     (lambda m: edited(m, "config", None), "config: expected an object, got null"),
     (lambda m: edited(m, "source", 5), "source: expected a string, got an integer"),
     (lambda m: edited(m, "config.sample_size", "16"), "config.sample_size: expected an integer, got a string"),
-    (lambda m: edited(m, "config.size_multiple", 0), "config.size_multiple: must be positive"),
+    (lambda m: edited(m, "config.size_multiple", 0), "config.size_multiple: must be in 1..65536, got 0"),
     (lambda m: edited(m, "components.unet.file", "unet/x.onnx"), "components.unet.file: 'unet/x.onnx' is not listed"),
     (lambda m: edited(m, "components.unet.files", {"../../etc/passwd": "x", "unet/model.onnx": "y"}),
      "components.unet.files: '../../etc/passwd' is not a path inside the model folder"),
@@ -44,6 +44,12 @@ BROKEN = [
     (lambda m: edited(m, "components.unet", ...), "components: no unet"),
     (lambda m: edited(m, "format_version", 99), "unsupported manifest format_version 99"),
     (lambda m: edited(m, "vocabulary", "red"), "vocabulary: expected a list, got a string"),
+    (lambda m: edited(m, "config.size_multiple", None), "config.size_multiple: expected an integer, got null"),
+    (lambda m: edited(m, "components.unet.validation", None), "components.unet.validation: expected an object"),
+    (lambda m: edited(m, "config.max_token_length", 10**30), "config.max_token_length: must be in 1..65536"),
+    (lambda m: edited(m, "config.scaling_factor", 0), "config.scaling_factor: must be positive"),
+    (lambda m: edited(m, "config.guidance_scale", 1e308), "config.guidance_scale: must be in 0..100"),
+    (lambda m: edited(m, "config.prediction_type", "x"), "config.prediction_type: must be one of epsilon"),
 ]  # fmt: skip
 
 
@@ -82,3 +88,11 @@ def test_serve_exits_with_one_line_instead_of_loading_forever(folder: Path) -> N
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "Error:" in result.stderr and "source: missing" in result.stderr
+
+
+def test_info_survives_odd_validation_figures(folder: Path) -> None:
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest = edited(manifest, "components.unet.validation", {"max_abs_diff": "small"})
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["info", str(folder), "--no-verify"])
+    assert result.exit_code == 0 and "unet: unet/model.onnx fp32 opset 17, not validated" in result.output

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from sd_onnx.runtime.manifest import ModelConfig
 from sd_onnx.runtime.request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
@@ -15,7 +17,8 @@ CONFIG = ModelConfig(
 )  # fmt: skip
 ZERO_SNR = {"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
             "timestep_spacing": "trailing"}  # fmt: skip
-LIMITS = Limits(max_steps=30, max_pixels=128 * 128, max_batch=4)
+LIMITS = Limits(max_steps=30, max_pixels=128 * 128, max_batch=4, max_prompt_chars=100)
+IMAGE = Image.new("RGB", (8, 8))
 
 
 def resolve(limits: Limits = LIMITS, **fields: object) -> GenerationRequest:
@@ -67,10 +70,16 @@ def test_random_seed_is_drawn_and_recorded() -> None:
         ({"scheduler": "DPM++ 2M Karras"}, "scheduler", "Karras sigmas are numerically unstable"),
         ({"scheduler": 3}, "scheduler", "must be a string"),
         ({"eta": math.nan}, "eta", "must be a finite number"),
-        ({"eta": 2.0}, "eta", "exceeds the limit"),
-        ({"image": object(), "strength": 0.0}, "strength", "must be in (0, 1]"),
-        ({"image": object(), "strength": math.nan}, "strength", "must be a finite number"),
-        ({"image": object(), "steps": 4, "strength": 0.2}, "strength", "0.2 x 4 steps leaves no denoising step"),
+        ({"eta": 2.0}, "eta", "must be <= 1, got 2"),
+        ({"guidance_scale": 1e39}, "guidance_scale", "must be <= 100, got 1e+39"),
+        ({"prompt": "x" * 101}, "prompt", "101 characters exceeds the limit max_prompt_chars=100"),
+        ({"negative_prompt": ("x" * 101,)}, "negative_prompt", "exceeds the limit max_prompt_chars=100"),
+        ({"strength": 0.5}, "strength", "applies to img2img only: give an init image too"),
+        ({"image": "init.png"}, "image", "must be a PIL image or a (1, 3, H, W) array, got str"),
+        ({"image": np.zeros((8, 8, 3), np.uint8)}, "image", "got ndarray of shape [8, 8, 3]"),
+        ({"image": IMAGE, "strength": 0.0}, "strength", "must be in (0, 1]"),
+        ({"image": IMAGE, "strength": math.nan}, "strength", "must be a finite number"),
+        ({"image": IMAGE, "steps": 4, "strength": 0.2}, "strength", "0.2 x 4 steps leaves no denoising step"),
     ],
 )
 def test_each_bad_field_is_a_request_error_naming_it(fields: dict, field: str, message: str) -> None:
@@ -81,7 +90,7 @@ def test_each_bad_field_is_a_request_error_naming_it(fields: dict, field: str, m
 
 
 def test_img2img_strength_default_and_parameters() -> None:
-    request = resolve(image=object(), seed=7, steps=10)
+    request = resolve(image=IMAGE, seed=7, steps=10)
     assert request.strength == 0.75
     params = request.parameters("shapes")
     assert params == {"Steps": 10, "Sampler": "ddim", "CFG scale": 2.0, "Seed": 7, "Size": "64x64",

@@ -70,3 +70,18 @@ def test_from_pretrained_without_a_path_opens_the_shipped_model() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(cache=False)
     assert pipe.folder == shipped_model() and pipe.model_name == "shapes"
     assert pipe.manifest.vocabulary and "circle" in pipe.manifest.vocabulary
+
+
+def test_a_sampler_that_cannot_run_the_models_schedule_fails_at_load() -> None:
+    with pytest.raises(ValueError, match="lms cannot follow this model's zero-terminal-SNR noise schedule"):
+        StableDiffusionPipeline.from_pretrained(scheduler="lms", cache=False)
+
+
+def test_unknown_words_warning_stays_short(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    pipe = StableDiffusionPipeline.from_pretrained(cache=False)
+    with caplog.at_level(logging.WARNING, logger="sd_onnx"):
+        pipe("a red circle " + "q" * 100_000, num_inference_steps=1)
+    lines = caplog.text.splitlines()  # the unknown word, and the cut (the prompt is far past 77 tokens)
+    assert len(lines) == 2 and all(len(line) < 250 for line in lines) and "qqq..." in lines[0]

@@ -87,6 +87,10 @@ def test_long_prompt_is_truncated_logging_a_bounded_excerpt(
     with caplog.at_level(logging.WARNING, logger="sd_onnx"):
         ours.encode("cat " * 75 + "zebra " * 200_000)  # a 1.2 MB prompt: one short line, no registry growth
     assert len(caplog.records) == 1 and len(caplog.text) < 300 and "200000 tokens were cut" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sd_onnx"):
+        ours.encode("cat " * 75 + "w28 w29 日本語の文章")  # the excerpt is the prompt's own text, not BPE pieces
+    assert "starting 'w28 w29 日本語の文章'" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from .state import ServerState
 
 LOG = logging.getLogger("sd_onnx.server")
+MAX_ERRORS = 5
 
 
 class BodyLimit:
@@ -77,10 +78,11 @@ def install(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """422 naming each bad field, without echoing the input (NaN or huge values would not serialise)."""
-        errors = [
-            {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
-             "type": str(error.get("type", ""))}
-            for error in exc.errors()
-        ]  # fmt: skip
-        return JSONResponse({"detail": errors}, status_code=422)
+        """422 in the same shape as every other refusal, `{"detail": "field: reason"}`, naming each bad field
+        without echoing the input (NaN or megabytes would not serialise or would flood the client)."""
+        lines = []
+        for error in exc.errors()[:MAX_ERRORS]:
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+            lines.append(f"{where}: {error.get('msg', 'invalid')}")
+        detail = "; ".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogates
+        return JSONResponse({"detail": detail}, status_code=422)

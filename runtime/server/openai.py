@@ -21,7 +21,7 @@ FIELD_NAMES = {"batch": "n", "width": "size", "height": "size", "steps": "steps"
 
 def to_request(body: OpenAIImageRequest) -> GenerationRequest:
     width = height = None
-    if body.size:
+    if body.size and body.size != "auto":
         width, height = (int(v) for v in body.size.split("x"))
     return GenerationRequest(
         prompt=body.prompt,

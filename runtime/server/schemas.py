@@ -39,7 +39,7 @@ class OpenAIImageRequest(BaseModel):
 
     prompt: str = Field(..., max_length=4000)
     n: int = 1
-    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$")
+    size: str | None = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$", description="WIDTHxHEIGHT or auto.")
     response_format: Literal["b64_json", "url"] = "b64_json"
     model: str | None = None
     quality: str | None = None
