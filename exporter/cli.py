@@ -54,6 +54,12 @@ def main() -> None:
     type=click.FloatRange(min=0.0),
     help="Guidance the model was made for, recorded as the runtime's default (else 7.5).",
 )
+@click.option(
+    "--default-steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Steps the model was made for, recorded as the runtime's default (else 20; LCM pipelines 4).",
+)
 @click.option("--name", default=None, help="Model name in the manifest and PNGs [default: SOURCE's last part].")
 @click.option(
     "--vocabulary",
@@ -72,6 +78,7 @@ def convert(
     optimize: bool,
     config: str | None,
     guidance_scale: float | None,
+    default_steps: int | None,
     name: str | None,
     vocabulary: Path | None,
 ) -> None:
@@ -91,6 +98,7 @@ def convert(
             precision=precision,
             optimize=optimize,
             guidance_scale=guidance_scale,
+            default_steps=default_steps,
             name=name,
             vocabulary=vocabulary.read_text().split() if vocabulary else None,
             log=lambda line: click.echo(line, err=True),

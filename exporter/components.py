@@ -9,7 +9,7 @@ can read our folders: int32 `input_ids`; UNet (`sample`, `timestep`, `encoder_hi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,10 +37,15 @@ class UNet(torch.nn.Module):
         self.model = model
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # diffusers expands a 1-element timestep to the batch itself, so both (1,) and (batch,) work.
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        # `timestep_cond`: the guidance embedding of UNets distilled with it (LCM's `time_cond_proj_dim`).
+        return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -105,6 +110,8 @@ def _unet_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Input
     sample = torch.randn(batch, config.latent_channels, side, side, generator=gen)
     timestep = torch.tensor([981.0])
     context = torch.randn(batch, config.max_token_length, config.embedding_dim, generator=gen)
+    if config.time_cond_proj_dim:
+        return sample, timestep, context, torch.randn(batch, config.time_cond_proj_dim, generator=gen)
     return sample, timestep, context
 
 
@@ -178,3 +185,17 @@ SPECS: dict[str, ComponentSpec] = {
         _encoder_inputs,
     ),
 }
+
+# A UNet distilled with a guidance embedding (LCM) takes it as a fourth input, named as Optimum names it.
+UNET_WITH_GUIDANCE_EMBEDDING = replace(
+    SPECS["unet"],
+    input_names=(*SPECS["unet"].input_names, "timestep_cond"),
+    dynamic_axes={**SPECS["unet"].dynamic_axes, "timestep_cond": {0: "batch"}},
+)
+
+
+def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
+    """The spec of component `name` for this model (its UNet's inputs depend on its config)."""
+    if name == "unet" and src.config.time_cond_proj_dim:
+        return UNET_WITH_GUIDANCE_EMBEDDING
+    return SPECS[name]

@@ -19,7 +19,7 @@ import torch
 from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256_file
 
 from .atomic import publish, staging_folder
-from .components import SPECS
+from .components import component_spec
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
 from .optimize import optimize_file
@@ -48,6 +48,7 @@ def convert(
     precision: str = "fp32",
     optimize: bool = True,
     guidance_scale: float | None = None,
+    default_steps: int | None = None,
     name: str | None = None,
     vocabulary: list[str] | None = None,
     log: Log = print,
@@ -58,7 +59,8 @@ def convert(
     the UNet and VAE after export (see quantize.py for the recipes); `optimize`
     fuses attention into onnxruntime's MultiHeadAttention and splits GEGLU projections (see optimize.py)
     before the graphs are validated;
-    `guidance_scale` records the guidance the model was made for (the runtime's default for it); `name` and
+    `guidance_scale` and `default_steps` record the guidance and steps the model was made for (the runtime's
+    defaults; Turbo models: 0 and 1, LCM: 8.5 and 4, which LCM pipelines get by themselves); `name` and
     `vocabulary` (the words the text encoder knows) go into the manifest as they are."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
@@ -73,6 +75,8 @@ def convert(
         src = resolve_source(source, config=config, work_dir=staging)
         if guidance_scale is not None:
             src.config.guidance_scale = guidance_scale
+        if default_steps is not None:
+            src.config.default_steps = default_steps
         log(f"exporting {src.name} ({src.pipeline_class}, family {src.model_family}) to {output}")
         infos = {}
         for i, component in enumerate(components, 1):
@@ -110,7 +114,7 @@ def export_component(
 ) -> ComponentInfo:
     """Trace one component, optimize it (and make it fp16 if `half`), validate it against PyTorch and describe
     it for the manifest."""
-    spec = SPECS[name]
+    spec = component_spec(name, src)
     out_file = folder / name / "model.onnx"
     out_file.parent.mkdir(parents=True)
     module = _load(spec.load, src.folder, name).eval()

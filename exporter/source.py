@@ -21,6 +21,7 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline",
     "OnnxStableDiffusionPipeline",
 }
+LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -84,6 +85,8 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if missing:
         raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
     config = read_model_config(folder)
+    if pipeline_class == "LatentConsistencyModelPipeline":  # diffusers' defaults for this pipeline
+        config.default_steps, config.guidance_scale = LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE
     tokens = read_token_ids(folder, config.max_token_length)
     return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens)
 

@@ -48,6 +48,7 @@ def read_model_config(
             prediction_type=str(scheduler.get("prediction_type", "epsilon")),
             shift_factor=vae_config.get("shift_factor"),
             size_multiple=size_multiple(factor, unet),
+            time_cond_proj_dim=unet.get("time_cond_proj_dim") or None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc

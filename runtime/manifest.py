@@ -68,6 +68,10 @@ class ModelConfig:
     guidance_scale: float = 7.5
     # Pixel sides must be multiples of this: VAE factor x 2 per UNet down-sampling level (configs.size_multiple).
     size_multiple: int = 0
+    # Width of the guidance embedding a distilled UNet takes instead of classifier-free guidance (LCM); None: none.
+    time_cond_proj_dim: int | None = None
+    # Denoising steps the model was made for (LCM: 4, Turbo: 1); None: request.DEFAULT_STEPS.
+    default_steps: int | None = None
 
     @property
     def default_resolution(self) -> int:

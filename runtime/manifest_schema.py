@@ -51,6 +51,8 @@ CONFIG = Obj(
         "guidance_scale": float,
         "size_multiple": int,
         "default_resolution": int,
+        "time_cond_proj_dim": Opt(int),
+        "default_steps": Opt(int),
     },
 )
 MANIFEST = Obj(
@@ -65,7 +67,10 @@ MANIFEST = Obj(
     {"tools": Opt({str: str}), "name": Opt(str), "vocabulary": Opt([str])},
 )
 # Sizes: positive and below what any model uses by far (an absurd value would fail later, deep in a library).
-SIZES = ("embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple")
+SIZES = (
+    "embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple",
+    "time_cond_proj_dim", "default_steps",
+)  # fmt: skip
 MAX_SIZE = 1 << 16
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -75,7 +80,7 @@ def check_manifest(data: Any) -> None:
     check(data, MANIFEST, "")
     config = data["config"]
     for key in SIZES:
-        if key in config and not 0 < config[key] <= MAX_SIZE:
+        if config.get(key) is not None and not 0 < config[key] <= MAX_SIZE:
             raise ManifestError(f"config.{key}: must be in 1..{MAX_SIZE}, got {config[key]}")
     if config["scaling_factor"] <= 0:
         raise ManifestError(f"config.scaling_factor: must be positive, got {config['scaling_factor']}")

@@ -201,8 +201,13 @@ class StableDiffusionPipeline:
         self._warn_unknown_words(request.prompts)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = TorchGenerator(request.seed)
-        do_cfg = request.guidance_scale > 1.0
+        embedded = self.config.time_cond_proj_dim  # distilled guidance (LCM): an input, not a second batch
+        do_cfg = request.guidance_scale > 1.0 and not embedded
         embeddings = self.encode_prompt(request.prompts, request.negative_prompts, request.batch, do_cfg)
+        guidance_cond = None
+        if embedded:
+            w = np.full(request.image_count, request.guidance_scale - 1.0, np.float32)
+            guidance_cond = guidance_embedding(w, embedded)
         self.release("text_encoder")
         shape = self.latent_shape(request)
         sched.set_timesteps(request.steps)
@@ -215,7 +220,8 @@ class StableDiffusionPipeline:
             latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
         should_stop = _stop_check(callback, cancelled)
         for i, t in enumerate(timesteps):
-            noise_pred = self.predict_noise(sched.scale_model_input(latents, t), t, embeddings, request.guidance_scale)
+            model_input = sched.scale_model_input(latents, t)
+            noise_pred = self.predict_noise(model_input, t, embeddings, request.guidance_scale, guidance_cond)
             latents = sched.step(noise_pred, t, latents, noise=generator)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
@@ -247,10 +253,16 @@ class StableDiffusionPipeline:
         return np.concatenate([uncond, cond])
 
     def predict_noise(
-        self, model_input: np.ndarray, t: float, embeddings: np.ndarray, guidance_scale: float
+        self,
+        model_input: np.ndarray,
+        t: float,
+        embeddings: np.ndarray,
+        guidance_scale: float,
+        guidance_cond: np.ndarray | None = None,
     ) -> np.ndarray:
         """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
-        unconditional and conditional halves run as one batch and are combined."""
+        unconditional and conditional halves run as one batch and are combined; a UNet distilled with a
+        guidance embedding gets it as `timestep_cond` instead."""
         unet = self.component("unet")
         do_cfg = len(embeddings) == 2 * len(model_input)
         batch = np.concatenate([model_input] * 2) if do_cfg else model_input
@@ -259,7 +271,10 @@ class StableDiffusionPipeline:
             timestep = np.array(t, timestep_type)
         else:
             timestep = np.full(len(batch), t, timestep_type)
-        noise_pred = unet(sample=batch, timestep=timestep, encoder_hidden_states=embeddings)[0]
+        feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings}
+        if guidance_cond is not None:
+            feeds["timestep_cond"] = guidance_cond
+        noise_pred = unet(**feeds)[0]
         if not do_cfg:
             return noise_pred
         uncond, cond = np.split(noise_pred, 2)
@@ -314,6 +329,19 @@ class StableDiffusionPipeline:
             shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]
             named = ", ".join(shown) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
             LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """Sinusoidal embedding of guidance values `w` (guidance - 1) for UNets distilled with one (LCM), as
+    diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding computes it, in float32."""
+    half = dim // 2
+    scale = np.float32(np.log(np.float32(10000.0)) / np.float32(half - 1))
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -scale)
+    angles = (w.astype(np.float32) * np.float32(1000.0))[:, None] * frequencies[None, :]
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        embedding = np.pad(embedding, ((0, 0), (0, 1)))
+    return embedding.astype(np.float32)
 
 
 def _stop_check(

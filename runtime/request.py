@@ -111,7 +111,8 @@ class GenerationRequest:
         negative = None if negative is None else _prompts("negative_prompt", negative, limits.max_prompt_chars)
         if isinstance(negative, tuple) and len(negative) != len(_as_tuple(prompt)):
             raise RequestError("negative_prompt", f"has {len(negative)} entries for {len(_as_tuple(prompt))} prompts")
-        steps = _integer("steps", min(DEFAULT_STEPS, limits.max_steps) if self.steps is None else self.steps)
+        default_steps = min(config.default_steps or DEFAULT_STEPS, limits.max_steps)
+        steps = _integer("steps", default_steps if self.steps is None else self.steps)
         _in_range("steps", steps, 1, limits.max_steps)
         guidance = config.guidance_scale if self.guidance_scale is None else self.guidance_scale
         guidance = _number("guidance_scale", guidance)
