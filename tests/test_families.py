@@ -13,13 +13,9 @@ import torch
 
 from sd_onnx.runtime import StableDiffusionPipeline
 
+from .test_pipeline import DIFFUSERS_NAMES
+
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse", "blurry"
-DIFFUSERS_NAMES = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
 
 
 def build(out: Path, recipe_changes: dict, scheduler, pad_token: str | None = None, pipeline_class: str | None = None):
