@@ -26,9 +26,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option(
     "--components",
-    default=",".join(COMPONENTS),
-    show_default=True,
-    help="Comma-separated components to export.",
+    default=None,
+    help=f"Comma-separated components to export [default: all the pipeline has, of {', '.join(COMPONENTS)}].",
 )
 @click.option(
     "--precision",
@@ -73,7 +72,7 @@ def convert(
     opset: int,
     atol: float,
     overwrite: bool,
-    components: str,
+    components: str | None,
     precision: str,
     optimize: bool,
     config: str | None,
@@ -90,7 +89,7 @@ def convert(
         run_convert(
             source,
             output,
-            components=tuple(c.strip() for c in components.split(",") if c.strip()),
+            components=tuple(c.strip() for c in (components or "").split(",") if c.strip()) or None,
             opset=opset,
             atol=atol,
             overwrite=overwrite,

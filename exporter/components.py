@@ -8,6 +8,7 @@ can read our folders: int32 `input_ids`; UNet (`sample`, `timestep`, `encoder_hi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,13 +23,23 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    """CLIP text encoder: last hidden state and pooled output; with `hidden_states`, every layer's hidden
+    states too (SDXL conditions on the penultimate one), as Optimum's SDXL export lays them out."""
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids.long(), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def __init__(self, model: torch.nn.Module, hidden_states: bool = False) -> None:
+        super().__init__()
+        self.model, self.hidden_states = model, hidden_states
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids.long(), output_hidden_states=self.hidden_states, return_dict=True)
+        first = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        if not self.hidden_states:
+            return out.last_hidden_state, first
+        return (
+            (first, out.last_hidden_state, *out.hidden_states)
+            if hasattr(out, "text_embeds")
+            else (out.last_hidden_state, first, *out.hidden_states)
+        )
 
 
 class UNet(torch.nn.Module):
@@ -41,11 +52,16 @@ class UNet(torch.nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        timestep_cond: torch.Tensor | None = None,
+        *conditions: torch.Tensor,
     ) -> torch.Tensor:
         # diffusers expands a 1-element timestep to the batch itself, so both (1,) and (batch,) work.
-        # `timestep_cond`: the guidance embedding of UNets distilled with it (LCM's `time_cond_proj_dim`).
-        return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+        # `conditions`: the guidance embedding of UNets distilled with it (LCM's `time_cond_proj_dim`), or
+        # SDXL's pooled text embedding and size/crop time ids.
+        if len(conditions) == 2:
+            added = {"text_embeds": conditions[0], "time_ids": conditions[1]}
+            return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        cond = conditions[0] if conditions else None
+        return self.model(sample, timestep, encoder_hidden_states, timestep_cond=cond, return_dict=False)[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -69,7 +85,17 @@ class VaeEncoder(torch.nn.Module):
 def _load_text_encoder(folder: Path) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
-    return TextEncoder(CLIPTextModel.from_pretrained(folder / "text_encoder"))
+    return TextEncoder(CLIPTextModel.from_pretrained(folder / "text_encoder"), _is_sdxl(folder))
+
+
+def _load_text_encoder_2(folder: Path) -> torch.nn.Module:
+    from transformers import CLIPTextModelWithProjection
+
+    return TextEncoder(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"), hidden_states=True)
+
+
+def _is_sdxl(folder: Path) -> bool:
+    return (folder / "text_encoder_2").is_dir()
 
 
 def _load_unet(folder: Path) -> torch.nn.Module:
@@ -110,6 +136,10 @@ def _unet_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Input
     sample = torch.randn(batch, config.latent_channels, side, side, generator=gen)
     timestep = torch.tensor([981.0])
     context = torch.randn(batch, config.max_token_length, config.embedding_dim, generator=gen)
+    if config.pooled_dim:
+        side_px = float(side * config.vae_scale_factor)
+        time_ids = torch.tensor([[side_px, side_px, 0.0, 0.0, side_px, side_px][: config.time_ids_count]] * batch)
+        return sample, timestep, context, torch.randn(batch, config.pooled_dim, generator=gen), time_ids
     if config.time_cond_proj_dim:
         return sample, timestep, context, torch.randn(batch, config.time_cond_proj_dim, generator=gen)
     return sample, timestep, context
@@ -194,8 +224,36 @@ UNET_WITH_GUIDANCE_EMBEDDING = replace(
 )
 
 
+# SDXL's UNet also takes the pooled text embedding and the time ids (Optimum's names).
+UNET_SDXL = replace(
+    SPECS["unet"],
+    input_names=(*SPECS["unet"].input_names, "text_embeds", "time_ids"),
+    dynamic_axes={**SPECS["unet"].dynamic_axes, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}},
+)
+
+
+def _hidden_state_names(folder: Path, encoder: str) -> tuple[str, ...]:
+    layers = int(json.loads((folder / encoder / "config.json").read_text())["num_hidden_layers"])
+    return tuple(f"hidden_states.{i}" for i in range(layers + 1))
+
+
+def _text_encoder_spec(name: str, src: PipelineSource) -> ComponentSpec:
+    """SDXL's encoders return every layer's hidden states after their first two outputs."""
+    base = SPECS["text_encoder"]
+    first = ("text_embeds", "last_hidden_state") if name == "text_encoder_2" else base.output_names
+    hidden = _hidden_state_names(src.folder, name)
+    axes = {**base.dynamic_axes, "text_embeds": {0: "batch"}}
+    axes.update({h: {0: "batch", 1: "sequence"} for h in hidden})
+    load = _load_text_encoder_2 if name == "text_encoder_2" else _load_text_encoder
+    return replace(base, name=name, output_names=(*first, *hidden), dynamic_axes=axes, load=load)
+
+
 def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
-    """The spec of component `name` for this model (its UNet's inputs depend on its config)."""
+    """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet differ)."""
+    if name.startswith("text_encoder") and src.config.pooled_dim:
+        return _text_encoder_spec(name, src)
+    if name == "unet" and src.config.pooled_dim:
+        return UNET_SDXL
     if name == "unet" and src.config.time_cond_proj_dim:
         return UNET_WITH_GUIDANCE_EMBEDDING
     return SPECS[name]

@@ -40,7 +40,7 @@ def convert(
     source: str,
     output: Path,
     *,
-    components: tuple[str, ...] = COMPONENTS,
+    components: tuple[str, ...] | None = None,
     opset: int = DEFAULT_OPSET,
     atol: float = DEFAULT_ATOL,
     overwrite: bool = False,
@@ -68,11 +68,15 @@ def convert(
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    unknown = set(components) - set(COMPONENTS)
+    unknown = set(components or ()) - set(COMPONENTS)
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
     with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
+        components = components or src.components
+        absent = set(components) - set(src.components)
+        if absent:
+            raise ExportError(f"{src.name} has no {', '.join(sorted(absent))} (it has {', '.join(src.components)})")
         if guidance_scale is not None:
             src.config.guidance_scale = guidance_scale
         if default_steps is not None:
@@ -165,6 +169,8 @@ def _package(
     vocabulary: list[str] | None = None,
 ) -> Manifest:
     copy_tokenizer(src.folder, staging)
+    if "text_encoder_2" in infos:
+        copy_tokenizer(src.folder, staging, "tokenizer_2")
     copy_scheduler(src.folder, staging)
     copy_component_configs(src.folder, staging, list(infos))
     write_model_index(src.folder, staging, list(infos))

@@ -11,25 +11,31 @@ from .errors import ExportError
 TOKENIZER_JSON = "tokenizer.json"
 
 
-def copy_tokenizer(source: Path, out: Path) -> None:
-    """Copy the tokenizer files and make sure a `tokenizers`-format tokenizer.json is among them."""
-    shutil.copytree(source / "tokenizer", out / "tokenizer")
-    if (out / "tokenizer" / TOKENIZER_JSON).is_file():
+def copy_tokenizer(source: Path, out: Path, name: str = "tokenizer") -> None:
+    """Copy a tokenizer folder and make sure a `tokenizers`-format tokenizer.json is among its files."""
+    shutil.copytree(source / name, out / name)
+    if (out / name / TOKENIZER_JSON).is_file():
         return
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer", use_fast=True)
-        tokenizer.backend_tokenizer.save(str(out / "tokenizer" / TOKENIZER_JSON))
+        tokenizer = AutoTokenizer.from_pretrained(source / name, use_fast=True)
+        tokenizer.backend_tokenizer.save(str(out / name / TOKENIZER_JSON))
     except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
-        raise ExportError(f"{source / 'tokenizer'}: cannot build tokenizer.json ({exc})") from exc
+        raise ExportError(f"{source / name}: cannot build tokenizer.json ({exc})") from exc
 
 
 def copy_scheduler(source: Path, out: Path) -> None:
     shutil.copytree(source / "scheduler", out / "scheduler")
 
 
-CONFIG_SOURCES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+CONFIG_SOURCES = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
 
 
 def copy_component_configs(source: Path, out: Path, components: list[str]) -> None:
@@ -50,5 +56,8 @@ def write_model_index(source: Path, out: Path, components: list[str]) -> None:
         "scheduler": index["scheduler"],
         "tokenizer": index["tokenizer"],
     }
+    for key in ("tokenizer_2", "force_zeros_for_empty_prompt"):  # SDXL
+        if key in index:
+            onnx_index[key] = index[key]
     onnx_index.update({name: ["diffusers", "OnnxRuntimeModel"] for name in components})
     (out / "model_index.json").write_text(json.dumps(onnx_index, indent=2) + "\n")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd_onnx.runtime import configs
-from sd_onnx.runtime.manifest import ManifestError, ModelConfig
+from sd_onnx.runtime.manifest import COMPONENTS, ManifestError, ModelConfig
 
 from .errors import ExportError
 
@@ -20,7 +20,9 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionImg2ImgPipeline",
     "LatentConsistencyModelPipeline",
     "OnnxStableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
 }
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -47,6 +49,7 @@ class PipelineSource:
     model_family: str
     config: ModelConfig
     tokens: TokenIds
+    components: tuple[str, ...]  # what it can export
 
 
 def resolve_source(source: str, config: str | None = None, work_dir: Path | None = None) -> PipelineSource:
@@ -81,14 +84,16 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if pipeline_class not in SUPPORTED_PIPELINES:
         supported = ", ".join(sorted(SUPPORTED_PIPELINES))
         raise ExportError(f"{folder}: unsupported model family {pipeline_class} (supported: {supported})")
-    missing = [s for s in REQUIRED_SUBFOLDERS if not (folder / s).is_dir()]
+    required = REQUIRED_SUBFOLDERS + (SDXL_SUBFOLDERS if pipeline_class.startswith("StableDiffusionXL") else ())
+    missing = [s for s in required if not (folder / s).is_dir()]
     if missing:
         raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
     config = read_model_config(folder)
     if pipeline_class == "LatentConsistencyModelPipeline":  # diffusers' defaults for this pipeline
         config.default_steps, config.guidance_scale = LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE
     tokens = read_token_ids(folder, config.max_token_length)
-    return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens)
+    components = tuple(c for c in COMPONENTS if c != "text_encoder_2" or config.pooled_dim)
+    return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens, components)
 
 
 def read_token_ids(folder: Path, max_length: int) -> TokenIds:
@@ -132,6 +137,8 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 
 def _family(config: ModelConfig) -> str:
+    if config.pooled_dim:
+        return "sdxl"
     return {768: "sd1", 1024: "sd2"}.get(config.embedding_dim, "sd-custom")
 
 

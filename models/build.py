@@ -70,33 +70,87 @@ SD15 = {
     },
 }
 
-RECIPES = {"tiny": TINY, "sd15": SD15}
+# SDXL's layout at test size: two CLIP text encoders (the second with a projection, whose pooled output and
+# the six size/crop "time ids" condition the UNet), per-block transformer depths, linear projections.
+TINY_SDXL = {
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3},
+    "text_encoder_2": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
+                       "projection_dim": 32},
+    "unet": {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 16,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 64,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,
+        "norm_num_groups": 8,
+    },
+    "vae": {**TINY["vae"], "scaling_factor": 0.13025},
+}  # fmt: skip
+
+# CLIP's vocabulary and special ids unless a recipe names its own.
+CLIP_TEXT_DEFAULTS = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+    "hidden_act": "quick_gelu",
+}
+
+RECIPES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_SDXL}
 
 
 def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) -> Path:
-    """Write a diffusers StableDiffusionPipeline folder with the recipe's sizes and seeded random weights."""
+    """Write a diffusers pipeline folder (SDXL when the recipe has a second text encoder) with the recipe's
+    sizes and seeded random weights."""
     import torch
 
     torch.manual_seed(seed)
+    if "text_encoder_2" in recipe:
+        return save_sdxl_pipeline(recipe, Path(out))
     return save_pipeline(*create_modules(recipe), Path(out))
+
+
+def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
+    """A diffusers StableDiffusionXLPipeline folder from the recipe, initialised from torch's random state."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    first = CLIPTextModel(_clip_config(recipe["text_encoder"]))
+    second = CLIPTextModelWithProjection(_clip_config(recipe["text_encoder_2"]))
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
+    scheduler = EulerDiscreteScheduler.from_config({**SD15_SCHEDULER, "timestep_spacing": "leading"})
+    tokenizer = clip_tokenizer(out / "_tokenizer_src")
+    tokenizer_2 = type(tokenizer).from_pretrained(out / "_tokenizer_src", pad_token="!")  # SDXL's second pads with !
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=first, text_encoder_2=second, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tokenizer_src")
+    return out
+
+
+def _clip_config(text_encoder: dict[str, Any]) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{**CLIP_TEXT_DEFAULTS, "projection_dim": text_encoder["hidden_size"], **text_encoder})
 
 
 def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
     """(text_encoder, unet, vae) with the recipe's sizes, initialised from torch's current random state."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    text_config = {
-        "vocab_size": 49408,
-        "max_position_embeddings": 77,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 1,
-        "projection_dim": recipe["text_encoder"]["hidden_size"],
-        "hidden_act": "quick_gelu",
-        **recipe["text_encoder"],
-    }  # CLIP's vocabulary unless the recipe names its own
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder = CLIPTextModel(_clip_config(recipe["text_encoder"]))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     return text_encoder, unet, vae

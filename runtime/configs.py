@@ -36,6 +36,14 @@ def read_model_config(
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     width = text.get("hidden_size") or text_width or unet.get("cross_attention_dim")
+    second_path = folder / "text_encoder_2" / "config.json"
+    pooled_dim = time_ids = None
+    if second_path.is_file():  # SDXL: both encoders' states side by side, the second's pooled projection
+        pooled_dim = int(read_json(second_path)["projection_dim"])
+        width = unet["cross_attention_dim"]
+        time_ids = (unet["projection_class_embeddings_input_dim"] - pooled_dim) // unet["addition_time_embed_dim"]
+    index_path = folder / "model_index.json"
+    index = read_json(index_path) if index_path.is_file() else {}
     try:
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         config = ModelConfig(
@@ -49,6 +57,9 @@ def read_model_config(
             shift_factor=vae_config.get("shift_factor"),
             size_multiple=size_multiple(factor, unet),
             time_cond_proj_dim=unet.get("time_cond_proj_dim") or None,
+            pooled_dim=pooled_dim,
+            time_ids_count=time_ids,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc

@@ -14,7 +14,7 @@ from typing import Any
 
 MANIFEST_NAME = "sd_onnx.json"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 class ManifestError(ValueError):
@@ -72,6 +72,12 @@ class ModelConfig:
     time_cond_proj_dim: int | None = None
     # Denoising steps the model was made for (LCM: 4, Turbo: 1); None: request.DEFAULT_STEPS.
     default_steps: int | None = None
+    # SDXL: width of the second text encoder's pooled projection and the number of size/crop "time ids" the
+    # UNet takes beside it (6 for a base model); None for single-encoder models.
+    pooled_dim: int | None = None
+    time_ids_count: int | None = None
+    # SDXL: an absent negative prompt is zeros rather than the encoding of "" (model_index.json's flag).
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def default_resolution(self) -> int:

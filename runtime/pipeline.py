@@ -36,7 +36,6 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 """Called after each step with (step index, total steps, latents); returning False cancels the run."""
 
 LOG = logging.getLogger("sd_onnx")
-COMPONENTS_LOADED_UP_FRONT = ("text_encoder", "unet", "vae_decoder")
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
 ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
@@ -76,7 +75,7 @@ class StableDiffusionPipeline:
         self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length)
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
-            for name in COMPONENTS_LOADED_UP_FRONT:
+            for name in self.components_used:
                 self.component(name)
 
     @classmethod
@@ -110,6 +109,10 @@ class StableDiffusionPipeline:
             config = manifest.config
         else:
             manifest, config = None, _config_from_plain_folder(folder)
+        if cls is StableDiffusionPipeline and config.pooled_dim:  # an SDXL folder: its own pipeline
+            from .pipeline_sdxl import StableDiffusionXLPipeline
+
+            cls = StableDiffusionXLPipeline
         return cls(folder, manifest, config, scheduler, session_config, low_memory)
 
     @property
@@ -128,6 +131,8 @@ class StableDiffusionPipeline:
                 raise ManifestError(f"{name}: missing model file {file}")
             self._models[name] = OnnxModel(file, info, self.session_config)
         return self._models[name]
+
+    components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
 
     @property
     def loaded_components(self) -> tuple[str, ...]:
@@ -162,9 +167,15 @@ class StableDiffusionPipeline:
         image: Image.Image | np.ndarray | None = None,
         strength: float | None = None,
         scheduler: str | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
     ) -> PipelineOutput:
-        """Generate images; see diffusers' StableDiffusionPipeline for the meaning of each argument (steps
-        default to request.DEFAULT_STEPS, guidance and size to the model's, seed to a random one)."""
+        """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
+        arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
+        model's or request.DEFAULT_STEPS, guidance and size to the model's, seed to a random one)."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -178,6 +189,11 @@ class StableDiffusionPipeline:
             eta=eta,
             image=image,
             strength=strength,
+            prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
+            negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
+            original_size=original_size,
+            target_size=target_size,
+            crops_coords_top_left=crops_coords_top_left,
         )
         try:
             request = self.prepare(request)
@@ -201,14 +217,9 @@ class StableDiffusionPipeline:
         self._warn_unknown_words(request.prompts)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = TorchGenerator(request.seed)
-        embedded = self.config.time_cond_proj_dim  # distilled guidance (LCM): an input, not a second batch
-        do_cfg = request.guidance_scale > 1.0 and not embedded
-        embeddings = self.encode_prompt(request.prompts, request.negative_prompts, request.batch, do_cfg)
-        guidance_cond = None
-        if embedded:
-            w = np.full(request.image_count, request.guidance_scale - 1.0, np.float32)
-            guidance_cond = guidance_embedding(w, embedded)
-        self.release("text_encoder")
+        # Distilled guidance (LCM) is an input of the UNet, not a second batch.
+        do_cfg = request.guidance_scale > 1.0 and not self.config.time_cond_proj_dim
+        embeddings, conditions = self.conditioning(request, do_cfg)
         shape = self.latent_shape(request)
         sched.set_timesteps(request.steps)
         timesteps = sched.timesteps
@@ -221,7 +232,7 @@ class StableDiffusionPipeline:
         should_stop = _stop_check(callback, cancelled)
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
-            noise_pred = self.predict_noise(model_input, t, embeddings, request.guidance_scale, guidance_cond)
+            noise_pred = self.predict_noise(model_input, t, embeddings, request.guidance_scale, conditions)
             latents = sched.step(noise_pred, t, latents, noise=generator)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
@@ -236,6 +247,17 @@ class StableDiffusionPipeline:
         return (request.image_count, self.config.latent_channels, request.height // factor, request.width // factor)
 
     # Steps --------------------------------------------------------------------------------------------------
+
+    def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """What the UNet is conditioned on: text embeddings (with guidance: unconditional then conditional) and
+        the UNet's other inputs for every call (LCM: the guidance embedding as `timestep_cond`)."""
+        embeddings = self.encode_prompt(request.prompts, request.negative_prompts, request.batch, do_cfg)
+        self.release("text_encoder")
+        conditions = {}
+        if self.config.time_cond_proj_dim:
+            w = np.full(request.image_count, request.guidance_scale - 1.0, np.float32)
+            conditions["timestep_cond"] = guidance_embedding(w, self.config.time_cond_proj_dim)
+        return embeddings, conditions
 
     def encode_prompt(
         self, prompts: list[str], negative: list[str] | None, per_prompt: int = 1, do_cfg: bool = True
@@ -258,11 +280,11 @@ class StableDiffusionPipeline:
         t: float,
         embeddings: np.ndarray,
         guidance_scale: float,
-        guidance_cond: np.ndarray | None = None,
+        conditions: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
-        unconditional and conditional halves run as one batch and are combined; a UNet distilled with a
-        guidance embedding gets it as `timestep_cond` instead."""
+        unconditional and conditional halves run as one batch and are combined. `conditions`: the UNet's
+        other inputs, batched like the embeddings (see `conditioning`)."""
         unet = self.component("unet")
         do_cfg = len(embeddings) == 2 * len(model_input)
         batch = np.concatenate([model_input] * 2) if do_cfg else model_input
@@ -271,10 +293,7 @@ class StableDiffusionPipeline:
             timestep = np.array(t, timestep_type)
         else:
             timestep = np.full(len(batch), t, timestep_type)
-        feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings}
-        if guidance_cond is not None:
-            feeds["timestep_cond"] = guidance_cond
-        noise_pred = unet(**feeds)[0]
+        noise_pred = unet(sample=batch, timestep=timestep, encoder_hidden_states=embeddings, **(conditions or {}))[0]
         if not do_cfg:
             return noise_pred
         uncond, cond = np.split(noise_pred, 2)
@@ -380,4 +399,14 @@ def _config_from_plain_folder(folder: Path) -> ModelConfig:
     return read_model_config(folder, vae="vae_decoder", text_width=width)
 
 
-__all__ = ["StableDiffusionPipeline", "PipelineOutput", "GenerationCancelled"]
+class DiffusionPipeline:
+    """diffusers' entry point: `DiffusionPipeline.from_pretrained(folder)` returns the pipeline the folder's
+    manifest (or configs) calls for: `StableDiffusionPipeline` (SD 1.x/2.x, LCM, Turbo) or
+    `StableDiffusionXLPipeline`."""
+
+    @staticmethod
+    def from_pretrained(path: str | Path | None = None, **options: Any) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline.from_pretrained(path, **options)
+
+
+__all__ = ["StableDiffusionPipeline", "DiffusionPipeline", "PipelineOutput", "GenerationCancelled"]

@@ -83,6 +83,13 @@ class GenerationRequest:
     eta: float = 0.0
     image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    # SDXL only, as diffusers names them: the second encoder's prompts (default: the prompts) and the
+    # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
+    prompt_2: str | tuple[str, ...] | None = None
+    negative_prompt_2: str | tuple[str, ...] | None = None
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -127,8 +134,10 @@ class GenerationRequest:
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps)
+        sdxl = self._sdxl_fields(config, prompt, limits)
         return replace(
             self,
+            **sdxl,
             prompt=prompt,
             negative_prompt=negative,
             steps=steps,
@@ -158,6 +167,22 @@ class GenerationRequest:
         if width * height > limits.pixels(config):
             raise RequestError("width", f"{width}x{height} exceeds the limit max_pixels={limits.pixels(config)}")
         return width, height
+
+    def _sdxl_fields(self, config: ModelConfig, prompt: str | tuple[str, ...], limits: Limits) -> dict[str, Any]:
+        """The SDXL-only fields checked (refused on other models rather than silently ignored)."""
+        given = {name: getattr(self, name) for name in SDXL_FIELDS if getattr(self, name) is not None}
+        if given and not config.pooled_dim:
+            raise RequestError(next(iter(given)), "applies to SDXL models only")
+        checked: dict[str, Any] = {}
+        for name in ("prompt_2", "negative_prompt_2"):
+            if name in given:
+                checked[name] = _prompts(name, given[name], limits.max_prompt_chars)
+                if len(_as_tuple(checked[name])) not in (1, len(_as_tuple(prompt))):
+                    raise RequestError(name, f"has {len(_as_tuple(checked[name]))} entries for the prompts' count")
+        for name in ("original_size", "target_size", "crops_coords_top_left"):
+            if name in given:
+                checked[name] = _pair(name, given[name], low=0 if name == "crops_coords_top_left" else 1)
+        return checked
 
     def _scheduler(self, scheduler_config: dict[str, Any], default: str) -> str:
         name = default if self.scheduler is None else self.scheduler
@@ -206,6 +231,18 @@ class GenerationRequest:
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able values (no image)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
+
+
+SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left")
+
+
+def _pair(name: str, value: Any, low: int) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RequestError(name, "must be a (height, width) pair of integers")
+    pair = (_integer(name, value[0]), _integer(name, value[1]))
+    if min(pair) < low or max(pair) > 1 << 16:
+        raise RequestError(name, f"must be integers in {low}..{1 << 16}, got {list(pair)}")
+    return pair
 
 
 def _as_tuple(prompt: str | tuple[str, ...]) -> tuple[str, ...]:

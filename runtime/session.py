@@ -119,6 +119,7 @@ class OnnxModel:
             partial.replace(partial.with_name(partial.name.replace(".partial", "")))
         self.input_specs = {i.name: i for i in info.inputs} if info else {}
         self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
         # Called with each run's feeds before it runs (calibration records them, benchmarks time them).
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
 

@@ -12,7 +12,9 @@ import torch
 
 from sd_onnx.exporter.components import SPECS
 from sd_onnx.exporter.source import inspect_folder
-from sd_onnx.runtime.manifest import COMPONENTS, Manifest, ManifestError, sha256_file
+from sd_onnx.runtime.manifest import Manifest, ManifestError, sha256_file
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # an SD 1.x pipeline's
 
 PROMPT = "a photo of an astronaut riding a horse"
 

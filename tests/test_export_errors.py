@@ -46,13 +46,22 @@ def test_folder_that_is_not_a_pipeline(tmp_path: Path) -> None:
     assert_one_line_error(code, out, "not a diffusers pipeline")
 
 
-def test_unsupported_model_family(tiny_pipeline: Path, tmp_path: Path) -> None:
-    folder = copy_pipeline(tiny_pipeline, tmp_path / "xl")
+@pytest.mark.parametrize(
+    ("pipeline_class", "message"),
+    [
+        ("FluxPipeline", "unsupported model family FluxPipeline"),
+        ("StableDiffusionXLPipeline", "incomplete pipeline, missing text_encoder_2, tokenizer_2"),
+    ],
+)
+def test_unsupported_or_incomplete_model_family(
+    tiny_pipeline: Path, tmp_path: Path, pipeline_class: str, message: str
+) -> None:
+    folder = copy_pipeline(tiny_pipeline, tmp_path / "other")
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = pipeline_class
     (folder / "model_index.json").write_text(json.dumps(index))
     code, out = run_cli(str(folder), str(tmp_path / "out"))
-    assert_one_line_error(code, out, "unsupported model family StableDiffusionXLPipeline")
+    assert_one_line_error(code, out, message)
 
 
 def test_corrupt_weights_file(tiny_pipeline: Path, tmp_path: Path) -> None:

@@ -133,3 +133,90 @@ def test_turbo_style_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Pa
     got = ours(PROMPT, seed=6, output_type="np")
     assert got.request.steps == 1 and got.request.guidance_scale == 0.0
     assert np.abs(got.images - expected).mean() <= 1 / 255
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StableDiffusionPipeline]:
+    from sd_onnx.models.build import TINY_SDXL, build_pipeline
+
+    root = tmp_path_factory.mktemp("sdxl")
+    source = build_pipeline(TINY_SDXL, root / "pipeline", seed=0)
+    return source, export(source, root / "onnx")
+
+
+def test_sdxl_exports_both_encoders_with_optimums_names(sdxl) -> None:
+    _, ours = sdxl
+    manifest = ours.manifest
+    assert type(ours).__name__ == "StableDiffusionXLPipeline" and manifest.model_family == "sdxl"
+    assert ours.config.pooled_dim == 32 and ours.config.time_ids_count == 6 and ours.config.embedding_dim == 64
+    assert ours.config.force_zeros_for_empty_prompt
+    assert [t.name for t in manifest.components["unet"].inputs] == [
+        "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"
+    ]  # fmt: skip
+    outputs = [t.name for t in manifest.components["text_encoder_2"].outputs]
+    assert outputs[:2] == ["text_embeds", "last_hidden_state"] and outputs[-1] == "hidden_states.3"
+    assert ours.tokenizer_2.pad_id == ours.tokenizer_2.tokenizer.token_to_id("!")
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "ddim"])
+def test_sdxl_matches_diffusers(sdxl, scheduler: str) -> None:
+    import diffusers
+
+    source, ours = sdxl
+    pipe = reference(source, "StableDiffusionXLPipeline")
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_NAMES[scheduler]).from_config(pipe.scheduler.config)
+    for extra in ({}, {"negative_prompt": NEGATIVE, "num_images_per_prompt": 2}):
+        settings = {"num_inference_steps": 5, "guidance_scale": 5.0, "height": 32, "width": 48, **extra}
+        expected = pipe(PROMPT, generator=torch.Generator().manual_seed(3), output_type="np", **settings).images
+        got = ours(PROMPT, seed=3, scheduler=scheduler, output_type="np", **settings).images
+        assert got.shape == expected.shape and np.abs(got - expected).mean() <= 1 / 255, extra
+
+
+def test_sdxl_through_the_cli(sdxl, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sd_onnx.runtime.cli import main
+
+    folder = sdxl[1].folder
+    result = CliRunner().invoke(
+        main, ["prompt", "a cat", "-m", str(folder), "-o", str(tmp_path / "x.png"), "--steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "x.png").size == (32, 32)
+    result = CliRunner().invoke(main, ["info", str(folder)])
+    assert result.exit_code == 0 and "family: sdxl" in result.output and "text_encoder_2:" in result.output
+
+
+def test_sdxl_img2img_matches_diffusers(sdxl) -> None:
+    from PIL import Image
+
+    source, ours = sdxl
+    pipe = reference(source, "StableDiffusionXLImg2ImgPipeline")
+    init = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    settings = {"image": init, "strength": 0.6, "num_inference_steps": 10, "guidance_scale": 5.0}
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(9), output_type="np", **settings).images
+    got = ours(PROMPT, seed=9, scheduler="euler", output_type="np", **settings).images
+    assert np.abs(got - expected).mean() <= 1 / 255
+
+
+def test_sdxl_second_prompts_and_size_conditioning_match_diffusers(sdxl) -> None:
+    from sd_onnx.runtime import DiffusionPipeline
+
+    source, ours = sdxl
+    assert type(DiffusionPipeline.from_pretrained(ours.folder, provider="cpu")) is type(ours)
+    pipe = reference(source, "StableDiffusionXLPipeline")
+    settings = {"num_inference_steps": 4, "guidance_scale": 5.0, "prompt_2": "an oil painting",
+                "negative_prompt": "blurry", "negative_prompt_2": "dark", "original_size": (64, 96),
+                "target_size": (40, 24), "crops_coords_top_left": (8, 4)}  # fmt: skip
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(2), output_type="np", **settings).images
+    got = ours(PROMPT, seed=2, scheduler="euler", output_type="np", **settings).images
+    assert np.abs(got - expected).mean() <= 1 / 255
+    plain = ours(PROMPT, seed=2, scheduler="euler", output_type="np", num_inference_steps=4, guidance_scale=5.0)
+    assert np.abs(plain.images - got).mean() > 1 / 255  # the conditioning is used
+
+
+def test_sdxl_fields_are_refused_on_other_models(tiny_export: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    with pytest.raises(ValueError, match="prompt_2: applies to SDXL models only"):
+        pipe(PROMPT, prompt_2="x", num_inference_steps=1)

@@ -88,10 +88,9 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         pipe, _ = state.ready()
         manifest = pipe.manifest
         digest = manifest.components["unet"].files[manifest.components["unet"].file] if manifest else ""
-        name = pipe.model_name
-        return [
-            {"title": name, "model_name": name, "hash": digest[:10], "sha256": digest, "filename": name, "config": None}
-        ]
+        name, family = pipe.model_name, manifest.model_family if manifest else None
+        return [{"title": name, "model_name": name, "hash": digest[:10], "sha256": digest, "filename": name,
+                 "config": None, "family": family}]  # fmt: skip
 
     @api.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
