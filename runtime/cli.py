@@ -107,7 +107,7 @@ def main() -> None:
 @click.option("--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75].")
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
 @click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and free it after use.")
 @limit_options
 def prompt(
@@ -141,7 +141,10 @@ def prompt(
     try:
         paths = output_paths(output, batch)
         for path in paths:
-            check_writable(path)
+            try:
+                check_writable(path)
+            except OSError as exc:
+                raise click.BadParameter(str(exc), param_hint="-o") from None
         pipe = StableDiffusionPipeline.from_pretrained(
             model or default_model(), provider=provider, threads=threads, low_memory=low_memory
         )
@@ -167,7 +170,10 @@ def output_paths(output: str, count: int) -> list[Path]:
     if output.endswith(("/", os.sep)) or Path(output).is_dir():
         raise OSError(f"-o {output}: is a directory; give a file name such as {Path(output) / 'out.png'}")
     path = Path(output).expanduser()
-    path = path.resolve() if path.is_symlink() else path
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # realpath: no exception on a loop, which stays a link
+        if path.is_symlink():
+            raise OSError(f"-o {output}: is a symbolic link in a loop")
     if count < 2:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
@@ -243,9 +249,11 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 @click.option("--queue-size", default=8, show_default=True, type=click.IntRange(1), help="Jobs that may wait.")
 @click.option("--api-key", envvar="SD_ONNX_API_KEY", default=None, help="Required key (or $SD_ONNX_API_KEY).")
 @click.option("--provider", default="auto", show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @limit_options
-@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(1), help="Seconds per request.")
+@click.option(
+    "--timeout", default=600.0, show_default=True, type=click.FloatRange(1, 86400), help="Seconds per request."
+)
 @click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
 def serve(
     model: Path | None,
@@ -274,14 +282,16 @@ def serve(
     folder = model or default_model()
     if not folder.is_dir():
         raise click.ClickException(f"{folder}: no such model folder")
+    if timeout != timeout:  # NaN passes click's range check
+        raise click.BadParameter("must be a number of seconds", param_hint="--timeout")
     if api_key is None and os.environ.get("SD_ONNX_API_KEY") is not None:
         api_key = os.environ["SD_ONNX_API_KEY"]  # click reads an empty variable as unset; it is a mistake here
     if api_key is not None and not api_key.strip():
         raise click.ClickException(
             "--api-key (or $SD_ONNX_API_KEY) is empty; give a key, or leave both out to serve without one"
         )
-    if public_url is not None and not public_url.startswith(("http://", "https://")):
-        raise click.ClickException(f"--public-url must start with http:// or https://, got {public_url!r}")
+    if public_url is not None and not _is_base_url(public_url):
+        raise click.ClickException(f"--public-url must be an http:// or https:// URL with a host, got {public_url!r}")
     try:
         resolve_providers(provider)
     except ValueError as exc:
@@ -299,6 +309,13 @@ def serve(
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
     click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
     run_server(config, folder, provider, threads, host, port)
+
+
+def _is_base_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in url)
 
 
 def _url_host(host: str) -> str:

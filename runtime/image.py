@@ -41,11 +41,11 @@ def decode_image(data: bytes | Path, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
-            return image.convert("RGB")
+            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+                return image.convert("RGB")
     except Image.DecompressionBombError:
         raise ImageError(f"image is over the limit of {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

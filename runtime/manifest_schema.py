@@ -89,6 +89,11 @@ def check_manifest(data: Any) -> None:
         raise ManifestError(f"config.scaling_factor: must be positive, got {config['scaling_factor']}")
     if not 0 <= config.get("guidance_scale", 0) <= 100:
         raise ManifestError(f"config.guidance_scale: must be in 0..100, got {config['guidance_scale']}")
+    if config.get("shift_factor") is not None and abs(config["shift_factor"]) > 10:
+        raise ManifestError(f"config.shift_factor: must be in -10..10, got {config['shift_factor']}")
+    name = data.get("name") or ""
+    if len(name) > 200 or not name.isprintable():
+        raise ManifestError("name: must be one printable line of at most 200 characters")
     if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise ManifestError(f"config.prediction_type: must be one of {', '.join(PREDICTION_TYPES)}")
     if "unet" not in data["components"]:

@@ -213,6 +213,8 @@ class StableDiffusionPipeline:
         decoded images; `callback` after each step. Raises GenerationCancelled when either asks to stop."""
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         request = self.prepare(request) if not request.resolved else request
         self._warn_unknown_words(request.prompts)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
@@ -378,6 +380,8 @@ def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     latents = np.asarray(latents, dtype=np.float32)
     if latents.shape != shape:
         raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+    if not np.isfinite(latents).all():
+        raise ValueError("latents has non-finite values")
     return latents
 
 

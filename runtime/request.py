@@ -121,6 +121,9 @@ class GenerationRequest:
         default_steps = min(config.default_steps or DEFAULT_STEPS, limits.max_steps)
         steps = _integer("steps", default_steps if self.steps is None else self.steps)
         _in_range("steps", steps, 1, limits.max_steps)
+        trained = int(scheduler_config.get("num_train_timesteps", 1000))
+        if steps > trained:
+            raise RequestError("steps", f"must be <= {trained}, the timesteps the model was trained on, got {steps}")
         guidance = config.guidance_scale if self.guidance_scale is None else self.guidance_scale
         guidance = _number("guidance_scale", guidance)
         _in_range("guidance_scale", guidance, 0.0, MAX_GUIDANCE)
@@ -131,6 +134,7 @@ class GenerationRequest:
         if images > limits.max_batch:
             raise RequestError("batch", f"{images} images exceeds the limit max_batch={limits.max_batch}")
         scheduler = self._scheduler(scheduler_config, default_scheduler)
+        _check_schedule(scheduler, scheduler_config, steps, trained)
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps)
@@ -233,6 +237,14 @@ class GenerationRequest:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
 
 
+def _check_schedule(scheduler: str, scheduler_config: dict[str, Any], steps: int, trained: int) -> None:
+    """The sampler's timesteps for `steps` must exist in the training schedule (with "leading" spacing and an
+    offset, as many steps as timesteps would reach past the last one)."""
+    timesteps = make_scheduler(scheduler, scheduler_config).planned_timesteps(steps)
+    if len(timesteps) and float(np.max(timesteps)) >= trained:
+        raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {scheduler}")
+
+
 SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left")
 
 
@@ -291,11 +303,11 @@ def _number(name: str, value: Any) -> float:
 
 def _in_range(name: str, value: float, low: float, high: float | None) -> None:
     if value < low:
-        raise RequestError(name, f"must be >= {low:g}, got {value:g}")
+        raise RequestError(name, f"must be >= {low:g}, got {value:.10g}")
     if high is not None and value > high:
         if name == "steps":
             raise RequestError(name, f"{value:g} exceeds the limit max_steps={high:g}")
-        raise RequestError(name, f"must be <= {high:g}, got {value:g}")
+        raise RequestError(name, f"must be <= {high:g}, got {value:.10g}")
 
 
 def _check_image(image: Any) -> None:
@@ -303,6 +315,8 @@ def _check_image(image: Any) -> None:
     if isinstance(image, Image.Image):
         return
     if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[:2] == (1, 3):
+        if not np.isfinite(image).all():
+            raise RequestError("image", "has non-finite values")
         return
     shape = f" of shape {list(image.shape)}" if isinstance(image, np.ndarray) else ""
     raise RequestError("image", f"must be a PIL image or a (1, 3, H, W) array, got {type(image).__name__}{shape}")

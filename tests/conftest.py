@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Optimized graphs go to the user cache directory by default; tests (and the servers they start) use their own.
-os.environ.setdefault("SD_ONNX_CACHE", tempfile.mkdtemp(prefix="sd-onnx-test-cache-"))
+# Optimized graphs go to the user cache directory by default; tests (and the servers they start) use their own,
+# removed when the run ends.
+if "SD_ONNX_CACHE" not in os.environ:
+    os.environ["SD_ONNX_CACHE"] = tempfile.mkdtemp(prefix="sd-onnx-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SD_ONNX_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -218,3 +218,9 @@ def test_init_image_that_is_not_a_regular_file_is_refused_without_reading_it(
     code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "o.png"), "--image", path)
     errors = errors_of(output)
     assert code != 0 and len(errors) == 1 and "--image" in errors[0], output
+
+
+def test_output_link_loop_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    code, output = run("prompt", "x", "-o", str(tmp_path / "loop.png"), "--steps", "1")
+    assert code != 0 and len(errors_of(output)) == 1 and "-o" in errors_of(output)[0], output

@@ -50,6 +50,8 @@ BROKEN = [
     (lambda m: edited(m, "config.scaling_factor", 0), "config.scaling_factor: must be positive"),
     (lambda m: edited(m, "config.guidance_scale", 1e308), "config.guidance_scale: must be in 0..100"),
     (lambda m: edited(m, "config.prediction_type", "x"), "config.prediction_type: must be one of epsilon"),
+    (lambda m: edited(m, "config.shift_factor", 1e308), "config.shift_factor: must be in -10..10"),
+    (lambda m: edited(m, "name", "x\nSteps: 999"), "name: must be one printable line"),
 ]  # fmt: skip
 
 

@@ -104,3 +104,18 @@ def test_default_pixel_limit_is_four_times_the_models_native_image() -> None:
     assert resolve(limits=Limits(), width=128, height=128).width == 128
     with pytest.raises(RequestError, match="128x144 exceeds the limit max_pixels=16384"):
         resolve(limits=Limits(), width=128, height=144)
+
+
+def test_more_steps_than_the_model_was_trained_on_are_refused() -> None:
+    """Beyond num_train_timesteps the samplers divide by zero or allocate gigabytes of timesteps."""
+    with pytest.raises(RequestError, match="must be <= 1000, the timesteps the model was trained on, got 1001"):
+        resolve(limits=Limits(max_steps=10**9), steps=1001)
+
+
+def test_steps_whose_timesteps_leave_the_schedule_are_refused() -> None:
+    """SD 1.5's PNDM config (leading spacing, offset 1) at 1000 steps would ask for timestep 1000 of 0..999."""
+    sd15 = {"_class_name": "PNDMScheduler", "steps_offset": 1, "skip_prk_steps": True}
+    request = GenerationRequest("x", steps=1000)
+    with pytest.raises(RequestError, match="1000 steps reach past the model's 1000 timesteps with pndm"):
+        request.resolve(CONFIG, sd15, "pndm", Limits(max_steps=10**9))
+    assert GenerationRequest("x", steps=500).resolve(CONFIG, sd15, "pndm", Limits(max_steps=10**9)).steps == 500

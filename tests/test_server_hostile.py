@@ -96,6 +96,9 @@ def test_non_finite_numbers_are_422_naming_the_field(server: Server, path: str, 
         ("/v1/images/generations", {"prompt": "x", "guidance_scale": 1e300}, "guidance_scale: must be <= 100"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": 3e38}, "cfg_scale: must be <= 100"),
         ("/sdapi/v1/txt2img", {"prompt": "x" * 10_001}, "prompt: 10001 characters exceeds the limit max_prompt_chars"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": True}, "cfg_scale: Input should be a valid number"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "steps": "7"}, "steps: Input should be a valid integer"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1001}, "steps: 1001 exceeds the limit max_steps=20"),
     ],
 )  # fmt: skip
 def test_bad_values_are_422_with_one_line_naming_the_field(server: Server, path: str, body: dict, message: str) -> None:
@@ -166,7 +169,9 @@ def test_docs_are_behind_the_key_and_bearer_is_case_insensitive(tiny_export: Pat
         (["--api-key", ""], {}, "--api-key (or $SD_ONNX_API_KEY) is empty"),
         (["--api-key", " "], {}, "--api-key (or $SD_ONNX_API_KEY) is empty"),
         ([], {"SD_ONNX_API_KEY": ""}, "--api-key (or $SD_ONNX_API_KEY) is empty"),
-        (["--public-url", "notaurl"], {}, "--public-url must start with http:// or https://"),
+        (["--public-url", "notaurl"], {}, "--public-url must be an http:// or https:// URL with a host"),
+        (["--public-url", "http://"], {}, "--public-url must be an http:// or https:// URL with a host"),
+        (["--timeout", "nan"], {}, "Invalid value for --timeout: must be a number of seconds"),
     ],
 )
 def test_settings_that_would_weaken_the_server_are_refused(
@@ -187,10 +192,10 @@ def test_openai_size_auto_is_the_models_own(server: Server) -> None:
 
 
 def test_timeout_cancels_the_running_job(tiny_export: Path) -> None:
-    srv = Server(tiny_export, "--timeout", "1", "--max-steps", "2000", "--max-pixels", "4096")
+    srv = Server(tiny_export, "--timeout", "1", "--max-steps", "1000", "--max-pixels", "4096")
     try:
         started = time.monotonic()
-        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2000, "width": 64, "height": 64},
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 999, "width": 64, "height": 64},
                        timeout=60)  # fmt: skip
         assert r.status_code == 504 and time.monotonic() - started < 10
         deadline = time.monotonic() + 5  # cancellation lags by at most one UNet step
@@ -231,3 +236,20 @@ def test_sigterm_cancels_queued_work_and_answers_503_while_draining(tiny_export:
     assert health.status_code == 503 and health.json()["status"] == "shutting down"
     assert results["running"].status_code == 200 and len(results["running"].json()["images"]) == 4
     assert code in (0, -signal.SIGTERM)
+
+
+def test_malformed_json_names_the_body(server: Server) -> None:
+    r = post_raw(server, "/sdapi/v1/txt2img", '{"prompt": ')
+    assert r.status_code == 422 and r.json()["detail"] == "body: not valid JSON"
+
+
+def test_a_client_that_hangs_up_is_not_a_server_error(server: Server) -> None:
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")  # fmt: skip
+    time.sleep(0.5)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'status="500"' not in metrics and 'status="499"' in metrics

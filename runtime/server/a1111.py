@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import GenerationRequest
-from ..schedulers import SCHEDULERS, resolve_name, scheduler_names
+from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
 from .schemas import Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
 
@@ -77,10 +77,13 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/sdapi/v1/samplers")
     def samplers() -> list[dict[str, Any]]:
+        """The samplers this model can run (a zero-terminal-SNR model refuses some)."""
+        pipe, _ = state.ready()
         names = scheduler_names()
         return [
             {"name": key, "aliases": [n for n in names if n != key and resolve_name(n) == key], "options": {}}
             for key in SCHEDULERS
+            if _runs(key, pipe.scheduler_config)
         ]
 
     @api.get("/sdapi/v1/sd-models")
@@ -117,6 +120,14 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def interrupt() -> dict[str, Any]:
         _, jobs = state.ready()
         return {"interrupted": jobs.interrupt()}
+
+
+def _runs(sampler: str, scheduler_config: dict[str, Any]) -> bool:
+    try:
+        make_scheduler(sampler, scheduler_config)
+    except ValueError:
+        return False
+    return True
 
 
 def _preview(latents: np.ndarray) -> str | None:

@@ -34,7 +34,7 @@ class BodyLimit:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -58,6 +58,13 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class ClientGone(Exception):
+    """The client hung up before its request was complete: nothing to answer, and not a server error."""
+
+
+CLIENT_CLOSED = 499  # nginx's status for it, so /metrics can count such requests apart
+
+
 def install(app: FastAPI, state: ServerState) -> None:
     """Body limit, metrics and error handlers on `app`."""
     app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
@@ -67,6 +74,8 @@ def install(app: FastAPI, state: ServerState) -> None:
         started = time.perf_counter()
         try:
             response = await call_next(request)
+        except ClientGone:
+            response = Response(status_code=CLIENT_CLOSED)
         except Exception as exc:  # noqa: BLE001 - a bug must still be answered, logged in one line and counted
             LOG.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
             response = JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -82,6 +91,9 @@ def install(app: FastAPI, state: ServerState) -> None:
         without echoing the input (NaN or megabytes would not serialise or would flood the client)."""
         lines = []
         for error in exc.errors()[:MAX_ERRORS]:
+            if error.get("type") == "json_invalid":
+                lines.append("body: not valid JSON")
+                continue
             where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
             lines.append(f"{where}: {error.get('msg', 'invalid')}")
         detail = "; ".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogates

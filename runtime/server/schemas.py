@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FINITE = ConfigDict(allow_inf_nan=False)
+# Strict types: `true` is not a number and "7" is not a float, as in the Python API.
+FINITE = ConfigDict(allow_inf_nan=False, strict=True)
 
 
 class Txt2ImgRequest(BaseModel):
