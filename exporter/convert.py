@@ -8,6 +8,7 @@ renamed only once complete, so an interrupted export never leaves a half folder 
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -86,7 +87,7 @@ def convert(
         for i, component in enumerate(components, 1):
             started = time.perf_counter()
             infos[component] = export_component(
-                src, component, staging, opset, atol, optimize, half=precision == "fp16"
+                src, component, staging, opset, atol, optimize, half=precision == "fp16" and _halves(src, component)
             )
             size_mb = sum((staging / f).stat().st_size for f in infos[component].files) / 1e6
             max_diff = infos[component].validation["max_abs_diff"]
@@ -151,6 +152,16 @@ def export_component(
         validation=validation,
         optimizations=optimizations,
     )
+
+
+def _halves(src: PipelineSource, component: str) -> bool:
+    """Whether fp16 applies: an SDXL VAE whose config says `force_upcast` (it overflows in fp16) stays fp32, as
+    diffusers' SDXL pipelines keep it; its manifest entry then says precision fp32 among fp16 components.
+    (diffusers' SD 1.x/2.x pipelines ignore the flag, so their VAEs are halved.)"""
+    if not component.startswith("vae") or not src.config.pooled_dim:
+        return True
+    config = json.loads((src.folder / "vae" / "config.json").read_text())
+    return not config.get("force_upcast", False)
 
 
 def _load(load: Callable[[Path], torch.nn.Module], folder: Path, name: str) -> torch.nn.Module:

@@ -220,3 +220,13 @@ def test_sdxl_fields_are_refused_on_other_models(tiny_export: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
     with pytest.raises(ValueError, match="prompt_2: applies to SDXL models only"):
         pipe(PROMPT, prompt_2="x", num_inference_steps=1)
+
+
+def test_sdxl_fp16_keeps_the_vae_that_overflows_in_fp32(sdxl, tmp_path: Path) -> None:
+    source, fp32 = sdxl
+    fp16 = export(source, tmp_path / "fp16", precision="fp16", components=("text_encoder", "text_encoder_2", "unet",
+                                                                           "vae_decoder"))  # fmt: skip
+    precisions = {name: info.precision for name, info in fp16.manifest.components.items()}
+    assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    settings = {"num_inference_steps": 3, "seed": 1, "output_type": "np"}
+    assert np.abs(fp16(PROMPT, **settings).images - fp32(PROMPT, **settings).images).max() < 0.02
