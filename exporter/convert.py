@@ -179,7 +179,8 @@ def _package(
     name: str | None = None,
     vocabulary: list[str] | None = None,
 ) -> Manifest:
-    copy_tokenizer(src.folder, staging)
+    if "text_encoder" in infos:
+        copy_tokenizer(src.folder, staging)
     if "text_encoder_2" in infos:
         copy_tokenizer(src.folder, staging, "tokenizer_2")
     copy_scheduler(src.folder, staging)

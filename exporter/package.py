@@ -56,7 +56,7 @@ def write_model_index(source: Path, out: Path, components: list[str]) -> None:
         "scheduler": index["scheduler"],
         "tokenizer": index["tokenizer"],
     }
-    for key in ("tokenizer_2", "force_zeros_for_empty_prompt"):  # SDXL
+    for key in ("tokenizer_2", "force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL
         if key in index:
             onnx_index[key] = index[key]
     onnx_index.update({name: ["diffusers", "OnnxRuntimeModel"] for name in components})

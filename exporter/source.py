@@ -21,8 +21,10 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline",
     "OnnxStableDiffusionPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
 }
-SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
+# SDXL: the second encoder always; the first is absent from refiners (model_index.json says null).
+SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
 LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -84,7 +86,10 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if pipeline_class not in SUPPORTED_PIPELINES:
         supported = ", ".join(sorted(SUPPORTED_PIPELINES))
         raise ExportError(f"{folder}: unsupported model family {pipeline_class} (supported: {supported})")
-    required = REQUIRED_SUBFOLDERS + (SDXL_SUBFOLDERS if pipeline_class.startswith("StableDiffusionXL") else ())
+    required = REQUIRED_SUBFOLDERS
+    if pipeline_class.startswith("StableDiffusionXL"):
+        first = (index.get("text_encoder") or [None])[0] is not None
+        required = SDXL_SUBFOLDERS + (("text_encoder", "tokenizer") if first else ())
     missing = [s for s in required if not (folder / s).is_dir()]
     if missing:
         raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
@@ -92,7 +97,8 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if pipeline_class == "LatentConsistencyModelPipeline":  # diffusers' defaults for this pipeline
         config.default_steps, config.guidance_scale = LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE
     tokens = read_token_ids(folder, config.max_token_length)
-    components = tuple(c for c in COMPONENTS if c != "text_encoder_2" or config.pooled_dim)
+    present = {"text_encoder": (folder / "text_encoder").is_dir(), "text_encoder_2": bool(config.pooled_dim)}
+    components = tuple(c for c in COMPONENTS if present.get(c, True))
     return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens, components)
 
 
@@ -100,13 +106,14 @@ def read_token_ids(folder: Path, max_length: int) -> TokenIds:
     """Special token ids from the pipeline's own tokenizer, checked against its text encoder's vocabulary."""
     from sd_onnx.runtime.tokenizer import CLIPTokenizer
 
-    vocab_size = _read_json(folder / "text_encoder" / "config.json").get("vocab_size")
+    suffix = "" if (folder / "text_encoder").is_dir() else "_2"  # an SDXL refiner has the second encoder only
+    vocab_size = _read_json(folder / f"text_encoder{suffix}" / "config.json").get("vocab_size")
     try:
-        tokenizer = CLIPTokenizer(folder / "tokenizer", max_length)
+        tokenizer = CLIPTokenizer(folder / f"tokenizer{suffix}", max_length)
     except ValueError as exc:
-        raise ExportError(f"{folder / 'tokenizer'}: unreadable tokenizer ({exc})") from None
+        raise ExportError(f"{folder / f'tokenizer{suffix}'}: unreadable tokenizer ({exc})") from None
     if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ExportError(f"{folder / 'text_encoder'}: config.json has no vocab_size")
+        raise ExportError(f"{folder / f'text_encoder{suffix}'}: config.json has no vocab_size")
     ids = {"eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "bos": tokenizer.bos_id}
     for role, value in ids.items():
         if value is not None and not 0 <= value < vocab_size:
@@ -123,7 +130,9 @@ def read_model_config(folder: Path) -> ModelConfig:
     """The model's sizes from its own configs (the runtime's reader), refusing UNets this exporter cannot run."""
     unet = _read_json(folder / "unet" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
-    _read_json(folder / "text_encoder" / "config.json")
+    for encoder in ("text_encoder", "text_encoder_2"):
+        if (folder / encoder).is_dir():
+            _read_json(folder / encoder / "config.json")
     _read_json(folder / "scheduler" / "scheduler_config.json")
     if unet.get("in_channels") != vae.get("latent_channels", 4):
         raise ExportError(

@@ -104,7 +104,14 @@ CLIP_TEXT_DEFAULTS = {
     "hidden_act": "quick_gelu",
 }
 
-RECIPES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_SDXL}
+# An SDXL refiner at test size: the second text encoder only, and an aesthetic score among 5 time ids.
+TINY_SDXL_REFINER = {
+    "text_encoder_2": TINY_SDXL["text_encoder_2"],
+    "unet": {**TINY_SDXL["unet"], "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32},
+    "vae": TINY_SDXL["vae"],
+}
+
+RECIPES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_SDXL, "tiny-sdxl-refiner": TINY_SDXL_REFINER}
 
 
 def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) -> Path:
@@ -113,27 +120,40 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
     import torch
 
     torch.manual_seed(seed)
-    if "text_encoder_2" in recipe:
+    if "text_encoder_2" in recipe:  # SDXL: a base with both encoders, a refiner with the second only
         return save_sdxl_pipeline(recipe, Path(out))
     return save_pipeline(*create_modules(recipe), Path(out))
 
 
 def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
-    """A diffusers StableDiffusionXLPipeline folder from the recipe, initialised from torch's random state."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    """A diffusers SDXL pipeline folder from the recipe, initialised from torch's random state: a
+    StableDiffusionXLPipeline, or a StableDiffusionXLImg2ImgPipeline refiner when the recipe has no first
+    text encoder."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    first = CLIPTextModel(_clip_config(recipe["text_encoder"]))
+    refiner = "text_encoder" not in recipe
+    first = None if refiner else CLIPTextModel(_clip_config(recipe["text_encoder"]))
     second = CLIPTextModelWithProjection(_clip_config(recipe["text_encoder_2"]))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     scheduler = EulerDiscreteScheduler.from_config({**SD15_SCHEDULER, "timestep_spacing": "leading"})
     tokenizer = clip_tokenizer(out / "_tokenizer_src")
     tokenizer_2 = type(tokenizer).from_pretrained(out / "_tokenizer_src", pad_token="!")  # SDXL's second pads with !
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=first, text_encoder_2=second, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=unet, scheduler=scheduler,
-    )  # fmt: skip
+    modules = {"vae": vae, "text_encoder_2": second, "tokenizer_2": tokenizer_2, "unet": unet, "scheduler": scheduler}
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            **modules, text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )  # fmt: skip
+    else:
+        pipe = StableDiffusionXLPipeline(**modules, text_encoder=first, tokenizer=tokenizer)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_tokenizer_src")
     return out

@@ -32,6 +32,8 @@ def read_model_config(
     unet = read_json(folder / "unet" / "config.json")
     vae_config = read_json(folder / vae / "config.json")
     text_path = folder / "text_encoder" / "config.json"
+    if not text_path.is_file():  # an SDXL refiner: the second encoder sets the token length
+        text_path = folder / "text_encoder_2" / "config.json"
     text = read_json(text_path) if text_path.is_file() else {}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}

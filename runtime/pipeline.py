@@ -72,7 +72,9 @@ class StableDiffusionPipeline:
         self.scheduler_config = _read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
         make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
-        self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length)
+        # An SDXL refiner has no first tokenizer (nor text encoder); its pipeline uses the second.
+        has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
+        self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length) if has_first else None
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
             for name in self.components_used:
@@ -172,6 +174,8 @@ class StableDiffusionPipeline:
         original_size: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -194,6 +198,8 @@ class StableDiffusionPipeline:
             original_size=original_size,
             target_size=target_size,
             crops_coords_top_left=crops_coords_top_left,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )
         try:
             request = self.prepare(request)

@@ -16,20 +16,22 @@ from .pipeline import StableDiffusionPipeline
 from .request import GenerationRequest
 from .tokenizer import CLIPTokenizer
 
-BASE_TIME_IDS = 6  # a refiner takes 5 (an aesthetic score instead of the target size)
+BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5  # a refiner takes an aesthetic score instead of the target size
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
-    """SDXL base: txt2img and img2img with the base pipeline's settings; `prompt_2` is the prompt itself."""
-
-    components_used = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+    """SDXL base or refiner: txt2img and img2img with the base pipeline's settings; `prompt_2` defaults to the
+    prompt. A refiner (the second text encoder only, an aesthetic score among its time ids) is meant for img2img
+    on a base model's output, as diffusers' StableDiffusionXLImg2ImgPipeline runs it."""
 
     def __init__(self, folder, manifest, config, scheduler, session_config, low_memory=False) -> None:  # noqa: ANN001
-        if config.time_ids_count != BASE_TIME_IDS:
-            raise ManifestError(
-                f"{folder}: an SDXL UNet with {config.time_ids_count} time ids (a refiner?) is not supported yet"
-            )
+        if config.time_ids_count not in (BASE_TIME_IDS, REFINER_TIME_IDS):
+            raise ManifestError(f"{folder}: an SDXL UNet with {config.time_ids_count} time ids is not supported")
+        self.refiner = config.time_ids_count == REFINER_TIME_IDS
         self.tokenizer_2 = CLIPTokenizer(folder / "tokenizer_2", config.max_token_length)
+        encoders = ("text_encoder_2",) if not (folder / "text_encoder").is_dir() else ("text_encoder", "text_encoder_2")
+        self.components_used = (*encoders, "unet", "vae_decoder")
         super().__init__(folder, manifest, config, scheduler, session_config, low_memory)
 
     def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -48,19 +50,30 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         self.release("text_encoder")
         self.release("text_encoder_2")
         embeddings, pooled = _repeat_per_prompt(embeddings, request.batch), _repeat_per_prompt(pooled, request.batch)
-        size = (request.height, request.width)
-        crop = request.crops_coords_top_left or (0, 0)
-        sizes = [*(request.original_size or size), *crop, *(request.target_size or size)]
-        time_ids = np.tile(np.array(sizes, np.float32), (len(pooled), 1))
+        time_ids = self.time_ids(request, do_cfg)
         return embeddings, {"text_embeds": pooled, "time_ids": time_ids}
+
+    def time_ids(self, request: GenerationRequest, do_cfg: bool) -> np.ndarray:
+        """Size and crop conditioning per image: original size, crop corner, then the target size (base) or an
+        aesthetic score (refiner: the negative half gets the negative score); [unconditional; conditional]."""
+        size = (request.height, request.width)
+        head = [*(request.original_size or size), *(request.crops_coords_top_left or (0, 0))]
+        if self.refiner:
+            score = AESTHETIC_SCORE if request.aesthetic_score is None else request.aesthetic_score
+            negative_score = request.negative_aesthetic_score
+            rows = [[*head, NEGATIVE_AESTHETIC_SCORE if negative_score is None else negative_score], [*head, score]]
+        else:
+            rows = [[*head, *(request.target_size or size)]] * 2
+        halves = rows if do_cfg else rows[1:]
+        return np.concatenate([np.tile(np.array(row, np.float32), (request.image_count, 1)) for row in halves])
 
     def encode_prompts(self, prompts: list[str], prompts_2: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Both encoders' penultimate hidden states, concatenated, and the second encoder's pooled projection."""
         states = []
-        for name, tokenizer, texts in (
-            ("text_encoder", self.tokenizer, prompts),
-            ("text_encoder_2", self.tokenizer_2, prompts_2),
-        ):
+        encoders = (("text_encoder", self.tokenizer, prompts), ("text_encoder_2", self.tokenizer_2, prompts_2))
+        if "text_encoder" not in self.components_used:  # a refiner: diffusers feeds the second encoder `prompt`
+            encoders = (("text_encoder_2", self.tokenizer_2, prompts),)
+        for name, tokenizer, texts in encoders:
             encoder = self.component(name)
             ids = tokenizer(texts).astype(encoder.input_dtype("input_ids", np.int32))
             outputs = dict(zip(encoder.output_names, encoder(input_ids=ids), strict=True))

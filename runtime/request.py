@@ -90,6 +90,9 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
+    # SDXL refiners: the aesthetic score conditioning the prompt and the negative prompt (diffusers: 6 and 2.5).
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -186,6 +189,10 @@ class GenerationRequest:
         for name in ("original_size", "target_size", "crops_coords_top_left"):
             if name in given:
                 checked[name] = _pair(name, given[name], low=0 if name == "crops_coords_top_left" else 1)
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if name in given:
+                checked[name] = _number(name, given[name])
+                _in_range(name, checked[name], 0.0, 10.0)
         return checked
 
     def _scheduler(self, scheduler_config: dict[str, Any], default: str) -> str:
@@ -245,7 +252,10 @@ def _check_schedule(scheduler: str, scheduler_config: dict[str, Any], steps: int
         raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {scheduler}")
 
 
-SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left")
+SDXL_FIELDS = (
+    "prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left", "aesthetic_score",
+    "negative_aesthetic_score",
+)  # fmt: skip
 
 
 def _pair(name: str, value: Any, low: int) -> tuple[int, int]:

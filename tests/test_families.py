@@ -230,3 +230,22 @@ def test_sdxl_fp16_keeps_the_vae_that_overflows_in_fp32(sdxl, tmp_path: Path) ->
     assert precisions == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
     settings = {"num_inference_steps": 3, "seed": 1, "output_type": "np"}
     assert np.abs(fp16(PROMPT, **settings).images - fp32(PROMPT, **settings).images).max() < 0.02
+
+
+def test_sdxl_refiner_img2img_matches_diffusers(tmp_path: Path) -> None:
+    """The second text encoder only, an aesthetic score among 5 time ids (negative half: the negative score)."""
+    from PIL import Image
+
+    from sd_onnx.models.build import TINY_SDXL_REFINER, build_pipeline
+
+    source = build_pipeline(TINY_SDXL_REFINER, tmp_path / "refiner", seed=0)
+    ours = export(source, tmp_path / "onnx")
+    assert set(ours.manifest.components) == {"text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert ours.config.time_ids_count == 5 and not ours.config.force_zeros_for_empty_prompt
+    pipe = reference(source, "StableDiffusionXLImg2ImgPipeline")
+    init = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    for extra in ({}, {"negative_prompt": NEGATIVE, "aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}):
+        settings = {"image": init, "strength": 0.6, "num_inference_steps": 10, "guidance_scale": 5.0, **extra}
+        expected = pipe(PROMPT, generator=torch.Generator().manual_seed(9), output_type="np", **settings).images
+        got = ours(PROMPT, seed=9, scheduler="euler", output_type="np", **settings).images
+        assert np.abs(got - expected).mean() <= 1 / 255, extra

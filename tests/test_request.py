@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -119,3 +120,17 @@ def test_steps_whose_timesteps_leave_the_schedule_are_refused() -> None:
     with pytest.raises(RequestError, match="1000 steps reach past the model's 1000 timesteps with pndm"):
         request.resolve(CONFIG, sd15, "pndm", Limits(max_steps=10**9))
     assert GenerationRequest("x", steps=500).resolve(CONFIG, sd15, "pndm", Limits(max_steps=10**9)).steps == 500
+
+
+def test_sdxl_fields_are_checked() -> None:
+    sdxl = ModelConfig(**{**CONFIG.__dict__, "pooled_dim": 32, "time_ids_count": 6})
+    resolved = GenerationRequest("x", original_size=[64, 96], aesthetic_score=6).resolve(sdxl, ZERO_SNR, "ddim", LIMITS)
+    assert resolved.original_size == (64, 96) and resolved.aesthetic_score == 6.0
+    for fields, message in (
+        ({"original_size": (0, 64)}, "original_size: must be integers in 1..65536"),
+        ({"crops_coords_top_left": (1,)}, "crops_coords_top_left: must be a (height, width) pair"),
+        ({"aesthetic_score": math.nan}, "aesthetic_score: must be a finite number"),
+        ({"prompt_2": ("a", "b", "c")}, "prompt_2: has 3 entries"),
+    ):
+        with pytest.raises(RequestError, match=re.escape(message)):
+            GenerationRequest("x", **fields).resolve(sdxl, ZERO_SNR, "ddim", LIMITS)
