@@ -32,14 +32,11 @@ class TextEncoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(input_ids.long(), output_hidden_states=self.hidden_states, return_dict=True)
-        first = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        if not self.hidden_states:
-            return out.last_hidden_state, first
-        return (
-            (first, out.last_hidden_state, *out.hidden_states)
-            if hasattr(out, "text_embeds")
-            else (out.last_hidden_state, first, *out.hidden_states)
-        )
+        if hasattr(out, "text_embeds"):  # with a projection (SDXL's second encoder): Optimum's output order
+            head = (out.text_embeds, out.last_hidden_state)
+        else:
+            head = (out.last_hidden_state, out.pooler_output)
+        return (*head, *out.hidden_states) if self.hidden_states else head
 
 
 class UNet(torch.nn.Module):

@@ -122,7 +122,7 @@ def read_token_ids(folder: Path, max_length: int) -> TokenIds:
                 f"vocabulary of {vocab_size} (tokenizer and text encoder do not match)"
             )
     if tokenizer.eos_id is None or tokenizer.pad_id is None:
-        raise ExportError(f"{folder / 'tokenizer'}: no end-of-text / padding token")
+        raise ExportError(f"{folder / f'tokenizer{suffix}'}: no end-of-text / padding token")
     return TokenIds(vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
 
 

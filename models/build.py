@@ -3,7 +3,7 @@
 `tiny` is small enough for unit tests (seconds to build, export and run); `sd15` has SD 1.5's exact
 architecture (UNet 860M parameters) for speed and memory measurements. Both use the real CLIP tokenizer.
 
-    python -m sd_onnx.models.build tiny /tmp/tiny-sd
+    python -m sd_onnx.models.build tiny <out>/tiny-sd
 """
 
 from __future__ import annotations

@@ -136,8 +136,7 @@ class GenerationRequest:
         images = len(_as_tuple(prompt)) * batch
         if images > limits.max_batch:
             raise RequestError("batch", f"{images} images exceeds the limit max_batch={limits.max_batch}")
-        scheduler = self._scheduler(scheduler_config, default_scheduler)
-        _check_schedule(scheduler, scheduler_config, steps, trained)
+        scheduler = self._scheduler(scheduler_config, default_scheduler, steps, trained)
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps)
@@ -195,15 +194,20 @@ class GenerationRequest:
                 _in_range(name, checked[name], 0.0, 10.0)
         return checked
 
-    def _scheduler(self, scheduler_config: dict[str, Any], default: str) -> str:
+    def _scheduler(self, scheduler_config: dict[str, Any], default: str, steps: int, trained: int) -> str:
+        """The sampler's name, once a scratch instance shows it can run this model's noise schedule and that its
+        timesteps for `steps` stay inside the training ones ("leading" spacing with an offset can step past)."""
         name = default if self.scheduler is None else self.scheduler
         if not isinstance(name, str):
             raise RequestError("scheduler", f"must be a string, got {type(name).__name__}")
         try:
             name = resolve_name(name)
-            make_scheduler(name, scheduler_config)  # refuses what cannot run on this model's noise schedule
+            sampler = make_scheduler(name, scheduler_config)
         except ValueError as exc:
             raise RequestError("scheduler", str(exc)) from None
+        sampler.set_timesteps(steps)
+        if len(sampler.timesteps) and float(np.max(sampler.timesteps)) >= trained:
+            raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {name}")
         return name
 
     def _strength(self, steps: int) -> float | None:
@@ -242,14 +246,6 @@ class GenerationRequest:
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able values (no image)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
-
-
-def _check_schedule(scheduler: str, scheduler_config: dict[str, Any], steps: int, trained: int) -> None:
-    """The sampler's timesteps for `steps` must exist in the training schedule (with "leading" spacing and an
-    offset, as many steps as timesteps would reach past the last one)."""
-    timesteps = make_scheduler(scheduler, scheduler_config).planned_timesteps(steps)
-    if len(timesteps) and float(np.max(timesteps)) >= trained:
-        raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {scheduler}")
 
 
 SDXL_FIELDS = (

