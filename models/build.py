@@ -1,7 +1,8 @@
 """Build diffusers Stable Diffusion pipelines with seeded random weights, entirely offline.
 
-`tiny` is small enough for unit tests (seconds to build, export and run); `sd15` has SD 1.5's exact
-architecture (UNet 860M parameters) for speed and memory measurements. Both use the real CLIP tokenizer.
+`tiny`, `tiny-sdxl` and `tiny-sdxl-refiner` are small enough for unit tests (seconds to build, export and
+run); `sd15`, `sd21` and `sdxl` have those models' exact architectures (UNets of 860M, 866M and 2.6B
+parameters) for speed and memory measurements. All use the real CLIP tokenizer.
 
     python -m sd_onnx.models.build tiny <out>/tiny-sd
 """
@@ -111,7 +112,49 @@ TINY_SDXL_REFINER = {
     "vae": TINY_SDXL["vae"],
 }
 
-RECIPES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_SDXL, "tiny-sdxl-refiner": TINY_SDXL_REFINER}
+# SDXL base 1.0's published architecture (UNet 2.6B parameters, OpenCLIP bigG as the second encoder), for
+# speed and memory measurements at 1024x1024.
+SDXL = {
+    "text_encoder": {**SD15["text_encoder"], "projection_dim": 768},
+    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                       "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"},
+    "unet": {
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "sample_size": 128,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 2048,
+        "attention_head_dim": (5, 10, 20),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "transformer_layers_per_block": (1, 2, 10),
+        "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32,
+    },
+    "vae": {**SD15["vae"], "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+}  # fmt: skip
+
+# SD 2.1-base's architecture (OpenCLIP ViT-H text encoder padding with "!", linear projections, per-block
+# head counts) at 512x512: what SD-Turbo distils, for the few-step rows of the benchmark.
+SD21 = {
+    "text_encoder": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                     "num_hidden_layers": 23, "hidden_act": "gelu"},
+    "tokenizer": {"pad_token": "!"},
+    "unet": {**SD15["unet"], "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+             "use_linear_projection": True},
+    "vae": SD15["vae"],
+}  # fmt: skip
+
+RECIPES = {
+    "tiny": TINY,
+    "sd15": SD15,
+    "sd21": SD21,
+    "sdxl": SDXL,
+    "tiny-sdxl": TINY_SDXL,
+    "tiny-sdxl-refiner": TINY_SDXL_REFINER,
+}
 
 
 def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) -> Path:
@@ -122,7 +165,7 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
     torch.manual_seed(seed)
     if "text_encoder_2" in recipe:  # SDXL: a base with both encoders, a refiner with the second only
         return save_sdxl_pipeline(recipe, Path(out))
-    return save_pipeline(*create_modules(recipe), Path(out))
+    return save_pipeline(*create_modules(recipe), Path(out), tokenizer_options=recipe.get("tokenizer", {}))
 
 
 def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
@@ -176,23 +219,30 @@ def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
     return text_encoder, unet, vae
 
 
-def clip_tokenizer(folder: Path) -> Any:
-    """transformers' CLIPTokenizer on the real CLIP vocabulary, its files written to `folder`."""
+def clip_tokenizer(folder: Path, **options: Any) -> Any:
+    """transformers' CLIPTokenizer on the real CLIP vocabulary, its files written to `folder` (`options` such as
+    OpenCLIP's `pad_token="!"` go to from_pretrained)."""
     from transformers import CLIPTokenizer
 
     write_clip_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder, **options)
 
 
 def save_pipeline(
-    text_encoder: Any, unet: Any, vae: Any, out: Path, scheduler: Any = None, tokenizer: Any = None
+    text_encoder: Any,
+    unet: Any,
+    vae: Any,
+    out: Path,
+    scheduler: Any = None,
+    tokenizer: Any = None,
+    tokenizer_options: dict[str, Any] | None = None,
 ) -> Path:
     """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read;
     the scheduler is SD 1.5's PNDM unless the model was trained for another, the tokenizer CLIP's unless given."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     own_tokenizer = tokenizer is not None
-    tokenizer = tokenizer if own_tokenizer else clip_tokenizer(out / "_tokenizer_src")
+    tokenizer = tokenizer if own_tokenizer else clip_tokenizer(out / "_tokenizer_src", **(tokenizer_options or {}))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -234,7 +284,7 @@ def build_sd15_pipeline(out: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m sd_onnx.models.build {tiny|sd15} OUT [SEED]`."""
+    """`python -m sd_onnx.models.build RECIPE OUT [SEED]` (RECIPE: one of RECIPES)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2 or args[0] not in RECIPES:
         raise SystemExit(f"usage: python -m sd_onnx.models.build {{{'|'.join(RECIPES)}}} OUT [SEED]")

@@ -25,7 +25,7 @@ from PIL import Image
 from .configs import read_model_config
 from .image import from_pil, to_pil
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
-from .request import GenerationRequest, Limits, RequestError
+from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
@@ -39,6 +39,7 @@ LOG = logging.getLogger("sd_onnx")
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
 ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
+OUTPUT_TYPES = ("pil", "np", "latent")  # latent: the denoised latents, not decoded
 
 
 class GenerationCancelled(Exception):
@@ -174,8 +175,13 @@ class StableDiffusionPipeline:
         original_size: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -198,8 +204,13 @@ class StableDiffusionPipeline:
             original_size=original_size,
             target_size=target_size,
             crops_coords_top_left=crops_coords_top_left,
+            negative_original_size=negative_original_size,
+            negative_target_size=negative_target_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
             aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
+            denoising_end=denoising_end,
+            denoising_start=denoising_start,
         )
         try:
             request = self.prepare(request)
@@ -217,8 +228,8 @@ class StableDiffusionPipeline:
     ) -> PipelineOutput:
         """Run one request (resolved here if it is not yet). `cancelled` is polled between steps and between
         decoded images; `callback` after each step. Raises GenerationCancelled when either asks to stop."""
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         request = self.prepare(request) if not request.resolved else request
@@ -237,6 +248,8 @@ class StableDiffusionPipeline:
             latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
         else:
             latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
+        if request.denoising_end is not None:
+            timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
         should_stop = _stop_check(callback, cancelled)
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
@@ -245,9 +258,11 @@ class StableDiffusionPipeline:
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         self.release("unet")
+        params = request.parameters(self.model_name)
+        if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
+            return PipelineOutput(latents, params, request)
         images = self.decode_latents(latents, cancelled)
         self.release("vae_decoder")
-        params = request.parameters(self.model_name)
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
@@ -331,19 +346,34 @@ class StableDiffusionPipeline:
     def _img2img_latents(
         self, request: GenerationRequest, sched: Scheduler, shape: tuple[int, ...], generator: TorchGenerator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Encode the init image, noise it to the start timestep; as diffusers' img2img pipeline."""
+        """Encode the init image (latents are taken as they are) and noise it to the start timestep, as diffusers'
+        img2img pipelines; with `denoising_start` the schedule starts there and no noise is added."""
         image = request.image
-        if isinstance(image, Image.Image):
-            pixels = from_pil(image, request.width, request.height)
+        if is_latent_image(image, self.config):
+            init = np.asarray(image, np.float32)
+        elif isinstance(image, Image.Image):
+            init = self.encode_image(from_pil(image, request.width, request.height), generator)
         else:
-            pixels = np.asarray(image, np.float32)
-        init = self.encode_image(pixels, generator)
+            init = self.encode_image(np.asarray(image, np.float32), generator)
         init = np.concatenate([init] * (shape[0] // init.shape[0]))
-        n = sched.num_inference_steps
-        start = n - min(int(n * request.strength), n)
+        if request.denoising_start is not None:
+            remaining = int(np.sum(sched.timesteps < self._timestep_cutoff(request.denoising_start)))
+            if sched.order == 2 and remaining % 2 == 0:  # never stop between a second-order step's two halves
+                remaining += 1
+            start = len(sched.timesteps) - remaining
+        else:
+            n = sched.num_inference_steps
+            start = n - min(int(n * request.strength), n)
         sched.set_begin_index(start)
         timesteps = sched.timesteps[start:]
+        if request.denoising_start is not None:
+            return init, timesteps
         return sched.add_noise(init, generator.randn(shape), timesteps[0]), timesteps
+
+    def _timestep_cutoff(self, fraction: float) -> int:
+        """The training timestep a fraction of the denoising lies at (diffusers' discrete_timestep_cutoff)."""
+        trained = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        return int(round(trained - fraction * trained))
 
     def _warn_unknown_words(self, prompts: list[str]) -> None:
         """Models that know their vocabulary (the shapes model) say which words they will ignore."""

@@ -57,15 +57,32 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """Size and crop conditioning per image: original size, crop corner, then the target size (base) or an
         aesthetic score (refiner: the negative half gets the negative score); [unconditional; conditional]."""
         size = (request.height, request.width)
-        head = [*(request.original_size or size), *(request.crops_coords_top_left or (0, 0))]
+        original, crop = request.original_size or size, request.crops_coords_top_left or (0, 0)
+        target = request.target_size or size
         if self.refiner:
             score = AESTHETIC_SCORE if request.aesthetic_score is None else request.aesthetic_score
             negative_score = request.negative_aesthetic_score
-            rows = [[*head, NEGATIVE_AESTHETIC_SCORE if negative_score is None else negative_score], [*head, score]]
+            negative_score = NEGATIVE_AESTHETIC_SCORE if negative_score is None else negative_score
+            rows = [[*(request.negative_original_size or original), *(request.negative_crops_coords_top_left or (0, 0)),
+                     negative_score], [*original, *crop, score]]  # fmt: skip
         else:
-            rows = [[*head, *(request.target_size or size)]] * 2
+            rows = [self._negative_base_row(request, original, crop, target), [*original, *crop, *target]]
         halves = rows if do_cfg else rows[1:]
         return np.concatenate([np.tile(np.array(row, np.float32), (request.image_count, 1)) for row in halves])
+
+    @staticmethod
+    def _negative_base_row(
+        request: GenerationRequest, original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
+    ) -> list[int]:
+        """The base's negative time ids, with diffusers' two rules: txt2img uses the negative sizes only when
+        both are given (crop then defaults to (0, 0)); img2img takes each negative size alone and the crop of
+        the positive half."""
+        negative_original, negative_target = request.negative_original_size, request.negative_target_size
+        if request.image is not None:
+            return [*(negative_original or original), *crop, *(negative_target or target)]
+        if negative_original is None or negative_target is None:
+            return [*original, *crop, *target]
+        return [*negative_original, *(request.negative_crops_coords_top_left or (0, 0)), *negative_target]
 
     def encode_prompts(self, prompts: list[str], prompts_2: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Both encoders' penultimate hidden states, concatenated, and the second encoder's pooled projection."""

@@ -90,9 +90,17 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
+    # ...and the sizes the negative half is conditioned on (default: the ones above).
+    negative_original_size: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
     # SDXL refiners: the aesthetic score conditioning the prompt and the negative prompt (diffusers: 6 and 2.5).
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
+    # SDXL ensembles of experts: the base stops at this fraction of the schedule (with output_type "latent"),
+    # a refiner given those latents as `image` starts there, adding no noise.
+    denoising_end: float | None = None
+    denoising_start: float | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -139,7 +147,7 @@ class GenerationRequest:
         scheduler = self._scheduler(scheduler_config, default_scheduler, steps, trained)
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
-        strength = self._strength(steps)
+        strength = self._strength(steps, config, images)
         sdxl = self._sdxl_fields(config, prompt, limits)
         return replace(
             self,
@@ -160,14 +168,18 @@ class GenerationRequest:
 
     def _size(self, config: ModelConfig, limits: Limits) -> tuple[int, int]:
         multiple = config.size_multiple
+        implied = _array_image_size(self.image, config)  # an init image given as an array fixes the size
         sides = []
-        for name in ("width", "height"):
+        for i, name in enumerate(("width", "height")):
             value = getattr(self, name)
-            value = config.default_resolution if value is None else _integer(name, value)
+            default = config.default_resolution if implied is None else implied[i]
+            value = default if value is None else _integer(name, value)
             if value <= 0 or value % multiple:
                 raise RequestError(
                     name, f"must be a positive multiple of {multiple} for this model (its size multiple), got {value}"
                 )
+            if implied is not None and value != implied[i]:
+                raise RequestError(name, f"is {value} but the image array makes it {implied[i]}")
             sides.append(value)
         width, height = sides
         if width * height > limits.pixels(config):
@@ -185,13 +197,23 @@ class GenerationRequest:
                 checked[name] = _prompts(name, given[name], limits.max_prompt_chars)
                 if len(_as_tuple(checked[name])) not in (1, len(_as_tuple(prompt))):
                     raise RequestError(name, f"has {len(_as_tuple(checked[name]))} entries for the prompts' count")
-        for name in ("original_size", "target_size", "crops_coords_top_left"):
+        for name in SIZE_FIELDS:
             if name in given:
-                checked[name] = _pair(name, given[name], low=0 if name == "crops_coords_top_left" else 1)
+                checked[name] = _pair(name, given[name], low=0 if name.endswith("crops_coords_top_left") else 1)
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if name in given:
                 checked[name] = _number(name, given[name])
                 _in_range(name, checked[name], 0.0, 10.0)
+        for name in ("denoising_end", "denoising_start"):
+            if name in given:
+                checked[name] = _number(name, given[name])
+                if not 0.0 < checked[name] < 1.0:
+                    raise RequestError(name, f"must be a fraction in (0, 1), got {checked[name]:g}")
+        start, end = checked.get("denoising_start"), checked.get("denoising_end")
+        if start is not None and self.image is None:
+            raise RequestError("denoising_start", "continues a denoising: give the latents (or an image) as image")
+        if start is not None and end is not None and start >= end:
+            raise RequestError("denoising_start", f"{start:g} must be below denoising_end {end:g}")
         return checked
 
     def _scheduler(self, scheduler_config: dict[str, Any], default: str, steps: int, trained: int) -> str:
@@ -210,16 +232,18 @@ class GenerationRequest:
             raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {name}")
         return name
 
-    def _strength(self, steps: int) -> float | None:
+    def _strength(self, steps: int, config: ModelConfig, images: int) -> float | None:
         if self.image is None:
             if self.strength is not None:
                 raise RequestError("strength", "applies to img2img only: give an init image too")
             return None
-        _check_image(self.image)
+        _check_image(self.image, config)
+        if is_latent_image(self.image, config) and len(self.image) not in (1, images):
+            raise RequestError("image", f"has {len(self.image)} latents for {images} images (give 1 or {images})")
         strength = _number("strength", DEFAULT_STRENGTH if self.strength is None else self.strength)
         if not 0.0 < strength <= 1.0:
             raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
-        if int(steps * strength) < 1:
+        if int(steps * strength) < 1 and self.denoising_start is None:  # denoising_start overrides strength
             raise RequestError(
                 "strength", f"{strength:g} x {steps} steps leaves no denoising step; raise steps or strength"
             )
@@ -241,6 +265,10 @@ class GenerationRequest:
             params["Denoising strength"] = self.strength
         if self.eta:
             params["Eta"] = self.eta
+        if self.denoising_start is not None:
+            params["Denoising start"] = self.denoising_start
+        if self.denoising_end is not None:
+            params["Denoising end"] = self.denoising_end
         return params
 
     def as_dict(self) -> dict[str, Any]:
@@ -248,9 +276,13 @@ class GenerationRequest:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
 
 
+SIZE_FIELDS = (
+    "original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
+    "negative_crops_coords_top_left",
+)  # fmt: skip
 SDXL_FIELDS = (
-    "prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left", "aesthetic_score",
-    "negative_aesthetic_score",
+    "prompt_2", "negative_prompt_2", *SIZE_FIELDS, "aesthetic_score", "negative_aesthetic_score", "denoising_end",
+    "denoising_start",
 )  # fmt: skip
 
 
@@ -316,16 +348,35 @@ def _in_range(name: str, value: float, low: float, high: float | None) -> None:
         raise RequestError(name, f"must be <= {high:g}, got {value:.10g}")
 
 
-def _check_image(image: Any) -> None:
-    """An init image: a PIL image, or pixels as the VAE encoder takes them ((1, 3, H, W) floats in [-1, 1])."""
+def _check_image(image: Any, config: ModelConfig) -> None:
+    """An init image: a PIL image, pixels as the VAE encoder takes them ((1, 3, H, W) floats in [-1, 1]), or
+    latents as the UNet takes them ((N, latent channels, h, w), e.g. a base model's output for a refiner)."""
     if isinstance(image, Image.Image):
         return
-    if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[:2] == (1, 3):
+    if _array_image_size(image, config) is not None:
         if not np.isfinite(image).all():
             raise RequestError("image", "has non-finite values")
         return
     shape = f" of shape {list(image.shape)}" if isinstance(image, np.ndarray) else ""
-    raise RequestError("image", f"must be a PIL image or a (1, 3, H, W) array, got {type(image).__name__}{shape}")
+    raise RequestError(
+        "image",
+        f"must be a PIL image, a (1, 3, H, W) pixel array or an (N, {config.latent_channels}, h, w) latent array, "
+        f"got {type(image).__name__}{shape}",
+    )
+
+
+def is_latent_image(image: Any, config: ModelConfig) -> bool:
+    """Whether an init image is latents rather than pixels (diffusers tells them apart by channel count)."""
+    return isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == config.latent_channels != 3
+
+
+def _array_image_size(image: Any, config: ModelConfig) -> tuple[int, int] | None:
+    """(width, height) of the output an array init image implies; None for other images."""
+    if is_latent_image(image, config):
+        return image.shape[3] * config.vae_scale_factor, image.shape[2] * config.vae_scale_factor
+    if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[:2] == (1, 3):
+        return image.shape[3], image.shape[2]
+    return None
 
 
 def _seed(seed: Any) -> int:

@@ -214,6 +214,16 @@ def test_sdxl_second_prompts_and_size_conditioning_match_diffusers(sdxl) -> None
     assert np.abs(got - expected).mean() <= 1 / 255
     plain = ours(PROMPT, seed=2, scheduler="euler", output_type="np", num_inference_steps=4, guidance_scale=5.0)
     assert np.abs(plain.images - got).mean() > 1 / 255  # the conditioning is used
+    negative_sizes = {"negative_original_size": (48, 32), "negative_target_size": (24, 40),
+                      "negative_crops_coords_top_left": (2, 6)}  # fmt: skip
+    pixels = np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    for images in ({}, {"image": pixels, "strength": 0.7}):
+        pipe = reference(source, "StableDiffusionXLImg2ImgPipeline" if images else "StableDiffusionXLPipeline")
+        reference_images = {**images, "image": torch.from_numpy(pixels)} if images else {}
+        expected = pipe(PROMPT, generator=torch.Generator().manual_seed(2), output_type="np", **settings,
+                        **negative_sizes, **reference_images).images  # fmt: skip
+        got = ours(PROMPT, seed=2, scheduler="euler", output_type="np", **settings, **negative_sizes, **images).images
+        assert np.abs(got - expected).mean() <= 1 / 255, images.keys()
 
 
 def test_sdxl_fields_are_refused_on_other_models(tiny_export: Path) -> None:
@@ -232,14 +242,20 @@ def test_sdxl_fp16_keeps_the_vae_that_overflows_in_fp32(sdxl, tmp_path: Path) ->
     assert np.abs(fp16(PROMPT, **settings).images - fp32(PROMPT, **settings).images).max() < 0.02
 
 
-def test_sdxl_refiner_img2img_matches_diffusers(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StableDiffusionPipeline]:
+    from sd_onnx.models.build import TINY_SDXL_REFINER, build_pipeline
+
+    root = tmp_path_factory.mktemp("refiner")
+    source = build_pipeline(TINY_SDXL_REFINER, root / "pipeline", seed=0)
+    return source, export(source, root / "onnx")
+
+
+def test_sdxl_refiner_img2img_matches_diffusers(refiner) -> None:
     """The second text encoder only, an aesthetic score among 5 time ids (negative half: the negative score)."""
     from PIL import Image
 
-    from sd_onnx.models.build import TINY_SDXL_REFINER, build_pipeline
-
-    source = build_pipeline(TINY_SDXL_REFINER, tmp_path / "refiner", seed=0)
-    ours = export(source, tmp_path / "onnx")
+    source, ours = refiner
     assert set(ours.manifest.components) == {"text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
     assert ours.config.time_ids_count == 5 and not ours.config.force_zeros_for_empty_prompt
     pipe = reference(source, "StableDiffusionXLImg2ImgPipeline")
@@ -249,3 +265,49 @@ def test_sdxl_refiner_img2img_matches_diffusers(tmp_path: Path) -> None:
         expected = pipe(PROMPT, generator=torch.Generator().manual_seed(9), output_type="np", **settings).images
         got = ours(PROMPT, seed=9, scheduler="euler", output_type="np", **settings).images
         assert np.abs(got - expected).mean() <= 1 / 255, extra
+    sizes = {"original_size": (64, 48), "crops_coords_top_left": (4, 8), "negative_original_size": (24, 24)}
+    settings = {"image": init, "strength": 0.6, "num_inference_steps": 6, "guidance_scale": 5.0, **sizes}
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(9), output_type="np", **settings).images
+    got = ours(PROMPT, seed=9, scheduler="euler", output_type="np", **settings).images
+    assert np.abs(got - expected).mean() <= 1 / 255
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_sdxl_base_and_refiner_ensemble_matches_diffusers(sdxl, refiner, scheduler: str) -> None:
+    """diffusers' ensemble of experts: the base denoises the first 70 % and hands its latents over."""
+    import diffusers
+
+    (base_source, base), (refiner_source, ours_refiner) = sdxl, refiner
+    pipes = (
+        reference(base_source, "StableDiffusionXLPipeline"),
+        reference(refiner_source, "StableDiffusionXLImg2ImgPipeline"),
+    )
+    for pipe in pipes:
+        pipe.scheduler = getattr(diffusers, DIFFUSERS_NAMES[scheduler]).from_config(pipe.scheduler.config)
+    settings = {"num_inference_steps": 10, "guidance_scale": 5.0}
+    handed = pipes[0](PROMPT, generator=torch.Generator().manual_seed(4), denoising_end=0.7, output_type="latent",
+                      height=32, width=48, **settings).images  # fmt: skip
+    expected = pipes[1](PROMPT, generator=torch.Generator().manual_seed(4), denoising_start=0.7, image=handed,
+                        output_type="np", **settings).images  # fmt: skip
+    latents = base(PROMPT, seed=4, scheduler=scheduler, denoising_end=0.7, output_type="latent", height=32, width=48,
+                   **settings).images  # fmt: skip
+    assert latents.shape == tuple(handed.shape) and np.abs(latents - handed.numpy()).max() < 1e-3
+    got = ours_refiner(PROMPT, seed=4, scheduler=scheduler, denoising_start=0.7, image=latents, output_type="np",
+                       **settings).images  # fmt: skip
+    assert got.shape == expected.shape == (1, 32, 48, 3) and np.abs(got - expected).mean() <= 1 / 255
+
+
+def test_ensemble_fields_are_checked(sdxl, refiner, tiny_export: Path) -> None:
+    base, ours_refiner = sdxl[1], refiner[1]
+    with pytest.raises(ValueError, match="denoising_start: continues a denoising"):
+        ours_refiner(PROMPT, denoising_start=0.5)
+    with pytest.raises(ValueError, match="denoising_start: 0.8 must be below denoising_end 0.5"):
+        base(PROMPT, image=np.zeros((1, 4, 16, 16), np.float32), denoising_start=0.8, denoising_end=0.5)
+    with pytest.raises(ValueError, match=r"denoising_end: must be a fraction in \(0, 1\), got 1"):
+        base(PROMPT, denoising_end=1.0)
+    with pytest.raises(ValueError, match="height: is 64 but the image array makes it 32"):
+        ours_refiner(PROMPT, image=np.zeros((1, 4, 16, 16), np.float32), height=64, denoising_start=0.5)
+    with pytest.raises(ValueError, match="image: has 3 latents for 2 images"):
+        ours_refiner(PROMPT, image=np.zeros((3, 4, 16, 16), np.float32), num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="denoising_end: applies to SDXL models only"):
+        StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")(PROMPT, denoising_end=0.5)
