@@ -6,11 +6,11 @@ Also reads the model's own configs into the manifest's `ModelConfig`: no size is
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sd_onnx.runtime import configs
+from sd_onnx.runtime.hub import fetch_model, is_hub_id, split_revision
 from sd_onnx.runtime.manifest import COMPONENTS, ManifestError, ModelConfig
 
 from .errors import ExportError
@@ -28,7 +28,6 @@ SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
 LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def resolve_source(source: str, config: str | None = None, work_dir: Path | None
         folder = _single_file_to_folder(path, config, work_dir)
     elif path.is_dir():
         folder = path
-    elif HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    elif is_hub_id(source):
         folder = _download(source)
     else:
         raise ExportError(f"{source}: no such folder or file")
@@ -161,15 +160,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _download(repo_id: str) -> Path:
-    """Fetch a diffusers pipeline from the Hugging Face Hub (needs a network)."""
+    """Fetch a diffusers pipeline's configs, tokenizers and safetensors weights from the Hugging Face Hub."""
     try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.txt", "*.safetensors", "tokenizer/*"]
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - any hub failure means the same thing to the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExportError(f"{repo_id}: cannot download from the Hugging Face Hub (offline?): {reason}") from exc
+        return fetch_model(*split_revision(repo_id), patterns=["*.json", "*.txt", "*.safetensors", "tokenizer*/*"])
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _single_file_to_folder(path: Path, config: str | None, work_dir: Path) -> Path:

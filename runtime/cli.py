@@ -46,6 +46,19 @@ def default_model() -> Path:
     return Path(os.environ.get(DEFAULT_MODEL_ENV) or shipped_model())
 
 
+MODEL_HELP = "Exported model folder, or a Hugging Face Hub id: org/name[@revision]."
+
+
+def model_folder(model: Path | None) -> Path:
+    """The folder `-m` names: the default model, a folder, or a Hub id fetched into the Hub's cache."""
+    from .hub import locate_model
+
+    try:
+        return locate_model(model or default_model())
+    except USER_ERRORS as exc:
+        raise user_error(exc) from None
+
+
 def limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--max-steps/--max-pixels/--max-batch with the one set of defaults (request.Limits), for prompt and serve."""
     for name, help_text in reversed(
@@ -93,7 +106,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("text")
-@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option("-o", "--output", default="out.png", show_default=True, help="PNG to write (several: NAME-0.png, ...).")
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--steps", default=None, type=int, help=f"Denoising steps [default: {DEFAULT_STEPS}].")
@@ -199,7 +212,7 @@ def progress(bar: Any) -> Callable[[int, int, Any], None]:
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path), required=False)
-@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option("--no-verify", is_flag=True, help="Skip checking each file's sha256.")
 def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     """Print a model's manifest (sizes, size multiple, components, validation) and the providers available here.
@@ -211,7 +224,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 
     if folder and model and folder != model:
         raise click.ClickException("give the model folder once (either FOLDER or -m)")
-    folder = folder or model or default_model()
+    folder = model_folder(folder or model)
     try:
         manifest = Manifest.load(folder)
     except USER_ERRORS as exc:
@@ -239,7 +252,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 
 
 @main.command()
-@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help="Exported model folder.")
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
 )
@@ -279,9 +292,7 @@ def serve(
     from .session import resolve_providers
 
     log_to_stderr()
-    folder = model or default_model()
-    if not folder.is_dir():
-        raise click.ClickException(f"{folder}: no such model folder")
+    folder = model_folder(model)
     if timeout != timeout:  # NaN passes click's range check
         raise click.BadParameter("must be a number of seconds", param_hint="--timeout")
     if api_key is None and os.environ.get("SD_ONNX_API_KEY") is not None:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .configs import read_model_config
+from .hub import locate_model
 from .image import from_pil, to_pil
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
@@ -93,16 +94,17 @@ class StableDiffusionPipeline:
         optimization: str = "all",
         cache: bool = True,
         cache_dir: str | Path | None = None,
+        revision: str | None = None,
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
         Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
+        A path that is no folder but a Hugging Face Hub id ("org/name", "org/name@revision" or `revision=`) is
+        fetched into the Hub's cache first (see hub.py).
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
         session.cache_root) so later loads skip that work."""
-        folder = Path(path).expanduser() if path is not None else shipped_model()
-        if not folder.is_dir():
-            raise ManifestError(f"{folder}: no such model folder")
+        folder = locate_model(path, revision) if path is not None else shipped_model()
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
         session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache, cache_root)
         if (folder / MANIFEST_NAME).is_file():
