@@ -38,13 +38,17 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
         if not folders["sd-onnx-fp32"].is_dir():
             from sd_onnx.exporter.convert import convert
 
+            started = time.perf_counter()
             convert(str(source), folders["sd-onnx-fp32"], log=log)
+            _record_step(work, "export_fp32", started)
     if "sd-onnx-int8" in engines:
         folders["sd-onnx-int8"] = work / "sd-onnx-int8"
         if not folders["sd-onnx-int8"].is_dir():
             from sd_onnx.exporter.quantize_folder import quantize_folder
 
+            started = time.perf_counter()
             quantize_folder(folders["sd-onnx-fp32"], folders["sd-onnx-int8"], log=log)
+            _record_step(work, "quantize_int8", started)
     # A fresh optimized-graph cache for this run (child processes inherit it), so the first load is a real one.
     shutil.rmtree(work / "ort-cache", ignore_errors=True)
     os.environ[CACHE_ENV] = str(work / "ort-cache")
@@ -55,6 +59,19 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
             cmd += ["--model", str(source), "--task", "text-to-image", str(folders["optimum-ort"])]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return folders
+
+
+def _record_step(work: Path, name: str, started: float) -> None:
+    """Append how long a preparation step took, and this process's peak RSS so far, to work/steps.json."""
+    import resource
+
+    path = work / "steps.json"
+    steps = json.loads(path.read_text()) if path.is_file() else {}
+    steps[name] = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    path.write_text(json.dumps(steps, indent=2) + "\n")
 
 
 def run_engine(engine: str, spec: dict, python: str) -> dict:
@@ -77,19 +94,24 @@ def benchmark(
     optimum_python: str,
     model_label: str,
     command: str,
+    guidance: float = 7.5,
+    low_memory: bool = False,
 ) -> dict:
     folders = prepare_models(source, work, engines, optimum_python)
-    settings = {"steps": steps, "size": size, "guidance": 7.5, "threads": threads, "prompt": PROMPT}
+    settings = {"steps": steps, "size": size, "guidance": guidance, "threads": threads, "prompt": PROMPT}
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
         "machine": machine_info(),
-        "settings": {**settings, "model_label": model_label, "scheduler": "PNDM (model default)"},
+        "settings": {**settings, "model_label": model_label, "scheduler": "the model's default"},
         "engines": {},
     }
+    if (work / "steps.json").is_file():
+        report["preparation"] = json.loads((work / "steps.json").read_text())
     for i, engine in enumerate(engines, 1):
         click.echo(f"[{i}/{len(engines)}] {engine}: running", err=True)
         spec = {**settings, "kind": KIND[engine], "model": str(folders[engine]), "vae_repeats": 2}
+        spec["low_memory"] = low_memory and KIND[engine] == "sd-onnx"
         python = optimum_python if engine == "optimum-ort" else sys.executable
         record = run_engine(engine, spec, python)
         record["model_mb"] = folder_mb(folders[engine])
@@ -126,23 +148,40 @@ def main(ctx: click.Context, quick: bool, json_path: Path | None) -> None:
     click.echo(str(path))
 
 
+RANDOM_ARCHITECTURES = {"sd15": "SD 1.5", "sd21": "SD 2.1-base", "sdxl": "SDXL base 1.0"}
+
+
 @main.command()
 @click.option("--model", type=click.Path(path_type=Path, exists=True), default=None, help="Local diffusers folder.")
-@click.option("--sd15-random", is_flag=True, help="Build SD 1.5's architecture with seeded random weights.")
+@click.option(
+    "--random",
+    "architecture",
+    type=click.Choice(list(RANDOM_ARCHITECTURES)),
+    default=None,
+    help="Build this architecture with seeded random weights (python -m sd_onnx.models.build).",
+)
+@click.option("--sd15-random", is_flag=True, help="Same as --random sd15.")
 @click.option("--engines", default=",".join(ENGINES), show_default=True)
-@click.option("--steps", default=4, show_default=True, type=click.IntRange(2))
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--guidance", default=7.5, show_default=True, type=click.FloatRange(0, 100), help="0: no CFG batch.")
 @click.option("--size", default=512, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--low-memory", is_flag=True, help="sd-onnx engines load one component at a time.")
+@click.option("--name", default="benchmark", show_default=True, help="Report file names: NAME.json, NAME.md.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
 @click.option("--optimum-python", default=sys.executable, help="Python of an environment with optimum-onnx.")
 def run(
     model: Path | None,
+    architecture: str | None,
     sd15_random: bool,
     engines: str,
     steps: int,
+    guidance: float,
     size: int,
     threads: int,
+    low_memory: bool,
+    name: str,
     out: Path,
     work: Path,
     optimum_python: str,
@@ -152,19 +191,22 @@ def run(
     unknown = set(chosen) - set(ENGINES)
     if unknown:
         raise click.ClickException(f"unknown engine(s) {', '.join(sorted(unknown))} (known: {', '.join(ENGINES)})")
-    if (model is None) == (not sd15_random):
-        raise click.ClickException("give exactly one of --model PATH or --sd15-random")
+    architecture = "sd15" if sd15_random else architecture
+    if (model is None) == (architecture is None):
+        raise click.ClickException("give exactly one of --model PATH or --random ARCHITECTURE")
     work.mkdir(parents=True, exist_ok=True)
-    if sd15_random:
-        from sd_onnx.models.build import build_sd15_pipeline
+    if architecture:
+        from sd_onnx.models.build import RECIPES, build_pipeline
 
-        model = work / "sd15-random"
+        model = work / f"{architecture}-random"
         if not model.is_dir():
-            build_sd15_pipeline(model)
-    label = "SD 1.5 architecture, seeded random weights" if sd15_random else str(model)
+            started = time.perf_counter()
+            build_pipeline(RECIPES[architecture], model)
+            _record_step(work, "build", started)
+    label = f"{RANDOM_ARCHITECTURES[architecture]} architecture, seeded random weights" if architecture else str(model)
     command = "sd-bench run " + shlex.join(sys.argv[2:])
-    report = benchmark(model, work, chosen, steps, size, threads, optimum_python, label, command)
-    for path in write_report(report, out):
+    report = benchmark(model, work, chosen, steps, size, threads, optimum_python, label, command, guidance, low_memory)
+    for path in write_report(report, out, name=name):
         click.echo(str(path))
 
 

@@ -39,6 +39,7 @@ def _generation(spec: dict) -> dict[str, Any]:
     return {
         "prompt": spec["prompt"],
         "num_inference_steps": spec["steps"],
+        "guidance_scale": spec["guidance"],
         "height": spec["size"],
         "width": spec["size"],
         "output_type": "np",
@@ -86,13 +87,16 @@ def _summarise(
 
 
 def run_sd_onnx(spec: dict) -> dict:
-    from sd_onnx.runtime import StableDiffusionPipeline
+    from sd_onnx.runtime import DiffusionPipeline, GenerationRequest
 
-    def load() -> StableDiffusionPipeline:
-        return StableDiffusionPipeline.from_pretrained(spec["model"], provider="cpu", threads=spec["threads"])
+    def load() -> Any:
+        return DiffusionPipeline.from_pretrained(
+            spec["model"], provider="cpu", threads=spec["threads"], low_memory=spec.get("low_memory", False)
+        )
 
     loads, pipe = _load_twice(load)
-    text_s = _median_time(lambda: pipe.encode_prompt([spec["prompt"]], None, 1, True), 3)
+    request = pipe.prepare(GenerationRequest(spec["prompt"], guidance_scale=spec["guidance"]))
+    text_s = _median_time(lambda: pipe.conditioning(request, request.guidance_scale > 1), 3)
     stamps: list[float] = []
     unet_starts: list[float] = []
     pipe.component("unet").observers.append(lambda feeds: unet_starts.append(time.perf_counter()))
@@ -116,7 +120,14 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[A
     torch.set_num_threads(spec["threads"])
     loads, pipe = _load_twice(load)
     with torch.no_grad():
-        text_s = _median_time(lambda: pipe.encode_prompt(spec["prompt"], "cpu", 1, True), 3)
+        do_cfg = spec["guidance"] > 1
+        prompt = spec["prompt"]
+        text_s = _median_time(
+            lambda: pipe.encode_prompt(
+                prompt=prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
+            ),
+            3,
+        )
         stamps: list[float] = []
         unet_starts: list[float] = []
         _stamp_calls(pipe.unet, "forward", unet_starts)
@@ -139,12 +150,10 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any], decode: Callable[[A
 
 
 def run_diffusers(spec: dict) -> dict:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     def load() -> Any:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            spec["model"], safety_checker=None, requires_safety_checker=False
-        )
+        pipe = DiffusionPipeline.from_pretrained(spec["model"], safety_checker=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

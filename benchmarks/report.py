@@ -65,7 +65,7 @@ def _ratio(value: Any, reference: Any) -> str:
     return "-" if not value or not reference else f"{value / reference:.2f}x"
 
 
-def plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
+def plots(report: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]:
     """Per-component time (stacked) and peak RSS bar charts."""
     import matplotlib
 
@@ -91,7 +91,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title("Where one image's time goes")
     ax.legend()
     fig.tight_layout()
-    time_png = out_dir / "time_per_component.png"
+    time_png = out_dir / f"{prefix}time_per_component.png"
     fig.savefig(time_png, dpi=110)
     plt.close(fig)
 
@@ -100,16 +100,18 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("Peak memory of one generation")
     fig.tight_layout()
-    rss_png = out_dir / "peak_rss.png"
+    rss_png = out_dir / f"{prefix}peak_rss.png"
     fig.savefig(rss_png, dpi=110)
     plt.close(fig)
     return [time_png, rss_png]
 
 
-def write_report(report: dict[str, Any], out_dir: Path, with_plots: bool = True) -> list[Path]:
-    """benchmark.json, benchmark.md and (optionally) the plots into `out_dir`."""
+def write_report(report: dict[str, Any], out_dir: Path, with_plots: bool = True, name: str = "benchmark") -> list[Path]:
+    """NAME.json, NAME.md and (optionally) the plots (prefixed with NAME_ unless NAME is the default) into
+    `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "benchmark.md").write_text(markdown(report))
-    written = [out_dir / "benchmark.json", out_dir / "benchmark.md"]
-    return written + (plots(report, out_dir) if with_plots else [])
+    written = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
+    written[0].write_text(json.dumps(report, indent=2) + "\n")
+    written[1].write_text(markdown(report))
+    prefix = "" if name == "benchmark" else f"{name}_"
+    return written + (plots(report, out_dir, prefix) if with_plots else [])

@@ -28,6 +28,7 @@ SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
 LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+OPEN_CLIP_EMBEDDER = "conditioner.embedders.{}.model.transformer.resblocks."
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,42 @@ def _download(repo_id: str) -> Path:
 
 def _single_file_to_folder(path: Path, config: str | None, work_dir: Path) -> Path:
     """Load a .safetensors/.ckpt checkpoint with diffusers' single-file loader and save it as a folder."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    pipeline_class = getattr(diffusers, single_file_pipeline_class(path, config))
     kwargs = {"config": config} if config else {}
+    if pipeline_class is diffusers.StableDiffusionPipeline:
+        kwargs["safety_checker"] = None
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
+        pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001 - loader errors are many and all mean "cannot read this file"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ExportError(f"{path}: cannot load single-file checkpoint: {reason}") from exc
     folder = work_dir / "_single_file_pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def single_file_pipeline_class(path: Path, config: str | None) -> str:
+    """The diffusers pipeline a checkpoint loads into: the one its `config` folder names, else an SDXL base or
+    refiner when the checkpoint holds an OpenCLIP text encoder where those keep it (a .safetensors header is
+    read, not its weights), else StableDiffusionPipeline."""
+    index = Path(config).expanduser() / "model_index.json" if config else None
+    if index is not None and index.is_file():
+        name = _read_json(index).get("_class_name")
+        if name in SUPPORTED_PIPELINES and name != "OnnxStableDiffusionPipeline":
+            return name
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "np") as checkpoint:
+                keys = list(checkpoint.keys())
+        except Exception as exc:  # noqa: BLE001 - a damaged header surfaces as several error types
+            raise ExportError(f"{path}: not a readable .safetensors file: {exc}") from None
+        # SDXL's OpenCLIP encoder: second of two embedders in a base, the only one in a refiner.
+        if any(k.startswith(OPEN_CLIP_EMBEDDER.format(1)) for k in keys):
+            return "StableDiffusionXLPipeline"
+        if any(k.startswith(OPEN_CLIP_EMBEDDER.format(0)) for k in keys):
+            return "StableDiffusionXLImg2ImgPipeline"
+    return "StableDiffusionPipeline"

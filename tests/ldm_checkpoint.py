@@ -12,6 +12,8 @@ def unet_key(key: str, levels: int, layers: int, up_attention: list[bool]) -> st
     stride = layers + 1
     if p[0] == "time_embedding":
         return ".".join(["time_embed", {"linear_1": "0", "linear_2": "2"}[p[1]], *p[2:]])
+    if p[0] == "add_embedding":  # SDXL's pooled-text and size embedding
+        return ".".join(["label_emb.0", {"linear_1": "0", "linear_2": "2"}[p[1]], *p[2:]])
     if p[0] in ("conv_in",):
         return ".".join(["input_blocks.0.0", *p[1:]])
     if p[0] in ("conv_norm_out", "conv_out"):
@@ -68,14 +70,13 @@ def vae_key(key: str, levels: int) -> str:
 
 
 def write_single_file(folder: Path, out: Path) -> Path:
-    """Save the diffusers pipeline in `folder` as one LDM-format .safetensors file."""
+    """Save the diffusers pipeline in `folder` (SD, or SDXL base or refiner) as one LDM-format .safetensors file."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     vae = AutoencoderKL.from_pretrained(folder / "vae")
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
     levels, layers = len(unet.config.block_out_channels), unet.config.layers_per_block
     up_attention = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
     state = {}
@@ -86,9 +87,44 @@ def write_single_file(folder: Path, out: Path) -> Path:
         state["first_stage_model." + vae_key(k, len(vae.config.block_out_channels))] = (
             v[:, :, None, None] if is_attn_linear else v
         )
-    for k, v in text.state_dict().items():  # LDM nests CLIP's weights under text_model (transformers >= 5.6 does not)
-        state["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    sdxl = (folder / "text_encoder_2").is_dir()
+    embedders = 0
+    if (folder / "text_encoder").is_dir():
+        text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+        prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+        embedders += 1
+        for k, v in text.state_dict().items():  # LDM nests CLIP's weights under text_model (transformers >= 5.6 not)
+            state[prefix + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    if sdxl:
+        text_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+        for k, v in open_clip_state(text_2.state_dict()).items():
+            state[f"conditioner.embedders.{embedders}.model." + k] = v
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+def open_clip_state(state: dict) -> dict:
+    """transformers' CLIP text weights in OpenCLIP's layout (SDXL's second encoder): the inverse of diffusers'
+    DIFFUSERS_TO_LDM_MAPPING["openclip"], with q/k/v stacked into in_proj."""
+    import torch
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    mapping = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
+    out = {ldm: state[ours].T if ldm == "text_projection" else state[ours] for ours, ldm in mapping["layers"].items()}
+    stacked: dict[str, dict] = {}
+    for k, v in state.items():
+        if not k.startswith("text_model.encoder.layers."):
+            continue
+        for ours, ldm in list(mapping["transformer"].items())[:6]:  # the per-layer renames
+            k = k.replace(ours, ldm)
+        projection = next((p for p in ("q_proj", "k_proj", "v_proj") if f".{p}." in k), None)
+        if projection:
+            stacked.setdefault(k.replace(f".{projection}.", ".in_proj_"), {})[projection] = v
+        else:
+            out["transformer." + k] = v
+    for k, parts in stacked.items():
+        out["transformer." + k] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
     return out
 
 

@@ -48,6 +48,26 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     assert "torch" not in report["engines"]["sd-onnx-fp32"]["versions"]
 
 
+def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """`run` with 1 step and guidance 0 (the Turbo row): every engine runs a single unguided UNet call, and the
+    report goes under its own name beside the main one."""
+    from sd_onnx.benchmarks.cli import main
+
+    args = ["run", "--model", str(tiny_pipeline), "--steps", "1", "--guidance", "0", "--size", "32"]
+    args += ["--engines", "sd-onnx-fp32,diffusers-pytorch", "--name", "turbo", "--out", str(tmp_path / "out")]
+    args += ["--work", str(tmp_path / "work"), "--low-memory"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "turbo.json").read_text())
+    assert report["settings"]["guidance"] == 0 and report["settings"]["steps"] == 1
+    assert "export_fp32" in report["preparation"]
+    for record in report["engines"].values():
+        assert record["unet_steps"] == 1 and record["end_to_end_s"] > 0
+    assert (tmp_path / "out" / "turbo_peak_rss.png").is_file() and (tmp_path / "out" / "turbo.md").is_file()
+    refused = CliRunner().invoke(main, ["run", "--random", "sd15", "--model", str(tiny_pipeline)])
+    assert refused.exit_code != 0 and "give exactly one of --model PATH or --random" in refused.output
+
+
 def test_report_markdown_and_plots_from_fixed_json(tmp_path: Path) -> None:
     report = json.loads(FIXTURE.read_text())
     text = markdown(report)

@@ -53,3 +53,52 @@ def test_other_file_types_are_refused(tmp_path: Path) -> None:
     weird.write_bytes(b"x")
     with pytest.raises(ExportError, match="not a diffusers folder nor a .safetensors/.ckpt checkpoint"):
         convert(str(weird), tmp_path / "out", log=lambda line: None)
+
+
+@pytest.mark.parametrize("recipe", ["TINY_SDXL", "TINY_SDXL_REFINER"])
+def test_sdxl_single_file_round_trip(recipe: str, tmp_path: Path) -> None:
+    """An SDXL base or refiner in the original layout (OpenCLIP second encoder, label_emb) converts to the same
+    graphs as its diffusers folder; its class comes from the checkpoint's keys or from --config."""
+    from sd_onnx.exporter.source import single_file_pipeline_class
+    from sd_onnx.models import build
+
+    recipe_sizes = getattr(build, recipe)
+    if recipe == "TINY_SDXL":  # diffusers tells SDXL's two encoders apart by width, as SDXL's 768 and 1280 differ
+        second = {**recipe_sizes["text_encoder_2"], "hidden_size": 48, "projection_dim": 48}
+        unet = {**recipe_sizes["unet"], "cross_attention_dim": 80, "projection_class_embeddings_input_dim": 6 * 8 + 48}
+        recipe_sizes = {**recipe_sizes, "text_encoder_2": second, "unet": unet}
+    folder = build.build_pipeline(recipe_sizes, tmp_path / "pipeline", seed=0)
+    checkpoint = write_single_file(folder, tmp_path / "sdxl.safetensors")
+    expected = "StableDiffusionXLPipeline" if recipe == "TINY_SDXL" else "StableDiffusionXLImg2ImgPipeline"
+    assert single_file_pipeline_class(checkpoint, None) == expected
+    components = (
+        ("text_encoder_2", "unet") if recipe == "TINY_SDXL_REFINER" else ("text_encoder", "text_encoder_2", "unet")
+    )
+    from_folder = convert(str(folder), tmp_path / "a", components=components, log=lambda line: None)
+    from_file = convert(
+        str(checkpoint), tmp_path / "b", config=str(folder), components=components, log=lambda line: None
+    )
+    assert from_file.pipeline_class == from_folder.pipeline_class == expected and from_file.model_family == "sdxl"
+    assert from_file.config == from_folder.config
+    for name in components:
+        session = ort.InferenceSession(str(tmp_path / "a" / name / "model.onnx"))
+        feeds = random_feeds(session, np.random.default_rng(0))
+        for got, want in zip(
+            ort.InferenceSession(str(tmp_path / "b" / name / "model.onnx")).run(None, feeds),
+            session.run(None, feeds),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+def random_feeds(session: ort.InferenceSession, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Seeded inputs for a graph: token ids for integer inputs, normal floats elsewhere; named dims fixed."""
+    dims = {"batch": 1, "sequence": 77, "height": 8, "width": 8}
+    feeds = {}
+    for arg in session.get_inputs():
+        shape = [dims.get(d, 1) if isinstance(d, str) else d for d in arg.shape]
+        if "int" in arg.type:
+            feeds[arg.name] = rng.integers(0, 1000, shape).astype(np.int64 if "int64" in arg.type else np.int32)
+        else:
+            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
