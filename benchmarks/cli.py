@@ -308,6 +308,25 @@ def gpu(work: Path, result: Path, steps: int, size: int, skip_sd15: bool) -> Non
     measure(work, result, steps, size, skip_sd15)
 
 
+@main.group()
+def peers() -> None:
+    """Virtual environments of the engines compared against (their pins conflict with ours)."""
+
+
+@peers.command("setup")
+@click.option("--only", default=None, help="One peer (default: all of them).")
+def peers_setup(only: str | None) -> None:
+    """Create each peer's environment (pip, by package name) and print its Python."""
+    from .peers import PEERS, PeerSetupError, setup_peer
+
+    names = [only] if only else list(PEERS)
+    for name in names:
+        try:
+            click.echo(f"{name}: {setup_peer(name, log=lambda line: click.echo(line, err=True))}")
+        except PeerSetupError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 def write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,17 +12,30 @@ TOKENIZER_JSON = "tokenizer.json"
 
 
 def copy_tokenizer(source: Path, out: Path, name: str = "tokenizer") -> None:
-    """Copy a tokenizer folder and make sure a `tokenizers`-format tokenizer.json is among its files."""
+    """Copy a tokenizer folder and make sure both formats are among its files: a `tokenizers` tokenizer.json
+    (what the runtime reads) and the vocab.json + merges.txt pair (what transformers 4.x, and so Optimum, reads;
+    transformers 5 saves only tokenizer.json)."""
     shutil.copytree(source / name, out / name)
-    if (out / name / TOKENIZER_JSON).is_file():
-        return
-    try:
-        from transformers import AutoTokenizer
+    if not (out / name / TOKENIZER_JSON).is_file():
+        try:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source / name, use_fast=True)
-        tokenizer.backend_tokenizer.save(str(out / name / TOKENIZER_JSON))
-    except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
-        raise ExportError(f"{source / name}: cannot build tokenizer.json ({exc})") from exc
+            tokenizer = AutoTokenizer.from_pretrained(source / name, use_fast=True)
+            tokenizer.backend_tokenizer.save(str(out / name / TOKENIZER_JSON))
+        except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
+            raise ExportError(f"{source / name}: cannot build tokenizer.json ({exc})") from exc
+    if not (out / name / "vocab.json").is_file() or not (out / name / "merges.txt").is_file():
+        write_bpe_files(out / name / TOKENIZER_JSON, out / name)
+
+
+def write_bpe_files(tokenizer_json: Path, folder: Path) -> None:
+    """vocab.json and merges.txt of a BPE tokenizer.json, as transformers' slow CLIPTokenizer saves them."""
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        return  # not a CLIP-style tokenizer: nothing a slow CLIPTokenizer could read
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def copy_scheduler(source: Path, out: Path) -> None:
@@ -45,10 +58,12 @@ def copy_component_configs(source: Path, out: Path, components: list[str]) -> No
 
 
 def write_model_index(source: Path, out: Path, components: list[str]) -> None:
-    """model_index.json in the layout of diffusers' OnnxStableDiffusionPipeline, which Optimum also reads."""
+    """model_index.json in the layout of diffusers' ONNX pipelines, which Optimum also reads. The class stays the
+    source's diffusers class, as in Optimum's exports: Optimum's ORTDiffusionPipeline dispatches on it."""
     index = json.loads((source / "model_index.json").read_text())
+    class_name = index.get("_class_name", "StableDiffusionPipeline")
     onnx_index = {
-        "_class_name": "OnnxStableDiffusionPipeline",
+        "_class_name": "StableDiffusionPipeline" if class_name == "OnnxStableDiffusionPipeline" else class_name,
         "_diffusers_version": index.get("_diffusers_version", ""),
         "feature_extractor": [None, None],
         "requires_safety_checker": False,

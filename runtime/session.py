@@ -33,11 +33,16 @@ CACHE_ENV = "SD_ONNX_CACHE"
 
 
 def cache_root() -> Path:
-    """Where optimized graphs are kept: $SD_ONNX_CACHE, else the platform's user cache directory
-    ($XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows) / sd-onnx.
-    Never the model folder, which may be read-only or inside the installed package."""
+    """Where optimized graphs are kept: $SD_ONNX_CACHE, else `user_cache_dir()`. Never the model folder, which
+    may be read-only or inside the installed package."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
+    return user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """sd-onnx's folder in the platform's user cache directory ($XDG_CACHE_HOME or ~/.cache on Linux,
+    ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows)."""
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
         return base / "sd-onnx" / "Cache"

@@ -1,0 +1,70 @@
+"""Exported folders stay readable by Optimum: its ORTStableDiffusionPipeline and ORTStableDiffusionXLPipeline
+load them in Optimum's own environment (its pins conflict with ours) and draw the same image as this runtime
+from the same latents."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd_onnx.runtime import DiffusionPipeline
+
+PROMPT = "a photo of an astronaut riding a horse"
+OPTIMUM_SCRIPT = """
+import sys, numpy as np, torch
+from optimum.onnxruntime import ORTDiffusionPipeline
+folder, latents, out = sys.argv[1:4]
+pipe = ORTDiffusionPipeline.from_pretrained(folder)
+images = pipe(sys.argv[4], num_inference_steps=3, guidance_scale=5.0, latents=torch.from_numpy(np.load(latents)),
+              height=32, width=32, output_type="np").images
+np.save(out, np.asarray(images))
+print(type(pipe).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def optimum_python() -> str:
+    """$SD_ONNX_OPTIMUM_PYTHON, else the `sd-bench peers setup --only optimum` environment (made if missing)."""
+    from sd_onnx.benchmarks.peers import PeerSetupError, setup_peer
+
+    if os.environ.get("SD_ONNX_OPTIMUM_PYTHON"):
+        return os.environ["SD_ONNX_OPTIMUM_PYTHON"]
+    try:
+        return str(setup_peer("optimum", log=lambda line: None))
+    except PeerSetupError as exc:  # no package index reachable: nothing to compare against
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.models.build import TINY_SDXL, build_pipeline
+
+    root = tmp_path_factory.mktemp("optimum-sdxl")
+    source = build_pipeline(TINY_SDXL, root / "pipeline", seed=0)
+    convert(str(source), root / "onnx", log=lambda line: None)
+    return root / "onnx"
+
+
+@pytest.mark.parametrize("model", ["tiny_export", "tiny_sdxl_export"])
+def test_optimum_loads_the_export_and_draws_the_same_image(
+    model: str, optimum_python: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    folder = request.getfixturevalue(model)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    cmd = [optimum_python, "-c", OPTIMUM_SCRIPT, str(folder), str(tmp_path / "latents.npy"), str(tmp_path / "o.npy")]
+    result = subprocess.run([*cmd, PROMPT], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected_class = "ORTStableDiffusionXLPipeline" if model == "tiny_sdxl_export" else "ORTStableDiffusionPipeline"
+    assert result.stdout.strip().splitlines()[-1] == expected_class
+    ours = DiffusionPipeline.from_pretrained(folder, provider="cpu")
+    got = ours(
+        PROMPT, num_inference_steps=3, guidance_scale=5.0, latents=latents, height=32, width=32, output_type="np"
+    )
+    theirs = np.load(tmp_path / "o.npy")
+    assert theirs.shape == got.images.shape and np.abs(theirs - got.images).mean() <= 1 / 255
