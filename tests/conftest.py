@@ -31,3 +31,25 @@ def tiny_export(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("export") / "tiny-onnx"
     convert(str(tiny_pipeline), out, log=lambda line: None)
     return out
+
+
+def build_and_export(recipe_name: str, root: Path) -> tuple[Path, Path]:
+    """(diffusers folder, ONNX export) of a models.build recipe with seed 0, under `root`."""
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    source = build_pipeline(RECIPES[recipe_name], root / "pipeline", seed=0)
+    convert(str(source), root / "onnx", log=lambda line: None)
+    return source, root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny SDXL base: its diffusers folder and its export."""
+    return build_and_export("tiny-sdxl", tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny SDXL refiner: its diffusers folder and its export."""
+    return build_and_export("tiny-sdxl-refiner", tmp_path_factory.mktemp("refiner"))

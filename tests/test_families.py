@@ -136,12 +136,9 @@ def test_turbo_style_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StableDiffusionPipeline]:
-    from sd_onnx.models.build import TINY_SDXL, build_pipeline
-
-    root = tmp_path_factory.mktemp("sdxl")
-    source = build_pipeline(TINY_SDXL, root / "pipeline", seed=0)
-    return source, export(source, root / "onnx")
+def sdxl(tiny_sdxl: tuple[Path, Path]) -> tuple[Path, StableDiffusionPipeline]:
+    source, folder = tiny_sdxl
+    return source, StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
 
 
 def test_sdxl_exports_both_encoders_with_optimums_names(sdxl) -> None:
@@ -243,12 +240,9 @@ def test_sdxl_fp16_keeps_the_vae_that_overflows_in_fp32(sdxl, tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def refiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, StableDiffusionPipeline]:
-    from sd_onnx.models.build import TINY_SDXL_REFINER, build_pipeline
-
-    root = tmp_path_factory.mktemp("refiner")
-    source = build_pipeline(TINY_SDXL_REFINER, root / "pipeline", seed=0)
-    return source, export(source, root / "onnx")
+def refiner(tiny_sdxl_refiner: tuple[Path, Path]) -> tuple[Path, StableDiffusionPipeline]:
+    source, folder = tiny_sdxl_refiner
+    return source, StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
 
 
 def test_sdxl_refiner_img2img_matches_diffusers(refiner) -> None:

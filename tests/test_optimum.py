@@ -39,28 +39,18 @@ def optimum_python() -> str:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-    from sd_onnx.models.build import TINY_SDXL, build_pipeline
-
-    root = tmp_path_factory.mktemp("optimum-sdxl")
-    source = build_pipeline(TINY_SDXL, root / "pipeline", seed=0)
-    convert(str(source), root / "onnx", log=lambda line: None)
-    return root / "onnx"
-
-
-@pytest.mark.parametrize("model", ["tiny_export", "tiny_sdxl_export"])
+@pytest.mark.parametrize("model", ["tiny_export", "tiny_sdxl"])
 def test_optimum_loads_the_export_and_draws_the_same_image(
     model: str, optimum_python: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     folder = request.getfixturevalue(model)
+    folder = folder[1] if isinstance(folder, tuple) else folder  # tiny_sdxl: (diffusers folder, export)
     latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
     cmd = [optimum_python, "-c", OPTIMUM_SCRIPT, str(folder), str(tmp_path / "latents.npy"), str(tmp_path / "o.npy")]
     result = subprocess.run([*cmd, PROMPT], capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    expected_class = "ORTStableDiffusionXLPipeline" if model == "tiny_sdxl_export" else "ORTStableDiffusionPipeline"
+    expected_class = "ORTStableDiffusionXLPipeline" if model == "tiny_sdxl" else "ORTStableDiffusionPipeline"
     assert result.stdout.strip().splitlines()[-1] == expected_class
     ours = DiffusionPipeline.from_pretrained(folder, provider="cpu")
     got = ours(
