@@ -130,7 +130,7 @@ def _text_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Input
 def _unet_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
     config = src.config
     side = _latent_side(config)
-    sample = torch.randn(batch, config.latent_channels, side, side, generator=gen)
+    sample = torch.randn(batch, config.unet_in_channels or config.latent_channels, side, side, generator=gen)
     timestep = torch.tensor([981.0])
     context = torch.randn(batch, config.max_token_length, config.embedding_dim, generator=gen)
     if config.pooled_dim:

@@ -18,6 +18,7 @@ from .errors import ExportError
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "LatentConsistencyModelPipeline",
     "OnnxStableDiffusionPipeline",
     "StableDiffusionXLPipeline",
@@ -134,10 +135,11 @@ def read_model_config(folder: Path) -> ModelConfig:
         if (folder / encoder).is_dir():
             _read_json(folder / encoder / "config.json")
     _read_json(folder / "scheduler" / "scheduler_config.json")
-    if unet.get("in_channels") != vae.get("latent_channels", 4):
+    latent = vae.get("latent_channels", 4)
+    if unet.get("in_channels") not in (latent, 2 * latent + 1):
         raise ExportError(
-            f"{folder}: unsupported model family: UNet takes {unet.get('in_channels')} channels "
-            f"but the VAE has {vae.get('latent_channels', 4)} latent channels (inpainting models are not supported)"
+            f"{folder}: unsupported model family: UNet takes {unet.get('in_channels')} channels but the VAE has "
+            f"{latent} latent channels (supported: {latent}, or {2 * latent + 1} for inpainting)"
         )
     try:
         return configs.read_model_config(folder)

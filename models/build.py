@@ -147,6 +147,9 @@ SD21 = {
     "vae": SD15["vae"],
 }  # fmt: skip
 
+# SD 1.x inpainting at test size: the UNet also takes the mask and the masked image's latents (4 + 1 + 4).
+TINY_INPAINT = {**TINY, "unet": {**TINY["unet"], "in_channels": 9}, "pipeline": "StableDiffusionInpaintPipeline"}
+
 RECIPES = {
     "tiny": TINY,
     "sd15": SD15,
@@ -154,6 +157,7 @@ RECIPES = {
     "sdxl": SDXL,
     "tiny-sdxl": TINY_SDXL,
     "tiny-sdxl-refiner": TINY_SDXL_REFINER,
+    "tiny-inpaint": TINY_INPAINT,
 }
 
 
@@ -165,7 +169,12 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
     torch.manual_seed(seed)
     if "text_encoder_2" in recipe:  # SDXL: a base with both encoders, a refiner with the second only
         return save_sdxl_pipeline(recipe, Path(out))
-    return save_pipeline(*create_modules(recipe), Path(out), tokenizer_options=recipe.get("tokenizer", {}))
+    return save_pipeline(
+        *create_modules(recipe),
+        Path(out),
+        tokenizer_options=recipe.get("tokenizer", {}),
+        pipeline_class=recipe.get("pipeline", "StableDiffusionPipeline"),
+    )
 
 
 def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
@@ -214,7 +223,7 @@ def create_modules(recipe: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any]:
     from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel(_clip_config(recipe["text_encoder"]))
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
+    unet = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **recipe["unet"]})
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     return text_encoder, unet, vae
 
@@ -236,19 +245,20 @@ def save_pipeline(
     scheduler: Any = None,
     tokenizer: Any = None,
     tokenizer_options: dict[str, Any] | None = None,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> Path:
-    """Save the modules as a diffusers StableDiffusionPipeline folder that transformers 4.x and 5.x both read;
+    """Save the modules as a diffusers pipeline folder (`pipeline_class`) that transformers 4.x and 5.x both read;
     the scheduler is SD 1.5's PNDM unless the model was trained for another, the tokenizer CLIP's unless given."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    import diffusers
 
     own_tokenizer = tokenizer is not None
     tokenizer = tokenizer if own_tokenizer else clip_tokenizer(out / "_tokenizer_src", **(tokenizer_options or {}))
-    pipe = StableDiffusionPipeline(
+    pipe = getattr(diffusers, pipeline_class)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler or PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=scheduler or diffusers.PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -62,9 +62,16 @@ def read_model_config(
             pooled_dim=pooled_dim,
             time_ids_count=time_ids,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+            unet_in_channels=_inpainting_channels(unet, vae_config),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc
     if guidance_scale is not None:
         config.guidance_scale = guidance_scale
     return config
+
+
+def _inpainting_channels(unet: dict[str, Any], vae: dict[str, Any]) -> int | None:
+    """An inpainting UNet's input channels (latents + mask + masked image's latents); None for other UNets."""
+    channels, latent = unet.get("in_channels"), vae.get("latent_channels", 4)
+    return int(channels) if channels == 2 * latent + 1 else None

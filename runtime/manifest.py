@@ -78,6 +78,13 @@ class ModelConfig:
     time_ids_count: int | None = None
     # SDXL: an absent negative prompt is zeros rather than the encoding of "" (model_index.json's flag).
     force_zeros_for_empty_prompt: bool = False
+    # Input channels of an inpainting UNet (latents, mask, masked image's latents: 9 for SD); None: the latents'.
+    unet_in_channels: int | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        """Whether the UNet takes a mask and the masked image's latents beside its latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def default_resolution(self) -> int:

@@ -56,6 +56,7 @@ CONFIG = Obj(
         "pooled_dim": Opt(int),
         "time_ids_count": Opt(int),
         "force_zeros_for_empty_prompt": bool,
+        "unet_in_channels": Opt(int),
     },
 )
 MANIFEST = Obj(
@@ -72,7 +73,7 @@ MANIFEST = Obj(
 # Sizes: positive and below what any model uses by far (an absurd value would fail later, deep in a library).
 SIZES = (
     "embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple",
-    "time_cond_proj_dim", "default_steps", "pooled_dim", "time_ids_count",
+    "time_cond_proj_dim", "default_steps", "pooled_dim", "time_ids_count", "unet_in_channels",
 )  # fmt: skip
 MAX_SIZE = 1 << 16
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

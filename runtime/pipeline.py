@@ -25,6 +25,7 @@ from PIL import Image
 from .configs import read_model_config
 from .hub import locate_model
 from .image import from_pil, to_pil
+from .inpaint import Inpainting, latent_mask, mask_pixels
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
@@ -172,6 +173,7 @@ class StableDiffusionPipeline:
         image: Image.Image | np.ndarray | None = None,
         strength: float | None = None,
         scheduler: str | None = None,
+        mask_image: Image.Image | np.ndarray | None = None,
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         original_size: tuple[int, int] | None = None,
@@ -201,6 +203,7 @@ class StableDiffusionPipeline:
             eta=eta,
             image=image,
             strength=strength,
+            mask_image=mask_image,
             prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
             negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
             original_size=original_size,
@@ -244,8 +247,9 @@ class StableDiffusionPipeline:
         shape = self.latent_shape(request)
         sched.set_timesteps(request.steps)
         timesteps = sched.timesteps
+        inpainting = None
         if request.image is not None:
-            latents, timesteps = self._img2img_latents(request, sched, shape, generator)
+            latents, timesteps, inpainting = self._img2img_latents(request, sched, shape, generator)
         elif latents is None:
             latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
         else:
@@ -255,8 +259,12 @@ class StableDiffusionPipeline:
         should_stop = _stop_check(callback, cancelled)
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
+            if inpainting is not None:
+                model_input = inpainting.unet_input(model_input)
             noise_pred = self.predict_noise(model_input, t, embeddings, request.guidance_scale, conditions)
             latents = sched.step(noise_pred, t, latents, noise=generator)
+            if inpainting is not None:
+                latents = inpainting.after_step(latents, sched, timesteps, i)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         self.release("unet")
@@ -346,11 +354,19 @@ class StableDiffusionPipeline:
         return (mean + std * generator.randn(mean.shape)) * np.float32(self.config.scaling_factor)
 
     def _img2img_latents(
-        self, request: GenerationRequest, sched: Scheduler, shape: tuple[int, ...], generator: TorchGenerator
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        request: GenerationRequest,
+        sched: Scheduler,
+        shape: tuple[int, ...],
+        generator: TorchGenerator,
+    ) -> tuple[np.ndarray, np.ndarray, Inpainting | None]:
         """Encode the init image (latents are taken as they are) and noise it to the start timestep, as diffusers'
-        img2img pipelines; with `denoising_start` the schedule starts there and no noise is added."""
+        img2img pipelines; with `denoising_start` the schedule starts there and no noise is added. With a mask,
+        the inpainting state too (see inpaint.py)."""
+        timesteps = self._start(request, sched)
         image = request.image
+        if request.mask_image is not None:
+            return self._inpaint_latents(request, sched, timesteps, shape, generator)
         if is_latent_image(image, self.config):
             init = np.asarray(image, np.float32)
         elif isinstance(image, Image.Image):
@@ -358,6 +374,46 @@ class StableDiffusionPipeline:
         else:
             init = self.encode_image(np.asarray(image, np.float32), generator)
         init = np.concatenate([init] * (shape[0] // init.shape[0]))
+        if request.denoising_start is not None:
+            return init, timesteps, None
+        return sched.add_noise(init, generator.randn(shape), timesteps[0]), timesteps, None
+
+    def _inpaint_latents(
+        self,
+        request: GenerationRequest,
+        sched: Scheduler,
+        timesteps: np.ndarray,
+        shape: tuple[int, ...],
+        generator: TorchGenerator,
+    ) -> tuple[np.ndarray, np.ndarray, Inpainting]:
+        """Start latents and inpainting state, drawing from `generator` in diffusers' order: the image's
+        latents (when needed), the noise, then the masked image's latents."""
+        image = request.image
+        pixels = from_pil(image, request.width, request.height) if isinstance(image, Image.Image) else image
+        pixels = np.asarray(pixels, np.float32)
+        mask = mask_pixels(request.mask_image, request.width, request.height)
+        full = request.strength == 1.0
+        image_latents = None
+        if not self.config.inpainting or not full:
+            image_latents = self.encode_image(pixels, generator)
+            image_latents = np.concatenate([image_latents] * (shape[0] // len(image_latents)))
+        noise = generator.randn(shape)
+        if full:
+            latents = noise * np.float32(sched.init_noise_sigma)
+        else:
+            latents = sched.add_noise(image_latents, noise, timesteps[0])
+        masked = self.encode_image(pixels * (mask < 0.5), generator)
+        state = Inpainting(
+            mask=latent_mask(mask, self.config.vae_scale_factor, shape[0]),
+            masked_latents=np.concatenate([masked] * (shape[0] // len(masked))),
+            image_latents=image_latents,
+            noise=noise,
+            unet_takes_mask=self.config.inpainting,
+        )
+        return latents, timesteps, state
+
+    def _start(self, request: GenerationRequest, sched: Scheduler) -> np.ndarray:
+        """The timesteps an img2img run takes: from `denoising_start`, else the last `strength` of them."""
         if request.denoising_start is not None:
             remaining = int(np.sum(sched.timesteps < self._timestep_cutoff(request.denoising_start)))
             if sched.order == 2 and remaining % 2 == 0:  # never stop between a second-order step's two halves
@@ -367,10 +423,7 @@ class StableDiffusionPipeline:
             n = sched.num_inference_steps
             start = n - min(int(n * request.strength), n)
         sched.set_begin_index(start)
-        timesteps = sched.timesteps[start:]
-        if request.denoising_start is not None:
-            return init, timesteps
-        return sched.add_noise(init, generator.randn(shape), timesteps[0]), timesteps
+        return sched.timesteps[start:]
 
     def _timestep_cutoff(self, fraction: float) -> int:
         """The training timestep a fraction of the denoising lies at (diffusers' discrete_timestep_cutoff)."""

@@ -83,6 +83,8 @@ class GenerationRequest:
     eta: float = 0.0
     image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    # Inpainting: white (>= 0.5) where `image` is repainted; a PIL image, or (1, 1, H, W) floats in [0, 1].
+    mask_image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
     # SDXL only, as diffusers names them: the second encoder's prompts (default: the prompts) and the
     # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
     prompt_2: str | tuple[str, ...] | None = None
@@ -147,7 +149,7 @@ class GenerationRequest:
         scheduler = self._scheduler(scheduler_config, default_scheduler, steps, trained)
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
-        strength = self._strength(steps, config, images)
+        strength = self._strength(steps, config, images, (width, height))
         sdxl = self._sdxl_fields(config, prompt, limits)
         return replace(
             self,
@@ -232,15 +234,22 @@ class GenerationRequest:
             raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {name}")
         return name
 
-    def _strength(self, steps: int, config: ModelConfig, images: int) -> float | None:
+    def _strength(self, steps: int, config: ModelConfig, images: int, size: tuple[int, int]) -> float | None:
         if self.image is None:
             if self.strength is not None:
                 raise RequestError("strength", "applies to img2img only: give an init image too")
+            if self.mask_image is not None:
+                raise RequestError("mask_image", "masks an init image: give the image to inpaint too")
+            if config.inpainting:
+                raise RequestError("image", "this is an inpainting model: give an image and a mask_image")
             return None
         _check_image(self.image, config)
         if is_latent_image(self.image, config) and len(self.image) not in (1, images):
             raise RequestError("image", f"has {len(self.image)} latents for {images} images (give 1 or {images})")
-        strength = _number("strength", DEFAULT_STRENGTH if self.strength is None else self.strength)
+        self._check_mask(config, size)
+        # Inpainting repaints the masked part from pure noise unless told otherwise, as diffusers does.
+        default = DEFAULT_STRENGTH if self.mask_image is None else 1.0
+        strength = _number("strength", default if self.strength is None else self.strength)
         if not 0.0 < strength <= 1.0:
             raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
         if int(steps * strength) < 1 and self.denoising_start is None:  # denoising_start overrides strength
@@ -248,6 +257,28 @@ class GenerationRequest:
                 "strength", f"{strength:g} x {steps} steps leaves no denoising step; raise steps or strength"
             )
         return strength
+
+    def _check_mask(self, config: ModelConfig, size: tuple[int, int]) -> None:
+        if self.mask_image is None:
+            if config.inpainting:
+                raise RequestError("mask_image", "this is an inpainting model: give a mask_image with the image")
+            return
+        if is_latent_image(self.image, config):
+            raise RequestError("image", "inpainting needs the image's pixels, not latents")
+        mask = self.mask_image
+        if isinstance(mask, Image.Image):
+            return
+        if not isinstance(mask, np.ndarray) or mask.ndim != 4 or mask.shape[:2] != (1, 1):
+            shape = f" of shape {list(mask.shape)}" if isinstance(mask, np.ndarray) else ""
+            raise RequestError(
+                "mask_image", f"must be a PIL image or a (1, 1, H, W) array, got {type(mask).__name__}{shape}"
+            )
+        if (mask.shape[3], mask.shape[2]) != size:
+            raise RequestError(
+                "mask_image", f"is {mask.shape[3]}x{mask.shape[2]}, not the output's {size[0]}x{size[1]}"
+            )
+        if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+            raise RequestError("mask_image", "values must be finite and in [0, 1]")
 
     def parameters(self, model_name: str) -> dict[str, Any]:
         """A1111-style generation parameters of a resolved request (PNG "parameters" chunk, server info)."""
@@ -263,6 +294,8 @@ class GenerationRequest:
         }
         if self.image is not None:
             params["Denoising strength"] = self.strength
+        if self.mask_image is not None:
+            params["Inpaint"] = "mask"
         if self.eta:
             params["Eta"] = self.eta
         if self.denoising_start is not None:
@@ -273,7 +306,8 @@ class GenerationRequest:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able values (no image)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "resolved")}
+        skipped = ("image", "mask_image", "resolved")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
 
 SIZE_FIELDS = (

@@ -53,3 +53,9 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny SDXL refiner: its diffusers folder and its export."""
     return build_and_export("tiny-sdxl-refiner", tmp_path_factory.mktemp("refiner"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny SD inpainting pipeline (9-channel UNet): its diffusers folder and its export."""
+    return build_and_export("tiny-inpaint", tmp_path_factory.mktemp("inpaint"))

@@ -1,0 +1,66 @@
+"""Inpainting, as diffusers' StableDiffusionInpaintPipeline does it, for both kinds of UNet.
+
+The mask (white: repaint) is resized like the image, binarized at 0.5, and taken to latent size by nearest
+neighbour. An inpainting UNet (latent + 1 + latent input channels, 9 for SD) sees the mask and the latents of
+the image with the masked part blacked out beside its input at every step. An ordinary UNet denoises the
+whole image and, after each step, the part outside the mask is replaced by the original latents noised to the
+next step's level, so only the masked part changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .schedulers import Scheduler
+
+
+def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+    """(1, 1, H, W) float32 of 0 and 1, 1 where the image is repainted: a PIL mask is resized (Lanczos) and then
+    made grayscale, as diffusers' mask processor does; an array is taken as it is. Binarized at 0.5."""
+    if isinstance(mask, Image.Image):
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+        values = np.asarray(mask.convert("L"), dtype=np.float32)[None, None] / 255.0
+    else:
+        values = np.asarray(mask, dtype=np.float32)
+    return (values >= 0.5).astype(np.float32)
+
+
+@dataclass
+class Inpainting:
+    """What each denoising step needs: the latent-sized mask and, per UNet kind, the masked image's latents
+    (inpainting UNets) or the original latents and the noise that re-noises them (ordinary UNets)."""
+
+    mask: np.ndarray
+    masked_latents: np.ndarray
+    image_latents: np.ndarray | None
+    noise: np.ndarray
+    unet_takes_mask: bool
+
+    def unet_input(self, model_input: np.ndarray) -> np.ndarray:
+        """The UNet's input for scaled latents: with the mask and the masked image's latents stacked on the
+        channels for an inpainting UNet (guidance duplicates the whole, as diffusers' batch does)."""
+        if not self.unet_takes_mask:
+            return model_input
+        return np.concatenate([model_input, self.mask, self.masked_latents], axis=1)
+
+    def after_step(self, latents: np.ndarray, sched: Scheduler, timesteps: np.ndarray, i: int) -> np.ndarray:
+        """An ordinary UNet's latents with the unmasked part put back: the original, noised to the next step."""
+        if self.unet_takes_mask:
+            return latents
+        original = self.image_latents
+        if i < len(timesteps) - 1:
+            original = sched.add_noise(original, self.noise, timesteps[i + 1])
+        return (1 - self.mask) * original + self.mask * latents
+
+
+def latent_mask(mask: np.ndarray, factor: int, count: int) -> np.ndarray:
+    """The pixel mask at latent size (torch's nearest interpolation by an integer factor), one per image."""
+    small = mask[:, :, ::factor, ::factor]
+    return np.concatenate([small] * (count // len(small))).astype(np.float32)
+
+
+__all__ = ["Inpainting", "latent_mask", "mask_pixels"]
