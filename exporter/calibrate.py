@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from sd_onnx.runtime import StableDiffusionPipeline
 
@@ -82,3 +83,50 @@ class FeedReader:
 
     def rewind(self) -> None:
         self._iter = iter(self.feeds)
+
+
+def record_ranges(model_file: Path, op_types: tuple[str, ...], feeds: list[dict[str, np.ndarray]], cache: Path) -> None:
+    """MinMax ranges of the float inputs and outputs of every `op_types` node over `feeds`, written to `cache` in
+    onnxruntime's calibration-cache format, so quantize_static reads them instead of calibrating itself.
+
+    What onnxruntime's MinMaxCalibrater computes, with the weights held once: it loads the graph's weights into
+    Python, copies the graph to augment it and opens a session on the copy (three times a 10 GB SDXL UNet, which
+    ran out of 24 GB); here only the graph's structure is read, a ReduceMin/ReduceMax pair is added per tensor,
+    and onnxruntime alone reads the weights, from the same data file."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_file), load_external_data=False))
+    graph = model.graph
+    infos = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
+    weights = {i.name for i in graph.initializer}
+    tensors = sorted({
+        name
+        for node in graph.node
+        if node.op_type in op_types
+        for name in (*node.input, *node.output)
+        if name in infos and name not in weights and infos[name].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    })  # fmt: skip
+    for name in tensors:
+        for reduce in ("ReduceMin", "ReduceMax"):
+            graph.node.append(onnx.helper.make_node(reduce, [name], [f"{name}_{reduce}"], keepdims=0))
+            graph.output.append(onnx.helper.make_tensor_value_info(f"{name}_{reduce}", onnx.TensorProto.FLOAT, []))
+    augmented = model_file.parent / "_calibration.onnx"  # beside the weights, which it references
+    onnx.save_model(model, str(augmented))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+        outputs = [f"{name}_{reduce}" for name in tensors for reduce in ("ReduceMin", "ReduceMax")]
+        lows, highs = np.full(len(tensors), np.inf, np.float32), np.full(len(tensors), -np.inf, np.float32)
+        for feed in feeds:
+            values = np.asarray(session.run(outputs, feed), np.float32).reshape(-1, 2)
+            lows, highs = np.minimum(lows, values[:, 0]), np.maximum(highs, values[:, 1])
+        del session
+    finally:
+        augmented.unlink()
+    ranges = {
+        n: (np.array([lo], np.float32), np.array([hi], np.float32))
+        for n, lo, hi in zip(tensors, lows, highs, strict=True)
+    }
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)

@@ -27,7 +27,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from sd_onnx.runtime.manifest import ComponentInfo, sha256_file
 
-from .calibrate import FeedReader
+from .calibrate import FeedReader, record_ranges
+from .errors import ExportError
 from .trace import EXTERNAL_DATA_SUFFIX, TWO_GB, pack_graph
 from .validate import open_session
 
@@ -53,6 +54,10 @@ RECIPES: dict[str, Recipe] = {
     "vae_encoder": Recipe(op_types=("Conv",), keep_float=("conv_in", "conv_out")),
 }
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+# Graphs above this take the memory-lean path (see calibrate.record_ranges): onnxruntime's pre-processing and
+# calibration hold a graph's weights two to three times, so SDXL's 10 GB UNet ran out of 24 GB. SD 1.5's UNet
+# (3.4 GB) keeps the measured recipe with pre-processing.
+LARGE_GRAPH = 4 * 2**30
 
 
 def cpu_has_vnni() -> bool:
@@ -81,15 +86,22 @@ def quantize_graph(
     src: Path, dst: Path, recipe: Recipe, feeds: list[dict[str, np.ndarray]], reduce_range: bool, ranges: Path
 ) -> dict[str, Any]:
     """Static QDQ quantization of `src` into `dst` (weights over 2 GB go to `<name>_data`)."""
-    big = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file()) > TWO_GB
+    size = sum(p.stat().st_size for p in src.parent.iterdir() if p.is_file())
+    big, large = size > TWO_GB, size > LARGE_GRAPH
     src, dst, ranges = src.resolve(), dst.resolve(), ranges.resolve()
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, working_directory(Path(tmp)):
-        # onnxruntime's shape inference drops a debug copy of the graph in the working directory when it
-        # cannot infer every shape; here that copy goes away with the temporary folder.
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(
-            str(src), str(prepared), auto_merge=True, save_as_external_data=big, all_tensors_to_one_file=True
-        )
+        if large:  # memory-lean: no pre-processing pass, ranges recorded with the weights loaded once
+            if recipe.calibration != "minmax":
+                raise ExportError(f"{src}: graphs over {LARGE_GRAPH >> 30} GB calibrate with minmax only")
+            prepared = src
+            record_ranges(src, recipe.op_types, feeds, ranges)
+        else:
+            # onnxruntime's shape inference drops a debug copy of the graph in the working directory when it
+            # cannot infer every shape; here that copy goes away with the temporary folder.
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(
+                str(src), str(prepared), auto_merge=True, save_as_external_data=big, all_tensors_to_one_file=True
+            )
         chosen, kept = select_nodes(prepared, recipe)
         quantize_static(
             str(prepared),
@@ -114,6 +126,7 @@ def quantize_graph(
         "quantized_nodes": len(chosen),
         "float_nodes": len(kept),
         "reduce_range": reduce_range,
+        "pre_processed": not large,
     }
 
 

@@ -150,3 +150,59 @@ def test_calibration_samples_at_the_models_own_guidance() -> None:
     assert calibration.settings["guidance"] == Manifest.load(folder).config.guidance_scale == 2.0
     assert [f["sample"].shape for f in calibration.feeds["unet"]] == [(2, 4, 16, 16)] * 2
     assert record(folder, ("a red circle",), steps=1, size=64, guidance=5.0).settings["guidance"] == 5.0
+
+
+def test_lean_ranges_equal_onnxruntimes_calibrator(tiny_export: Path, tmp_path: Path) -> None:
+    """The memory-lean path for graphs over LARGE_GRAPH (SDXL's UNet) records the ranges onnxruntime's own
+    MinMax calibrator records, so the quantized graph is the same recipe."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, load_tensors_data
+
+    from sd_onnx.exporter.calibrate import FeedReader, record_ranges
+
+    unet = tiny_export / "unet" / "model.onnx"
+    rng = np.random.default_rng(0)
+    feeds = [
+        {
+            "sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+            "timestep": np.array([t], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+        }
+        for t in (900.0, 500.0, 100.0)
+    ]
+    ops = RECIPES["unet"].op_types
+    record_ranges(unet, ops, feeds, tmp_path / "lean.json")
+    assert not (unet.parent / "_calibration.onnx").exists()
+    calibrator = MinMaxCalibrater(unet, list(ops), augmented_model_path=str(tmp_path / "augmented.onnx"))
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    calibrator.collect_data(FeedReader(feeds))
+    theirs = calibrator.compute_data().data
+    ours = load_tensors_data(tmp_path / "lean.json").data
+    assert set(ours) == set(theirs) and len(ours) > 20
+    for name, data in theirs.items():
+        np.testing.assert_allclose(ours[name].range_value, data.range_value, rtol=1e-6, err_msg=name)
+
+
+def test_lean_quantization_runs_close_to_fp32(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole lean path (no pre-processing, recorded ranges) gives a working int8 UNet of the same recipe."""
+    import onnxruntime as ort
+
+    from sd_onnx.exporter import quantize
+
+    monkeypatch.setattr(quantize, "LARGE_GRAPH", 0)
+    rng = np.random.default_rng(1)
+    feed = {
+        "sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+        "timestep": np.array([700.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+    unet = tiny_export / "unet" / "model.onnx"
+    report = quantize.quantize_graph(unet, tmp_path / "int8.onnx", RECIPES["unet"], [feed], True, tmp_path / "r.json")
+    assert report["pre_processed"] is False and report["quantized_nodes"] > 0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    fp32 = ort.InferenceSession(str(unet)).run(None, feed)[0].ravel()
+    int8 = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(None, feed)[0].ravel()
+    assert fp32 @ int8 / (np.linalg.norm(fp32) * np.linalg.norm(int8)) > 0.95
