@@ -35,6 +35,8 @@ OPTION_NAMES = {
     "scheduler": "--scheduler",
     "strength": "--strength",
     "eta": "--eta",
+    "image": "--image",
+    "mask_image": "--mask",
 }
 DEFAULT_LIMITS = Limits()
 
@@ -117,7 +119,15 @@ def main() -> None:
 @click.option("--height", default=None, type=int, help="[default: the model's resolution]")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images for this prompt.")
 @click.option("--image", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Init image (img2img).")
-@click.option("--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75].")
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Inpainting mask for --image: white is repainted.",
+)
+@click.option(
+    "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
+)
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
 @click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
@@ -136,6 +146,7 @@ def prompt(
     height: int | None,
     batch: int,
     image: Path | None,
+    mask: Path | None,
     strength: float | None,
     eta: float,
     provider: str,
@@ -162,8 +173,9 @@ def prompt(
             model or default_model(), provider=provider, threads=threads, low_memory=low_memory
         )
         init = read_init_image(image, limits.input_pixels(pipe.config)) if image else None
+        mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
-            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength
+            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image
         )
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -192,14 +204,14 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def read_init_image(path: Path, max_pixels: int) -> Any:
-    """The --image file, read lazily and refused from its header when over the pixel limit."""
+def read_init_image(path: Path, max_pixels: int, option: str = "--image") -> Any:
+    """The --image (or --mask) file, read lazily and refused from its header when over the pixel limit."""
     from .image import ImageError, decode_image
 
     try:
         return decode_image(path, max_pixels)
     except ImageError as exc:
-        raise click.BadParameter(str(exc), param_hint="--image") from None
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def progress(bar: Any) -> Callable[[int, int, Any], None]:

@@ -33,9 +33,10 @@ def from_pil(image: Image.Image, width: int, height: int) -> np.ndarray:
     return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
-def decode_image(data: bytes | Path, max_pixels: int) -> Image.Image:
-    """Decode image bytes (or a regular file, read lazily) to RGB, refusing more than `max_pixels` from the
-    header, before any pixel is decoded (a PNG can declare 100000x100000 in a few bytes)."""
+def decode_image(data: bytes | Path, max_pixels: int, mode: str = "RGB") -> Image.Image:
+    """Decode image bytes (or a regular file, read lazily) to `mode` (RGB; RGBA keeps transparency), refusing
+    more than `max_pixels` from the header, before any pixel is decoded (a PNG can declare 100000x100000 in a
+    few bytes)."""
     if isinstance(data, Path) and not data.is_file():
         raise ImageError(f"{data}: not a regular file")
     try:
@@ -45,7 +46,7 @@ def decode_image(data: bytes | Path, max_pixels: int) -> Image.Image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
-                return image.convert("RGB")
+                return image.convert(mode)
     except Image.DecompressionBombError:
         raise ImageError(f"image is over the limit of {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

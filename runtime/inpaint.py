@@ -12,9 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from .schedulers import Scheduler
+
+# What the masked part starts from when strength < 1: the original, A1111's blurred-surroundings fill, or latent
+# noise / zeros in place of the original's latents.
+MASKED_CONTENT = ("original", "fill", "latent_noise", "latent_nothing")
 
 
 def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
@@ -63,4 +67,18 @@ def latent_mask(mask: np.ndarray, factor: int, count: int) -> np.ndarray:
     return np.concatenate([small] * (count // len(small))).astype(np.float32)
 
 
-__all__ = ["Inpainting", "latent_mask", "mask_pixels"]
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The image with its masked part painted over by ever finer blurs of the rest (A1111's "fill" masked
+    content): a start with the surroundings' colours and no trace of what was masked."""
+    keep = ImageOps.invert(mask.convert("L").resize(image.size))
+    masked = Image.new("RGBa", image.size)
+    masked.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
+    filled = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = masked.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            filled.alpha_composite(blurred)
+    return filled.convert("RGB")
+
+
+__all__ = ["MASKED_CONTENT", "Inpainting", "fill_masked", "latent_mask", "mask_pixels"]

@@ -25,7 +25,7 @@ from PIL import Image
 from .configs import read_model_config
 from .hub import locate_model
 from .image import from_pil, to_pil
-from .inpaint import Inpainting, latent_mask, mask_pixels
+from .inpaint import Inpainting, fill_masked, latent_mask, mask_pixels
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
@@ -174,6 +174,7 @@ class StableDiffusionPipeline:
         strength: float | None = None,
         scheduler: str | None = None,
         mask_image: Image.Image | np.ndarray | None = None,
+        masked_content: str = "original",
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         original_size: tuple[int, int] | None = None,
@@ -204,6 +205,7 @@ class StableDiffusionPipeline:
             image=image,
             strength=strength,
             mask_image=mask_image,
+            masked_content=masked_content,
             prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
             negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
             original_size=original_size,
@@ -395,8 +397,12 @@ class StableDiffusionPipeline:
         full = request.strength == 1.0
         image_latents = None
         if not self.config.inpainting or not full:
-            image_latents = self.encode_image(pixels, generator)
+            start = pixels
+            if request.masked_content == "fill":
+                start = from_pil(fill_masked(image, request.mask_image), request.width, request.height)
+            image_latents = self.encode_image(start, generator)
             image_latents = np.concatenate([image_latents] * (shape[0] // len(image_latents)))
+            image_latents = self._masked_content(request, image_latents, mask, generator)
         noise = generator.randn(shape)
         if full:
             latents = noise * np.float32(sched.init_noise_sigma)
@@ -411,6 +417,16 @@ class StableDiffusionPipeline:
             unet_takes_mask=self.config.inpainting,
         )
         return latents, timesteps, state
+
+    def _masked_content(
+        self, request: GenerationRequest, latents: np.ndarray, mask: np.ndarray, generator: TorchGenerator
+    ) -> np.ndarray:
+        """The original's latents with the masked part replaced by noise or zeros (A1111's latent modes)."""
+        if request.masked_content not in ("latent_noise", "latent_nothing"):
+            return latents
+        small = latent_mask(mask, self.config.vae_scale_factor, len(latents))
+        fresh = generator.randn(latents.shape) if request.masked_content == "latent_noise" else 0.0
+        return (latents * (1 - small) + fresh * small).astype(np.float32)
 
     def _start(self, request: GenerationRequest, sched: Scheduler) -> np.ndarray:
         """The timesteps an img2img run takes: from `denoising_start`, else the last `strength` of them."""

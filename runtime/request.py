@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
 from .schedulers import make_scheduler, resolve_name
 
@@ -85,6 +86,7 @@ class GenerationRequest:
     strength: float | None = None
     # Inpainting: white (>= 0.5) where `image` is repainted; a PIL image, or (1, 1, H, W) floats in [0, 1].
     mask_image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
+    masked_content: str = "original"  # inpaint.MASKED_CONTENT
     # SDXL only, as diffusers names them: the second encoder's prompts (default: the prompts) and the
     # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
     prompt_2: str | tuple[str, ...] | None = None
@@ -259,10 +261,18 @@ class GenerationRequest:
         return strength
 
     def _check_mask(self, config: ModelConfig, size: tuple[int, int]) -> None:
+        if self.masked_content not in MASKED_CONTENT:
+            raise RequestError(
+                "masked_content", f"must be one of {', '.join(MASKED_CONTENT)}, got {self.masked_content!r}"
+            )
         if self.mask_image is None:
             if config.inpainting:
                 raise RequestError("mask_image", "this is an inpainting model: give a mask_image with the image")
+            if self.masked_content != "original":
+                raise RequestError("masked_content", "applies to inpainting only: give a mask_image too")
             return
+        if self.masked_content == "fill" and not isinstance(self.image, Image.Image):
+            raise RequestError("masked_content", "fill paints a PIL image; give the image as one")
         if is_latent_image(self.image, config):
             raise RequestError("image", "inpainting needs the image's pixels, not latents")
         mask = self.mask_image
@@ -296,6 +306,7 @@ class GenerationRequest:
             params["Denoising strength"] = self.strength
         if self.mask_image is not None:
             params["Inpaint"] = "mask"
+            params["Masked content"] = self.masked_content
         if self.eta:
             params["Eta"] = self.eta
         if self.denoising_start is not None:

@@ -86,3 +86,117 @@ def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_e
         plain(PROMPT, image=picture(0), mask_image=np.ones((1, 1, 16, 16)), num_inference_steps=1)
     out = plain(PROMPT, image=picture(0), mask_image=picture(0, "L"), num_inference_steps=2, seed=1)
     assert out.request.strength == 1.0 and out.parameters["Inpaint"] == "mask"
+
+
+def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sd_onnx.runtime.cli import main
+
+    folder = tiny_inpaint[1]
+    picture(1).save(tmp_path / "in.png")
+    picture(1, "L").convert("RGB").save(tmp_path / "mask.png")  # masks are often saved as RGB
+    args = ["prompt", "x", "-m", str(folder), "--image", str(tmp_path / "in.png"), "--steps", "4", "--seed", "2"]
+    result = CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    made = Image.open(tmp_path / "o.png")
+    assert "Inpaint: mask" in made.text["parameters"] and "Denoising strength: 1.0" in made.text["parameters"]
+    pipe = DiffusionPipeline.from_pretrained(folder, provider="cpu")
+    expected = pipe("x", image=picture(1), mask_image=picture(1, "L"), num_inference_steps=4, seed=2).images[0]
+    assert np.array_equal(np.asarray(made), np.asarray(expected))
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "p.png")])
+    assert result.exit_code != 0 and "Error: --mask: this is an inpainting model" in result.output
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "bad.png"), "-o", str(tmp_path / "q.png")])
+    assert result.exit_code != 0 and "--mask" in result.output and "not a readable image" in result.output
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export: Path):
+    from .test_server import Server
+
+    srv = Server(tiny_export)
+    yield srv
+    srv.stop()
+
+
+def b64_png(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
+    import base64
+    import io
+
+    import httpx
+
+    from sd_onnx.runtime.server.a1111 import a1111_mask
+
+    body = {"prompt": "x", "init_images": [b64_png(picture(3))], "mask": b64_png(picture(3, "L")), "steps": 4,
+            "seed": 8, "denoising_strength": 0.7, "mask_blur": 2, "inpainting_mask_invert": 1,
+            "inpainting_fill": 2}  # fmt: skip
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert "Masked content: latent_noise" in got.text["parameters"]
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    mask = a1111_mask(picture(3, "L"), 2, invert=True)
+    expected = pipe("x", image=picture(3), mask_image=mask, strength=0.7, num_inference_steps=4, seed=8,
+                    masked_content="latent_noise").images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    for change, message in (
+        ({"mask": "not base64!"}, "mask: not valid base64"),
+        ({"inpaint_full_res": True}, "inpaint_full_res: not supported yet"),
+        ({"inpainting_fill": 7}, "inpainting_fill"),
+    ):
+        r = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**body, **change}, timeout=60)
+        assert r.status_code == 422 and message in r.text, (change, r.text)
+
+
+def test_openai_client_edits_with_a_transparent_mask(server, tiny_export: Path, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    import httpx
+    from openai import OpenAI
+
+    from sd_onnx.runtime.server.openai import transparency_mask
+
+    image = picture(4)
+    mask = image.convert("RGBA")
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[4:20, 10:30] = 0  # transparent: edit here
+    mask.putalpha(Image.fromarray(alpha))
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with open(tmp_path / "image.png", "rb") as f, open(tmp_path / "mask.png", "rb") as m:
+        out = client.images.edit(image=f, mask=m, prompt="a cat", n=2, size="32x32", response_format="b64_json",
+                                 extra_body={"seed": 11, "steps": 3})  # fmt: skip
+    assert len(out.data) == 2
+    got = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json)))
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    repaint = transparency_mask(mask)
+    assert np.array_equal(np.asarray(repaint) == 255, alpha == 0)
+    expected = pipe("a cat", image=image, mask_image=repaint, num_images_per_prompt=2, num_inference_steps=3,
+                    seed=11).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    # The image's own transparency is the mask when none is sent; errors name the field.
+    files = {"image": ("image.png", (tmp_path / "mask.png").read_bytes(), "image/png")}
+    r = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "a cat", "steps": "2"}, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    opaque = {"image": ("image.png", (tmp_path / "image.png").read_bytes(), "image/png")}
+    for data, sent, message in (
+        ({"prompt": "a cat"}, opaque, "mask: has no fully transparent pixel"),
+        ({"prompt": "a cat"}, {}, "image: a file is required"),
+        ({"prompt": "a cat", "n": "many"}, files, "n: Input should be a valid integer"),
+        ({"n": "1"}, files, "prompt: Field required"),
+        ({"prompt": "a cat"}, {"image": ("x.png", b"garbage", "image/png")}, "image: not a readable image"),
+    ):
+        r = httpx.post(f"{server.url}/v1/images/edits", data=data, files=sent or None, timeout=60)
+        assert r.status_code == 422 and message in r.json()["detail"], (data, r.text)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import GenerationRequest
@@ -25,14 +25,21 @@ FIELD_NAMES = {
     "batch": "batch_size",
     "scheduler": "sampler_name",
     "strength": "denoising_strength",
+    "image": "init_images[0]",
+    "mask_image": "mask",
+    "masked_content": "inpainting_fill",
 }
+MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # A1111's inpainting_fill 0..3
 # SD 1.x latent -> RGB approximation, for cheap progress previews of 4-channel latents.
 PREVIEW_FACTORS = np.array(
     [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], np.float32
 )
 
 
-def to_request(body: Txt2ImgRequest, image: Image.Image | None = None) -> GenerationRequest:
+def to_request(
+    body: Txt2ImgRequest, image: Image.Image | None = None, mask: Image.Image | None = None
+) -> GenerationRequest:
+    inpainting = {"mask_image": mask, "masked_content": MASKED_CONTENT[body.inpainting_fill]} if mask else {}
     return GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt or None,
@@ -46,20 +53,22 @@ def to_request(body: Txt2ImgRequest, image: Image.Image | None = None) -> Genera
         eta=body.eta,
         image=image,
         strength=getattr(body, "denoising_strength", None),
+        **inpainting,
     )
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:
-    async def run(body: Txt2ImgRequest, image: Image.Image | None) -> dict[str, Any]:
+    async def run(body: Txt2ImgRequest, image: Image.Image | None, mask: Image.Image | None = None) -> dict[str, Any]:
         if body.batch_size < 1 or body.n_iter < 1:
             bad = "batch_size" if body.batch_size < 1 else "n_iter"
             raise HTTPException(422, f"{bad}: must be >= 1")
-        request = state.prepare(to_request(body, image), FIELD_NAMES)
+        request = state.prepare(to_request(body, image, mask), FIELD_NAMES)
         out = await state.generate(request)
         texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]
         images = [base64.b64encode(png_bytes(img, text)).decode() for img, text in zip(out.images, texts, strict=True)]
         info = {"prompt": body.prompt, "seed": request.seed, "infotexts": texts, **out.parameters}
-        return {"images": images, "parameters": body.model_dump(exclude={"init_images"}), "info": json.dumps(info)}
+        parameters = body.model_dump(exclude={"init_images", "mask"})
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
@@ -73,7 +82,16 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
             image = await asyncio.to_thread(decode_base64_image, body.init_images[0], limit)
         except ImageError as exc:
             raise HTTPException(422, f"init_images[0]: {exc}") from None
-        return await run(body, image)
+        mask = None
+        if body.mask is not None:
+            if body.inpaint_full_res:
+                raise HTTPException(422, "inpaint_full_res: not supported yet; inpaint the whole picture (false)")
+            try:
+                mask = await asyncio.to_thread(decode_base64_image, body.mask, limit)
+            except ImageError as exc:
+                raise HTTPException(422, f"mask: {exc}") from None
+            mask = a1111_mask(mask, body.mask_blur, bool(body.inpainting_mask_invert))
+        return await run(body, image, mask)
 
     @api.get("/sdapi/v1/samplers")
     def samplers() -> list[dict[str, Any]]:
@@ -120,6 +138,14 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def interrupt() -> dict[str, Any]:
         _, jobs = state.ready()
         return {"interrupted": jobs.interrupt()}
+
+
+def a1111_mask(mask: Image.Image, blur: int, invert: bool) -> Image.Image:
+    """The mask as A1111 prepares it: grayscale, inverted on request, blurred by `blur` pixels."""
+    mask = mask.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
 
 
 def _runs(sampler: str, scheduler_config: dict[str, Any]) -> bool:

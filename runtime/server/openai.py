@@ -1,28 +1,35 @@
-"""OpenAI-compatible image routes: POST /v1/images/generations (the official client's `images.generate`) and
+"""OpenAI-compatible image routes: POST /v1/images/generations (the official client's `images.generate`),
+POST /v1/images/edits (`images.edit`: inpainting, the mask's transparent part repainted) and
 GET /v1/images/files/{id}.png for `response_format="url"`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
+from PIL import Image, ImageOps
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
-from ..image import parameters_text, png_bytes
+from ..image import ImageError, decode_image, parameters_text, png_bytes
 from ..request import GenerationRequest
-from .schemas import OpenAIImageRequest
+from .schemas import OpenAIImageEditFields, OpenAIImageRequest
 from .state import ServerState
 
 # GenerationRequest field -> OpenAI body field, so 422s name what the client sent.
-FIELD_NAMES = {"batch": "n", "width": "size", "height": "size", "steps": "steps"}
+FIELD_NAMES = {"batch": "n", "width": "size", "height": "size", "steps": "steps", "mask_image": "mask"}
 
 
-def to_request(body: OpenAIImageRequest) -> GenerationRequest:
+def to_request(body: OpenAIImageRequest | OpenAIImageEditFields, **edit: Any) -> GenerationRequest:
     width = height = None
     if body.size and body.size != "auto":
         width, height = (int(v) for v in body.size.split("x"))
+    elif "image" in edit:  # an edit keeps the picture's size unless told otherwise
+        width, height = edit["image"].size
     return GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt or None,
@@ -32,20 +39,63 @@ def to_request(body: OpenAIImageRequest) -> GenerationRequest:
         height=height,
         seed=body.seed,
         batch=body.n,
+        **edit,
     )
 
 
+def transparency_mask(image: Image.Image) -> Image.Image:
+    """OpenAI's mask convention (fully transparent = edit) as this runtime's (white = repaint)."""
+    return ImageOps.invert(image.getchannel("A")).point(lambda v: 255 if v == 255 else 0)
+
+
+async def read_edit(request: Request, state: ServerState) -> tuple[OpenAIImageEditFields, dict[str, Any]]:
+    """The edit form: its text fields, and the image and mask (the image's own transparency without one)."""
+    form = await request.form()
+    try:
+        fields = OpenAIImageEditFields(**{k: v for k, v in form.items() if isinstance(v, str)})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise HTTPException(422, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
+    pipe, _ = state.ready()
+    limit = state.config.limits.input_pixels(pipe.config)
+    images = {}
+    for name, keys in (("image", ("image", "image[]")), ("mask", ("mask",))):
+        upload = next((form[k] for k in keys if isinstance(form.get(k), UploadFile)), None)
+        if upload is None:
+            if name == "image":
+                raise HTTPException(422, "image: a file is required")
+            continue
+        try:
+            images[name] = await asyncio.to_thread(decode_image, await upload.read(), limit, "RGBA")
+        except ImageError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from None
+    mask = transparency_mask(images.get("mask", images["image"]))
+    if mask.getextrema() == (0, 0):
+        raise HTTPException(422, "mask: has no fully transparent pixel to edit (transparent = edit)")
+    edit = {"image": images["image"].convert("RGB"), "mask_image": mask, "strength": fields.strength}
+    return fields, edit
+
+
 def add_routes(api: APIRouter, state: ServerState) -> None:
-    @api.post("/v1/images/generations")
-    async def generations(body: OpenAIImageRequest) -> dict[str, Any]:
-        request = state.prepare(to_request(body), FIELD_NAMES)
-        out = await state.generate(request)
-        pngs = [png_bytes(img, parameters_text(request, out.parameters, i)) for i, img in enumerate(out.images)]
-        if body.response_format == "url":
+    async def answer(request: GenerationRequest, response_format: str) -> dict[str, Any]:
+        prepared = state.prepare(request, FIELD_NAMES)
+        out = await state.generate(prepared)
+        pngs = [png_bytes(img, parameters_text(prepared, out.parameters, i)) for i, img in enumerate(out.images)]
+        if response_format == "url":
             data = [{"url": state.image_url(png)} for png in pngs]
         else:
             data = [{"b64_json": base64.b64encode(png).decode()} for png in pngs]
         return {"created": int(time.time()), "data": data}
+
+    @api.post("/v1/images/generations")
+    async def generations(body: OpenAIImageRequest) -> dict[str, Any]:
+        return await answer(to_request(body), body.response_format)
+
+    @api.post("/v1/images/edits")
+    async def edits(request: Request) -> dict[str, Any]:
+        """Multipart, as the official client's `images.edit` sends it: image, mask, prompt, n, size, ..."""
+        fields, edit = await read_edit(request, state)
+        return await answer(to_request(fields, **edit), fields.response_format)
 
     @api.get("/v1/images/files/{image_id}.png")
     def image_file(image_id: str) -> Response:

@@ -33,6 +33,15 @@ class Txt2ImgRequest(BaseModel):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, max_length=1, description="One base64 image or data URL.")
     denoising_strength: float | None = Field(None, description="Default: 0.75.")
+    # Inpainting, as A1111 names it: white in `mask` is repainted.
+    mask: str | None = Field(None, description="Base64 mask image or data URL; white is repainted.")
+    mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur radius applied to the mask, in pixels.")
+    inpainting_mask_invert: Literal[0, 1] = Field(0, description="1: repaint the black part instead.")
+    inpainting_fill: Literal[0, 1, 2, 3] = Field(
+        1, description="Masked content: 0 fill (blurred surroundings), 1 original, 2 latent noise, 3 latent nothing."
+    )
+    inpaint_full_res: bool = Field(False, description="Inpaint a crop around the mask at full resolution.")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=1024, description="Pixels of context around the mask.")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -51,3 +60,22 @@ class OpenAIImageRequest(BaseModel):
     steps: int | None = Field(None, description="sd-onnx extension.")
     negative_prompt: str | None = Field(None, description="sd-onnx extension.")
     guidance_scale: float | None = Field(None, description="sd-onnx extension.")
+
+
+class OpenAIImageEditFields(BaseModel):
+    """The text fields of POST /v1/images/edits (multipart form: strings, so converted, not strict)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+    prompt: str = Field(..., max_length=4000)
+    n: int = 1
+    size: str | None = Field(None, pattern=r"^([0-9]{1,5}x[0-9]{1,5}|auto)$", description="WIDTHxHEIGHT or auto.")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = None
+    user: str | None = None
+    # Extensions, as on /v1/images/generations.
+    seed: int = -1
+    steps: int | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    strength: float | None = Field(None, description="sd-onnx extension; default 1 (repaint the masked part).")
