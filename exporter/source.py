@@ -23,6 +23,7 @@ SUPPORTED_PIPELINES = {
     "OnnxStableDiffusionPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 }
 # SDXL: the second encoder always; the first is absent from refiners (model_index.json says null).
 SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")

@@ -147,8 +147,13 @@ SD21 = {
     "vae": SD15["vae"],
 }  # fmt: skip
 
-# SD 1.x inpainting at test size: the UNet also takes the mask and the masked image's latents (4 + 1 + 4).
+# SD 1.x and SDXL inpainting at test size: the UNet also takes the mask and the masked image's latents (4 + 1 + 4).
 TINY_INPAINT = {**TINY, "unet": {**TINY["unet"], "in_channels": 9}, "pipeline": "StableDiffusionInpaintPipeline"}
+TINY_SDXL_INPAINT = {
+    **TINY_SDXL,
+    "unet": {**TINY_SDXL["unet"], "in_channels": 9},
+    "pipeline": "StableDiffusionXLInpaintPipeline",
+}
 
 RECIPES = {
     "tiny": TINY,
@@ -158,6 +163,7 @@ RECIPES = {
     "tiny-sdxl": TINY_SDXL,
     "tiny-sdxl-refiner": TINY_SDXL_REFINER,
     "tiny-inpaint": TINY_INPAINT,
+    "tiny-sdxl-inpaint": TINY_SDXL_INPAINT,
 }
 
 
@@ -181,19 +187,14 @@ def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
     """A diffusers SDXL pipeline folder from the recipe, initialised from torch's random state: a
     StableDiffusionXLPipeline, or a StableDiffusionXLImg2ImgPipeline refiner when the recipe has no first
     text encoder."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    import diffusers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     refiner = "text_encoder" not in recipe
     first = None if refiner else CLIPTextModel(_clip_config(recipe["text_encoder"]))
     second = CLIPTextModelWithProjection(_clip_config(recipe["text_encoder_2"]))
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **recipe["unet"])
+    unet = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **recipe["unet"]})
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **recipe["vae"])
     scheduler = EulerDiscreteScheduler.from_config({**SD15_SCHEDULER, "timestep_spacing": "leading"})
     tokenizer = clip_tokenizer(out / "_tokenizer_src")
@@ -205,7 +206,8 @@ def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
             force_zeros_for_empty_prompt=False,
         )  # fmt: skip
     else:
-        pipe = StableDiffusionXLPipeline(**modules, text_encoder=first, tokenizer=tokenizer)
+        pipeline_class = getattr(diffusers, recipe.get("pipeline", "StableDiffusionXLPipeline"))
+        pipe = pipeline_class(**modules, text_encoder=first, tokenizer=tokenizer)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_tokenizer_src")
     return out

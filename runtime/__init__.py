@@ -1,13 +1,22 @@
 """sd-onnx runtime: Stable Diffusion on onnxruntime with NumPy schedulers; no PyTorch needed."""
 
 from .manifest import Manifest, ManifestError
-from .pipeline import DiffusionPipeline, GenerationCancelled, PipelineOutput, StableDiffusionPipeline
+from .pipeline import (
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+    GenerationCancelled,
+    PipelineOutput,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from .pipeline_sdxl import StableDiffusionXLPipeline
 from .request import GenerationRequest, Limits, RequestError
 
 __all__ = [
+    "AutoPipelineForInpainting",
     "DiffusionPipeline",
     "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
     "GenerationRequest",
     "Limits",

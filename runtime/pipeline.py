@@ -119,6 +119,8 @@ class StableDiffusionPipeline:
             from .pipeline_sdxl import StableDiffusionXLPipeline
 
             cls = StableDiffusionXLPipeline
+        elif cls is StableDiffusionPipeline and config.inpainting:
+            cls = StableDiffusionInpaintPipeline
         return cls(folder, manifest, config, scheduler, session_config, low_memory)
 
     @property
@@ -510,14 +512,31 @@ def _config_from_plain_folder(folder: Path) -> ModelConfig:
     return read_model_config(folder, vae="vae_decoder", text_width=width)
 
 
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
+    """SD models whose UNet takes the mask and the masked image's latents (diffusers'
+    StableDiffusionInpaintPipeline): `image=` and `mask_image=` on every call. Every other pipeline inpaints
+    too, given a mask, the way diffusers does with an ordinary UNet (see inpaint.py)."""
+
+
 class DiffusionPipeline:
     """diffusers' entry point: `DiffusionPipeline.from_pretrained(folder)` returns the pipeline the folder's
-    manifest (or configs) calls for: `StableDiffusionPipeline` (SD 1.x/2.x, LCM, Turbo) or
-    `StableDiffusionXLPipeline`."""
+    manifest (or configs) calls for: `StableDiffusionPipeline` (SD 1.x/2.x, LCM, Turbo),
+    `StableDiffusionInpaintPipeline` or `StableDiffusionXLPipeline`."""
 
     @staticmethod
     def from_pretrained(path: str | Path | None = None, **options: Any) -> StableDiffusionPipeline:
         return StableDiffusionPipeline.from_pretrained(path, **options)
 
 
-__all__ = ["StableDiffusionPipeline", "DiffusionPipeline", "PipelineOutput", "GenerationCancelled"]
+class AutoPipelineForInpainting(DiffusionPipeline):
+    """diffusers' AutoPipelineForInpainting: the folder's pipeline; all of them take `image=` and `mask_image=`."""
+
+
+__all__ = [
+    "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline",
+    "DiffusionPipeline",
+    "AutoPipelineForInpainting",
+    "PipelineOutput",
+    "GenerationCancelled",
+]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_onnx.runtime import DiffusionPipeline
+from sd_onnx.runtime import AutoPipelineForInpainting, DiffusionPipeline
 from sd_onnx.runtime.image import from_pil
 
 from .test_pipeline import DIFFUSERS_NAMES
@@ -47,8 +47,10 @@ def test_inpainting_matches_diffusers(unet: str, scheduler: str, request: pytest
         source, folder = request.getfixturevalue("tiny_inpaint")
     else:
         source, folder = request.getfixturevalue("tiny_pipeline"), request.getfixturevalue("tiny_export")
-    pipe, ours = reference(source, scheduler), DiffusionPipeline.from_pretrained(folder, provider="cpu")
+    pipe, ours = reference(source, scheduler), AutoPipelineForInpainting.from_pretrained(folder, provider="cpu")
     assert ours.config.inpainting == (unet == "tiny_inpaint")
+    expected_class = "StableDiffusionInpaintPipeline" if unet == "tiny_inpaint" else "StableDiffusionPipeline"
+    assert type(ours).__name__ == expected_class
     image, mask = picture(0), picture(0, "L")
     for extra in ({}, {"strength": 0.6, "negative_prompt": "blurry", "num_images_per_prompt": 2}):
         settings = {"image": image, "mask_image": mask, "num_inference_steps": 6, "guidance_scale": 6.0, **extra}
@@ -200,3 +202,22 @@ def test_openai_client_edits_with_a_transparent_mask(server, tiny_export: Path, 
     ):
         r = httpx.post(f"{server.url}/v1/images/edits", data=data, files=sent or None, timeout=60)
         assert r.status_code == 422 and message in r.json()["detail"], (data, r.text)
+
+
+def test_sdxl_inpainting_matches_diffusers(tmp_path: Path) -> None:
+    """SDXL's inpainting UNet (9 channels) with its two encoders and size conditioning."""
+    from .conftest import build_and_export
+
+    source, folder = build_and_export("tiny-sdxl-inpaint", tmp_path)
+    ours = AutoPipelineForInpainting.from_pretrained(folder, provider="cpu")
+    assert type(ours).__name__ == "StableDiffusionXLPipeline" and ours.config.inpainting
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(source)
+    pipe.set_progress_bar_config(disable=True)
+    for extra in ({"strength": 1.0}, {"strength": 0.7, "negative_prompt": "blurry", "num_images_per_prompt": 2}):
+        settings = {"image": picture(6), "mask_image": picture(6, "L"), "num_inference_steps": 5,
+                    "guidance_scale": 5.0, **extra}  # fmt: skip
+        expected = pipe(PROMPT, generator=torch.Generator().manual_seed(2), output_type="np", **settings).images
+        got = ours(PROMPT, seed=2, scheduler="euler", output_type="np", **settings).images
+        assert got.shape == expected.shape and np.abs(got - expected).mean() <= 1 / 255, extra
