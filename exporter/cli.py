@@ -66,6 +66,12 @@ def main() -> None:
     default=None,
     help="File of the words the text encoder knows (one per line); the runtime warns about others.",
 )
+@click.option(
+    "--vae",
+    "tiny_vae",
+    default=None,
+    help="A tiny autoencoder (diffusers AutoencoderTiny folder, e.g. TAESD) to export beside the VAE.",
+)
 def convert(
     source: str,
     output: Path,
@@ -80,6 +86,7 @@ def convert(
     default_steps: int | None,
     name: str | None,
     vocabulary: Path | None,
+    tiny_vae: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .convert import convert as run_convert
@@ -100,6 +107,7 @@ def convert(
             default_steps=default_steps,
             name=name,
             vocabulary=vocabulary.read_text().split() if vocabulary else None,
+            vae=tiny_vae,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

@@ -79,6 +79,13 @@ class VaeEncoder(torch.nn.Module):
         return self.model.encode(sample).latent_dist.parameters
 
 
+class TinyVaeEncoder(VaeEncoder):
+    """A tiny autoencoder's encoder: the latents themselves (TAESD has no posterior to sample)."""
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(sample, return_dict=False)[0]
+
+
 def _load_text_encoder(folder: Path) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
@@ -102,9 +109,19 @@ def _load_unet(folder: Path) -> torch.nn.Module:
 
 
 def _load_vae(folder: Path) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
+    """The pipeline's VAE: an AutoencoderKL, or a tiny AutoencoderTiny (both decode with `decode`)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
-    return AutoencoderKL.from_pretrained(folder / "vae")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    tiny = config.get("_class_name") == "AutoencoderTiny"
+    return (AutoencoderTiny if tiny else AutoencoderKL).from_pretrained(folder / "vae")
+
+
+def load_tiny_vae(path: Path) -> torch.nn.Module:
+    """A tiny autoencoder given beside the pipeline (`--vae`): a diffusers AutoencoderTiny folder."""
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(path)
 
 
 def _latent_side(config: ModelConfig) -> int:
@@ -213,6 +230,15 @@ SPECS: dict[str, ComponentSpec] = {
     ),
 }
 
+# Tiny autoencoders: the decoder as the VAE's; the encoder returns latents, not a posterior's parameters.
+TINY_VAE_ENCODER = replace(
+    SPECS["vae_encoder"],
+    output_names=("latent_sample",),
+    dynamic_axes={"sample": IMAGE_AXES, "latent_sample": IMAGE_AXES},
+    load=lambda folder: TinyVaeEncoder(_load_vae(folder)),
+)
+
+
 # A UNet distilled with a guidance embedding (LCM) takes it as a fourth input, named as Optimum names it.
 UNET_WITH_GUIDANCE_EMBEDDING = replace(
     SPECS["unet"],
@@ -246,7 +272,13 @@ def _text_encoder_spec(name: str, src: PipelineSource) -> ComponentSpec:
 
 
 def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
-    """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet differ)."""
+    """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet, tiny VAEs differ)."""
+    if name == "tiny_vae_decoder":
+        return replace(SPECS["vae_decoder"], name=name, load=lambda folder: VaeDecoder(load_tiny_vae(src.tiny_vae)))
+    if name == "tiny_vae_encoder":
+        return replace(TINY_VAE_ENCODER, name=name, load=lambda folder: TinyVaeEncoder(load_tiny_vae(src.tiny_vae)))
+    if name == "vae_encoder" and src.config.vae_kind == "tiny":
+        return TINY_VAE_ENCODER
     if name.startswith("text_encoder") and src.config.pooled_dim:
         return _text_encoder_spec(name, src)
     if name == "unet" and src.config.pooled_dim:

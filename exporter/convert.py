@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sd_onnx.runtime.manifest import COMPONENTS, ComponentInfo, Manifest, sha256_file
+from sd_onnx.runtime.manifest import ALL_COMPONENTS, ComponentInfo, Manifest, sha256_file
 
 from .atomic import publish, staging_folder
 from .components import component_spec
@@ -52,6 +52,7 @@ def convert(
     default_steps: int | None = None,
     name: str | None = None,
     vocabulary: list[str] | None = None,
+    vae: str | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -62,18 +63,21 @@ def convert(
     before the graphs are validated;
     `guidance_scale` and `default_steps` record the guidance and steps the model was made for (the runtime's
     defaults; Turbo models: 0 and 1, LCM: 8.5 and 4, which LCM pipelines get by themselves); `name` and
-    `vocabulary` (the words the text encoder knows) go into the manifest as they are."""
+    `vocabulary` (the words the text encoder knows) go into the manifest as they are; `vae`, a diffusers
+    AutoencoderTiny folder (TAESD), is exported beside the model's VAE as tiny_vae_decoder/tiny_vae_encoder."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    unknown = set(components or ()) - set(COMPONENTS)
+    unknown = set(components or ()) - set(ALL_COMPONENTS)
     if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
+        raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(ALL_COMPONENTS)})")
     with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
+        if vae is not None:
+            src.add_tiny_vae(vae)
         components = components or src.components
         absent = set(components) - set(src.components)
         if absent:
@@ -184,7 +188,7 @@ def _package(
     if "text_encoder_2" in infos:
         copy_tokenizer(src.folder, staging, "tokenizer_2")
     copy_scheduler(src.folder, staging)
-    copy_component_configs(src.folder, staging, list(infos))
+    copy_component_configs(src.folder, staging, list(infos), src.tiny_vae)
     write_model_index(src.folder, staging, list(infos))
     manifest = Manifest(
         source=src.name,

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from sd_onnx.runtime.manifest import COMPONENTS, TINY_VAE_COMPONENTS
+
 from .errors import ExportError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -51,10 +53,11 @@ CONFIG_SOURCES = {
 }
 
 
-def copy_component_configs(source: Path, out: Path, components: list[str]) -> None:
+def copy_component_configs(source: Path, out: Path, components: list[str], tiny_vae: Path | None = None) -> None:
     """Each graph's folder gets its torch model's config.json, which Optimum's ONNX pipeline requires."""
     for name in components:
-        shutil.copy2(source / CONFIG_SOURCES[name] / "config.json", out / name / "config.json")
+        origin = tiny_vae if name in TINY_VAE_COMPONENTS else source / CONFIG_SOURCES[name]
+        shutil.copy2(origin / "config.json", out / name / "config.json")
 
 
 def write_model_index(source: Path, out: Path, components: list[str]) -> None:
@@ -74,5 +77,6 @@ def write_model_index(source: Path, out: Path, components: list[str]) -> None:
     for key in ("tokenizer_2", "force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL
         if key in index:
             onnx_index[key] = index[key]
-    onnx_index.update({name: ["diffusers", "OnnxRuntimeModel"] for name in components})
+    # Optimum's and diffusers' pipelines know the standard components only; a tiny VAE beside is ours.
+    onnx_index.update({name: ["diffusers", "OnnxRuntimeModel"] for name in components if name in COMPONENTS})
     (out / "model_index.json").write_text(json.dumps(onnx_index, indent=2) + "\n")

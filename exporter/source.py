@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sd_onnx.runtime import configs
 from sd_onnx.runtime.hub import fetch_model, is_hub_id, split_revision
-from sd_onnx.runtime.manifest import COMPONENTS, ManifestError, ModelConfig
+from sd_onnx.runtime.manifest import COMPONENTS, TINY_VAE_COMPONENTS, ManifestError, ModelConfig
 
 from .errors import ExportError
 
@@ -54,6 +54,24 @@ class PipelineSource:
     config: ModelConfig
     tokens: TokenIds
     components: tuple[str, ...]  # what it can export
+    tiny_vae: Path | None = None  # a tiny autoencoder to export beside the VAE (tiny_vae_* components)
+
+    def add_tiny_vae(self, path: str) -> None:
+        """Take the AutoencoderTiny folder at `path` as tiny_vae_decoder/tiny_vae_encoder, once checked to
+        produce this model's latents (channels and down-sampling factor)."""
+        folder = Path(path).expanduser()
+        config = _read_json(folder / "config.json") if folder.is_dir() else None
+        if config is None or config.get("_class_name") != "AutoencoderTiny":
+            raise ExportError(f"--vae {path}: not a diffusers AutoencoderTiny folder (config.json naming it)")
+        channels, levels = config.get("latent_channels", 4), len(config.get("decoder_block_out_channels") or ())
+        if channels != self.config.latent_channels or 2 ** (levels - 1) != self.config.vae_scale_factor:
+            raise ExportError(
+                f"--vae {path}: makes {channels}-channel latents at 1/{2 ** (levels - 1)} scale; this model's are "
+                f"{self.config.latent_channels}-channel at 1/{self.config.vae_scale_factor}"
+            )
+        self.tiny_vae = folder
+        self.config.tiny_vae_scaling_factor = float(config.get("scaling_factor", 1.0))
+        self.components = (*self.components, *TINY_VAE_COMPONENTS)
 
 
 def resolve_source(source: str, config: str | None = None, work_dir: Path | None = None) -> PipelineSource:

@@ -132,6 +132,20 @@ def main() -> None:
 @click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and free it after use.")
+@click.option(
+    "--vae",
+    type=click.Choice(["auto", "full", "tiny"]),
+    default="auto",
+    show_default=True,
+    help="tiny: decode with the tiny autoencoder exported beside the VAE (sd-export convert --vae).",
+)
+@click.option(
+    "--preview",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PNG rewritten during denoising with a preview through the model's tiny autoencoder.",
+)
+@click.option("--preview-every", default=5, show_default=True, type=click.IntRange(1), help="Steps between previews.")
 @limit_options
 def prompt(
     text: str,
@@ -152,6 +166,9 @@ def prompt(
     provider: str,
     threads: int | None,
     low_memory: bool,
+    vae: str,
+    preview: Path | None,
+    preview_every: int,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -170,8 +187,10 @@ def prompt(
             except OSError as exc:
                 raise click.BadParameter(str(exc), param_hint="-o") from None
         pipe = StableDiffusionPipeline.from_pretrained(
-            model or default_model(), provider=provider, threads=threads, low_memory=low_memory
+            model or default_model(), provider=provider, threads=threads, low_memory=low_memory, vae=vae
         )
+        if preview is not None and not pipe.has_tiny_vae:
+            raise click.BadParameter("this model has no tiny autoencoder to preview with", param_hint="--preview")
         init = read_init_image(image, limits.input_pixels(pipe.config)) if image else None
         mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
@@ -179,7 +198,7 @@ def prompt(
         )
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
-            out = pipe.generate(request, callback=progress(bar))
+            out = pipe.generate(request, callback=progress(bar, pipe, preview, preview_every))
         for i, (path, picture) in enumerate(zip(paths, out.images, strict=True)):
             save_png(picture, path, parameters_text(request, out.parameters, i))
             click.echo(str(path))
@@ -214,10 +233,14 @@ def read_init_image(path: Path, max_pixels: int, option: str = "--image") -> Any
         raise click.BadParameter(str(exc), param_hint=option) from None
 
 
-def progress(bar: Any) -> Callable[[int, int, Any], None]:
-    def on_step(i: int, total: int, _latents: Any) -> None:
+def progress(
+    bar: Any, pipe: Any = None, preview: Path | None = None, every: int = 5
+) -> Callable[[int, int, Any], None]:
+    def on_step(i: int, total: int, latents: Any) -> None:
         bar.length = total  # img2img runs fewer steps than asked
         bar.update(1)
+        if preview is not None and ((i + 1) % every == 0 or i + 1 == total):
+            pipe.preview(latents).save(preview)
 
     return on_step
 

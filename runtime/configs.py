@@ -63,6 +63,7 @@ def read_model_config(
             time_ids_count=time_ids,
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
             unet_in_channels=_inpainting_channels(unet, vae_config),
+            vae_kind="tiny" if vae_config.get("_class_name") == "AutoencoderTiny" else "full",
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc

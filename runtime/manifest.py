@@ -15,6 +15,9 @@ from typing import Any
 MANIFEST_NAME = "sd_onnx.json"
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
+TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
+ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS
 
 
 class ManifestError(ValueError):
@@ -80,6 +83,10 @@ class ModelConfig:
     force_zeros_for_empty_prompt: bool = False
     # Input channels of an inpainting UNet (latents, mask, masked image's latents: 9 for SD); None: the latents'.
     unet_in_channels: int | None = None
+    # "tiny" when the model's own VAE is a tiny autoencoder (TAESD: deterministic encoder, no posterior).
+    vae_kind: str = "full"
+    # Scaling factor of the tiny autoencoder exported beside the VAE; None: there is none.
+    tiny_vae_scaling_factor: float | None = None
 
     @property
     def inpainting(self) -> bool:

@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from .manifest import COMPONENTS, ManifestError
+from .manifest import ALL_COMPONENTS, ManifestError
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ CONFIG = Obj(
         "time_ids_count": Opt(int),
         "force_zeros_for_empty_prompt": bool,
         "unet_in_channels": Opt(int),
+        "vae_kind": str,
+        "tiny_vae_scaling_factor": Opt(float),
     },
 )
 MANIFEST = Obj(
@@ -95,13 +97,15 @@ def check_manifest(data: Any) -> None:
     name = data.get("name") or ""
     if len(name) > 200 or not name.isprintable():
         raise ManifestError("name: must be one printable line of at most 200 characters")
+    if config.get("vae_kind", "full") not in ("full", "tiny"):
+        raise ManifestError(f"config.vae_kind: must be full or tiny, got {config['vae_kind']!r}")
     if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise ManifestError(f"config.prediction_type: must be one of {', '.join(PREDICTION_TYPES)}")
     if "unet" not in data["components"]:
         raise ManifestError("components: no unet")
     for name, component in data["components"].items():
-        if name not in COMPONENTS:
-            raise ManifestError(f"components.{name}: unknown component (known: {', '.join(COMPONENTS)})")
+        if name not in ALL_COMPONENTS:
+            raise ManifestError(f"components.{name}: unknown component (known: {', '.join(ALL_COMPONENTS)})")
         if component["file"] not in component["files"]:
             raise ManifestError(f"components.{name}.file: {component['file']!r} is not listed in its files")
         for rel in component["files"]:

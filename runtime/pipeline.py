@@ -66,12 +66,15 @@ class StableDiffusionPipeline:
         scheduler: str | None,
         session_config: SessionConfig,
         low_memory: bool = False,
+        vae: str = "auto",
     ) -> None:
         self.folder = folder
         self.manifest = manifest
         self.config = config
         self.session_config = session_config
         self.low_memory = low_memory
+        self.vae = choose_vae(vae, config, folder)
+        self.components_used = tuple(self.vae.decoder if c == "vae_decoder" else c for c in self.components_used)
         self.scheduler_config = _read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
         make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
@@ -96,11 +99,14 @@ class StableDiffusionPipeline:
         cache: bool = True,
         cache_dir: str | Path | None = None,
         revision: str | None = None,
+        vae: str = "auto",
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
         Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
         A path that is no folder but a Hugging Face Hub id ("org/name", "org/name@revision" or `revision=`) is
-        fetched into the Hub's cache first (see hub.py).
+        fetched into the Hub's cache first (see hub.py). `vae`: "tiny" decodes (and encodes) with the tiny
+        autoencoder exported beside the VAE (`sd-export convert --vae`), "full" with the model's own, "auto" the
+        model's own.
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
@@ -121,7 +127,7 @@ class StableDiffusionPipeline:
             cls = StableDiffusionXLPipeline
         elif cls is StableDiffusionPipeline and config.inpainting:
             cls = StableDiffusionInpaintPipeline
-        return cls(folder, manifest, config, scheduler, session_config, low_memory)
+        return cls(folder, manifest, config, scheduler, session_config, low_memory, vae)
 
     @property
     def model_name(self) -> str:
@@ -276,7 +282,7 @@ class StableDiffusionPipeline:
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
             return PipelineOutput(latents, params, request)
         images = self.decode_latents(latents, cancelled)
-        self.release("vae_decoder")
+        self.release(self.vae.decoder)
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
@@ -338,10 +344,10 @@ class StableDiffusionPipeline:
 
     def decode_latents(self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Latents -> (N, H, W, 3) floats in [0, 1]; one image at a time keeps VAE memory flat."""
-        decoder = self.component("vae_decoder")
-        scaled = latents / np.float32(self.config.scaling_factor)
-        if self.config.shift_factor:
-            scaled = scaled + np.float32(self.config.shift_factor)
+        decoder = self.component(self.vae.decoder)
+        scaled = latents / np.float32(self.vae.scaling_factor)
+        if self.vae.shift_factor:
+            scaled = scaled + np.float32(self.vae.shift_factor)
         images = []
         for i in range(len(scaled)):
             if cancelled is not None and cancelled():
@@ -349,13 +355,29 @@ class StableDiffusionPipeline:
             images.append(decoder(latent_sample=scaled[i : i + 1])[0])
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
+    @property
+    def has_tiny_vae(self) -> bool:
+        return self.config.tiny_vae_scaling_factor is not None or self.config.vae_kind == "tiny"
+
+    def preview(self, latents: np.ndarray) -> Image.Image:
+        """The first image of `latents` (mid-denoising) through the tiny autoencoder: a cheap look at a running
+        generation (ValueError when the folder has none; see `has_tiny_vae`)."""
+        if not self.has_tiny_vae:
+            raise ValueError(f"{self.folder}: has no tiny autoencoder to preview with")
+        tiny = choose_vae("tiny", self.config, self.folder)
+        pixels = self.component(tiny.decoder)(latent_sample=latents[:1] / np.float32(tiny.scaling_factor))[0]
+        return to_pil(np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))[0]
+
     def encode_image(self, pixels: np.ndarray, generator: TorchGenerator) -> np.ndarray:
-        """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`."""
-        moments = self.component("vae_encoder")(sample=pixels)[0]
-        self.release("vae_encoder")
-        mean, logvar = np.split(moments, 2, axis=1)
+        """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`
+        (a tiny autoencoder's are deterministic and draw nothing)."""
+        encoded = self.component(self.vae.encoder)(sample=pixels)[0]
+        self.release(self.vae.encoder)
+        if self.vae.tiny:
+            return (encoded * np.float32(self.vae.scaling_factor)).astype(np.float32)
+        mean, logvar = np.split(encoded, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        return (mean + std * generator.randn(mean.shape)) * np.float32(self.config.scaling_factor)
+        return (mean + std * generator.randn(mean.shape)) * np.float32(self.vae.scaling_factor)
 
     def _img2img_latents(
         self,
@@ -459,6 +481,35 @@ class StableDiffusionPipeline:
             shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]
             named = ", ".join(shown) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
             LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
+
+
+@dataclass(frozen=True)
+class VaeChoice:
+    """Which decoder and encoder a pipeline uses, and how their latents are scaled."""
+
+    decoder: str
+    encoder: str
+    scaling_factor: float
+    shift_factor: float | None
+    tiny: bool
+
+
+VAE_OPTIONS = ("auto", "full", "tiny")
+
+
+def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
+    """The model's own VAE ("auto", "full") or a tiny autoencoder ("tiny": the one exported beside it, else the
+    model's own if that is tiny); ManifestError when the folder has no such VAE."""
+    if vae not in VAE_OPTIONS:
+        raise ValueError(f"vae must be one of {', '.join(VAE_OPTIONS)}, got {vae!r}")
+    own = VaeChoice("vae_decoder", "vae_encoder", config.scaling_factor, config.shift_factor, config.vae_kind == "tiny")
+    if vae == "tiny" and config.tiny_vae_scaling_factor is not None:
+        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True)
+    if vae == "tiny" and not own.tiny:
+        raise ManifestError(f"{folder}: has no tiny autoencoder (export one with sd-export convert --vae TAESD_FOLDER)")
+    if vae == "full" and own.tiny:
+        raise ManifestError(f"{folder}: its only VAE is a tiny autoencoder")
+    return own
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:

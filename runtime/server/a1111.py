@@ -115,12 +115,12 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        _, jobs = state.ready()
+        pipe, jobs = state.ready()
         job = jobs.current()
         fraction = job.step / job.total if job and job.total else 0.0
         elapsed = time.monotonic() - job.started if job and job.started else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        preview = None if skip_current_image or job is None or job.latents is None else _preview(job.latents)
+        preview = None if skip_current_image or job is None or job.latents is None else _preview(pipe, job.latents)
         return {
             "progress": fraction,
             "eta_relative": eta,
@@ -156,9 +156,13 @@ def _runs(sampler: str, scheduler_config: dict[str, Any]) -> bool:
     return True
 
 
-def _preview(latents: np.ndarray) -> str | None:
-    if latents.shape[1] != PREVIEW_FACTORS.shape[0]:
+def _preview(pipe: Any, latents: np.ndarray) -> str | None:
+    """The running image through the model's tiny autoencoder when it has one, else a linear guess of RGB."""
+    if pipe.has_tiny_vae:
+        image = pipe.preview(latents)
+    elif latents.shape[1] == PREVIEW_FACTORS.shape[0]:
+        rgb = np.einsum("chw,cr->hwr", latents[0], PREVIEW_FACTORS)
+        image = Image.fromarray(((rgb + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+    else:
         return None
-    rgb = np.einsum("chw,cr->hwr", latents[0], PREVIEW_FACTORS)
-    image = Image.fromarray(((rgb + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
     return base64.b64encode(png_bytes(image)).decode()
