@@ -55,6 +55,7 @@ def main() -> None:
 )
 @click.option(
     "--default-steps",
+    "--steps",
     default=None,
     type=click.IntRange(min=1),
     help="Steps the model was made for, recorded as the runtime's default (else 20; LCM pipelines 4).",
@@ -66,6 +67,13 @@ def main() -> None:
     default=None,
     help="File of the words the text encoder knows (one per line); the runtime warns about others.",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    help="FILE[:SCALE] LoRA (.safetensors, diffusers/PEFT or kohya/A1111) fused before export; repeatable.",
+)
+@click.option("--scheduler", default=None, help="Sampler recorded as the model's default (e.g. lcm for LCM-LoRA).")
 @click.option(
     "--vae",
     "tiny_vae",
@@ -86,10 +94,13 @@ def convert(
     default_steps: int | None,
     name: str | None,
     vocabulary: Path | None,
+    loras: tuple[str, ...],
+    scheduler: str | None,
     tiny_vae: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .convert import convert as run_convert
+    from .lora import parse_lora
 
     started = time.perf_counter()
     try:
@@ -108,6 +119,8 @@ def convert(
             name=name,
             vocabulary=vocabulary.read_text().split() if vocabulary else None,
             vae=tiny_vae,
+            loras=[parse_lora(text) for text in loras],
+            scheduler=scheduler,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

@@ -26,7 +26,7 @@ from .half import convert_to_fp16, fp16_atol
 from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
-from .source import PipelineSource, resolve_source
+from .source import PipelineSource, inspect_folder, resolve_source
 from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
 
@@ -53,6 +53,8 @@ def convert(
     name: str | None = None,
     vocabulary: list[str] | None = None,
     vae: str | None = None,
+    loras: list[tuple[Path, float]] | None = None,
+    scheduler: str | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -64,7 +66,9 @@ def convert(
     `guidance_scale` and `default_steps` record the guidance and steps the model was made for (the runtime's
     defaults; Turbo models: 0 and 1, LCM: 8.5 and 4, which LCM pipelines get by themselves); `name` and
     `vocabulary` (the words the text encoder knows) go into the manifest as they are; `vae`, a diffusers
-    AutoencoderTiny folder (TAESD), is exported beside the model's VAE as tiny_vae_decoder/tiny_vae_encoder."""
+    AutoencoderTiny folder (TAESD), is exported beside the model's VAE as tiny_vae_decoder/tiny_vae_encoder;
+    `loras` ((file, scale) pairs) are fused into the weights first (see lora.py); `scheduler` becomes the
+    model's default sampler (LCM-LoRA models: "lcm")."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -76,6 +80,15 @@ def convert(
         raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(ALL_COMPONENTS)})")
     with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
+        lora_records = None
+        if loras:
+            from .lora import fuse_loras
+
+            log(f"fusing {len(loras)} LoRA(s) into {src.name}")
+            lora_records = fuse_loras(src.folder, loras, staging / "_lora_fused")
+            src = inspect_folder(staging / "_lora_fused", name=src.name)
+        if scheduler is not None:
+            src.scheduler = _scheduler_class(scheduler)
         if vae is not None:
             src.add_tiny_vae(vae)
         components = components or src.components
@@ -100,8 +113,9 @@ def convert(
                 f"[{i}/{len(components)}] {component}: {size_mb:.1f} MB, "
                 f"max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s"
             )
-        manifest = _package(src, staging, infos, name, vocabulary)
-        shutil.rmtree(staging / "_single_file_pipeline", ignore_errors=True)
+        manifest = _package(src, staging, infos, name, vocabulary, lora_records)
+        for scratch in ("_single_file_pipeline", "_lora_fused"):
+            shutil.rmtree(staging / scratch, ignore_errors=True)
         if precision == "int8":
             from .quantize_folder import quantize_in_place
 
@@ -182,12 +196,13 @@ def _package(
     infos: dict[str, ComponentInfo],
     name: str | None = None,
     vocabulary: list[str] | None = None,
+    loras: list[dict] | None = None,
 ) -> Manifest:
     if "text_encoder" in infos:
         copy_tokenizer(src.folder, staging)
     if "text_encoder_2" in infos:
         copy_tokenizer(src.folder, staging, "tokenizer_2")
-    copy_scheduler(src.folder, staging)
+    copy_scheduler(src.folder, staging, src.scheduler)
     copy_component_configs(src.folder, staging, list(infos), src.tiny_vae)
     write_model_index(src.folder, staging, list(infos))
     manifest = Manifest(
@@ -199,9 +214,24 @@ def _package(
         tools=_tool_versions(),
         name=name or "",
         vocabulary=vocabulary,
+        loras=loras,
     )
     manifest.save(staging)
     return manifest
+
+
+def _scheduler_class(name: str) -> str:
+    """The diffusers class of a sampler name (`--scheduler lcm` -> LCMScheduler), for the scheduler config."""
+    from sd_onnx.runtime.schedulers import SCHEDULERS, resolve_name
+
+    try:
+        key = resolve_name(name)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    _, overrides, aliases = SCHEDULERS[key]
+    if overrides:
+        raise ExportError(f"--scheduler {name}: a variant of another sampler; give its base name")
+    return next(a for a in aliases if a.endswith("Scheduler"))
 
 
 def _quiet_libraries() -> None:

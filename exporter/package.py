@@ -40,8 +40,13 @@ def write_bpe_files(tokenizer_json: Path, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def copy_scheduler(source: Path, out: Path) -> None:
+def copy_scheduler(source: Path, out: Path, class_name: str | None = None) -> None:
+    """The pipeline's scheduler config; with `class_name`, recorded as that sampler (the runtime's default)."""
     shutil.copytree(source / "scheduler", out / "scheduler")
+    if class_name is not None:
+        path = out / "scheduler" / "scheduler_config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({**config, "_class_name": class_name}, indent=2) + "\n")
 
 
 CONFIG_SOURCES = {

@@ -55,6 +55,7 @@ class PipelineSource:
     tokens: TokenIds
     components: tuple[str, ...]  # what it can export
     tiny_vae: Path | None = None  # a tiny autoencoder to export beside the VAE (tiny_vae_* components)
+    scheduler: str | None = None  # a diffusers scheduler class to record instead of the pipeline's own
 
     def add_tiny_vae(self, path: str) -> None:
         """Take the AutoencoderTiny folder at `path` as tiny_vae_decoder/tiny_vae_encoder, once checked to

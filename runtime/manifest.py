@@ -114,6 +114,8 @@ class Manifest:
     # Words the text encoder was trained on, when the model knows them (the shapes model does): the runtime
     # warns about words outside it. None: any text.
     vocabulary: list[str] | None = None
+    # LoRAs fused into the weights at export: file name, sha256 and scale of each, in the order applied.
+    loras: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -151,6 +153,7 @@ class Manifest:
             tools=data.get("tools") or {},
             name=data.get("name") or "",
             vocabulary=data.get("vocabulary"),
+            loras=data.get("loras"),
         )
 
     @classmethod

@@ -70,7 +70,12 @@ MANIFEST = Obj(
         "config": CONFIG,
         "components": {str: COMPONENT},
     },
-    {"tools": Opt({str: str}), "name": Opt(str), "vocabulary": Opt([str])},
+    {
+        "tools": Opt({str: str}),
+        "name": Opt(str),
+        "vocabulary": Opt([str]),
+        "loras": Opt([Obj({"file": str, "sha256": str, "scale": float}, {})]),
+    },
 )
 # Sizes: positive and below what any model uses by far (an absurd value would fail later, deep in a library).
 SIZES = (

@@ -1,0 +1,50 @@
+"""LoRAs fused into the weights before tracing, with diffusers' own loaders (diffusers/PEFT and kohya/A1111
+`.safetensors` layouts, UNet and text encoders), so the exported graphs are the fused model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sd_onnx.runtime.manifest import sha256_file
+
+from .errors import ExportError
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """ "FILE[:SCALE]" -> (file, scale); the scale defaults to 1 (a Windows drive colon is not a scale)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head).expanduser(), float(tail)
+        except ValueError:
+            pass
+    return Path(text).expanduser(), 1.0
+
+
+def fuse_loras(folder: Path, loras: list[tuple[Path, float]], out: Path) -> list[dict[str, Any]]:
+    """Load the diffusers pipeline in `folder`, fuse `loras` (each at its scale) into its weights and save the
+    result as a pipeline folder at `out`; returns what the manifest records of each LoRA."""
+    import diffusers
+
+    for file, scale in loras:
+        if not file.is_file() or file.suffix != ".safetensors":
+            raise ExportError(f"--lora {file}: not a .safetensors file")
+        if not -10.0 <= scale <= 10.0:
+            raise ExportError(f"--lora {file}: scale {scale:g} is outside -10..10")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    names = [f"lora_{i}" for i in range(len(loras))]
+    for name, (file, _) in zip(names, loras, strict=True):
+        try:
+            pipe.load_lora_weights(str(file), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - loaders fail in many ways on foreign files; all mean "unusable"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"--lora {file}: cannot apply it to this model: {reason}") from None
+        if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
+            raise ExportError(f"--lora {file}: cannot apply it to this model: it holds no weights of its modules")
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(out, safe_serialization=True)
+    return [{"file": file.name, "sha256": sha256_file(file), "scale": scale} for file, scale in loras]
