@@ -84,14 +84,21 @@ def compare_components(
     baseline). Components a folder lacks are skipped."""
     report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
     sizes = {name: model_sizes(folder) for name, folder in folders.items()}
-    for component, file_name in (("unet", "unet/model.onnx"), ("vae_decoder", "vae_decoder/model.onnx")):
+    # A tiny autoencoder exported beside the VAE (sd-export convert --vae) is timed with the decoders, as NAME-tiny.
+    graphs = {"unet": {"": "unet"}, "vae_decoder": {"": "vae_decoder", "-tiny": "tiny_vae_decoder"}}
+    for component, variants in graphs.items():
         runs = {}
         for name, folder in folders.items():
-            if (folder / file_name).is_file():
-                session = open_graph(folder / file_name, threads)
-                shape = sizes[name]
-                feeds = unet_feeds(session, shape, size, seed) if component == "unet" else vae_feeds(shape, size, seed)
-                runs[name] = (session, feeds)
+            for suffix, graph in variants.items():
+                file = folder / graph / "model.onnx"
+                if file.is_file():
+                    session = open_graph(file, threads)
+                    shape = sizes[name]
+                    unet = component == "unet"
+                    runs[name + suffix] = (
+                        session,
+                        unet_feeds(session, shape, size, seed) if unet else vae_feeds(shape, size, seed),
+                    )
         if runs:
             report[component] = interleaved(runs, rounds)
         del runs

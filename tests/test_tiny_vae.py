@@ -128,3 +128,11 @@ def test_cli_tiny_vae_and_live_preview(with_tiny: Path, tiny_export: Path, taesd
     assert np.abs(preview - np.clip(expected[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1)).mean() <= 1 / 255
     result = CliRunner().invoke(main, ["prompt", "x", "-m", str(tiny_export), "--preview", str(tmp_path / "q.png")])
     assert result.exit_code != 0 and "--preview: this model has no tiny autoencoder" in result.output
+
+
+def test_benchmark_times_the_tiny_decoder_beside_the_full_one(with_tiny: Path) -> None:
+    from sd_onnx.benchmarks.components import compare_components
+
+    report = compare_components({"model": with_tiny}, size=32, rounds=1)
+    assert set(report["vae_decoder"]["median_s"]) == {"model", "model-tiny"}
+    assert set(report["unet"]["median_s"]) == {"model"}
