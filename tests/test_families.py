@@ -135,10 +135,15 @@ def test_turbo_style_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Pa
     assert np.abs(got.images - expected).mean() <= 1 / 255
 
 
+def opened(built: tuple[Path, Path]) -> tuple[Path, StableDiffusionPipeline]:
+    """(diffusers folder, the runtime's pipeline on its export)."""
+    source, folder = built
+    return source, StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl: tuple[Path, Path]) -> tuple[Path, StableDiffusionPipeline]:
-    source, folder = tiny_sdxl
-    return source, StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+    return opened(tiny_sdxl)
 
 
 def test_sdxl_exports_both_encoders_with_optimums_names(sdxl) -> None:
@@ -241,8 +246,7 @@ def test_sdxl_fp16_keeps_the_vae_that_overflows_in_fp32(sdxl, tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def refiner(tiny_sdxl_refiner: tuple[Path, Path]) -> tuple[Path, StableDiffusionPipeline]:
-    source, folder = tiny_sdxl_refiner
-    return source, StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+    return opened(tiny_sdxl_refiner)
 
 
 def test_sdxl_refiner_img2img_matches_diffusers(refiner) -> None:
