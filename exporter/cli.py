@@ -125,6 +125,8 @@ def convert(
         )
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # a full disk, a folder that cannot be written: nothing was published
+        raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or output}); nothing was written") from None
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
@@ -169,6 +171,8 @@ def quantize(
         quantize_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True), **options)
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or output}); nothing was written") from None
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
