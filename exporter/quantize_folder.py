@@ -3,7 +3,6 @@ component by its recipe, measure fidelity against fp32, and record every decisio
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -70,22 +69,6 @@ def quantize_in_place(
     return manifest
 
 
-GRAPH_FILES = (".onnx", "_data", ".data")  # graphs and their external weights
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Graph files are hard-linked into the staging folder (SDXL's are 13 GB, which a copy would need on disk
-    again): quantization only moves them and writes new ones, never into them. Everything else (the manifest
-    and configs, which are rewritten in place) and files on another file system are copied."""
-    if src.endswith(GRAPH_FILES):
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
-
-
 def quantize_folder(
     source: Path, output: Path, *, overwrite: bool = False, log: Log = print, **options: object
 ) -> Manifest:
@@ -95,7 +78,8 @@ def quantize_folder(
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     with staging_folder(output) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+        # A copy, not hard links: onnx refuses external weights with several links (a hard-link attack guard).
+        shutil.copytree(source, staging, dirs_exist_ok=True)
         manifest = quantize_in_place(staging, log=log, **options)
         publish(staging, output)
     log(f"wrote {output}")

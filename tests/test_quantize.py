@@ -208,9 +208,7 @@ def test_lean_quantization_runs_close_to_fp32(
     assert fp32 @ int8 / (np.linalg.norm(fp32) * np.linalg.norm(int8)) > 0.95
 
 
-def test_quantizing_links_graph_files_and_leaves_the_source_intact(tiny_export: Path, tmp_path: Path) -> None:
-    """Graphs are hard-linked into the staging folder (no second copy of a 13 GB SDXL folder on disk); the
-    source still verifies against its manifest afterwards, since only new files are written."""
+def test_quantizing_leaves_the_source_intact(tiny_export: Path, tmp_path: Path) -> None:
     from sd_onnx.exporter import quantize_folder
 
     before = {p: p.read_bytes() for p in tiny_export.rglob("*") if p.is_file()}
@@ -218,8 +216,6 @@ def test_quantizing_links_graph_files_and_leaves_the_source_intact(tiny_export: 
                                     components=("unet",))  # fmt: skip
     Manifest.load(tiny_export).verify(tiny_export)
     assert {p: p.read_bytes() for p in tiny_export.rglob("*") if p.is_file()} == before
-    text = tmp_path / "int8" / "text_encoder" / "model.onnx"
-    assert text.stat().st_ino == (tiny_export / "text_encoder" / "model.onnx").stat().st_ino
 
 
 def test_disk_errors_are_one_line(tiny_export: Path, tmp_path: Path) -> None:
