@@ -99,8 +99,13 @@ def convert(
     tiny_vae: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
-    from .convert import convert as run_convert
     from .lora import parse_lora
+
+    try:
+        parsed_loras = [parse_lora(text) for text in loras]  # checked before the heavy imports
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    from .convert import convert as run_convert
 
     started = time.perf_counter()
     try:
@@ -119,7 +124,7 @@ def convert(
             name=name,
             vocabulary=vocabulary.read_text().split() if vocabulary else None,
             vae=tiny_vae,
-            loras=[parse_lora(text) for text in loras],
+            loras=parsed_loras,
             scheduler=scheduler,
             log=lambda line: click.echo(line, err=True),
         )

@@ -13,14 +13,26 @@ from .errors import ExportError
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
-    """ "FILE[:SCALE]" -> (file, scale); the scale defaults to 1 (a Windows drive colon is not a scale)."""
+    """ "FILE[:SCALE]" -> (file, scale), checked before any work: an existing .safetensors file and a number in
+    -10..10 (default 1; a Windows drive colon is not a scale)."""
     head, sep, tail = text.rpartition(":")
-    if sep and head:
+    file, scale = Path(text).expanduser(), 1.0
+    if sep and head and not file.is_file():
         try:
-            return Path(head).expanduser(), float(tail)
+            file, scale = Path(head).expanduser(), float(tail)
         except ValueError:
-            pass
-    return Path(text).expanduser(), 1.0
+            raise ExportError(f"--lora {text}: no such file, and {tail!r} is not a scale (FILE[:SCALE])") from None
+    check_lora(file, scale)
+    return file, scale
+
+
+def check_lora(file: Path, scale: float) -> None:
+    if not file.is_file():
+        raise ExportError(f"--lora {file}: no such file")
+    if file.suffix != ".safetensors":
+        raise ExportError(f"--lora {file}: not a .safetensors file")
+    if not -10.0 <= scale <= 10.0:
+        raise ExportError(f"--lora {file}: scale {scale:g} is outside -10..10")
 
 
 def fuse_loras(folder: Path, loras: list[tuple[Path, float]], out: Path) -> list[dict[str, Any]]:
@@ -29,10 +41,7 @@ def fuse_loras(folder: Path, loras: list[tuple[Path, float]], out: Path) -> list
     import diffusers
 
     for file, scale in loras:
-        if not file.is_file() or file.suffix != ".safetensors":
-            raise ExportError(f"--lora {file}: not a .safetensors file")
-        if not -10.0 <= scale <= 10.0:
-            raise ExportError(f"--lora {file}: scale {scale:g} is outside -10..10")
+        check_lora(file, scale)
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
     names = [f"lora_{i}" for i in range(len(loras))]
     for name, (file, _) in zip(names, loras, strict=True):

@@ -61,6 +61,8 @@ class PipelineSource:
         """Take the AutoencoderTiny folder at `path` as tiny_vae_decoder/tiny_vae_encoder, once checked to
         produce this model's latents (channels and down-sampling factor)."""
         folder = Path(path).expanduser()
+        if not folder.exists():
+            raise ExportError(f"--vae {path}: no such folder")
         config = _read_json(folder / "config.json") if folder.is_dir() else None
         if config is None or config.get("_class_name") != "AutoencoderTiny":
             raise ExportError(f"--vae {path}: not a diffusers AutoencoderTiny folder (config.json naming it)")

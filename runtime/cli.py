@@ -37,6 +37,8 @@ OPTION_NAMES = {
     "eta": "--eta",
     "image": "--image",
     "mask_image": "--mask",
+    "masked_content": "--masked-content",
+    "mask_blur": "--mask-blur",
 }
 DEFAULT_LIMITS = Limits()
 
@@ -126,6 +128,14 @@ def main() -> None:
     help="Inpainting mask for --image: white is repainted.",
 )
 @click.option(
+    "--masked-content",
+    type=click.Choice(["original", "fill", "latent_noise", "latent_nothing"]),
+    default="original",
+    show_default=True,
+    help="What the masked part starts from when --strength < 1 (A1111's masked content).",
+)
+@click.option("--mask-blur", default=0, show_default=True, type=int, help="Blur radius of the mask's edge, pixels.")
+@click.option(
     "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
 )
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
@@ -161,6 +171,8 @@ def prompt(
     batch: int,
     image: Path | None,
     mask: Path | None,
+    masked_content: str,
+    mask_blur: int,
     strength: float | None,
     eta: float,
     provider: str,
@@ -194,8 +206,9 @@ def prompt(
         init = read_init_image(image, limits.input_pixels(pipe.config)) if image else None
         mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
-            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image
-        )
+            text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
+            masked_content, mask_blur,
+        )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
             out = pipe.generate(request, callback=progress(bar, pipe, preview, preview_every))

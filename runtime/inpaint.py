@@ -21,9 +21,14 @@ from .schedulers import Scheduler
 MASKED_CONTENT = ("original", "fill", "latent_noise", "latent_nothing")
 
 
-def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int, blur: int = 0) -> np.ndarray:
     """(1, 1, H, W) float32 of 0 and 1, 1 where the image is repainted: a PIL mask is resized (Lanczos) and then
-    made grayscale, as diffusers' mask processor does; an array is taken as it is. Binarized at 0.5."""
+    made grayscale, as diffusers' mask processor does; an array is taken as it is. `blur` first softens the
+    mask's edges at its own size (A1111's mask blur). Binarized at 0.5."""
+    if blur:
+        if not isinstance(mask, Image.Image):
+            mask = Image.fromarray((np.asarray(mask)[0, 0] * 255).round().astype(np.uint8), "L")
+        mask = mask.convert("L").filter(ImageFilter.GaussianBlur(blur))
     if isinstance(mask, Image.Image):
         if mask.size != (width, height):
             mask = mask.resize((width, height), Image.Resampling.LANCZOS)

@@ -183,6 +183,7 @@ class StableDiffusionPipeline:
         scheduler: str | None = None,
         mask_image: Image.Image | np.ndarray | None = None,
         masked_content: str = "original",
+        mask_blur: int = 0,
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         original_size: tuple[int, int] | None = None,
@@ -214,6 +215,7 @@ class StableDiffusionPipeline:
             strength=strength,
             mask_image=mask_image,
             masked_content=masked_content,
+            mask_blur=mask_blur,
             prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
             negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
             original_size=original_size,
@@ -417,7 +419,7 @@ class StableDiffusionPipeline:
         image = request.image
         pixels = from_pil(image, request.width, request.height) if isinstance(image, Image.Image) else image
         pixels = np.asarray(pixels, np.float32)
-        mask = mask_pixels(request.mask_image, request.width, request.height)
+        mask = mask_pixels(request.mask_image, request.width, request.height, request.mask_blur)
         full = request.strength == 1.0
         image_latents = None
         if not self.config.inpainting or not full:

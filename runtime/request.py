@@ -26,6 +26,7 @@ DEFAULT_STRENGTH = 0.75
 # Guidance beyond this is no longer guidance: the difference of the two predictions overflows float32 into a
 # black image well before 1e39 (useful values are 1-20).
 MAX_GUIDANCE = 100.0
+MAX_MASK_BLUR = 64
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts for non-negative seeds
 RANDOM_SEED = -1  # A1111's convention; the seed actually drawn is recorded
 
@@ -87,6 +88,7 @@ class GenerationRequest:
     # Inpainting: white (>= 0.5) where `image` is repainted; a PIL image, or (1, 1, H, W) floats in [0, 1].
     mask_image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
     masked_content: str = "original"  # inpaint.MASKED_CONTENT
+    mask_blur: int = 0  # Gaussian blur radius (pixels) applied to the mask first, as A1111's "Mask blur"
     # SDXL only, as diffusers names them: the second encoder's prompts (default: the prompts) and the
     # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
     prompt_2: str | tuple[str, ...] | None = None
@@ -271,6 +273,7 @@ class GenerationRequest:
             if self.masked_content != "original":
                 raise RequestError("masked_content", "applies to inpainting only: give a mask_image too")
             return
+        _in_range("mask_blur", _integer("mask_blur", self.mask_blur), 0, MAX_MASK_BLUR)
         if self.masked_content == "fill" and not isinstance(self.image, Image.Image):
             raise RequestError("masked_content", "fill paints a PIL image; give the image as one")
         if is_latent_image(self.image, config):
@@ -307,6 +310,7 @@ class GenerationRequest:
         if self.mask_image is not None:
             params["Inpaint"] = "mask"
             params["Masked content"] = self.masked_content
+            params["Mask blur"] = self.mask_blur
         if self.eta:
             params["Eta"] = self.eta
         if self.denoising_start is not None:

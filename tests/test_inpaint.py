@@ -136,8 +136,7 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
     import io
 
     import httpx
-
-    from sd_onnx.runtime.server.a1111 import a1111_mask
+    from PIL import ImageOps
 
     body = {"prompt": "x", "init_images": [b64_png(picture(3))], "mask": b64_png(picture(3, "L")), "steps": 4,
             "seed": 8, "denoising_strength": 0.7, "mask_blur": 2, "inpainting_mask_invert": 1,
@@ -145,16 +144,17 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
     r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-    assert "Masked content: latent_noise" in got.text["parameters"]
+    assert "Masked content: latent_noise, Mask blur: 2" in got.text["parameters"]
     pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
-    mask = a1111_mask(picture(3, "L"), 2, invert=True)
+    mask = ImageOps.invert(picture(3, "L"))
     expected = pipe("x", image=picture(3), mask_image=mask, strength=0.7, num_inference_steps=4, seed=8,
-                    masked_content="latent_noise").images[0]  # fmt: skip
+                    masked_content="latent_noise", mask_blur=2).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(got), np.asarray(expected))
     for change, message in (
         ({"mask": "not base64!"}, "mask: not valid base64"),
         ({"inpaint_full_res": True}, "inpaint_full_res: not supported yet"),
         ({"inpainting_fill": 7}, "inpainting_fill"),
+        ({"mask_blur": 65}, "mask_blur: must be <= 64"),
     ):
         r = httpx.post(f"{server.url}/sdapi/v1/img2img", json={**body, **change}, timeout=60)
         assert r.status_code == 422 and message in r.text, (change, r.text)
@@ -193,9 +193,12 @@ def test_openai_client_edits_with_a_transparent_mask(server, tiny_export: Path, 
     r = httpx.post(f"{server.url}/v1/images/edits", data={"prompt": "a cat", "steps": "2"}, files=files, timeout=60)
     assert r.status_code == 200, r.text
     opaque = {"image": ("image.png", (tmp_path / "image.png").read_bytes(), "image/png")}
+    mask.resize((16, 16)).save(tmp_path / "small.png")
+    small_mask = (tmp_path / "small.png").read_bytes()
     for data, sent, message in (
-        ({"prompt": "a cat"}, opaque, "mask: has no fully transparent pixel"),
+        ({"prompt": "a cat"}, opaque, "image: has no fully transparent pixel"),
         ({"prompt": "a cat"}, {}, "image: a file is required"),
+        ({"prompt": "a cat"}, {**opaque, "mask": ("m.png", small_mask, "image/png")}, "mask: is 16x16; it must have"),
         ({"prompt": "a cat", "n": "many"}, files, "n: Input should be a valid integer"),
         ({"n": "1"}, files, "prompt: Field required"),
         ({"prompt": "a cat"}, {"image": ("x.png", b"garbage", "image/png")}, "image: not a readable image"),

@@ -90,9 +90,16 @@ def test_lcm_lora_recipe_becomes_the_models_defaults(loras, tiny_pipeline: Path,
 def test_lora_errors(tiny_pipeline: Path, tmp_path: Path) -> None:
     from sd_onnx.exporter.lora import parse_lora
 
-    assert parse_lora("a.safetensors:0.5") == (Path("a.safetensors"), 0.5)
-    assert parse_lora("C:/x/a.safetensors") == (Path("C:/x/a.safetensors"), 1.0)
-    with pytest.raises(ExportError, match="not a .safetensors file"):
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "c:d.safetensors").write_bytes(b"")  # a colon in the name is not a scale
+    assert parse_lora(f"{tmp_path}/a.safetensors:0.5") == (tmp_path / "a.safetensors", 0.5)
+    assert parse_lora(f"{tmp_path}/a.safetensors") == (tmp_path / "a.safetensors", 1.0)
+    assert parse_lora(f"{tmp_path}/c:d.safetensors") == (tmp_path / "c:d.safetensors", 1.0)
+    with pytest.raises(ExportError, match="'abc' is not a scale"):
+        parse_lora(f"{tmp_path}/a.safetensors:abc")
+    with pytest.raises(ExportError, match="scale 11 is outside -10..10"):
+        parse_lora(f"{tmp_path}/a.safetensors:11")
+    with pytest.raises(ExportError, match="none.safetensors: no such file"):
         convert(str(tiny_pipeline), tmp_path / "a", loras=[(tmp_path / "none.safetensors", 1.0)], log=print)
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ExportError, match="junk.safetensors: cannot apply it to this model"):

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
-from ..request import GenerationRequest
+from ..request import DEFAULT_STRENGTH, GenerationRequest
 from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
 from .schemas import Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
@@ -28,6 +28,7 @@ FIELD_NAMES = {
     "image": "init_images[0]",
     "mask_image": "mask",
     "masked_content": "inpainting_fill",
+    "mask_blur": "mask_blur",
 }
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # A1111's inpainting_fill 0..3
 # SD 1.x latent -> RGB approximation, for cheap progress previews of 4-channel latents.
@@ -39,7 +40,12 @@ PREVIEW_FACTORS = np.array(
 def to_request(
     body: Txt2ImgRequest, image: Image.Image | None = None, mask: Image.Image | None = None
 ) -> GenerationRequest:
-    inpainting = {"mask_image": mask, "masked_content": MASKED_CONTENT[body.inpainting_fill]} if mask else {}
+    inpainting = {}
+    if mask is not None:  # A1111 defaults: strength 0.75, mask blur 4
+        inpainting = {"mask_image": mask, "masked_content": MASKED_CONTENT[body.inpainting_fill],
+                      "mask_blur": body.mask_blur}  # fmt: skip
+        if body.denoising_strength is None:
+            inpainting["strength"] = DEFAULT_STRENGTH
     return GenerationRequest(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt or None,
@@ -52,8 +58,7 @@ def to_request(
         scheduler=body.sampler_name or None,
         eta=body.eta,
         image=image,
-        strength=getattr(body, "denoising_strength", None),
-        **inpainting,
+        **{"strength": getattr(body, "denoising_strength", None), **inpainting},
     )
 
 
@@ -90,7 +95,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 mask = await asyncio.to_thread(decode_base64_image, body.mask, limit)
             except ImageError as exc:
                 raise HTTPException(422, f"mask: {exc}") from None
-            mask = a1111_mask(mask, body.mask_blur, bool(body.inpainting_mask_invert))
+            mask = ImageOps.invert(mask.convert("L")) if body.inpainting_mask_invert else mask
         return await run(body, image, mask)
 
     @api.get("/sdapi/v1/samplers")
@@ -138,14 +143,6 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def interrupt() -> dict[str, Any]:
         _, jobs = state.ready()
         return {"interrupted": jobs.interrupt()}
-
-
-def a1111_mask(mask: Image.Image, blur: int, invert: bool) -> Image.Image:
-    """The mask as A1111 prepares it: grayscale, inverted on request, blurred by `blur` pixels."""
-    mask = mask.convert("L")
-    if invert:
-        mask = ImageOps.invert(mask)
-    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
 
 
 def _runs(sampler: str, scheduler_config: dict[str, Any]) -> bool:

@@ -50,30 +50,35 @@ def transparency_mask(image: Image.Image) -> Image.Image:
 
 async def read_edit(request: Request, state: ServerState) -> tuple[OpenAIImageEditFields, dict[str, Any]]:
     """The edit form: its text fields, and the image and mask (the image's own transparency without one)."""
-    form = await request.form()
-    try:
-        fields = OpenAIImageEditFields(**{k: v for k, v in form.items() if isinstance(v, str)})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise HTTPException(422, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
-    pipe, _ = state.ready()
-    limit = state.config.limits.input_pixels(pipe.config)
-    images = {}
-    for name, keys in (("image", ("image", "image[]")), ("mask", ("mask",))):
-        upload = next((form[k] for k in keys if isinstance(form.get(k), UploadFile)), None)
-        if upload is None:
-            if name == "image":
-                raise HTTPException(422, "image: a file is required")
-            continue
+    async with request.form() as form:  # closes the uploads' temporary files
         try:
-            images[name] = await asyncio.to_thread(decode_image, await upload.read(), limit, "RGBA")
-        except ImageError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
-    mask = transparency_mask(images.get("mask", images["image"]))
-    if mask.getextrema() == (0, 0):
-        raise HTTPException(422, "mask: has no fully transparent pixel to edit (transparent = edit)")
-    edit = {"image": images["image"].convert("RGB"), "mask_image": mask, "strength": fields.strength}
-    return fields, edit
+            fields = OpenAIImageEditFields(**{k: v for k, v in form.items() if isinstance(v, str)})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise HTTPException(422, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
+        pipe, _ = state.ready()
+        limit = state.config.limits.input_pixels(pipe.config)
+        images = {}
+        for name, keys in (("image", ("image", "image[]")), ("mask", ("mask",))):
+            upload = next((form[k] for k in keys if isinstance(form.get(k), UploadFile)), None)
+            if upload is None:
+                if name == "image":
+                    raise HTTPException(422, "image: a file is required")
+                continue
+            try:
+                images[name] = await asyncio.to_thread(decode_image, await upload.read(), limit, "RGBA")
+            except ImageError as exc:
+                raise HTTPException(422, f"{name}: {exc}") from None
+    image, mask = images["image"], images.get("mask")
+    if mask is not None and mask.size != image.size:
+        raise HTTPException(
+            422, f"mask: is {mask.width}x{mask.height}; it must have the image's size, {image.width}x{image.height}"
+        )
+    repaint = transparency_mask(mask or image)
+    if repaint.getextrema() == (0, 0):
+        where = "mask" if mask is not None else "image"
+        raise HTTPException(422, f"{where}: has no fully transparent pixel to edit (transparent = edit)")
+    return fields, {"image": image.convert("RGB"), "mask_image": repaint, "strength": fields.strength}
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:

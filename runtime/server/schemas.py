@@ -35,7 +35,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: float | None = Field(None, description="Default: 0.75.")
     # Inpainting, as A1111 names it: white in `mask` is repainted.
     mask: str | None = Field(None, description="Base64 mask image or data URL; white is repainted.")
-    mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur radius applied to the mask, in pixels.")
+    mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (0-64).")
     inpainting_mask_invert: Literal[0, 1] = Field(0, description="1: repaint the black part instead.")
     inpainting_fill: Literal[0, 1, 2, 3] = Field(
         1, description="Masked content: 0 fill (blurred surroundings), 1 original, 2 latent noise, 3 latent nothing."
