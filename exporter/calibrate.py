@@ -85,6 +85,14 @@ class FeedReader:
         self._iter = iter(self.feeds)
 
 
+def structure_with_types(model_file: Path) -> onnx.ModelProto:
+    """The graph without its weights, every tensor typed by onnxruntime's symbolic shape inference (which knows
+    its contrib ops, such as the fused MultiHeadAttention, where onnx's own inference stops)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(onnx.load(str(model_file), load_external_data=False), auto_merge=True)
+
+
 def record_ranges(model_file: Path, op_types: tuple[str, ...], feeds: list[dict[str, np.ndarray]], cache: Path) -> None:
     """MinMax ranges of the float inputs and outputs of every `op_types` node over `feeds`, written to `cache` in
     onnxruntime's calibration-cache format, so quantize_static reads them instead of calibrating itself.
@@ -96,7 +104,7 @@ def record_ranges(model_file: Path, op_types: tuple[str, ...], feeds: list[dict[
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_file), load_external_data=False))
+    model = structure_with_types(model_file)
     graph = model.graph
     infos = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
     weights = {i.name for i in graph.initializer}

@@ -27,7 +27,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from sd_onnx.runtime.manifest import ComponentInfo, sha256_file
 
-from .calibrate import FeedReader, record_ranges
+from .calibrate import FeedReader, record_ranges, structure_with_types
 from .errors import ExportError
 from .trace import EXTERNAL_DATA_SUFFIX, TWO_GB, pack_graph
 from .validate import open_session
@@ -90,11 +90,12 @@ def quantize_graph(
     big, large = size > TWO_GB, size > LARGE_GRAPH
     src, dst, ranges = src.resolve(), dst.resolve(), ranges.resolve()
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, working_directory(Path(tmp)):
-        if large:  # memory-lean: no pre-processing pass, ranges recorded with the weights loaded once
+        if large:  # memory-lean: the graph typed without loading weights, ranges recorded with them loaded once
             if recipe.calibration != "minmax":
                 raise ExportError(f"{src}: graphs over {LARGE_GRAPH >> 30} GB calibrate with minmax only")
-            prepared = src
-            record_ranges(src, recipe.op_types, feeds, ranges)
+            prepared = src.parent / "_prepared.onnx"  # beside the weights it references
+            onnx.save_model(structure_with_types(src), str(prepared))
+            record_ranges(prepared, recipe.op_types, feeds, ranges)
         else:
             # onnxruntime's shape inference drops a debug copy of the graph in the working directory when it
             # cannot infer every shape; here that copy goes away with the temporary folder.
@@ -119,6 +120,8 @@ def quantize_graph(
             calibration_cache_path=ranges,
             extra_options={"OpTypesToExcludeOutputQuantization": list(recipe.float_outputs)},
         )
+    if large:
+        prepared.unlink()
     if big:
         _rename_external_data(dst)
     return {

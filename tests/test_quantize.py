@@ -201,7 +201,14 @@ def test_lean_quantization_runs_close_to_fp32(
     unet = tiny_export / "unet" / "model.onnx"
     report = quantize.quantize_graph(unet, tmp_path / "int8.onnx", RECIPES["unet"], [feed], True, tmp_path / "r.json")
     assert report["pre_processed"] is False and report["quantized_nodes"] > 0
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert not (unet.parent / "_prepared.onnx").exists()
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    float_weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    matmuls_on_float_weights = [
+        n.name for n in model.graph.node if n.op_type == "MatMul" and float_weights & set(n.input)
+    ]
+    assert not matmuls_on_float_weights  # every weight MatMul is int8, attention's behind the fused MHA included
+    ops = {n.op_type for n in model.graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     fp32 = ort.InferenceSession(str(unet)).run(None, feed)[0].ravel()
     int8 = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(None, feed)[0].ravel()
