@@ -33,6 +33,7 @@ from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
 from .shipped import shipped_model
 from .tokenizer import CLIPTokenizer
+from .vae import choose_vae
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
 """Called after each step with (step index, total steps, latents); returning False cancels the run."""
@@ -483,35 +484,6 @@ class StableDiffusionPipeline:
             shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]
             named = ", ".join(shown) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
             LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
-
-
-@dataclass(frozen=True)
-class VaeChoice:
-    """Which decoder and encoder a pipeline uses, and how their latents are scaled."""
-
-    decoder: str
-    encoder: str
-    scaling_factor: float
-    shift_factor: float | None
-    tiny: bool
-
-
-VAE_OPTIONS = ("auto", "full", "tiny")
-
-
-def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
-    """The model's own VAE ("auto", "full") or a tiny autoencoder ("tiny": the one exported beside it, else the
-    model's own if that is tiny); ManifestError when the folder has no such VAE."""
-    if vae not in VAE_OPTIONS:
-        raise ValueError(f"vae must be one of {', '.join(VAE_OPTIONS)}, got {vae!r}")
-    own = VaeChoice("vae_decoder", "vae_encoder", config.scaling_factor, config.shift_factor, config.vae_kind == "tiny")
-    if vae == "tiny" and config.tiny_vae_scaling_factor is not None:
-        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True)
-    if vae == "tiny" and not own.tiny:
-        raise ManifestError(f"{folder}: has no tiny autoencoder (export one with sd-export convert --vae TAESD_FOLDER)")
-    if vae == "full" and own.tiny:
-        raise ManifestError(f"{folder}: its only VAE is a tiny autoencoder")
-    return own
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""Which autoencoder a pipeline decodes (and encodes) with: the model's own VAE, or a tiny autoencoder (TAESD)
+exported beside it or as the model's own, each with its own latent scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .manifest import ManifestError, ModelConfig
+
+
+@dataclass(frozen=True)
+class VaeChoice:
+    """Which decoder and encoder a pipeline uses, and how their latents are scaled."""
+
+    decoder: str
+    encoder: str
+    scaling_factor: float
+    shift_factor: float | None
+    tiny: bool
+
+
+VAE_OPTIONS = ("auto", "full", "tiny")
+
+
+def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
+    """The model's own VAE ("auto", "full") or a tiny autoencoder ("tiny": the one exported beside it, else the
+    model's own if that is tiny); ManifestError when the folder has no such VAE."""
+    if vae not in VAE_OPTIONS:
+        raise ValueError(f"vae must be one of {', '.join(VAE_OPTIONS)}, got {vae!r}")
+    own = VaeChoice("vae_decoder", "vae_encoder", config.scaling_factor, config.shift_factor, config.vae_kind == "tiny")
+    if vae == "tiny" and config.tiny_vae_scaling_factor is not None:
+        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True)
+    if vae == "tiny" and not own.tiny:
+        raise ManifestError(f"{folder}: has no tiny autoencoder (export one with sd-export convert --vae TAESD_FOLDER)")
+    if vae == "full" and own.tiny:
+        raise ManifestError(f"{folder}: its only VAE is a tiny autoencoder")
+    return own
+
+
+__all__ = ["VAE_OPTIONS", "VaeChoice", "choose_vae"]
