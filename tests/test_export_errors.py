@@ -110,7 +110,7 @@ def test_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     code, out = run_cli("some-org/some-model", str(tmp_path / "out"))
-    assert_one_line_error(code, out, "some-org/some-model: cannot download from the Hugging Face Hub")
+    assert_one_line_error(code, out, "some-org/some-model: not in the Hugging Face cache (HF_HOME) and the Hub cannot")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
