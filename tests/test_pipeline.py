@@ -131,7 +131,7 @@ def test_pil_output_and_parameters(ours) -> None:
         ({"prompt": "a \ud800 cat"}, "prompt: is not valid Unicode text"),
         ({"image": Image.new("RGB", (8, 8)), "strength": 0.1}, r"strength: 0.1 x 2 steps leaves no denoising step"),
         ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, "latents must have shape"),
-        ({"output_type": "latent"}, "output_type must be"),
+        ({"output_type": "tensor"}, "output_type must be one of pil, np, latent"),
     ],
 )
 def test_bad_arguments_are_value_errors(ours, kwargs: dict, message: str) -> None:

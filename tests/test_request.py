@@ -76,7 +76,11 @@ def test_random_seed_is_drawn_and_recorded() -> None:
         ({"prompt": "x" * 101}, "prompt", "101 characters exceeds the limit max_prompt_chars=100"),
         ({"negative_prompt": ("x" * 101,)}, "negative_prompt", "exceeds the limit max_prompt_chars=100"),
         ({"strength": 0.5}, "strength", "applies to img2img only: give an init image too"),
-        ({"image": "init.png"}, "image", "must be a PIL image or a (1, 3, H, W) array, got str"),
+        (
+            {"image": "init.png"},
+            "image",
+            "must be a PIL image, a (1, 3, H, W) pixel array or an (N, 4, h, w) latent array, got str",
+        ),
         ({"image": np.zeros((8, 8, 3), np.uint8)}, "image", "got ndarray of shape [8, 8, 3]"),
         ({"image": IMAGE, "strength": 0.0}, "strength", "must be in (0, 1]"),
         ({"image": IMAGE, "strength": math.nan}, "strength", "must be a finite number"),
