@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -18,6 +20,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .components import ComponentSpec, Inputs
+from .errors import ExportError
 
 EXTERNAL_DATA_SUFFIX = "_data"
 TWO_GB = 2**31
@@ -28,7 +31,7 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
     """Export `module` into the empty folder `scratch`; returns the traced file (weights may lie beside it)."""
     scratch.mkdir(parents=True, exist_ok=True)
     traced = scratch / "model.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _as_export_error(spec.name):
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes are expected
         torch.onnx.export(
             module,
@@ -42,6 +45,16 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
             do_constant_folding=True,
         )
     return traced
+
+
+@contextmanager
+def _as_export_error(name: str) -> Iterator[None]:
+    """torch.onnx reports a full disk or an unwritable folder as a RuntimeError: one line, naming the graph."""
+    try:
+        yield
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{name}: torch.onnx could not export it: {reason}") from exc
 
 
 def pack_graph(traced: Path, out_file: Path) -> None:

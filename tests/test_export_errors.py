@@ -137,3 +137,18 @@ def test_interrupted_export_leaves_nothing_at_output(tiny_pipeline: Path, tmp_pa
     if sig != signal.SIGKILL:  # a catchable signal also cleans up the staging folder
         assert not list(tmp_path.glob(".out.partial-*")), output
         assert "Traceback" not in output
+
+
+def test_a_failing_trace_is_one_line_and_writes_nothing(
+    tiny_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during tracing surfaces from torch.onnx as a RuntimeError; the user gets one line."""
+    import torch
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("ONNX export failed. Could not open file or directory: /x/_trace/weight\\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    code, out = run_cli(str(tiny_pipeline), str(tmp_path / "out"), "--components", "unet")
+    assert_one_line_error(code, out, "unet: torch.onnx could not export it: ONNX export failed. Could not open file")
+    assert not (tmp_path / "out").exists()
