@@ -74,6 +74,8 @@ class ServerState:
             os._exit(1)
         self.jobs = JobQueue(pipe, self.config.workers, self.config.queue_size)
         self.pipe = pipe
+        print(f"ready: {pipe.model_name} ({pipe.manifest.model_family if pipe.manifest else 'onnx folder'})",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def ready(self) -> tuple[StableDiffusionPipeline, JobQueue]:
         if self.jobs is not None and not self.jobs.accepting:
