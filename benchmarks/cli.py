@@ -61,6 +61,22 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
     return folders
 
 
+# Options whose values are this machine's paths: reports show placeholders, so they read the same anywhere.
+PATH_OPTIONS = {"--work": "<work>", "--out": "<out>", "--model": "<model>", "--optimum-python": "<python>"}
+
+
+def invocation(ctx: click.Context) -> str:
+    """The command as given (options that differ from their defaults), with placeholders for path values."""
+    parts = ["sd-bench", ctx.info_name or "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or value is False or value == param.default:
+            continue
+        flag = max(param.opts, key=len)
+        parts += [flag] if param.is_flag else [flag, PATH_OPTIONS.get(flag) or shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 def _record_step(work: Path, name: str, started: float) -> None:
     """Append how long a preparation step took, and this process's peak RSS so far, to work/steps.json."""
     import resource
@@ -204,7 +220,7 @@ def run(
             build_pipeline(RECIPES[architecture], model)
             _record_step(work, "build", started)
     label = f"{RANDOM_ARCHITECTURES[architecture]} architecture, seeded random weights" if architecture else str(model)
-    command = "sd-bench run " + shlex.join(sys.argv[2:])
+    command = invocation(click.get_current_context())
     report = benchmark(model, work, chosen, steps, size, threads, optimum_python, label, command, guidance, low_memory)
     for path in write_report(report, out, name=name):
         click.echo(str(path))

@@ -18,6 +18,11 @@ def main() -> None:
     """Export Stable Diffusion pipelines to validated ONNX model folders."""
 
 
+def disk_error(exc: OSError, output: Path) -> click.ClickException:
+    """A full disk or a folder that cannot be written, in one line; the output was never published."""
+    return click.ClickException(f"{exc.strerror or exc} ({exc.filename or output}); nothing was written")
+
+
 @main.command()
 @click.argument("source")
 @click.argument("output", type=click.Path(path_type=Path))
@@ -130,8 +135,8 @@ def convert(
         )
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # a full disk, a folder that cannot be written: nothing was published
-        raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or output}); nothing was written") from None
+    except OSError as exc:
+        raise disk_error(exc, output) from None
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
@@ -177,7 +182,7 @@ def quantize(
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.strerror or exc} ({exc.filename or output}); nothing was written") from None
+        raise disk_error(exc, output) from None
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -15,7 +15,7 @@ from pathlib import Path
 from .manifest import ManifestError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
-RUNTIME_FILES = ["*.json", "*.txt", "*.onnx", "*.onnx_data", "*.onnx.data", "*/model.onnx_data", "*.pb"]
+RUNTIME_FILES = ["*.json", "*.txt", "*.onnx", "*.onnx_data", "*.onnx.data", "*.pb"]
 
 
 def is_hub_id(text: str | Path) -> bool:

@@ -61,6 +61,7 @@ def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path
     report = json.loads((tmp_path / "out" / "turbo.json").read_text())
     assert report["settings"]["guidance"] == 0 and report["settings"]["steps"] == 1
     assert "export_fp32" in report["preparation"]
+    assert "--work <work>" in report["command"] and str(tmp_path) not in report["command"]  # no machine paths
     for record in report["engines"].values():
         assert record["unet_steps"] == 1 and record["end_to_end_s"] > 0
     assert (tmp_path / "out" / "turbo_peak_rss.png").is_file() and (tmp_path / "out" / "turbo.md").is_file()
