@@ -39,6 +39,7 @@ OPTION_NAMES = {
     "mask_image": "--mask",
     "masked_content": "--masked-content",
     "mask_blur": "--mask-blur",
+    "padding_mask_crop": "--padding-mask-crop",
 }
 DEFAULT_LIMITS = Limits()
 
@@ -136,6 +137,13 @@ def main() -> None:
 )
 @click.option("--mask-blur", default=0, show_default=True, type=int, help="Blur radius of the mask's edge, pixels.")
 @click.option(
+    "--padding-mask-crop",
+    default=None,
+    type=int,
+    metavar="PIXELS",
+    help="Inpaint only a box around the mask (with this much context) at full size, pasted back (only masked).",
+)
+@click.option(
     "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
 )
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
@@ -173,6 +181,7 @@ def prompt(
     mask: Path | None,
     masked_content: str,
     mask_blur: int,
+    padding_mask_crop: int | None,
     strength: float | None,
     eta: float,
     provider: str,
@@ -207,7 +216,7 @@ def prompt(
         mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
-            masked_content, mask_blur,
+            masked_content, mask_blur, padding_mask_crop,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:

@@ -5,6 +5,9 @@ neighbour. An inpainting UNet (latent + 1 + latent input channels, 9 for SD) see
 the image with the masked part blacked out beside its input at every step. An ordinary UNet denoises the
 whole image and, after each step, the part outside the mask is replaced by the original latents noised to the
 next step's level, so only the masked part changes.
+
+With `padding_mask_crop` (A1111's "only masked") only a box around the mask, grown to the output's aspect ratio,
+is inpainted at the full output size and pasted back into the untouched original (diffusers' crop and overlay).
 """
 
 from __future__ import annotations
@@ -66,6 +69,98 @@ class Inpainting:
         return (1 - self.mask) * original + self.mask * latents
 
 
+@dataclass
+class MaskCrop:
+    """The box around the mask that is inpainted, and the original it goes back into."""
+
+    original: Image.Image
+    mask: Image.Image  # at the original's size
+    box: tuple[int, int, int, int]  # left, top, right, bottom
+
+    @classmethod
+    def around(
+        cls, image: Image.Image, mask: Image.Image, width: int, height: int, pad: int, blur: int = 0
+    ) -> MaskCrop:
+        """The box holding every masked pixel plus `pad`, grown to width:height; `blur` softens the mask first
+        (its soft edge then blends the pasted result, as A1111 does)."""
+        mask = mask.convert("L").filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+        return cls(image, mask, crop_region(mask, width, height, pad))
+
+    def image(self, width: int, height: int) -> Image.Image:
+        return resize_fill(self.original.crop(self.box), width, height)
+
+    def mask_image(self, width: int, height: int) -> Image.Image:
+        return resize_fill(self.mask.crop(self.box), width, height)
+
+    def paste(self, result: Image.Image) -> Image.Image:
+        """The inpainted box scaled back into the original; outside the mask the original's pixels stay."""
+        left, top, right, bottom = self.box
+        width, height = self.original.size
+        keep = Image.new("RGBa", (width, height))
+        keep.paste(self.original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(self.mask.convert("L")))
+        merged = Image.new("RGBA", (width, height))
+        merged.paste(resize_cover(result, right - left, bottom - top), (left, top))
+        merged.alpha_composite(keep.convert("RGBA"))
+        return merged.convert("RGB")
+
+
+def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
+    """The smallest box holding the mask's non-zero pixels, padded by `pad` and grown (centred, kept inside the
+    mask) to the width:height aspect ratio; diffusers' get_crop_region, to the pixel."""
+    bounds = mask.convert("L").getbbox()
+    if bounds is None:
+        raise ValueError("mask_image: is empty (nothing to repaint), so there is no box to crop around it")
+    w, h = mask.size
+    x1, y1 = max(bounds[0] - pad, 0), max(bounds[1] - pad, 0)
+    x2, y2 = min(bounds[2] + pad, w), min(bounds[3] + pad, h)
+    ratio = width / height
+    if (x2 - x1) / (y2 - y1) > ratio:
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), h)
+    else:
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), w)
+    return x1, y1, x2, y2
+
+
+def _grow(low: int, high: int, by: int, limit: int) -> tuple[int, int]:
+    """[low, high) widened by `by` around its centre, shifted back inside [0, limit)."""
+    low, high = low - by // 2, high + by - by // 2
+    if high >= limit:
+        low, high = low - (high - limit), limit
+    if low < 0:
+        low, high = 0, min(high - low, limit)
+    return low, high
+
+
+def resize_fill(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resized to fit inside width x height keeping its aspect ratio, centred, the bands left over filled by
+    stretching its edge rows or columns (diffusers' resize_mode "fill")."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio < src_ratio else image.width * height // image.height
+    src_h = height if ratio >= src_ratio else image.height * width // image.width
+    resized = image.resize((src_w, src_h), Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    out.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
+    if ratio < src_ratio and (band := height // 2 - src_h // 2) > 0:
+        out.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+        out.paste(resized.resize((width, band), box=(0, src_h, width, src_h)), (0, band + src_h))
+    elif ratio > src_ratio and (band := width // 2 - src_w // 2) > 0:
+        out.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+        out.paste(resized.resize((band, height), box=(src_w, 0, src_w, height)), (band + src_w, 0))
+    return out
+
+
+def resize_cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resized to cover width x height keeping its aspect ratio, centred, the excess cut (diffusers' "crop")."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    out = Image.new("RGB", (width, height))
+    out.paste(
+        image.resize((src_w, src_h), Image.Resampling.LANCZOS), (width // 2 - src_w // 2, height // 2 - src_h // 2)
+    )
+    return out
+
+
 def latent_mask(mask: np.ndarray, factor: int, count: int) -> np.ndarray:
     """The pixel mask at latent size (torch's nearest interpolation by an integer factor), one per image."""
     small = mask[:, :, ::factor, ::factor]
@@ -86,4 +181,4 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return filled.convert("RGB")
 
 
-__all__ = ["MASKED_CONTENT", "Inpainting", "fill_masked", "latent_mask", "mask_pixels"]
+__all__ = ["MASKED_CONTENT", "Inpainting", "MaskCrop", "crop_region", "fill_masked", "latent_mask", "mask_pixels"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from PIL import Image
 from .configs import read_model_config
 from .hub import locate_model
 from .image import from_pil, to_pil
-from .inpaint import Inpainting, fill_masked, latent_mask, mask_pixels
+from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
@@ -185,6 +185,7 @@ class StableDiffusionPipeline:
         mask_image: Image.Image | np.ndarray | None = None,
         masked_content: str = "original",
         mask_blur: int = 0,
+        padding_mask_crop: int | None = None,
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         original_size: tuple[int, int] | None = None,
@@ -217,6 +218,7 @@ class StableDiffusionPipeline:
             mask_image=mask_image,
             masked_content=masked_content,
             mask_blur=mask_blur,
+            padding_mask_crop=padding_mask_crop,
             prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
             negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
             original_size=original_size,
@@ -251,6 +253,8 @@ class StableDiffusionPipeline:
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         request = self.prepare(request) if not request.resolved else request
+        if request.padding_mask_crop is not None:
+            return self._inpaint_crop(request, callback, output_type, latents, cancelled)
         self._warn_unknown_words(request.prompts)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = TorchGenerator(request.seed)
@@ -287,6 +291,41 @@ class StableDiffusionPipeline:
         images = self.decode_latents(latents, cancelled)
         self.release(self.vae.decoder)
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
+
+    def _inpaint_crop(
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None,
+        output_type: str,
+        latents: np.ndarray | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> PipelineOutput:
+        """Inpaint the box around the mask at the full output size, then paste it back into the original (whose
+        size the images keep), as diffusers' `padding_mask_crop` and A1111's "only masked" do."""
+        if output_type == "latent":
+            raise ValueError(
+                "output_type 'latent' cannot be pasted back into the image; padding_mask_crop needs pil or np"
+            )
+        crop = MaskCrop.around(
+            request.image,
+            request.mask_image,
+            request.width,
+            request.height,
+            request.padding_mask_crop,
+            request.mask_blur,
+        )
+        inner = replace(
+            request,
+            image=crop.image(request.width, request.height),
+            mask_image=crop.mask_image(request.width, request.height),
+            mask_blur=0,
+            padding_mask_crop=None,
+        )
+        out = self.generate(inner, callback, "pil", latents, cancelled)
+        images = [crop.paste(image) for image in out.images]
+        if output_type == "np":
+            images = np.stack([np.asarray(image, np.float32) / 255.0 for image in images])
+        return PipelineOutput(images, request.parameters(self.model_name), request)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor

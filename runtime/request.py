@@ -89,6 +89,8 @@ class GenerationRequest:
     mask_image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
     masked_content: str = "original"  # inpaint.MASKED_CONTENT
     mask_blur: int = 0  # Gaussian blur radius (pixels) applied to the mask first, as A1111's "Mask blur"
+    # Inpaint only a box around the mask with this many pixels of context, at full size (A1111's "only masked").
+    padding_mask_crop: int | None = None
     # SDXL only, as diffusers names them: the second encoder's prompts (default: the prompts) and the
     # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
     prompt_2: str | tuple[str, ...] | None = None
@@ -272,8 +274,12 @@ class GenerationRequest:
                 raise RequestError("mask_image", "this is an inpainting model: give a mask_image with the image")
             if self.masked_content != "original":
                 raise RequestError("masked_content", "applies to inpainting only: give a mask_image too")
+            if self.padding_mask_crop is not None:
+                raise RequestError("padding_mask_crop", "applies to inpainting only: give a mask_image too")
             return
         _in_range("mask_blur", _integer("mask_blur", self.mask_blur), 0, MAX_MASK_BLUR)
+        if self.padding_mask_crop is not None:
+            self._check_mask_crop()
         if self.masked_content == "fill" and not isinstance(self.image, Image.Image):
             raise RequestError("masked_content", "fill paints a PIL image; give the image as one")
         if is_latent_image(self.image, config):
@@ -293,6 +299,20 @@ class GenerationRequest:
         if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
             raise RequestError("mask_image", "values must be finite and in [0, 1]")
 
+    def _check_mask_crop(self) -> None:
+        """A box can be cut around the mask only when image and mask are pictures of one size, the mask not empty."""
+        _in_range("padding_mask_crop", _integer("padding_mask_crop", self.padding_mask_crop), 0, None)
+        for name in ("image", "mask_image"):
+            if not isinstance(getattr(self, name), Image.Image):
+                raise RequestError(name, "must be a PIL image to inpaint a crop around the mask (padding_mask_crop)")
+        if self.mask_image.size != self.image.size:
+            raise RequestError(
+                "mask_image", f"is {self.mask_image.width}x{self.mask_image.height}; with padding_mask_crop it must "
+                f"have the image's size, {self.image.width}x{self.image.height}"
+            )  # fmt: skip
+        if self.mask_image.convert("L").getbbox() is None:
+            raise RequestError("mask_image", "is empty (all black): nothing to repaint, no box to crop around it")
+
     def parameters(self, model_name: str) -> dict[str, Any]:
         """A1111-style generation parameters of a resolved request (PNG "parameters" chunk, server info)."""
         if not self.resolved:
@@ -311,6 +331,9 @@ class GenerationRequest:
             params["Inpaint"] = "mask"
             params["Masked content"] = self.masked_content
             params["Mask blur"] = self.mask_blur
+            if self.padding_mask_crop is not None:
+                params["Inpaint area"] = "Only masked"
+                params["Masked area padding"] = self.padding_mask_crop
         if self.eta:
             params["Eta"] = self.eta
         if self.denoising_start is not None:

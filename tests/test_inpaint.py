@@ -18,7 +18,7 @@ from .test_pipeline import DIFFUSERS_NAMES
 PROMPT = "a red circle on a blue background"
 
 
-def picture(seed: int, mode: str = "RGB") -> Image.Image:
+def picture(seed: int, mode: str = "RGB", size: tuple[int, int] = (32, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     if mode == "L":  # a mask: a white rectangle (repaint) on black, with soft grey edges to binarize
         mask = np.zeros((32, 32), np.float32)
@@ -26,7 +26,14 @@ def picture(seed: int, mode: str = "RGB") -> Image.Image:
         mask[8:24, 20] = 0.6
         mask[7, 4:20] = 0.4
         return Image.fromarray((mask * 255).astype(np.uint8), "L")
-    return Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8))
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def box_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """Black with a white box (left, top, right, bottom) to repaint."""
+    mask = Image.new("L", size)
+    mask.paste(255, box)
+    return mask
 
 
 def reference(folder: Path, scheduler: str):
@@ -71,6 +78,51 @@ def _zero_noise():
     return Zero()
 
 
+def test_mask_crop_geometry_matches_diffusers() -> None:
+    """The box around the mask and the two aspect-keeping resizes, pixel for pixel, over many shapes."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sd_onnx.runtime.inpaint import crop_region, resize_cover, resize_fill
+
+    processor = VaeImageProcessor()
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        w, h = (int(v) for v in rng.integers(8, 90, 2))
+        left, top = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = (left, top, int(rng.integers(left + 1, w + 1)), int(rng.integers(top + 1, h + 1)))
+        mask, pad = box_mask((w, h), box), int(rng.integers(0, 12))
+        width, height = (int(v) * 8 for v in rng.integers(2, 9, 2))
+        region = crop_region(mask, width, height, pad)
+        assert region == processor.get_crop_region(mask, width, height, pad=pad), (w, h, box, pad, width, height)
+        image = picture(int(rng.integers(1000)), size=(w, h))
+        fill, cover = resize_fill(image, width, height), resize_cover(image, width, height)
+        assert np.array_equal(np.asarray(fill), np.asarray(processor._resize_and_fill(image, width, height)))
+        assert np.array_equal(np.asarray(cover), np.asarray(processor._resize_and_crop(image, width, height)))
+
+
+@pytest.mark.parametrize("unet", ["tiny_inpaint", "tiny_pipeline"])
+def test_padding_mask_crop_matches_diffusers(unet: str, request: pytest.FixtureRequest) -> None:
+    """Only a box around a small mask in a larger, non-square picture is inpainted at 32x32 and pasted back."""
+    if unet == "tiny_inpaint":
+        source, folder = request.getfixturevalue("tiny_inpaint")
+    else:
+        source, folder = request.getfixturevalue("tiny_pipeline"), request.getfixturevalue("tiny_export")
+    pipe, ours = reference(source, "euler"), AutoPipelineForInpainting.from_pretrained(folder, provider="cpu")
+    image, mask = picture(7, size=(56, 40)), box_mask((56, 40), (30, 6, 41, 14))
+    settings = {"image": image, "mask_image": mask, "num_inference_steps": 5, "padding_mask_crop": 3,
+                "height": 32, "width": 32, "strength": 0.8}  # fmt: skip
+    expected = pipe(PROMPT, generator=torch.Generator().manual_seed(4), **settings).images[0]
+    got = ours(PROMPT, seed=4, scheduler="euler", **settings)
+    assert got.images[0].size == image.size == expected.size
+    diff = np.abs(np.asarray(got.images[0], np.float32) - np.asarray(expected, np.float32))
+    assert diff.mean() <= 1.0, diff.mean()
+    outside = np.asarray(mask) == 0  # the original is kept, to the pixel, wherever nothing was masked
+    assert np.array_equal(np.asarray(got.images[0])[outside], np.asarray(image)[outside])
+    assert got.parameters["Inpaint area"] == "Only masked" and got.parameters["Masked area padding"] == 3
+    as_array = ours(PROMPT, seed=4, scheduler="euler", output_type="np", **settings).images
+    assert as_array.shape == (1, 40, 56, 3) and np.allclose(as_array[0] * 255, np.asarray(got.images[0]))
+
+
 def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_export: Path) -> None:
     inpaint = DiffusionPipeline.from_pretrained(tiny_inpaint[1], provider="cpu")
     plain = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
@@ -88,6 +140,20 @@ def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_e
         plain(PROMPT, image=picture(0), mask_image=np.ones((1, 1, 16, 16)), num_inference_steps=1)
     out = plain(PROMPT, image=picture(0), mask_image=picture(0, "L"), num_inference_steps=2, seed=1)
     assert out.request.strength == 1.0 and out.parameters["Inpaint"] == "mask"
+    crop = {"image": picture(0), "mask_image": picture(0, "L"), "num_inference_steps": 1, "padding_mask_crop": 4}
+    for change, message in (
+        ({"mask_image": None}, "padding_mask_crop: applies to inpainting only"),
+        ({"padding_mask_crop": -1}, "padding_mask_crop: must be >= 0"),
+        ({"padding_mask_crop": 2.5}, "padding_mask_crop"),
+        ({"mask_image": np.ones((1, 1, 32, 32))}, "mask_image: must be a PIL image to inpaint a crop"),
+        ({"image": from_pil(picture(0), 32, 32)}, "image: must be a PIL image to inpaint a crop"),
+        ({"mask_image": picture(0, "L").resize((16, 16))}, "mask_image: is 16x16; with padding_mask_crop it must"),
+        ({"mask_image": Image.new("L", (32, 32))}, r"mask_image: is empty \(all black\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            plain(PROMPT, **{**crop, **change})
+    with pytest.raises(ValueError, match="output_type 'latent' cannot be pasted back"):
+        plain(PROMPT, output_type="latent", **crop)
 
 
 def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path], tmp_path: Path) -> None:
@@ -108,6 +174,17 @@ def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path]
     assert np.array_equal(np.asarray(made), np.asarray(expected))
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "p.png")])
     assert result.exit_code != 0 and "Error: --mask: this is an inpainting model" in result.output
+    crop = [*args, "--mask", str(tmp_path / "mask.png"), "--padding-mask-crop", "2", "-o", str(tmp_path / "c.png")]
+    result = CliRunner().invoke(main, crop)
+    assert result.exit_code == 0, result.output
+    expected = pipe("x", image=picture(1), mask_image=picture(1, "L").convert("RGB"), num_inference_steps=4, seed=2,
+                    padding_mask_crop=2).images[0]  # fmt: skip
+    made = Image.open(tmp_path / "c.png")
+    assert (
+        np.array_equal(np.asarray(made), np.asarray(expected)) and "Masked area padding: 2" in made.text["parameters"]
+    )
+    result = CliRunner().invoke(main, [*crop[:-2], "--padding-mask-crop", "-3", "-o", str(tmp_path / "d.png")])
+    assert result.exit_code != 0 and "Error: --padding-mask-crop: must be >= 0" in result.output
     (tmp_path / "bad.png").write_bytes(b"not a png")
     result = CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "bad.png"), "-o", str(tmp_path / "q.png")])
     assert result.exit_code != 0 and "--mask" in result.output and "not a readable image" in result.output
@@ -140,7 +217,7 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
 
     body = {"prompt": "x", "init_images": [b64_png(picture(3))], "mask": b64_png(picture(3, "L")), "steps": 4,
             "seed": 8, "denoising_strength": 0.7, "mask_blur": 2, "inpainting_mask_invert": 1,
-            "inpainting_fill": 2}  # fmt: skip
+            "inpainting_fill": 2, "inpaint_full_res": False}  # fmt: skip
     r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=body, timeout=60)
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
@@ -150,9 +227,24 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
     expected = pipe("x", image=picture(3), mask_image=mask, strength=0.7, num_inference_steps=4, seed=8,
                     masked_content="latent_noise", mask_blur=2).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+    # A1111's defaults: "fill" masked content, only the masked area (padding 0), the blurred mask pasting back.
+    only_masked = {"prompt": "x", "init_images": [b64_png(picture(3, size=(48, 40)))], "steps": 4, "seed": 8,
+                   "mask": b64_png(box_mask((48, 40), (20, 10, 30, 18)))}  # fmt: skip
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=only_masked, timeout=60)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert got.size == (48, 40) and "Inpaint area: Only masked, Masked area padding: 0" in got.text["parameters"]
+    expected = pipe("x", image=picture(3, size=(48, 40)), mask_image=box_mask((48, 40), (20, 10, 30, 18)),
+                    strength=0.75, num_inference_steps=4, seed=8, masked_content="fill", mask_blur=4,
+                    padding_mask_crop=0).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
     for change, message in (
         ({"mask": "not base64!"}, "mask: not valid base64"),
-        ({"inpaint_full_res": True}, "inpaint_full_res: not supported yet"),
+        (
+            {"inpaint_full_res": True, "inpainting_mask_invert": 0, "mask": b64_png(Image.new("L", (32, 32)))},
+            "mask: is empty",
+        ),
+        ({"inpaint_full_res_padding": -2}, "inpaint_full_res_padding"),
         ({"inpainting_fill": 7}, "inpainting_fill"),
         ({"mask_blur": 65}, "mask_blur: must be <= 64"),
     ):

@@ -29,6 +29,7 @@ FIELD_NAMES = {
     "mask_image": "mask",
     "masked_content": "inpainting_fill",
     "mask_blur": "mask_blur",
+    "padding_mask_crop": "inpaint_full_res_padding",
 }
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # A1111's inpainting_fill 0..3
 # SD 1.x latent -> RGB approximation, for cheap progress previews of 4-channel latents.
@@ -41,9 +42,13 @@ def to_request(
     body: Txt2ImgRequest, image: Image.Image | None = None, mask: Image.Image | None = None
 ) -> GenerationRequest:
     inpainting = {}
-    if mask is not None:  # A1111 defaults: strength 0.75, mask blur 4
-        inpainting = {"mask_image": mask, "masked_content": MASKED_CONTENT[body.inpainting_fill],
-                      "mask_blur": body.mask_blur}  # fmt: skip
+    if mask is not None:  # A1111 defaults: strength 0.75, mask blur 4, only the masked area
+        inpainting = {
+            "mask_image": mask,
+            "masked_content": MASKED_CONTENT[body.inpainting_fill],
+            "mask_blur": body.mask_blur,
+            "padding_mask_crop": body.inpaint_full_res_padding if body.inpaint_full_res else None,
+        }
         if body.denoising_strength is None:
             inpainting["strength"] = DEFAULT_STRENGTH
     return GenerationRequest(
@@ -89,8 +94,6 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
             raise HTTPException(422, f"init_images[0]: {exc}") from None
         mask = None
         if body.mask is not None:
-            if body.inpaint_full_res:
-                raise HTTPException(422, "inpaint_full_res: not supported yet; inpaint the whole picture (false)")
             try:
                 mask = await asyncio.to_thread(decode_base64_image, body.mask, limit)
             except ImageError as exc:

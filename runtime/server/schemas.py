@@ -37,11 +37,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: str | None = Field(None, description="Base64 mask image or data URL; white is repainted.")
     mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (0-64).")
     inpainting_mask_invert: Literal[0, 1] = Field(0, description="1: repaint the black part instead.")
+    # A1111's API defaults: masked content "fill", only the masked area inpainted, no padding.
     inpainting_fill: Literal[0, 1, 2, 3] = Field(
-        1, description="Masked content: 0 fill (blurred surroundings), 1 original, 2 latent noise, 3 latent nothing."
+        0, description="Masked content: 0 fill (blurred surroundings), 1 original, 2 latent noise, 3 latent nothing."
     )
-    inpaint_full_res: bool = Field(False, description="Inpaint a crop around the mask at full resolution.")
-    inpaint_full_res_padding: int = Field(32, ge=0, le=1024, description="Pixels of context around the mask.")
+    inpaint_full_res: bool = Field(
+        True, description="Inpaint only a box around the mask at the full width x height, pasted back (only masked)."
+    )
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096, description="Pixels of context around the mask's box.")
 
 
 class OpenAIImageRequest(BaseModel):
