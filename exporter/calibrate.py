@@ -85,12 +85,23 @@ class FeedReader:
         self._iter = iter(self.feeds)
 
 
+SMALL_CONSTANT_BYTES = 64 * 1024
+
+
 def structure_with_types(model_file: Path) -> onnx.ModelProto:
     """The graph without its weights, every tensor typed by onnxruntime's symbolic shape inference (which knows
     its contrib ops, such as the fused MultiHeadAttention, where onnx's own inference stops)."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    return SymbolicShapeInference.infer_shapes(onnx.load(str(model_file), load_external_data=False), auto_merge=True)
+    model = onnx.load(str(model_file), load_external_data=False)
+    for init in model.graph.initializer:  # shape arithmetic reads small constants: bring those in
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
+        if uses_external_data(init) and length is not None and length <= SMALL_CONSTANT_BYTES:
+            load_external_data_for_tensor(init, str(model_file.parent))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
 
 
 def record_ranges(model_file: Path, op_types: tuple[str, ...], feeds: list[dict[str, np.ndarray]], cache: Path) -> None:

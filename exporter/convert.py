@@ -23,6 +23,7 @@ from .atomic import publish, staging_folder
 from .components import component_spec
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
+from .lora_targets import map_weights, weight_candidates, write_targets
 from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
@@ -34,6 +35,7 @@ DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
 PRECISIONS = ("fp32", "fp16", "int8")
 TRACE_SEED, VALIDATION_SEED = 0, 1
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # what LoRAs change
 Log = Callable[[str], None]
 
 
@@ -149,13 +151,17 @@ def export_component(
         reference = module(*check_inputs)
     reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
     traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
+    weights = weight_candidates(module.model) if name in LORA_COMPONENTS else {}
     del module
     gc.collect()
     pack_graph(traced, out_file)
     optimizations = optimize_file(out_file, out_file) if optimize else {}
+    lora_map = map_weights(weights, out_file) if weights else {}
     if half:
         optimizations["fp16"] = convert_to_fp16(out_file)
         atol = fp16_atol(reference, atol)
+    if lora_map:  # where load-time LoRAs (runtime/lora.py) find each module's weight in the final graph
+        write_targets(lora_map, out_file)
     session = open_session(out_file)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
     validation = compare_outputs(name, session, feeds, reference, atol)

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sd_onnx.runtime.lora import parse_lora_option
 from sd_onnx.runtime.manifest import sha256_file
+from sd_onnx.runtime.request import RequestError
 
 from .errors import ExportError
 
@@ -15,13 +17,10 @@ from .errors import ExportError
 def parse_lora(text: str) -> tuple[Path, float]:
     """ "FILE[:SCALE]" -> (file, scale), checked before any work: an existing .safetensors file and a number in
     -10..10 (default 1; a Windows drive colon is not a scale)."""
-    head, sep, tail = text.rpartition(":")
-    file, scale = Path(text).expanduser(), 1.0
-    if sep and head and not file.is_file():
-        try:
-            file, scale = Path(head).expanduser(), float(tail)
-        except ValueError:
-            raise ExportError(f"--lora {text}: no such file, and {tail!r} is not a scale (FILE[:SCALE])") from None
+    try:
+        file, scale = parse_lora_option(text)
+    except RequestError as exc:
+        raise ExportError(f"--lora {exc.reason}") from None
     check_lora(file, scale)
     return file, scale
 

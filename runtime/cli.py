@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .lora import parse_lora_option, read_loras
 from .manifest import MANIFEST_NAME
 from .request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
 from .schedulers import scheduler_names
@@ -40,8 +41,18 @@ OPTION_NAMES = {
     "masked_content": "--masked-content",
     "mask_blur": "--mask-blur",
     "padding_mask_crop": "--padding-mask-crop",
+    "loras": "--lora",
 }
 DEFAULT_LIMITS = Limits()
+
+
+LORA_OPTION = click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="LoRA .safetensors added to the weights at load time (fp32/fp16 models; repeatable; scale default 1).",
+)
 
 
 def default_model() -> Path:
@@ -146,6 +157,7 @@ def main() -> None:
 @click.option(
     "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
 )
+@LORA_OPTION
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
 @click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
@@ -183,6 +195,7 @@ def prompt(
     mask_blur: int,
     padding_mask_crop: int | None,
     strength: float | None,
+    loras: tuple[str, ...],
     eta: float,
     provider: str,
     threads: int | None,
@@ -207,8 +220,9 @@ def prompt(
                 check_writable(path)
             except OSError as exc:
                 raise click.BadParameter(str(exc), param_hint="-o") from None
+        applied = [parse_lora_option(text) for text in loras]
         pipe = StableDiffusionPipeline.from_pretrained(
-            model or default_model(), provider=provider, threads=threads, low_memory=low_memory, vae=vae
+            model or default_model(), provider=provider, threads=threads, low_memory=low_memory, vae=vae, loras=applied
         )
         if preview is not None and not pipe.has_tiny_vae:
             raise click.BadParameter("this model has no tiny autoencoder to preview with", param_hint="--preview")
@@ -325,6 +339,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     "--timeout", default=600.0, show_default=True, type=click.FloatRange(1, 86400), help="Seconds per request."
 )
 @click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
+@LORA_OPTION
 def serve(
     model: Path | None,
     host: str,
@@ -340,6 +355,7 @@ def serve(
     max_batch: int,
     timeout: float,
     max_body_bytes: int,
+    loras: tuple[str, ...],
 ) -> None:
     """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/...) image APIs over HTTP."""
     try:
@@ -362,6 +378,8 @@ def serve(
         raise click.ClickException(f"--public-url must be an http:// or https:// URL with a host, got {public_url!r}")
     try:
         resolve_providers(provider)
+        applied = [parse_lora_option(text) for text in loras]
+        read_loras(applied)  # unreadable files fail here, not in the background load
     except ValueError as exc:
         raise user_error(exc) from None
     config = ServeConfig(
@@ -376,7 +394,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
     click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
-    run_server(config, folder, provider, threads, host, port)
+    run_server(config, folder, provider, threads, host, port, applied)
 
 
 def _is_base_url(url: str) -> bool:

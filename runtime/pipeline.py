@@ -26,6 +26,7 @@ from .configs import read_model_config
 from .hub import locate_model
 from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
+from .lora import Lora, check_loras, read_loras, weight_overrides
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
@@ -68,6 +69,7 @@ class StableDiffusionPipeline:
         session_config: SessionConfig,
         low_memory: bool = False,
         vae: str = "auto",
+        loras: tuple[Lora, ...] = (),
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -82,6 +84,9 @@ class StableDiffusionPipeline:
         # An SDXL refiner has no first tokenizer (nor text encoder); its pipeline uses the second.
         has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
         self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length) if has_first else None
+        components = list(manifest.components) if manifest else [p.name for p in folder.iterdir() if p.is_dir()]
+        check_loras(folder, components, list(loras))
+        self.loras = tuple(loras)
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
             for name in self.components_used:
@@ -101,13 +106,15 @@ class StableDiffusionPipeline:
         cache_dir: str | Path | None = None,
         revision: str | None = None,
         vae: str = "auto",
+        loras: list[tuple[str | Path, float] | str | Path] | None = None,
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
         Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
         A path that is no folder but a Hugging Face Hub id ("org/name", "org/name@revision" or `revision=`) is
         fetched into the Hub's cache first (see hub.py). `vae`: "tiny" decodes (and encodes) with the tiny
         autoencoder exported beside the VAE (`sd-export convert --vae`), "full" with the model's own, "auto" the
-        model's own.
+        model's own. `loras`: LoRA files (or (file, scale) pairs) added to the weights as the sessions are
+        created, without PyTorch (see lora.py; fp32/fp16 exports only).
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
@@ -128,7 +135,7 @@ class StableDiffusionPipeline:
             cls = StableDiffusionXLPipeline
         elif cls is StableDiffusionPipeline and config.inpainting:
             cls = StableDiffusionInpaintPipeline
-        return cls(folder, manifest, config, scheduler, session_config, low_memory, vae)
+        return cls(folder, manifest, config, scheduler, session_config, low_memory, vae, read_loras(loras))
 
     @property
     def model_name(self) -> str:
@@ -144,7 +151,8 @@ class StableDiffusionPipeline:
             file = self.folder / (info.file if info else f"{name}/model.onnx")
             if not file.is_file():
                 raise ManifestError(f"{name}: missing model file {file}")
-            self._models[name] = OnnxModel(file, info, self.session_config)
+            overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
+            self._models[name] = OnnxModel(file, info, self.session_config, overrides)
         return self._models[name]
 
     components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
@@ -285,7 +293,7 @@ class StableDiffusionPipeline:
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         self.release("unet")
-        params = request.parameters(self.model_name)
+        params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
             return PipelineOutput(latents, params, request)
         images = self.decode_latents(latents, cancelled)
@@ -325,7 +333,15 @@ class StableDiffusionPipeline:
         images = [crop.paste(image) for image in out.images]
         if output_type == "np":
             images = np.stack([np.asarray(image, np.float32) / 255.0 for image in images])
-        return PipelineOutput(images, request.parameters(self.model_name), request)
+        return PipelineOutput(images, self.parameters(request), request)
+
+    def parameters(self, request: GenerationRequest) -> dict[str, Any]:
+        """The generation parameters images carry: the request's, and the LoRAs applied at load time."""
+        params = request.parameters(self.model_name)
+        applied = [f"{lora.file.name}:{lora.scale:g}" for lora in self.loras if lora.scale]
+        if applied:
+            params["Lora"] = ", ".join(applied)
+        return params
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor

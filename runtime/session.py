@@ -97,7 +97,11 @@ class OnnxModel:
         model_file: Path,
         info: ComponentInfo | None,
         config: SessionConfig,
+        initializers: dict[str, np.ndarray] | None = None,
     ) -> None:
+        """`initializers` replace the graph's initializers of those names (load-time LoRAs, see lora.py); the
+        optimized-graph cache is then skipped, since it would bake them in under another key, and optimization
+        stops at "extended"."""
         self.name = model_file.parent.name
         self.info = info
         if info is not None and info.precision == "fp16" and config.providers[0] == "CPUExecutionProvider":
@@ -111,8 +115,16 @@ class OnnxModel:
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
         if config.threads:
             options.intra_op_num_threads = config.threads
+        if initializers and options.graph_optimization_level == OPTIMIZATION_LEVELS["all"]:
+            # "all"'s layout rewrites (NCHWc convolutions, fp16 casts on CPU) copy weights into new initializers
+            # before overrides apply, which would silently drop them.
+            options.graph_optimization_level = OPTIMIZATION_LEVELS["extended"]
+        # onnxruntime reads the overrides' memory for the session's lifetime: keep them referenced.
+        self._overrides = [ort.OrtValue.ortvalue_from_numpy(w) for w in (initializers or {}).values()]
+        for name, value in zip(initializers or {}, self._overrides, strict=True):
+            options.add_initializer(name, value)
         path = model_file
-        if config.cache and info is not None and config.providers[0] == "CPUExecutionProvider":
+        if config.cache and not initializers and info is not None and config.providers[0] == "CPUExecutionProvider":
             path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(config.providers))

@@ -8,10 +8,16 @@ from pathlib import Path
 import torch
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# kohya files also train convolutions (1x1 proj_in, 3x3 resnet conv1). diffusers' loader mishandles a PEFT-layout
+# file mixing Linear and Conv targets with peft 0.21 (it injects the convs only), so the diffusers layout stays
+# attention-only.
+KOHYA_UNET_TARGETS = [*UNET_TARGETS, "proj_in", "conv1"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def lora_state(pipeline_folder: Path, seed: int, rank: int = 4) -> tuple[dict, dict]:
+def lora_state(
+    pipeline_folder: Path, seed: int, rank: int = 4, unet_targets: list[str] = UNET_TARGETS
+) -> tuple[dict, dict]:
     """PEFT state dicts of a random (non-zero) LoRA for the pipeline's UNet and text encoder."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -19,7 +25,7 @@ def lora_state(pipeline_folder: Path, seed: int, rank: int = 4) -> tuple[dict, d
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_folder, safety_checker=None)
     torch.manual_seed(seed)
     states = []
-    for model, targets in ((pipe.unet, UNET_TARGETS), (pipe.text_encoder, TEXT_TARGETS)):
+    for model, targets in ((pipe.unet, unet_targets), (pipe.text_encoder, TEXT_TARGETS)):
         config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets)
         model = inject_adapter_in_model(config, model)  # peft itself: transformers' mixin wants a newer peft
         states.append(get_peft_model_state_dict(model))
@@ -43,7 +49,7 @@ def write_diffusers_lora(pipeline_folder: Path, out: Path, seed: int) -> Path:
 def write_kohya_lora(pipeline_folder: Path, out: Path, seed: int, rank: int = 4) -> Path:
     from safetensors.torch import save_file
 
-    unet, text = lora_state(pipeline_folder, seed, rank)
+    unet, text = lora_state(pipeline_folder, seed, rank, KOHYA_UNET_TARGETS)
     state = {}
     for prefix, part in (("lora_unet_", unet), ("lora_te_", text)):
         for key, value in part.items():

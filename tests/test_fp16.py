@@ -58,3 +58,24 @@ def test_unknown_precision_is_refused(tiny_pipeline: Path, tmp_path: Path) -> No
     result = CliRunner().invoke(export_cli, ["convert", str(tiny_pipeline), str(tmp_path / "x"), "--precision", "bf8"])
     assert result.exit_code != 0 and "bf8" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_load_time_lora_on_fp16_matches_export_time_fusion(
+    fp16_export: Path, tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    """An fp16 folder maps its half weights too: a LoRA added at load time draws what the fp16 export that
+    fused it draws (updates summed in float32, cast to half once, as fusing then converting does)."""
+    from sd_onnx.exporter.convert import convert
+
+    from .lora_files import write_kohya_lora
+
+    lora = write_kohya_lora(tiny_pipeline, tmp_path / "kohya.safetensors", seed=5)
+    fused = convert(str(tiny_pipeline), tmp_path / "fused", precision="fp16", loras=[(lora, 0.8)], log=lambda _: None)
+    assert fused.loras[0]["scale"] == 0.8
+    settings = {"prompt": "a red circle", "seed": 4, "num_inference_steps": 6, "output_type": "np"}
+    with pytest.warns(UserWarning, match="fp16"):
+        expected = StableDiffusionPipeline.from_pretrained(tmp_path / "fused", provider="cpu")(**settings).images
+        plain = StableDiffusionPipeline.from_pretrained(fp16_export, provider="cpu")(**settings).images
+        got = StableDiffusionPipeline.from_pretrained(fp16_export, provider="cpu", loras=[(lora, 0.8)])(**settings)
+    assert np.abs(got.images - expected).mean() <= 1 / 255
+    assert np.abs(expected - plain).mean() > 1 / 255

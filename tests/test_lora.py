@@ -44,7 +44,9 @@ def reference(folder: Path, loras: list[tuple[Path, float]]):
 
 
 @pytest.mark.parametrize("which", ["diffusers", "kohya", "both"])
-def test_fused_loras_match_diffusers(which: str, loras, tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_fused_loras_match_diffusers(which: str, loras, tiny_pipeline: Path, tiny_export: Path, tmp_path: Path) -> None:
+    """Fused at export vs diffusers; then the same LoRAs added at load time to the plain export, without
+    PyTorch, vs the export that fused them."""
     chosen = {"diffusers": [(loras[0], 0.8)], "kohya": [(loras[1], 1.0)], "both": [(loras[0], 0.5), (loras[1], 0.7)]}
     applied = chosen[which]
     manifest = convert(str(tiny_pipeline), tmp_path / "onnx", loras=applied, log=lambda line: None)
@@ -57,6 +59,96 @@ def test_fused_loras_match_diffusers(which: str, loras, tiny_pipeline: Path, tmp
     assert np.abs(got - expected).mean() <= 1 / 255
     plain = reference(tiny_pipeline, [])(PROMPT, generator=torch.Generator().manual_seed(1), **settings).images
     assert np.abs(plain - expected).mean() > 1 / 255  # the LoRA changes the picture
+    at_load = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=applied)
+    assert set(at_load.loaded_components) >= {"text_encoder", "unet"}
+    assert np.abs(at_load(PROMPT, seed=1, **settings).images - got).max() <= 1e-4
+
+
+def respelled(key: str, down: str, up: str) -> str:
+    """A LoRA tensor name with its pair suffix in another tool's spelling."""
+    from sd_onnx.runtime.lora import PARTS
+
+    suffix = next(s for s in PARTS if key.endswith(s))
+    return key[: -len(suffix)] + {"down": down, "up": up, "alpha": suffix}[PARTS[suffix]]
+
+
+def write_bf16(tensors: dict[str, np.ndarray], out: Path) -> Path:
+    """A .safetensors file of bfloat16 tensors (NumPy has no bfloat16: the upper halves of the float32 bits)."""
+    header, blobs, offset = {}, [], 0
+    for name, value in tensors.items():
+        blob = (np.ascontiguousarray(value, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    out.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    return out
+
+
+def test_load_time_loras_in_every_layout(loras, tiny_export: Path, tmp_path: Path) -> None:
+    """The same LoRA written in the layouts found in the wild gives the same picture: PEFT's lora_A/lora_B with
+    transformers 4's `text_model.` module level, alphas in diffusers' adapter metadata, bfloat16 tensors; a
+    scale of 0 gives the plain model's."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(loras[0]))
+    settings = {"num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "np", "seed": 2}
+
+    def run(*applied: tuple[Path, float]):
+        return DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=list(applied))(PROMPT, **settings)
+
+    base = run((loras[0], 0.6))
+    peft = {respelled(k, ".lora_A.weight", ".lora_B.weight").replace("text_encoder.", "text_encoder.text_model."): v
+            for k, v in tensors.items()}  # fmt: skip
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "text_encoder.lora_alpha": 8})}
+    save_file(tensors, str(tmp_path / "alpha.safetensors"), metadata=metadata)  # alpha 2r: twice the update
+    for file, scale in ((tmp_path / "peft.safetensors", 0.6), (tmp_path / "alpha.safetensors", 0.3)):
+        assert np.abs(run((file, scale)).images - base.images).max() <= 1e-4, file.name
+    bf16 = run((write_bf16(tensors, tmp_path / "bf16.safetensors"), 0.6))
+    assert np.abs(bf16.images - base.images).mean() <= 1 / 255
+    plain, zero = run().images, run((loras[0], 0.0))
+    assert np.abs(zero.images - plain).max() <= 1e-6 and np.abs(base.images - plain).mean() > 1 / 255
+    assert base.parameters["Lora"] == "style.safetensors:0.6" and "Lora" not in zero.parameters
+
+
+def test_load_time_lora_errors(loras, tiny_export: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from sd_onnx.exporter.quantize_folder import quantize_folder
+
+    tensors = load_file(str(loras[0]))
+    cases = {
+        "loha.safetensors": ({"unet.down_blocks.0.hada_w1_a": np.ones((2, 2), np.float32)}, "LoHa/LoKr/DoRA"),
+        "half.safetensors": ({k: v for k, v in tensors.items() if ".up." not in k}, "has no up \\(lora_B\\)"),
+        "other.safetensors": ({"unet.mid_block.nothing.lora_A.weight": np.ones((4, 8), np.float32),
+                               "unet.mid_block.nothing.lora_B.weight": np.ones((8, 4), np.float32)},
+                              "targets unet module 'mid_block.nothing', which this export cannot change"),
+        "xl.safetensors": ({"text_encoder_2.x.lora_A.weight": np.ones((4, 8), np.float32),
+                            "text_encoder_2.x.lora_B.weight": np.ones((8, 4), np.float32)},
+                           "targets text_encoder_2, which this model does not have"),
+        "nan.safetensors": ({k: np.full_like(v, np.nan) for k, v in tensors.items()}, "NaN or infinite"),
+        "shape.safetensors": ({k: (v[:, :2] if ".down." in k else v) for k, v in tensors.items()},
+                              "no low-rank pair|in this LoRA but"),
+    }  # fmt: skip
+    for name, (content, message) in cases.items():
+        save_file(content, str(tmp_path / name))
+        with pytest.raises(ValueError, match=message):
+            DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=[(tmp_path / name, 1.0)])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for loras_arg, message in (
+        ([(tmp_path / "junk.safetensors", 1.0)], "junk.safetensors: not a readable .safetensors file"),
+        ([(tmp_path / "none.safetensors", 1.0)], "no such .safetensors file"),
+        ([(loras[0], 11.0)], "scale must be a number in -10..10"),
+        ([(loras[0], "x")], "scale must be a number"),
+        (str(loras[0]), "must be a list of files or"),
+        ([(loras[0], 1.0, 2)], "neither a file nor a \\(file, scale\\) pair"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=loras_arg)
+    quantize_folder(tiny_export, tmp_path / "int8", log=lambda line: None, steps=2)
+    with pytest.raises(ValueError, match="unet has no LoRA map .* int8 graphs cannot take a LoRA at load time"):
+        DiffusionPipeline.from_pretrained(tmp_path / "int8", provider="cpu", loras=[(loras[0], 1.0)])
 
 
 def test_lcm_lora_recipe_becomes_the_models_defaults(loras, tiny_pipeline: Path, tmp_path: Path) -> None:
@@ -105,3 +197,43 @@ def test_lora_errors(tiny_pipeline: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="junk.safetensors: cannot apply it to this model"):
         convert(str(tiny_pipeline), tmp_path / "b", loras=[(tmp_path / "junk.safetensors", 1.0)], log=print)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_load_time_loras_from_the_cli_and_the_server(loras, tiny_export: Path, tmp_path: Path) -> None:
+    """`sd-run prompt --lora FILE:SCALE` and `sd-run serve --lora FILE:SCALE` draw what the API draws."""
+    import base64
+    import io
+
+    import httpx
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sd_onnx.runtime.cli import main
+
+    from .test_server import Server
+
+    applied = [(loras[0], 0.5), (loras[1], 0.7)]
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=applied)
+    expected = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=4).images[0])
+    flags = ["--lora", f"{loras[0]}:0.5", "--lora", f"{loras[1]}:0.7"]
+    args = ["prompt", PROMPT, "-m", str(tiny_export), "--steps", "3", "--seed", "4", *flags]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    made = Image.open(tmp_path / "a.png")
+    assert np.array_equal(np.asarray(made), expected)
+    assert "Lora: style.safetensors:0.5, kohya.safetensors:0.7" in made.text["parameters"]
+    for bad, message in (
+        (f"{loras[0]}:strong", "Error: --lora: " + f"{loras[0]}:strong: no such file, and 'strong' is not a scale"),
+        (f"{loras[0]}:20", "Error: --lora: style.safetensors: scale must be a number in -10..10"),
+        (str(tmp_path / "none.safetensors"), "Error: --lora: " + f"{tmp_path / 'none.safetensors'}: no such"),
+    ):
+        result = CliRunner().invoke(main, [*args[:-4], "--lora", bad, "-o", str(tmp_path / "b.png")])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+    server = Server(tiny_export, *flags)
+    try:
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert np.array_equal(np.asarray(got), expected)
+    finally:
+        server.stop()

@@ -87,14 +87,22 @@ def _api_key_check(state: ServerState) -> Callable[[Request], None]:
     return check
 
 
-def run_server(config: ServeConfig, folder: Path, provider: str, threads: int | None, host: str, port: int) -> None:
+def run_server(
+    config: ServeConfig,
+    folder: Path,
+    provider: str,
+    threads: int | None,
+    host: str,
+    port: int,
+    loras: list[tuple[Path, float]] | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT. The first signal stops taking work (new requests and /health: 503 "shutting
     down"; queued jobs: 503), lets running jobs finish for up to `graceful_shutdown_s` and then cancels them,
     and only then closes the listening socket; a second signal exits at once."""
     state = ServerState(config)
 
     def loader() -> StableDiffusionPipeline:
-        return StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
+        return StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
 
     app = create_app(state, loader)
     server = _DrainingServer(

@@ -1,0 +1,300 @@
+"""LoRAs applied when a session is created, without PyTorch: each targeted weight becomes base + scale *
+(alpha / rank) * up @ down, handed to onnxruntime as an initializer override (`SessionOptions.add_initializer`).
+
+Which initializer holds which module's weight, in which layout, and where its bytes are, the exporter records
+per component in TARGETS_FILE (exporter/lora_targets.py). LoRA files are read in the layouts training tools
+write: diffusers/PEFT (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, older
+`.lora.down.weight`), and kohya/A1111 (`lora_unet_<module with _>.lora_down.weight`, `lora_te_*`, `.alpha`).
+Formats that are not a plain low-rank pair (LoHa, LoKr, DoRA) and kohya SDXL files named after the original
+checkpoint's blocks are refused: fuse those at export (`sd-export convert --lora`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .request import RequestError
+
+TARGETS_FILE = "lora_targets.json"
+# Key prefix -> component; longer prefixes first (text_encoder_2 before text_encoder).
+PREFIXES = (
+    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+    ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
+    ("lora_unet_", "unet"),
+)  # fmt: skip
+KOHYA = ("lora_te2_", "lora_te1_", "lora_te_", "lora_unet_")
+# Key suffix -> which part of the pair it is.
+PARTS = {
+    ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up",
+    ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up", ".alpha": "alpha",
+}  # fmt: skip
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+MAX_HEADER = 100 * 2**20
+
+
+@dataclass
+class LowRank:
+    """One module's update: up (out x r [x 1 x 1]) @ down (r x in [x kh x kw]), scaled by alpha / r."""
+
+    down: np.ndarray | None = None
+    up: np.ndarray | None = None
+    alpha: float | None = None
+
+    def delta(self) -> np.ndarray:
+        """The weight update in the module's own layout (Linear: out x in; Conv: out x in x kh x kw)."""
+        rank = self.down.shape[0]
+        update = self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)
+        shape = (self.up.shape[0], *self.down.shape[1:])
+        return (update * ((self.alpha or rank) / rank)).reshape(shape)
+
+
+@dataclass
+class Lora:
+    """A LoRA file read for load-time application: its low-rank pairs by component and module key."""
+
+    file: Path
+    scale: float
+    modules: dict[str, dict[str, LowRank]] = field(default_factory=dict)  # component -> module key -> pair
+
+    @classmethod
+    def read(cls, file: str | Path, scale: float = 1.0) -> Lora:
+        """Read and check a .safetensors LoRA; ValueError naming the file for anything unusable."""
+        file = Path(file).expanduser()
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -10.0 <= scale <= 10.0:
+            raise RequestError("loras", f"{file.name}: scale must be a number in -10..10, got {scale!r}")
+        tensors, metadata = read_safetensors(file)
+        lora = cls(file, float(scale))
+        alphas = _metadata_alphas(metadata)
+        for key, value in tensors.items():
+            component, module, part = _split_key(file, key)
+            pair = lora.modules.setdefault(component, {}).setdefault(module, LowRank(alpha=alphas.get(component)))
+            if part == "alpha":
+                pair.alpha = float(np.asarray(value, np.float64).reshape(-1)[0])
+            else:
+                setattr(pair, part, value.astype(np.float32))
+        for pairs in lora.modules.values():
+            for module, pair in pairs.items():
+                _check_pair(file, module, pair)
+        if not lora.modules:
+            raise RequestError("loras", f"{file.name}: holds no LoRA weights")
+        return lora
+
+
+def parse_lora_option(text: str) -> tuple[Path, float]:
+    """ "FILE[:SCALE]" -> (file, scale 1 by default); a colon that is part of an existing file's name (or a
+    Windows drive) is not a scale. RequestError when the tail is no number."""
+    head, sep, tail = text.rpartition(":")
+    file = Path(text).expanduser()
+    if sep and head and not file.is_file():
+        try:
+            return Path(head).expanduser(), float(tail)
+        except ValueError:
+            raise RequestError("loras", f"{text}: no such file, and {tail!r} is not a scale (FILE[:SCALE])") from None
+    return file, 1.0
+
+
+def read_loras(loras: Any) -> tuple[Lora, ...]:
+    """`from_pretrained(loras=...)`: files or (file, scale) pairs, each read and checked."""
+    if loras is None:
+        return ()
+    if isinstance(loras, (str, Path)) or not isinstance(loras, (list, tuple)):
+        raise RequestError("loras", "must be a list of files or (file, scale) pairs")
+    read = []
+    for entry in loras:
+        if isinstance(entry, (str, Path)):
+            read.append(Lora.read(entry))
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], (str, Path)):
+            read.append(Lora.read(*entry))
+        else:
+            raise RequestError("loras", f"{entry!r} is neither a file nor a (file, scale) pair")
+    return tuple(read)
+
+
+def weight_overrides(component_dir: Path, loras: list[Lora]) -> dict[str, np.ndarray]:
+    """The initializers of one component's graph with every LoRA's update added, by initializer name; empty
+    when no LoRA touches the component."""
+    updated: dict[str, np.ndarray] = {}
+    targets = None
+    for lora, path, pair in plan(component_dir, loras):
+        targets = targets or json.loads((component_dir / TARGETS_FILE).read_text())
+        _add(updated, targets, component_dir, targets["modules"][path], pair, lora.scale, lora.file.name, path)
+    return {name: weight.astype(targets["tensors"][name]["dtype"]) for name, weight in updated.items()}
+
+
+def plan(component_dir: Path, loras: list[Lora]) -> list[tuple[Lora, str, LowRank]]:
+    """(LoRA, module path, pair) for every update of this component, resolved against its map without reading
+    any weight; ValueError when the map is missing or a LoRA targets a module the map does not hold."""
+    component = component_dir.name
+    wanted = [lora for lora in loras if lora.modules.get(component)]
+    if not wanted:
+        return []
+    names = _module_names(_read_targets(component_dir, wanted[0])["modules"])
+    steps = []
+    for lora in wanted:
+        for key, pair in lora.modules[component].items():
+            path = names.get(key)
+            if path is None:
+                raise RequestError(
+                    "loras",
+                    f"{lora.file.name}: targets {component} module {key!r}, which this export cannot change "
+                    "at load time (another model, or a kohya SDXL file: fuse it with sd-export convert --lora)",
+                )
+            steps.append((lora, path, pair))
+    return steps
+
+
+def _module_names(paths: list[str]) -> dict[str, str]:
+    """Every name a LoRA file may give a module -> its path in the map: dotted (diffusers/PEFT) or with
+    underscores (kohya), with or without the `text_model.` level that transformers 4's CLIP models have."""
+    names = {}
+    for path in paths:
+        bare = path.removeprefix("text_model.")
+        for name in {path, bare, f"text_model.{bare}"}:
+            names[name] = names[name.replace(".", "_")] = path
+    return names
+
+
+def check_loras(folder: Path, components: list[str], loras: list[Lora]) -> None:
+    """Every LoRA applies to this model: its components exist and hold every module it targets."""
+    for lora in loras:
+        absent = sorted(set(lora.modules) - set(components))
+        if absent:
+            raise RequestError(
+                "loras", f"{lora.file.name}: targets {', '.join(absent)}, which this model does not have"
+            )
+    for component in {c for lora in loras for c in lora.modules}:
+        plan(folder / component, loras)
+
+
+def _add(
+    updated: dict[str, np.ndarray],
+    targets: dict[str, Any],
+    folder: Path,
+    parts: list[dict[str, Any]],
+    pair: LowRank,
+    scale: float,
+    file: str,
+    path: str,
+) -> None:
+    """Add one module's scaled update to its initializer(s), reading each base weight on first use."""
+    delta = pair.delta() * np.float32(scale)
+    for part in parts:
+        name, layout = part["tensor"], part["layout"]
+        if name not in updated:
+            updated[name] = _base_weight(folder, targets["tensors"][name])
+        weight = updated[name]
+        if layout == "conv":
+            change = delta.reshape(weight.shape) if delta.size == weight.size else delta
+        else:  # a Linear: out x in (Gemm) or its transpose (MatMul), perhaps one half of its output columns
+            change = delta.reshape(delta.shape[0], -1)
+            change = change.T if layout == "matmul" else change
+            if "columns" in part:
+                change = change[:, part["columns"][0] : part["columns"][1]]
+        if change.shape != weight.shape:
+            raise RequestError(
+                "loras", f"{file}: {path} is {list(change.shape)} in this LoRA but {list(weight.shape)} in the model"
+            )
+        weight += change
+
+
+def _base_weight(folder: Path, where: dict[str, Any]) -> np.ndarray:
+    """A float32 copy of an initializer's data, read from its file at its recorded offset (updates are summed in
+    float32 and cast back once, as fusing in PyTorch then converting would)."""
+    dtype = np.dtype(where["dtype"])
+    count = int(np.prod(where["shape"], dtype=np.int64))
+    with open(folder / where["file"], "rb") as f:
+        f.seek(int(where["offset"]))
+        raw = f.read(count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
+        raise RequestError(
+            "loras", f"{folder.name}: {where['file']} is shorter than its LoRA map says; re-export the model"
+        )
+    return np.frombuffer(raw, dtype).reshape(where["shape"]).astype(np.float32)
+
+
+def _read_targets(folder: Path, lora: Lora) -> dict[str, Any]:
+    path = folder / TARGETS_FILE
+    if not path.is_file():
+        raise RequestError(
+            "loras",
+            f"{lora.file.name}: {folder.name} has no LoRA map ({TARGETS_FILE}); int8 graphs cannot take a "
+            "LoRA at load time (their weights are quantized) and older exports lack the map: fuse the LoRA at "
+            "export (sd-export convert --lora) or re-export",
+        )
+    return json.loads(path.read_text())
+
+
+def _split_key(file: Path, key: str) -> tuple[str, str, str]:
+    """(component, module key, part) of a LoRA tensor name."""
+    part = next((p for suffix, p in PARTS.items() if key.endswith(suffix)), None)
+    if part is None:
+        kind = "LoHa/LoKr/DoRA" if any(s in key for s in ("hada_", "lokr_", "dora_scale", "magnitude")) else "an"
+        raise RequestError(
+            "loras",
+            f"{file.name}: {key!r} is {kind} unsupported LoRA weight; load-time LoRAs take low-rank pairs "
+            "(lora_A/lora_B, lora_down/lora_up); fuse other kinds at export (sd-export convert --lora)",
+        )
+    stem = key[: -len(next(s for s in PARTS if key.endswith(s)))]
+    stem = stem.removeprefix("base_model.model.")
+    prefix, component = next(((p, c) for p, c in PREFIXES if stem.startswith(p)), ("", "unet"))
+    return component, stem[len(prefix) :], part
+
+
+def _check_pair(file: Path, module: str, pair: LowRank) -> None:
+    if pair.down is None or pair.up is None:
+        missing = "down (lora_A)" if pair.down is None else "up (lora_B)"
+        raise RequestError("loras", f"{file.name}: {module} has no {missing} weight")
+    if pair.down.ndim not in (2, 4) or pair.up.ndim != pair.down.ndim or pair.up.shape[1] != pair.down.shape[0]:
+        raise RequestError(
+            "loras",
+            f"{file.name}: {module}: up {list(pair.up.shape)} and down {list(pair.down.shape)} are no low-rank pair",
+        )
+    if not (np.isfinite(pair.down).all() and np.isfinite(pair.up).all()):
+        raise RequestError("loras", f"{file.name}: {module} holds NaN or infinite values")
+
+
+def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
+    """diffusers' `lora_adapter_metadata` (PEFT config per component): lora_alpha by component."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        return {key.split(".")[0]: float(value) for key, value in config.items() if key.endswith(".lora_alpha")}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (float32/float16; bfloat16 widened to float32) and metadata of a .safetensors file, NumPy only."""
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise RequestError("loras", f"{file}: no such .safetensors file")
+    data = file.read_bytes()
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        if length > min(MAX_HEADER, len(data) - 8):
+            raise ValueError("header length")
+        header = json.loads(data[8 : 8 + length])
+        metadata = header.pop("__metadata__", {}) or {}
+        tensors = {name: _tensor(data, 8 + length, spec) for name, spec in header.items()}
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise RequestError("loras", f"{file.name}: not a readable .safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def _tensor(data: bytes, start: int, spec: dict[str, Any]) -> np.ndarray:
+    dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
+    if dtype is None:
+        raise ValueError(f"dtype {spec['dtype']} is not a float type")
+    begin, end = (start + int(o) for o in spec["data_offsets"])
+    shape = tuple(int(d) for d in spec["shape"])
+    if not start <= begin <= end <= len(data) or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ValueError("data offsets do not match the shape")
+    array = np.frombuffer(data, dtype, count=(end - begin) // np.dtype(dtype).itemsize, offset=begin).reshape(shape)
+    if spec["dtype"] == "BF16":  # the upper half of a float32
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
