@@ -32,6 +32,7 @@ PROMPT = "a photo of an astronaut riding a horse on mars"
 def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_python: str) -> dict[str, Path]:
     """Each engine's model folder: the diffusers source, our export, Optimum's export (made once, reused)."""
     folders = {"diffusers-pytorch": source}
+    (work / "failed.json").unlink(missing_ok=True)  # failures are found again on every run
     log = lambda line: click.echo(f"  {line}", err=True)  # noqa: E731
     if {"sd-onnx-fp32", "sd-onnx-int8"} & set(engines):
         folders["sd-onnx-fp32"] = work / "sd-onnx-fp32"
@@ -55,10 +56,29 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
     if "optimum-ort" in engines:
         folders["optimum-ort"] = work / "optimum-ort"
         if not folders["optimum-ort"].is_dir():
-            cmd = [optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
-            cmd += ["--model", str(source), "--task", "text-to-image", str(folders["optimum-ort"])]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            _export_optimum(source, folders["optimum-ort"], work, optimum_python)
     return folders
+
+
+def _export_optimum(source: Path, out: Path, work: Path, optimum_python: str) -> None:
+    """Optimum's own export of `source` (in its environment), timed with its peak RSS; a failure (out of memory
+    above all) is written to work/failed.json, so the report shows it as that engine's result."""
+    import resource
+
+    cmd = [optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
+    cmd += ["--model", str(source), "--task", "text-to-image", str(out)]
+    started = time.perf_counter()
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    step = {"seconds": round(time.perf_counter() - started, 1), "process_peak_rss_mb": peak_mb}
+    if result.returncode == 0:
+        _record(work, "steps.json", "export_optimum", step)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    killed = result.returncode in (-9, 137)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    reason = "killed by the system (out of memory)" if killed else (lines[-1] if lines else f"exit {result.returncode}")
+    _record(work, "failed.json", "optimum-ort", {**step, "error": f"optimum export failed: {reason}"})
 
 
 # Options whose values are this machine's paths: reports show placeholders, so they read the same anywhere.
@@ -81,22 +101,28 @@ def _record_step(work: Path, name: str, started: float) -> None:
     """Append how long a preparation step took, and this process's peak RSS so far, to work/steps.json."""
     import resource
 
-    path = work / "steps.json"
-    steps = json.loads(path.read_text()) if path.is_file() else {}
-    steps[name] = {
-        "seconds": round(time.perf_counter() - started, 1),
-        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    }
-    path.write_text(json.dumps(steps, indent=2) + "\n")
+    peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    _record(
+        work, "steps.json", name, {"seconds": round(time.perf_counter() - started, 1), "process_peak_rss_mb": peak_mb}
+    )
+
+
+def _record(work: Path, file: str, name: str, entry: dict) -> None:
+    path = work / file
+    records = json.loads(path.read_text()) if path.is_file() else {}
+    records[name] = entry
+    path.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def run_engine(engine: str, spec: dict, python: str) -> dict:
-    """One engine in a fresh process; its last stdout line is the JSON record."""
+    """One engine in a fresh process; its last stdout line is the JSON record. A failure (an engine that
+    crashes or runs out of memory) is that engine's result: {"error": ...}."""
     cmd = [python, "-m", "sd_onnx.benchmarks.engines", engine, json.dumps(spec)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise click.ClickException(f"{engine} failed: {tail[0]}")
+        killed = result.returncode in (-9, 137)
+        return {"error": "killed by the system (out of memory)" if killed else tail[0]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -129,9 +155,13 @@ def benchmark(
         spec = {**settings, "kind": KIND[engine], "model": str(folders[engine]), "vae_repeats": 2}
         spec["low_memory"] = low_memory and KIND[engine] == "sd-onnx"
         python = optimum_python if engine == "optimum-ort" else sys.executable
-        record = run_engine(engine, spec, python)
-        record["model_mb"] = folder_mb(folders[engine])
+        failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}
+        record = failed.get(engine) or run_engine(engine, spec, python)
         report["engines"][engine] = record
+        if "error" in record:
+            click.echo(f"[{i}/{len(engines)}] {engine}: failed: {record['error']}", err=True)
+            continue
+        record["model_mb"] = folder_mb(folders[engine])
         click.echo(
             f"[{i}/{len(engines)}] {engine}: UNet step {record['unet_step_median_s']:.2f} s, "
             f"end to end {record['end_to_end_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MB",
@@ -309,6 +339,26 @@ def load_memory(model: Path, size: int, steps: int, out: Path) -> None:
     from .runtime_load_memory import measure
 
     write_json(out, measure(model, size, steps))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("lora", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--scale", default=1.0, show_default=True, type=float)
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/lora_load.json"))
+def lora(model: Path, lora: Path, scale: float, size: int, threads: int, rounds: int, out: Path) -> None:
+    """What a LoRA applied at load time costs: building the weights, and the UNet step at the optimization
+    level such sessions use, against the default, interleaved in one process."""
+    from .lora_load import compare_lora_load
+
+    report = {"machine": machine_info(), **compare_lora_load(model, lora, scale, size, threads, rounds)}
+    write_json(out, report)
+    for name, ratio in report["ratio_vs_all"].items():
+        click.echo(f"unet step {name:9s} {report['unet_step_median_s'][name]:7.3f} s  {ratio:.3f}x")
+    click.echo(f"overrides built in {report['build_overrides_s']:.2f} s ({report['overridden_mb']} MB)")
 
 
 @main.command()

@@ -38,10 +38,10 @@ def markdown(report: dict[str, Any], baseline: str = "diffusers-pytorch", second
         "|---|" + "---|" * len(COLUMNS),
     ]
     for name, rec in engines.items():
-        cells = [_fmt(rec.get(key)) for key, _ in COLUMNS]
+        cells = [_fmt(rec.get(key)) for key, _ in COLUMNS] if "error" not in rec else [f"failed: {rec['error']}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for ref in (baseline, second):
-        if ref not in engines:
+        if ref not in engines or "error" in engines[ref]:
             continue
         lines += ["", f"Ratios against {ref} (lower is better):", ""]
         lines.append("| engine | " + " | ".join(dict(COLUMNS)[k] for k in RATIO_KEYS) + " |")
@@ -72,7 +72,7 @@ def plots(report: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engines = report["engines"]
+    engines = {name: rec for name, rec in report["engines"].items() if "error" not in rec}
     names = list(engines)
     steps = report["settings"]["steps"]
     parts = {

@@ -69,6 +69,28 @@ def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path
     assert refused.exit_code != 0 and "give exactly one of --model PATH or --random" in refused.output
 
 
+def test_a_peer_that_fails_is_that_engines_result(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """A peer whose export fails (out of memory, a build error) is reported as failed, with its reason, beside
+    the engines that ran; the run goes on."""
+    from sd_onnx.benchmarks.cli import main
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'MemoryError: cannot allocate' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    args = ["run", "--model", str(tiny_pipeline), "--steps", "1", "--size", "32", "--engines",
+            "optimum-ort,sd-onnx-fp32", "--optimum-python", str(fake), "--name", "peers",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "peers.json").read_text())
+    failed = report["engines"]["optimum-ort"]
+    assert failed["error"] == "optimum export failed: MemoryError: cannot allocate" and failed["seconds"] >= 0
+    assert report["engines"]["sd-onnx-fp32"]["unet_steps"] == 1
+    text = (tmp_path / "out" / "peers.md").read_text()
+    assert "| optimum-ort | failed: optimum export failed: MemoryError: cannot allocate |" in text
+    assert "Ratios against optimum-ort" not in text and (tmp_path / "out" / "peers_peak_rss.png").is_file()
+
+
 def test_report_markdown_and_plots_from_fixed_json(tmp_path: Path) -> None:
     report = json.loads(FIXTURE.read_text())
     text = markdown(report)

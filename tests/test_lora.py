@@ -237,3 +237,19 @@ def test_load_time_loras_from_the_cli_and_the_server(loras, tiny_export: Path, t
         assert np.array_equal(np.asarray(got), expected)
     finally:
         server.stop()
+
+
+def test_lora_load_benchmark(loras, tiny_export: Path, tmp_path: Path) -> None:
+    """`sd-bench lora` times the three UNet sessions interleaved and sizes the overrides it built."""
+    from click.testing import CliRunner
+
+    from sd_onnx.benchmarks.cli import main
+
+    out = tmp_path / "lora.json"
+    args = ["lora", str(tiny_export), str(loras[1]), "--size", "32", "--rounds", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["unet_step_median_s"]) == {"all", "extended", "lora"} and report["ratio_vs_all"]["all"] == 1
+    assert report["lora"]["modules"] == report["overridden_initializers"] > 0 and report["overridden_mb"] > 0
+    assert report["settings"] == {"size": 32, "threads": 2, "rounds": 1}
