@@ -9,6 +9,7 @@ parameters) for speed and memory measurements. All use the real CLIP tokenizer.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -209,7 +210,14 @@ def save_sdxl_pipeline(recipe: dict[str, dict[str, Any]], out: Path) -> Path:
         pipeline_class = getattr(diffusers, recipe.get("pipeline", "StableDiffusionXLPipeline"))
         pipe = pipeline_class(**modules, text_encoder=first, tokenizer=tokenizer)
     pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):  # slow-tokenizer files for transformers 4.x (Optimum's pin)
+        if (out / name).is_dir():
+            for file in ("vocab.json", "merges.txt"):
+                shutil.copy2(out / "_tokenizer_src" / file, out / name / file)
     shutil.rmtree(out / "_tokenizer_src")
+    for name in ("text_encoder", "text_encoder_2"):
+        for weights in sorted((out / name).glob("*.safetensors")) if (out / name).is_dir() else ():
+            _nest_clip_weights(weights)
     return out
 
 
@@ -281,8 +289,18 @@ def _nest_clip_weights(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     state = load_file(path)
-    nested = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    nested = {
+        k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in state.items()
+    }
     save_file(nested, path, metadata={"format": "pt"})
+    index = path.parent / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint names every weight's shard
+        content = json.loads(index.read_text())
+        content["weight_map"] = {
+            k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+            for k, v in content["weight_map"].items()
+        }
+        index.write_text(json.dumps(content, indent=2))
 
 
 def build_tiny_pipeline(out: Path, seed: int = 0) -> Path:

@@ -25,14 +25,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     prompt. A refiner (the second text encoder only, an aesthetic score among its time ids) is meant for img2img
     on a base model's output, as diffusers' StableDiffusionXLImg2ImgPipeline runs it."""
 
-    def __init__(self, folder, manifest, config, scheduler, session_config, low_memory=False, vae="auto") -> None:  # noqa: ANN001
+    def __init__(self, folder, manifest, config, scheduler, session_config, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         if config.time_ids_count not in (BASE_TIME_IDS, REFINER_TIME_IDS):
             raise ManifestError(f"{folder}: an SDXL UNet with {config.time_ids_count} time ids is not supported")
         self.refiner = config.time_ids_count == REFINER_TIME_IDS
         self.tokenizer_2 = CLIPTokenizer(folder / "tokenizer_2", config.max_token_length)
         encoders = ("text_encoder_2",) if not (folder / "text_encoder").is_dir() else ("text_encoder", "text_encoder_2")
         self.components_used = (*encoders, "unet", "vae_decoder")
-        super().__init__(folder, manifest, config, scheduler, session_config, low_memory, vae)
+        super().__init__(folder, manifest, config, scheduler, session_config, *args, **kwargs)
 
     def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         prompts = request.prompts
