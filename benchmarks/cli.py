@@ -114,16 +114,31 @@ def _record(work: Path, file: str, name: str, entry: dict) -> None:
     path.write_text(json.dumps(records, indent=2) + "\n")
 
 
-def run_engine(engine: str, spec: dict, python: str) -> dict:
+def run_engine(engine: str, spec: dict, python: str, work: Path) -> dict:
     """One engine in a fresh process; its last stdout line is the JSON record. A failure (an engine that
     crashes or runs out of memory) is that engine's result: {"error": ...}."""
     cmd = [python, "-m", "sd_onnx.benchmarks.engines", engine, json.dumps(spec)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if python != sys.executable:  # a peer's environment has no sd-onnx: lend it the engine modules alone
+        env["PYTHONPATH"] = str(_engine_modules(work))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
         killed = result.returncode in (-9, 137)
         return {"error": "killed by the system (out of memory)" if killed else tail[0]}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _engine_modules(work: Path) -> Path:
+    """A folder holding `sd_onnx.benchmarks.engines` and what it imports (the standard library and NumPy
+    only), for peers' environments."""
+    root = work / "_engine_modules"
+    package = root / "sd_onnx" / "benchmarks"
+    package.mkdir(parents=True, exist_ok=True)
+    (root / "sd_onnx" / "__init__.py").touch()
+    for name in ("__init__.py", "engines.py", "machine.py"):
+        shutil.copy2(Path(__file__).with_name(name), package / name)
+    return root
 
 
 def benchmark(
@@ -156,7 +171,7 @@ def benchmark(
         spec["low_memory"] = low_memory and KIND[engine] == "sd-onnx"
         python = optimum_python if engine == "optimum-ort" else sys.executable
         failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}
-        record = failed.get(engine) or run_engine(engine, spec, python)
+        record = failed.get(engine) or run_engine(engine, spec, python, work)
         report["engines"][engine] = record
         if "error" in record:
             click.echo(f"[{i}/{len(engines)}] {engine}: failed: {record['error']}", err=True)

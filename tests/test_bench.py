@@ -144,3 +144,16 @@ def test_components_interleaves_runs_and_reports_ratios_to_the_first(
     assert order == ([a, a, b, b] + [a, b] * 3) * 2
     bad = CliRunner().invoke(main, ["components", "nonsense"])
     assert bad.exit_code != 0 and "NAME=FOLDER" in bad.output
+
+
+def test_peers_get_the_engine_modules_without_sd_onnx(tmp_path: Path) -> None:
+    """A peer's environment has no sd-onnx: run_engine lends it a folder with the engine modules alone, and
+    they import from there (standard library and NumPy only)."""
+    from sd_onnx.benchmarks.cli import _engine_modules
+
+    root = _engine_modules(tmp_path)
+    code = "import sd_onnx.benchmarks.engines as e, sys; print(e.__file__); print(sorted(e.RUNNERS))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(str(root))
+    assert "optimum-ort" in result.stdout
