@@ -166,14 +166,14 @@ def run_diffusers(spec: dict) -> dict:
 
 
 def run_optimum(spec: dict) -> dict:
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    from optimum.onnxruntime import ORTDiffusionPipeline  # the folder's own pipeline class (SD, SDXL, ...)
 
     def load() -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = spec["threads"]
-        pipe = ORTStableDiffusionPipeline.from_pretrained(spec["model"], session_options=options)
+        pipe = ORTDiffusionPipeline.from_pretrained(spec["model"], session_options=options)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -59,3 +59,20 @@ def write_kohya_lora(pipeline_folder: Path, out: Path, seed: int, rank: int = 4)
             state[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(state, str(out))
     return out
+
+
+def write_sdxl_lora(pipeline_folder: Path, out: Path, seed: int, rank: int = 4) -> Path:
+    """A diffusers-layout LoRA for an SDXL pipeline's UNet and both text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_folder)
+    torch.manual_seed(seed)
+    layers = {}
+    for name, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)):
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=targets)
+        model = inject_adapter_in_model(config, getattr(pipe, name))
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    StableDiffusionXLPipeline.save_lora_weights(out.parent, weight_name=out.name, **layers)
+    return out

@@ -253,3 +253,19 @@ def test_lora_load_benchmark(loras, tiny_export: Path, tmp_path: Path) -> None:
     assert set(report["unet_step_median_s"]) == {"all", "extended", "lora"} and report["ratio_vs_all"]["all"] == 1
     assert report["lora"]["modules"] == report["overridden_initializers"] > 0 and report["overridden_mb"] > 0
     assert report["settings"] == {"size": 32, "threads": 2, "rounds": 1}
+
+
+def test_load_time_lora_on_sdxl_matches_export_time_fusion(tiny_sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    """SDXL: UNet and both text encoders changed at load time draw what the export that fused them draws."""
+    from .lora_files import write_sdxl_lora
+
+    source, folder = tiny_sdxl
+    lora = write_sdxl_lora(source, tmp_path / "sdxl.safetensors", seed=6)
+    convert(str(source), tmp_path / "fused", loras=[(lora, 0.7)], log=lambda line: None)
+    settings = {"num_inference_steps": 3, "guidance_scale": 5.0, "output_type": "np", "seed": 3}
+    expected = DiffusionPipeline.from_pretrained(tmp_path / "fused", provider="cpu")(PROMPT, **settings).images
+    at_load = DiffusionPipeline.from_pretrained(folder, provider="cpu", loras=[(lora, 0.7)])
+    assert {"text_encoder", "text_encoder_2"} <= {c for lora in at_load.loras for c in lora.modules}
+    assert np.abs(at_load(PROMPT, **settings).images - expected).max() <= 1e-4
+    plain = DiffusionPipeline.from_pretrained(folder, provider="cpu")(PROMPT, **settings).images
+    assert np.abs(plain - expected).mean() > 1 / 255
