@@ -161,6 +161,17 @@ def _module_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+def check_loras_fit(folder: Path, loras: tuple[Lora, ...]) -> None:
+    """check_loras for a model folder on disk (its manifest's components, else its sub-folders)."""
+    from .manifest import MANIFEST_NAME, Manifest
+
+    if not loras:
+        return
+    has_manifest = (folder / MANIFEST_NAME).is_file()
+    components = list(Manifest.load(folder).components) if has_manifest else [p.name for p in folder.iterdir()]
+    check_loras(folder, components, list(loras))
+
+
 def check_loras(folder: Path, components: list[str], loras: list[Lora]) -> None:
     """Every LoRA applies to this model: its components exist and hold every module it targets."""
     for lora in loras:

@@ -171,6 +171,7 @@ class GenerationRequest:
             scheduler=scheduler,
             eta=eta,
             strength=strength,
+            padding_mask_crop=None if self.padding_mask_crop is None else int(self.padding_mask_crop),
             resolved=True,
         )
 
@@ -246,6 +247,8 @@ class GenerationRequest:
                 raise RequestError("strength", "applies to img2img only: give an init image too")
             if self.mask_image is not None:
                 raise RequestError("mask_image", "masks an init image: give the image to inpaint too")
+            if self.padding_mask_crop is not None:
+                raise RequestError("padding_mask_crop", "applies to inpainting only: give an image and a mask_image")
             if config.inpainting:
                 raise RequestError("image", "this is an inpainting model: give an image and a mask_image")
             return None

@@ -141,8 +141,11 @@ def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_e
     out = plain(PROMPT, image=picture(0), mask_image=picture(0, "L"), num_inference_steps=2, seed=1)
     assert out.request.strength == 1.0 and out.parameters["Inpaint"] == "mask"
     crop = {"image": picture(0), "mask_image": picture(0, "L"), "num_inference_steps": 1, "padding_mask_crop": 4}
+    whole = plain(PROMPT, **{**crop, "padding_mask_crop": 4.0})  # a whole number given as a float
+    assert whole.request.padding_mask_crop == 4 and whole.images[0].size == (32, 32)
     for change, message in (
         ({"mask_image": None}, "padding_mask_crop: applies to inpainting only"),
+        ({"mask_image": None, "image": None}, "padding_mask_crop: applies to inpainting only"),
         ({"padding_mask_crop": -1}, "padding_mask_crop: must be >= 0"),
         ({"padding_mask_crop": 2.5}, "padding_mask_crop"),
         ({"mask_image": np.ones((1, 1, 32, 32))}, "mask_image: must be a PIL image to inpaint a crop"),
@@ -238,12 +241,16 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
                     strength=0.75, num_inference_steps=4, seed=8, masked_content="fill", mask_blur=4,
                     padding_mask_crop=0).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+    # An all-black mask has no box to crop around: the whole picture, as A1111 falls back; a mask of another
+    # size is resized to the image, as A1111 does.
+    empty = {**only_masked, "mask": b64_png(Image.new("L", (48, 40)))}
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=empty, timeout=60)
+    assert r.status_code == 200 and "Only masked" not in r.json()["info"], r.text
+    small = {**only_masked, "mask": b64_png(box_mask((48, 40), (20, 10, 30, 18)).resize((24, 20)))}
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=small, timeout=60)
+    assert r.status_code == 200 and "Masked area padding: 0" in r.json()["info"], r.text
     for change, message in (
         ({"mask": "not base64!"}, "mask: not valid base64"),
-        (
-            {"inpaint_full_res": True, "inpainting_mask_invert": 0, "mask": b64_png(Image.new("L", (32, 32)))},
-            "mask: is empty",
-        ),
         ({"inpaint_full_res_padding": -2}, "inpaint_full_res_padding"),
         ({"inpainting_fill": 7}, "inpainting_fill"),
         ({"mask_blur": 65}, "mask_blur: must be <= 64"),

@@ -47,7 +47,8 @@ def to_request(
             "mask_image": mask,
             "masked_content": MASKED_CONTENT[body.inpainting_fill],
             "mask_blur": body.mask_blur,
-            "padding_mask_crop": body.inpaint_full_res_padding if body.inpaint_full_res else None,
+            # An empty mask has no box to crop around: A1111 then inpaints the whole picture.
+            "padding_mask_crop": body.inpaint_full_res_padding if body.inpaint_full_res and mask.getbbox() else None,
         }
         if body.denoising_strength is None:
             inpainting["strength"] = DEFAULT_STRENGTH
@@ -98,7 +99,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 mask = await asyncio.to_thread(decode_base64_image, body.mask, limit)
             except ImageError as exc:
                 raise HTTPException(422, f"mask: {exc}") from None
-            mask = ImageOps.invert(mask.convert("L")) if body.inpainting_mask_invert else mask
+            mask = ImageOps.invert(mask.convert("L")) if body.inpainting_mask_invert else mask.convert("L")
+            mask = mask if mask.size == image.size else mask.resize(image.size)  # as A1111 does
         return await run(body, image, mask)
 
     @api.get("/sdapi/v1/samplers")
