@@ -1,13 +1,12 @@
 """Where each LoRA-targetable weight of a component lives in its exported graph, so the torch-free runtime can
 add a LoRA's low-rank update to it when a session is created (runtime/lora.py).
 
-The exporter names most weights anonymously (`onnx::MatMul_1624`, stored transposed) and the GEGLU split
-(optimize.py) cuts one projection in two, so weights are found by value: every Linear and Conv2d weight of the
-torch module is digested in each layout a graph can hold it in (as a MatMul's transposed matrix, as Gemm's
-matrix, a MatMul's column half, a Conv kernel) and matched with the graph's float initializers. The map
-records, per module path (diffusers' and transformers' names, which LoRA files use), the initializer(s) and
-their layout, and for each initializer the file and byte offset of its data, its dtype and shape, so the
-runtime reads base weights with NumPy alone.
+The exporter names most weights anonymously (`onnx::MatMul_1624`, stored transposed), so weights are found by
+value: every Linear and Conv2d weight of the torch module is digested in each layout a graph can hold it in (a
+MatMul's transposed matrix, Gemm's matrix, a Conv kernel) and matched with the graph's float initializers. The
+map records, per module path (diffusers' and transformers' names, which LoRA files use), the initializer and
+its layout, and for each initializer the file and byte offset of its data, its dtype and shape, so the runtime
+reads base weights with NumPy alone.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import torch
 
 from sd_onnx.runtime.lora import TARGETS_FILE
 
-Candidate = tuple[str, tuple[int, int] | None, str]  # layout, output columns (a half) or None, digest
+Candidate = tuple[str, str]  # layout, digest
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
 
@@ -40,28 +39,21 @@ def weight_candidates(model: torch.nn.Module) -> dict[str, list[Candidate]]:
     for path, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             weight = module.weight.detach().float().numpy()
-            matmul, rows = weight.T, weight.shape[0]
-            found[path] = [("matmul", None, _digest(matmul)), ("gemm", None, _digest(weight))]
-            if rows % 2 == 0:
-                for cols in ((0, rows // 2), (rows // 2, rows)):
-                    found[path].append(("matmul", cols, _digest(matmul[:, cols[0] : cols[1]])))
+            found[path] = [("matmul", _digest(weight.T)), ("gemm", _digest(weight))]
         elif isinstance(module, torch.nn.Conv2d):
-            found[path] = [("conv", None, _digest(module.weight.detach().float().numpy()))]
+            found[path] = [("conv", _digest(module.weight.detach().float().numpy()))]
     return found
 
 
 def map_weights(candidates: dict[str, list[Candidate]], model_file: Path) -> dict[str, list[dict[str, Any]]]:
-    """Module path -> the initializers holding its weight ([whole] or [first half, second half] of its output
-    columns), found by value in the fp32 graph `model_file`. Modules the graph does not hold are left out."""
+    """Module path -> the initializers holding its weight, found by value in the fp32 graph `model_file`.
+    Modules the graph does not hold are left out."""
     by_digest = {digest: name for name, digest in _initializer_digests(model_file).items()}
     modules = {}
     for path, options in candidates.items():
-        whole = [(layout, by_digest[d]) for layout, cols, d in options if cols is None and d in by_digest]
-        halves = [(cols, by_digest[d]) for _, cols, d in options if cols is not None and d in by_digest]
-        if whole:
-            modules[path] = [{"tensor": whole[0][1], "layout": whole[0][0]}]
-        elif len(halves) == 2:
-            modules[path] = [{"tensor": name, "layout": "matmul", "columns": list(cols)} for cols, name in halves]
+        found = [(layout, by_digest[digest]) for layout, digest in options if digest in by_digest]
+        if found:
+            modules[path] = [{"tensor": found[0][1], "layout": found[0][0]}]
     return modules
 
 

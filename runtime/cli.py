@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .lora import check_loras_fit, parse_lora_option, read_loras
+from .lora import check_loras, parse_lora_option, read_loras
 from .manifest import MANIFEST_NAME
 from .request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
 from .schedulers import scheduler_names
@@ -379,7 +379,7 @@ def serve(
     try:
         resolve_providers(provider)
         applied = [parse_lora_option(text) for text in loras]
-        check_loras_fit(folder, read_loras(applied))  # fails here, not in the background load
+        check_loras(folder, list(read_loras(applied)))  # fails here, not in the background load
     except ValueError as exc:
         raise user_error(exc) from None
     config = ServeConfig(

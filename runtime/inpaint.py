@@ -31,7 +31,7 @@ def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int, blur: i
     if blur:
         if not isinstance(mask, Image.Image):
             mask = Image.fromarray((np.asarray(mask)[0, 0] * 255).round().astype(np.uint8), "L")
-        mask = mask.convert("L").filter(ImageFilter.GaussianBlur(blur))
+        mask = blurred(mask, blur)
     if isinstance(mask, Image.Image):
         if mask.size != (width, height):
             mask = mask.resize((width, height), Image.Resampling.LANCZOS)
@@ -39,6 +39,11 @@ def mask_pixels(mask: Image.Image | np.ndarray, width: int, height: int, blur: i
     else:
         values = np.asarray(mask, dtype=np.float32)
     return (values >= 0.5).astype(np.float32)
+
+
+def blurred(mask: Image.Image, radius: int) -> Image.Image:
+    """The mask in grayscale with its edges softened by a Gaussian of `radius` pixels (A1111's mask blur)."""
+    return mask.convert("L").filter(ImageFilter.GaussianBlur(radius))
 
 
 @dataclass
@@ -83,7 +88,7 @@ class MaskCrop:
     ) -> MaskCrop:
         """The box holding every masked pixel plus `pad`, grown to width:height; `blur` softens the mask first
         (its soft edge then blends the pasted result, as A1111 does)."""
-        mask = mask.convert("L").filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+        mask = blurred(mask, blur) if blur else mask
         return cls(image, mask, crop_region(mask, width, height, pad))
 
     def image(self, width: int, height: int) -> Image.Image:

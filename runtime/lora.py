@@ -28,7 +28,6 @@ PREFIXES = (
     ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
     ("lora_unet_", "unet"),
 )  # fmt: skip
-KOHYA = ("lora_te2_", "lora_te1_", "lora_te_", "lora_unet_")
 # Key suffix -> which part of the pair it is.
 PARTS = {
     ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up",
@@ -120,22 +119,22 @@ def read_loras(loras: Any) -> tuple[Lora, ...]:
 def weight_overrides(component_dir: Path, loras: list[Lora]) -> dict[str, np.ndarray]:
     """The initializers of one component's graph with every LoRA's update added, by initializer name; empty
     when no LoRA touches the component."""
+    targets, steps = plan(component_dir, loras)
     updated: dict[str, np.ndarray] = {}
-    targets = None
-    for lora, path, pair in plan(component_dir, loras):
-        targets = targets or json.loads((component_dir / TARGETS_FILE).read_text())
+    for lora, path, pair in steps:
         _add(updated, targets, component_dir, targets["modules"][path], pair, lora.scale, lora.file.name, path)
     return {name: weight.astype(targets["tensors"][name]["dtype"]) for name, weight in updated.items()}
 
 
-def plan(component_dir: Path, loras: list[Lora]) -> list[tuple[Lora, str, LowRank]]:
-    """(LoRA, module path, pair) for every update of this component, resolved against its map without reading
-    any weight; ValueError when the map is missing or a LoRA targets a module the map does not hold."""
+def plan(component_dir: Path, loras: list[Lora]) -> tuple[dict[str, Any], list[tuple[Lora, str, LowRank]]]:
+    """The component's map and (LoRA, module path, pair) for every update of it, resolved without reading any
+    weight; RequestError when the map is missing or a LoRA targets a module the map does not hold."""
     component = component_dir.name
     wanted = [lora for lora in loras if lora.modules.get(component)]
     if not wanted:
-        return []
-    names = _module_names(_read_targets(component_dir, wanted[0])["modules"])
+        return {}, []
+    targets = _read_targets(component_dir, wanted[0])
+    names = _module_names(targets["modules"])
     steps = []
     for lora in wanted:
         for key, pair in lora.modules[component].items():
@@ -147,7 +146,7 @@ def plan(component_dir: Path, loras: list[Lora]) -> list[tuple[Lora, str, LowRan
                     "at load time (another model, or a kohya SDXL file: fuse it with sd-export convert --lora)",
                 )
             steps.append((lora, path, pair))
-    return steps
+    return targets, steps
 
 
 def _module_names(paths: list[str]) -> dict[str, str]:
@@ -161,19 +160,18 @@ def _module_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def check_loras_fit(folder: Path, loras: tuple[Lora, ...]) -> None:
-    """check_loras for a model folder on disk (its manifest's components, else its sub-folders)."""
+def check_loras(folder: Path, loras: list[Lora], components: list[str] | None = None) -> None:
+    """Every LoRA applies to the model in `folder`: its components (default: the manifest's, else the
+    sub-folders) exist and hold every module it targets."""
     from .manifest import MANIFEST_NAME, Manifest
 
     if not loras:
         return
-    has_manifest = (folder / MANIFEST_NAME).is_file()
-    components = list(Manifest.load(folder).components) if has_manifest else [p.name for p in folder.iterdir()]
-    check_loras(folder, components, list(loras))
-
-
-def check_loras(folder: Path, components: list[str], loras: list[Lora]) -> None:
-    """Every LoRA applies to this model: its components exist and hold every module it targets."""
+    if components is None:
+        has_manifest = (folder / MANIFEST_NAME).is_file()
+        components = (
+            list(Manifest.load(folder).components) if has_manifest else [p.name for p in folder.iterdir() if p.is_dir()]
+        )
     for lora in loras:
         absent = sorted(set(lora.modules) - set(components))
         if absent:
@@ -203,11 +201,9 @@ def _add(
         weight = updated[name]
         if layout == "conv":
             change = delta.reshape(weight.shape) if delta.size == weight.size else delta
-        else:  # a Linear: out x in (Gemm) or its transpose (MatMul), perhaps one half of its output columns
+        else:  # a Linear: out x in (Gemm) or its transpose (MatMul)
             change = delta.reshape(delta.shape[0], -1)
             change = change.T if layout == "matmul" else change
-            if "columns" in part:
-                change = change[:, part["columns"][0] : part["columns"][1]]
         if change.shape != weight.shape:
             raise RequestError(
                 "loras", f"{file}: {path} is {list(change.shape)} in this LoRA but {list(weight.shape)} in the model"
@@ -244,18 +240,17 @@ def _read_targets(folder: Path, lora: Lora) -> dict[str, Any]:
 
 def _split_key(file: Path, key: str) -> tuple[str, str, str]:
     """(component, module key, part) of a LoRA tensor name."""
-    part = next((p for suffix, p in PARTS.items() if key.endswith(suffix)), None)
-    if part is None:
+    suffix = next((suffix for suffix in PARTS if key.endswith(suffix)), None)
+    if suffix is None:
         kind = "LoHa/LoKr/DoRA" if any(s in key for s in ("hada_", "lokr_", "dora_scale", "magnitude")) else "an"
         raise RequestError(
             "loras",
             f"{file.name}: {key!r} is {kind} unsupported LoRA weight; load-time LoRAs take low-rank pairs "
             "(lora_A/lora_B, lora_down/lora_up); fuse other kinds at export (sd-export convert --lora)",
         )
-    stem = key[: -len(next(s for s in PARTS if key.endswith(s)))]
-    stem = stem.removeprefix("base_model.model.")
+    stem = key[: -len(suffix)].removeprefix("base_model.model.")
     prefix, component = next(((p, c) for p, c in PREFIXES if stem.startswith(p)), ("", "unet"))
-    return component, stem[len(prefix) :], part
+    return component, stem[len(prefix) :], PARTS[suffix]
 
 
 def _check_pair(file: Path, module: str, pair: LowRank) -> None:

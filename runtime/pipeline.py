@@ -84,8 +84,7 @@ class StableDiffusionPipeline:
         # An SDXL refiner has no first tokenizer (nor text encoder); its pipeline uses the second.
         has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
         self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length) if has_first else None
-        components = list(manifest.components) if manifest else [p.name for p in folder.iterdir() if p.is_dir()]
-        check_loras(folder, components, list(loras))
+        check_loras(folder, list(loras), list(manifest.components) if manifest else None)
         self.loras = tuple(loras)
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:

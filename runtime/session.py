@@ -100,8 +100,8 @@ class OnnxModel:
         initializers: dict[str, np.ndarray] | None = None,
     ) -> None:
         """`initializers` replace the graph's initializers of those names (load-time LoRAs, see lora.py); the
-        optimized-graph cache is then skipped, since it would bake them in under another key, and optimization
-        stops at "extended"."""
+        optimized-graph cache is then skipped, since it would bake them in under another key, optimization stops
+        at "extended" and constant folding is off."""
         self.name = model_file.parent.name
         self.info = info
         if info is not None and info.precision == "fp16" and config.providers[0] == "CPUExecutionProvider":
@@ -115,10 +115,13 @@ class OnnxModel:
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
         if config.threads:
             options.intra_op_num_threads = config.threads
-        if initializers and options.graph_optimization_level == OPTIMIZATION_LEVELS["all"]:
-            # "all"'s layout rewrites (NCHWc convolutions, fp16 casts on CPU) copy weights into new initializers
-            # before overrides apply, which would silently drop them.
-            options.graph_optimization_level = OPTIMIZATION_LEVELS["extended"]
+        disabled = []
+        if initializers:
+            # Rewrites that copy a weight into a new tensor before overrides apply would silently drop them:
+            # "all"'s layout changes (NCHWc convolutions, fp16 casts on CPU) and constant folding (the sliced
+            # halves of a GEGLU projection).
+            level = min(options.graph_optimization_level, OPTIMIZATION_LEVELS["extended"], key=int)
+            options.graph_optimization_level, disabled = level, ["ConstantFolding"]
         # onnxruntime reads the overrides' memory for the session's lifetime: keep them referenced.
         self._overrides = [ort.OrtValue.ortvalue_from_numpy(w) for w in (initializers or {}).values()]
         for name, value in zip(initializers or {}, self._overrides, strict=True):
@@ -127,7 +130,9 @@ class OnnxModel:
         if config.cache and not initializers and info is not None and config.providers[0] == "CPUExecutionProvider":
             path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(config.providers))
+            self.session = ort.InferenceSession(
+                str(path), options, providers=list(config.providers), disabled_optimizers=disabled
+            )
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types for unreadable graphs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{self.name}: cannot load {model_file} ({first})") from exc

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-# kohya files also train convolutions (1x1 proj_in, 3x3 resnet conv1). diffusers' loader mishandles a PEFT-layout
-# file mixing Linear and Conv targets with peft 0.21 (it injects the convs only), so the diffusers layout stays
-# attention-only.
-KOHYA_UNET_TARGETS = [*UNET_TARGETS, "proj_in", "conv1"]
+# kohya files also train convolutions (1x1 proj_in, 3x3 resnet conv1) and the GEGLU projection (which the export
+# slices in two). diffusers' loader mishandles a PEFT-layout file mixing Linear and Conv targets with peft 0.21
+# (it injects the convs only), so the diffusers layout stays attention-only.
+KOHYA_UNET_TARGETS = [*UNET_TARGETS, "proj_in", "conv1", "ff.net.0.proj"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
