@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -19,22 +20,45 @@ from sd_onnx.runtime.session import CACHE_ENV
 from .machine import folder_mb, machine_info
 from .report import write_report
 
-ENGINES = ("diffusers-pytorch", "optimum-ort", "sd-onnx-fp32", "sd-onnx-int8")
-KIND = {
-    "diffusers-pytorch": "diffusers-pytorch",
-    "optimum-ort": "optimum-ort",
-    "sd-onnx-fp32": "sd-onnx",
-    "sd-onnx-int8": "sd-onnx",
+
+@dataclass(frozen=True)
+class Engine:
+    """One row of the report: the runner in engines.py (`kind`), the peer environment it runs in (None: this
+    one), the model folder or file it loads (a key of `prepare_models`) and runner options."""
+
+    kind: str
+    peer: str | None
+    model: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
+ENGINES: dict[str, Engine] = {
+    "diffusers-pytorch": Engine("diffusers-pytorch", None, "source"),
+    "optimum-ort": Engine("optimum-ort", "optimum", "optimum-ort"),
+    "openvino-fp32": Engine("openvino", "openvino", "openvino-fp32"),
+    "openvino-int8": Engine("openvino", "openvino", "openvino-int8"),
+    "openvino-hybrid-int8": Engine("openvino", "openvino", "openvino-hybrid-int8"),
+    "openvino-onnx-fp32": Engine("openvino-onnx", "openvino", "sd-onnx-fp32"),
+    "openvino-onnx-int8": Engine("openvino-onnx", "openvino", "sd-onnx-int8"),
+    "sdcpp-f16": Engine("sdcpp", "sdcpp", "sdcpp-f16"),
+    "sdcpp-q8_0": Engine("sdcpp", "sdcpp", "sdcpp-q8_0"),
+    "sdcpp-q4_0": Engine("sdcpp", "sdcpp", "sdcpp-q4_0"),
+    "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
+    "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
 }
+# stable-diffusion.cpp builds its networks from the known architectures' sizes: it cannot load a tiny model.
+QUICK_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.kind != "sdcpp")
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_python: str) -> dict[str, Path]:
-    """Each engine's model folder: the diffusers source, our export, Optimum's export (made once, reused)."""
-    folders = {"diffusers-pytorch": source}
+def prepare_models(source: Path, work: Path, engines: tuple[str, ...], pythons: dict[str, str]) -> dict[str, Path]:
+    """Each engine's model: the diffusers source, our exports, the peers' own exports (each made once, reused
+    from `work`). A peer's export that fails is written to work/failed.json as its engines' result."""
+    needed = {ENGINES[e].model for e in engines}
+    folders = {"source": source}
     (work / "failed.json").unlink(missing_ok=True)  # failures are found again on every run
     log = lambda line: click.echo(f"  {line}", err=True)  # noqa: E731
-    if {"sd-onnx-fp32", "sd-onnx-int8"} & set(engines):
+    if needed & {"sd-onnx-fp32", "sd-onnx-int8"}:
         folders["sd-onnx-fp32"] = work / "sd-onnx-fp32"
         if not folders["sd-onnx-fp32"].is_dir():
             from sd_onnx.exporter.convert import convert
@@ -42,7 +66,7 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
             started = time.perf_counter()
             convert(str(source), folders["sd-onnx-fp32"], log=log)
             _record_step(work, "export_fp32", started)
-    if "sd-onnx-int8" in engines:
+    if "sd-onnx-int8" in needed:
         folders["sd-onnx-int8"] = work / "sd-onnx-int8"
         if not folders["sd-onnx-int8"].is_dir():
             from sd_onnx.exporter.quantize_folder import quantize_folder
@@ -50,39 +74,87 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], optimum_p
             started = time.perf_counter()
             quantize_folder(folders["sd-onnx-fp32"], folders["sd-onnx-int8"], log=log)
             _record_step(work, "quantize_int8", started)
+    if any(name.startswith("sdcpp-") and not (work / f"{name}.gguf").is_file() for name in needed):
+        folders["ldm-single-file"] = work / "ldm-single-file.safetensors"
+        if not folders["ldm-single-file"].is_file():
+            from sd_onnx.models.ldm_checkpoint import write_single_file
+
+            started = time.perf_counter()
+            partial = work / "ldm-single-file.partial.safetensors"
+            write_single_file(source, partial)
+            partial.rename(folders["ldm-single-file"])
+            _record_step(work, "write_ldm_single_file", started)
     # A fresh optimized-graph cache for this run (child processes inherit it), so the first load is a real one.
     shutil.rmtree(work / "ort-cache", ignore_errors=True)
     os.environ[CACHE_ENV] = str(work / "ort-cache")
-    if "optimum-ort" in engines:
-        folders["optimum-ort"] = work / "optimum-ort"
-        if not folders["optimum-ort"].is_dir():
-            _export_optimum(source, folders["optimum-ort"], work, optimum_python)
+    for name in sorted(needed & set(PEER_EXPORTS)):
+        suffix = PEER_EXPORTS[name]
+        folders[name] = work / f"{name}{suffix}"
+        if not folders[name].exists():
+            partial = work / f"{name}.partial{suffix}"  # renamed when complete: an interrupted one is not reused
+            _remove(partial)
+            users = [e for e in engines if ENGINES[e].model == name]
+            if _export_peer(name, _peer_export_command(name, folders, partial, pythons), work, users):
+                partial.rename(folders[name])
+            _remove(partial)
     return folders
 
 
-def _export_optimum(source: Path, out: Path, work: Path, optimum_python: str) -> None:
-    """Optimum's own export of `source` (in its environment), timed with its peak RSS; a failure (out of memory
-    above all) is written to work/failed.json, so the report shows it as that engine's result."""
-    import resource
+# Each peer's own model (its export of the same weights) and the suffix of its file, "" for a folder.
+PEER_EXPORTS = {
+    "optimum-ort": "",
+    "openvino-fp32": "",
+    "openvino-int8": "",
+    "openvino-hybrid-int8": "",
+    "sdcpp-f16": ".gguf",
+    "sdcpp-q8_0": ".gguf",
+    "sdcpp-q4_0": ".gguf",
+}
 
-    cmd = [optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx"]
-    cmd += ["--model", str(source), "--task", "text-to-image", str(out)]
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _peer_export_command(name: str, folders: dict[str, Path], out: Path, pythons: dict[str, str]) -> list[str]:
+    """The command that makes peer export `name` (into `out`) in the peer's own environment."""
+    source = str(folders["source"])
+    peer, mode = name.split("-", 1)
+    script = [pythons[peer], "-m", "sd_onnx.benchmarks.peer_exports", peer, mode]
+    if peer == "sdcpp":
+        return [*script, str(folders["ldm-single-file"]), str(out)]
+    from sd_onnx.exporter.calibrate import CALIBRATION_PROMPTS
+
+    return [*script, source, str(out), *(CALIBRATION_PROMPTS if mode == "hybrid-int8" else ())]
+
+
+def _export_peer(name: str, cmd: list[str], work: Path, engines: list[str]) -> bool:
+    """A peer's own export (in its environment), timed, with the peak RSS it prints last (JSON). A failure
+    (out of memory above all) is written to work/failed.json for each engine that loads the export."""
+    env = {**os.environ, "PYTHONPATH": str(_engine_modules(work))}
     started = time.perf_counter()
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-    step = {"seconds": round(time.perf_counter() - started, 1), "process_peak_rss_mb": peak_mb}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    step: dict = {"seconds": round(time.perf_counter() - started, 1)}
+    last = (result.stdout.strip().splitlines() or [""])[-1]
+    if last.startswith("{"):
+        step["process_peak_rss_mb"] = json.loads(last)["peak_rss_mb"]
     if result.returncode == 0:
-        _record(work, "steps.json", "export_optimum", step)
-        return
-    shutil.rmtree(out, ignore_errors=True)
+        _record(work, "steps.json", f"export_{name}", step)
+        return True
     killed = result.returncode in (-9, 137)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     reason = "killed by the system (out of memory)" if killed else (lines[-1] if lines else f"exit {result.returncode}")
-    _record(work, "failed.json", "optimum-ort", {**step, "error": f"optimum export failed: {reason}"})
+    for engine in engines:
+        _record(work, "failed.json", engine, {**step, "error": f"{name} export failed: {reason}"})
+    return False
 
 
 # Options whose values are this machine's paths: reports show placeholders, so they read the same anywhere.
-PATH_OPTIONS = {"--work": "<work>", "--out": "<out>", "--model": "<model>", "--optimum-python": "<python>"}
+PATH_OPTIONS = {"--work": "<work>", "--out": "<out>", "--model": "<model>"}
+PATH_OPTIONS.update({f"--{peer}-python": "<python>" for peer in ("optimum", "openvino", "sdcpp")})
 
 
 def invocation(ctx: click.Context) -> str:
@@ -117,11 +189,12 @@ def _record(work: Path, file: str, name: str, entry: dict) -> None:
 def run_engine(engine: str, spec: dict, python: str, work: Path) -> dict:
     """One engine in a fresh process; its last stdout line is the JSON record. A failure (an engine that
     crashes or runs out of memory) is that engine's result: {"error": ...}."""
-    cmd = [python, "-m", "sd_onnx.benchmarks.engines", engine, json.dumps(spec)]
+    cmd = [python, "-m", "sd_onnx.benchmarks.engines", engine]
     env = dict(os.environ)
     if python != sys.executable:  # a peer's environment has no sd-onnx: lend it the engine modules alone
         env["PYTHONPATH"] = str(_engine_modules(work))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    spec = {**spec, "spawned_at": time.time()}  # the cold first-image latency counts from here
+    result = subprocess.run([*cmd, json.dumps(spec)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
         killed = result.returncode in (-9, 137)
@@ -131,66 +204,94 @@ def run_engine(engine: str, spec: dict, python: str, work: Path) -> dict:
 
 def _engine_modules(work: Path) -> Path:
     """A folder holding `sd_onnx.benchmarks.engines` and what it imports (the standard library and NumPy
-    only), for peers' environments."""
+    only), and the OpenVINO export script, for peers' environments."""
     root = work / "_engine_modules"
     package = root / "sd_onnx" / "benchmarks"
     package.mkdir(parents=True, exist_ok=True)
     (root / "sd_onnx" / "__init__.py").touch()
-    for name in ("__init__.py", "engines.py", "machine.py"):
+    for name in ("__init__.py", "engines.py", "machine.py", "peer_exports.py"):
         shutil.copy2(Path(__file__).with_name(name), package / name)
     return root
+
+
+def peer_pythons(given: dict[str, str | None]) -> dict[str, str]:
+    """Each peer's Python: the one given on the command line, else its `sd-bench peers setup` environment
+    if that is ready; peers with neither are left out (their engines are skipped)."""
+    from .peers import PEERS, is_ready, peer_python
+
+    found = {}
+    for name in PEERS:
+        if given.get(name):
+            found[name] = str(given[name])
+        elif is_ready(name):
+            found[name] = str(peer_python(name))
+    return found
 
 
 def benchmark(
     source: Path,
     work: Path,
     engines: tuple[str, ...],
-    steps: int,
-    size: int,
-    threads: int,
-    optimum_python: str,
+    settings: dict,
+    pythons: dict[str, str],
     model_label: str,
     command: str,
-    guidance: float = 7.5,
     low_memory: bool = False,
 ) -> dict:
-    folders = prepare_models(source, work, engines, optimum_python)
-    settings = {"steps": steps, "size": size, "guidance": guidance, "threads": threads, "prompt": PROMPT}
+    """Run `engines` on `source` with `settings` (steps, size, guidance, threads), each in its own process;
+    engines whose peer environment is missing are skipped with a line saying how to set it up."""
+    from .peers import setup_record
+
+    skipped = {e: ENGINES[e].peer for e in engines if ENGINES[e].peer and ENGINES[e].peer not in pythons}
+    for engine, peer in skipped.items():
+        click.echo(
+            f"{engine}: skipped, no {peer} environment (set it up: sd-bench peers setup --only {peer})", err=True
+        )
+    engines = tuple(e for e in engines if e not in skipped)
+    folders = prepare_models(source, work, engines, pythons)
+    settings = {**settings, "prompt": PROMPT}
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
         "machine": machine_info(),
         "settings": {**settings, "model_label": model_label, "scheduler": "the model's default"},
         "engines": {},
+        "skipped": {e: f"no {peer} environment: sd-bench peers setup --only {peer}" for e, peer in skipped.items()},
     }
     if (work / "steps.json").is_file():
         report["preparation"] = json.loads((work / "steps.json").read_text())
-    for i, engine in enumerate(engines, 1):
-        click.echo(f"[{i}/{len(engines)}] {engine}: running", err=True)
-        spec = {**settings, "kind": KIND[engine], "model": str(folders[engine]), "vae_repeats": 2}
-        spec["low_memory"] = low_memory and KIND[engine] == "sd-onnx"
-        python = optimum_python if engine == "optimum-ort" else sys.executable
+    for i, name in enumerate(engines, 1):
+        engine = ENGINES[name]
+        click.echo(f"[{i}/{len(engines)}] {name}: running", err=True)
+        spec = {**settings, **dict(engine.options), "kind": engine.kind, "model": str(folders[engine.model])}
+        spec.update(vae_repeats=2, low_memory=low_memory and engine.kind == "sd-onnx")
         failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}
-        record = failed.get(engine) or run_engine(engine, spec, python, work)
-        report["engines"][engine] = record
+        record = failed.get(name) or run_engine(name, spec, pythons.get(engine.peer, sys.executable), work)
+        report["engines"][name] = record
         if "error" in record:
-            click.echo(f"[{i}/{len(engines)}] {engine}: failed: {record['error']}", err=True)
+            click.echo(f"[{i}/{len(engines)}] {name}: failed: {record['error']}", err=True)
             continue
-        record["model_mb"] = folder_mb(folders[engine])
+        record["model_mb"] = folder_mb(folders[engine.model])
+        if engine.peer:
+            record["setup_s"] = setup_record(engine.peer).get("seconds")
+        e2e = f"{record['end_to_end_s']:.1f} s" if record.get("end_to_end_s") else "-"
         click.echo(
-            f"[{i}/{len(engines)}] {engine}: UNet step {record['unet_step_median_s']:.2f} s, "
-            f"end to end {record['end_to_end_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MB",
+            f"[{i}/{len(engines)}] {name}: UNet step {record['unet_step_median_s']:.2f} s, "
+            f"end to end {e2e}, peak RSS {record['peak_rss_mb']:.0f} MB",
             err=True,
         )
     return report
 
 
 @click.group(invoke_without_command=True)
-@click.option("--quick", is_flag=True, help="Smoke run: tiny model, sd-onnx and diffusers, under a minute.")
+@click.option(
+    "--quick", is_flag=True, help="Smoke run on a tiny model: sd-onnx, diffusers and the peers that are set up."
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where --quick writes JSON.")
 @click.pass_context
 def main(ctx: click.Context, quick: bool, json_path: Path | None) -> None:
-    """Benchmark sd-onnx against diffusers (PyTorch) and Optimum (onnxruntime)."""
+    """Benchmark sd-onnx against diffusers (PyTorch), Optimum (onnxruntime), OpenVINO (optimum-intel) and
+    stable-diffusion.cpp, each in its own process and, for peers, its own environment."""
     if ctx.invoked_subcommand is not None:
         return
     if not quick:
@@ -200,9 +301,10 @@ def main(ctx: click.Context, quick: bool, json_path: Path | None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         source = build_tiny_pipeline(Path(tmp) / "tiny-sd")
-        engines = ("sd-onnx-fp32", "diffusers-pytorch")
+        settings = {"steps": 4, "size": 32, "guidance": 7.5, "threads": 2}
+        pythons = peer_pythons({})
         report = benchmark(
-            source, Path(tmp), engines, 4, 32, 2, sys.executable, "tiny (seeded random)", "sd-bench --quick"
+            source, Path(tmp), QUICK_ENGINES, settings, pythons, "tiny (seeded random)", "sd-bench --quick"
         )
     path = json_path or Path("sd-bench-quick.json")
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -231,7 +333,9 @@ RANDOM_ARCHITECTURES = {"sd15": "SD 1.5", "sd21": "SD 2.1-base", "sdxl": "SDXL b
 @click.option("--name", default="benchmark", show_default=True, help="Report file names: NAME.json, NAME.md.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
-@click.option("--optimum-python", default=sys.executable, help="Python of an environment with optimum-onnx.")
+@click.option("--optimum-python", default=None, help="Python with optimum-onnx [default: its peers setup env].")
+@click.option("--openvino-python", default=None, help="Python with optimum-intel [default: its peers setup env].")
+@click.option("--sdcpp-python", default=None, help="Python with stable-diffusion-cpp-python [default: peers env].")
 def run(
     model: Path | None,
     architecture: str | None,
@@ -245,9 +349,12 @@ def run(
     name: str,
     out: Path,
     work: Path,
-    optimum_python: str,
+    optimum_python: str | None,
+    openvino_python: str | None,
+    sdcpp_python: str | None,
 ) -> None:
-    """Full benchmark: JSON, Markdown with ratios, and plots into --out."""
+    """Full benchmark: JSON, Markdown with ratios, and plots into --out. Peers run in the environments
+    `sd-bench peers setup` makes unless their Python is given; engines with neither are skipped."""
     chosen = tuple(e.strip() for e in engines.split(",") if e.strip())
     unknown = set(chosen) - set(ENGINES)
     if unknown:
@@ -266,7 +373,9 @@ def run(
             _record_step(work, "build", started)
     label = f"{RANDOM_ARCHITECTURES[architecture]} architecture, seeded random weights" if architecture else str(model)
     command = invocation(click.get_current_context())
-    report = benchmark(model, work, chosen, steps, size, threads, optimum_python, label, command, guidance, low_memory)
+    pythons = peer_pythons({"optimum": optimum_python, "openvino": openvino_python, "sdcpp": sdcpp_python})
+    settings = {"steps": steps, "size": size, "guidance": guidance, "threads": threads}
+    report = benchmark(model, work, chosen, settings, pythons, label, command, low_memory)
     for path in write_report(report, out, name=name):
         click.echo(str(path))
 

@@ -66,5 +66,7 @@ def install_footprint_mb(packages: tuple[str, ...]) -> float:
 
 
 def folder_mb(path: Path) -> float:
-    """Size of a model folder on disk."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+    """Size of a model on disk: a folder's files, or a single-file checkpoint."""
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) / 1e6

@@ -7,30 +7,36 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = [
+    ("unet_step_median_s", "UNet step (s)"),
+    ("vae_decode_s", "VAE decode (s)"),
+    ("end_to_end_s", "end to end (s)"),
+    ("cold_first_image_s", "cold 1st image (s)"),
+    ("peak_rss_mb", "peak RSS (MB)"),
+    ("model_mb", "model (MB)"),
+    ("install_mb", "install (MB)"),
+    ("setup_s", "setup (s)"),
     ("load_first_s", "load 1st (s)"),
     ("load_second_s", "load 2nd (s)"),
     ("text_encoder_s", "text enc (s)"),
     ("first_step_s", "1st step (s)"),
-    ("unet_step_median_s", "UNet step (s)"),
-    ("vae_decode_s", "VAE decode (s)"),
-    ("end_to_end_s", "end to end (s)"),
-    ("peak_rss_mb", "peak RSS (MB)"),
-    ("model_mb", "model (MB)"),
-    ("install_mb", "install (MB)"),
 ]
-RATIO_KEYS = ("unet_step_median_s", "vae_decode_s", "end_to_end_s", "peak_rss_mb")
+RATIO_KEYS = ("unet_step_median_s", "vae_decode_s", "end_to_end_s", "cold_first_image_s", "peak_rss_mb")
+OURS = "sd-onnx-int8"
+# The goal (issue 19): our int8 at most this fraction of the best peer's figure, per column.
+GOAL = {"unet_step_median_s": 0.8, "end_to_end_s": 0.8, "peak_rss_mb": 1.0}
 
 
-def markdown(report: dict[str, Any], baseline: str = "diffusers-pytorch", second: str = "optimum-ort") -> str:
-    """A table of every engine's figures, then ratios against `baseline` and `second` (lower is better)."""
+def markdown(report: dict[str, Any], references: tuple[str, ...] = (OURS, "diffusers-pytorch")) -> str:
+    """A table of every engine's figures, the goal against the best peer, then ratios against each of
+    `references` that ran (lower is better)."""
     engines = report["engines"]
     machine = report["machine"]
+    settings = report["settings"]
     lines = [
         f"# sd-bench report ({report['date']})",
         "",
-        f"Model: {report['settings']['model_label']}; {report['settings']['size']}x{report['settings']['size']}, "
-        f"{report['settings']['steps']} steps, guidance {report['settings']['guidance']}, "
-        f"{report['settings']['threads']} threads.",
+        f"Model: {settings['model_label']}; {settings['size']}x{settings['size']}, {settings['steps']} steps, "
+        f"guidance {settings['guidance']}, {settings['threads']} threads.",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, ISA {', '.join(machine['isa'])}.",
         f"Command: `{report['command']}`",
         "",
@@ -40,7 +46,10 @@ def markdown(report: dict[str, Any], baseline: str = "diffusers-pytorch", second
     for name, rec in engines.items():
         cells = [_fmt(rec.get(key)) for key, _ in COLUMNS] if "error" not in rec else [f"failed: {rec['error']}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for ref in (baseline, second):
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {reason} |")
+    lines += _goal(engines)
+    for ref in references:
         if ref not in engines or "error" in engines[ref]:
             continue
         lines += ["", f"Ratios against {ref} (lower is better):", ""]
@@ -51,8 +60,29 @@ def markdown(report: dict[str, Any], baseline: str = "diffusers-pytorch", second
             lines.append(f"| {name} | " + " | ".join(ratios) + " |")
     lines += ["", "Library versions per engine:", ""]
     for name, rec in engines.items():
-        lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items()))
+        notes = [f"{k} {rec[k]}" for k in ("inference_precision", "weight_type") if rec.get(k)]
+        versions = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
+        lines.append(f"- {name}: {versions}" + (f" ({'; '.join(notes)})" if notes else ""))
     return "\n".join(lines) + "\n"
+
+
+def _goal(engines: dict[str, dict]) -> list[str]:
+    """Our int8 against the best peer (any engine that is not sd-onnx) per goal column."""
+    peers = {n: r for n, r in engines.items() if not n.startswith("sd-onnx") and "error" not in r}
+    ours = engines.get(OURS, {})
+    if not peers or "error" in ours or not ours:
+        return []
+    lines = ["", f"Goal: {OURS} against the best peer in each column:", ""]
+    lines += ["| column | best peer | its figure | ours | ratio | goal |", "|---|---|---|---|---|---|"]
+    for key, limit in GOAL.items():
+        ranked = sorted((r[key], n) for n, r in peers.items() if r.get(key))
+        if not ranked or not ours.get(key):
+            continue
+        best, name = ranked[0]
+        ratio = ours[key] / best
+        verdict = f"met (<= {limit}x)" if ratio <= limit else f"missed by {ratio / limit:.2f}x (<= {limit}x)"
+        lines.append(f"| {dict(COLUMNS)[key]} | {name} | {_fmt(best)} | {_fmt(ours[key])} | {ratio:.2f}x | {verdict} |")
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -72,31 +102,36 @@ def plots(report: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engines = {name: rec for name, rec in report["engines"].items() if "error" not in rec}
+    engines = {n: r for n, r in report["engines"].items() if "error" not in r and r.get("end_to_end_s")}
     names = list(engines)
     steps = report["settings"]["steps"]
+    text = [engines[n].get("text_encoder_s") or 0.0 for n in names]
+    vae = [engines[n].get("vae_decode_s") or 0.0 for n in names]
     parts = {
-        "text encoder": [engines[n]["text_encoder_s"] for n in names],
+        "text encoder": text,
         f"denoising ({steps} steps)": [
-            engines[n]["end_to_end_s"] - engines[n]["text_encoder_s"] - engines[n]["vae_decode_s"] for n in names
+            engines[n]["end_to_end_s"] - t - v for n, t, v in zip(names, text, vae, strict=True)
         ],
-        "VAE decode": [engines[n]["vae_decode_s"] for n in names],
+        "VAE decode": vae,
     }
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = max(7.0, 0.75 * len(names))
+    fig, ax = plt.subplots(figsize=(width, 4))
     bottom = [0.0] * len(names)
     for label, values in parts.items():
         ax.bar(names, values, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_ylabel("seconds per image")
     ax.set_title("Where one image's time goes")
+    ax.tick_params(axis="x", labelrotation=30)
     ax.legend()
     fig.tight_layout()
     time_png = out_dir / f"{prefix}time_per_component.png"
     fig.savefig(time_png, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(width, 4))
     ax.bar(names, [engines[n]["peak_rss_mb"] / 1024 for n in names], color="tab:purple")
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("Peak memory of one generation")
     fig.tight_layout()

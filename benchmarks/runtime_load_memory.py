@@ -19,7 +19,8 @@ from pathlib import Path
 from sd_onnx.runtime.session import CACHE_ENV
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from sd_onnx.benchmarks.engines import peak_rss_mb
 t0 = time.perf_counter()
 from sd_onnx.runtime import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], provider="cpu", low_memory=sys.argv[2] == "1", threads=2)
@@ -28,8 +29,7 @@ t1 = time.perf_counter()
 size, steps = int(sys.argv[3]), int(sys.argv[4])
 pipe("a photo", num_inference_steps=steps, height=size, width=size, seed=0, scheduler="euler")
 gen = time.perf_counter() - t1
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"load_s": load, "generate_s": gen, "peak_rss_mb": peak}))
+print(json.dumps({"load_s": load, "generate_s": gen, "peak_rss_mb": peak_rss_mb()}))
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from sd_onnx.benchmarks.cli import ENGINES, QUICK_ENGINES
+from sd_onnx.benchmarks.peers import PEERS_ENV
 from sd_onnx.benchmarks.report import markdown, write_report
 
 FIXTURE = Path(__file__).parent / "data" / "bench_fixture.json"
@@ -30,12 +33,21 @@ NUMERIC_FIELDS = (
 
 
 def test_quick_run_reports_every_field(tmp_path: Path) -> None:
+    """Without peers' environments the quick run still runs sd-onnx and diffusers, and says for every peer
+    engine how to set it up."""
     out = tmp_path / "quick.json"
     cmd = [sys.executable, "-m", "sd_onnx.benchmarks.cli", "--quick", "--json", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, PEERS_ENV: str(tmp_path / "no-peers")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert list(report["engines"]) == ["sd-onnx-fp32", "diffusers-pytorch"]
+    assert list(report["engines"]) == ["diffusers-pytorch", "sd-onnx-fp32", "sd-onnx-int8"]
+    peers = [name for name in QUICK_ENGINES if ENGINES[name].peer]
+    assert sorted(report["skipped"]) == sorted(peers) and "openvino-fp32" in peers
+    assert report["skipped"]["openvino-int8"] == "no openvino environment: sd-bench peers setup --only openvino"
+    assert "openvino-int8: skipped, no openvino environment (set it up: sd-bench peers setup --only openvino)" in (
+        result.stderr
+    )
     assert report["machine"]["cores"] >= 1 and isinstance(report["machine"]["isa"], list)
     assert report["settings"]["steps"] == 4 and report["settings"]["threads"] == 2
     for name, record in report["engines"].items():
@@ -43,9 +55,12 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
             assert record[field] > 0, (name, field)
         assert record["unet_step_min_s"] <= record["unet_step_median_s"] <= record["unet_step_max_s"]
         assert record["unet_steps"] == 5  # PNDM runs one extra UNet call in its warm-up
+        assert record["cold_first_image_s"] > record["end_to_end_s"]  # it also counts imports and the load
         assert record["versions"]
     assert report["engines"]["sd-onnx-fp32"]["versions"]["onnxruntime"] != "-"
     assert "torch" not in report["engines"]["sd-onnx-fp32"]["versions"]
+    text = markdown(report)
+    assert "| openvino-fp32 | skipped: no openvino environment: sd-bench peers setup --only openvino |" in text
 
 
 def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Path) -> None:
@@ -84,26 +99,44 @@ def test_a_peer_that_fails_is_that_engines_result(tiny_pipeline: Path, tmp_path:
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "peers.json").read_text())
     failed = report["engines"]["optimum-ort"]
-    assert failed["error"] == "optimum export failed: MemoryError: cannot allocate" and failed["seconds"] >= 0
+    assert failed["error"] == "optimum-ort export failed: MemoryError: cannot allocate" and failed["seconds"] >= 0
     assert report["engines"]["sd-onnx-fp32"]["unet_steps"] == 1
     text = (tmp_path / "out" / "peers.md").read_text()
-    assert "| optimum-ort | failed: optimum export failed: MemoryError: cannot allocate |" in text
+    assert "| optimum-ort | failed: optimum-ort export failed: MemoryError: cannot allocate |" in text
     assert "Ratios against optimum-ort" not in text and (tmp_path / "out" / "peers_peak_rss.png").is_file()
 
 
 def test_report_markdown_and_plots_from_fixed_json(tmp_path: Path) -> None:
     report = json.loads(FIXTURE.read_text())
     text = markdown(report)
-    assert "Ratios against diffusers-pytorch" in text and "Ratios against optimum-ort" in text
-    # sd-onnx: step 3.0 s vs diffusers 8.0 s and Optimum 4.0 s; RSS 4000 vs 5000 and 10000 MB.
-    assert "| sd-onnx-fp32 | 0.38x | 0.83x | 0.50x | 0.80x |" in text
-    assert "| sd-onnx-fp32 | 0.75x | 0.71x | 0.67x | 0.40x |" in text
+    assert "Ratios against diffusers-pytorch" in text and "Goal:" not in text  # no sd-onnx-int8 row
+    # sd-onnx: step 3.0 s vs diffusers 8.0 s; VAE 5.0 vs 6.0 s; end to end 20 vs 40 s; RSS 4000 vs 5000 MB.
+    assert "| sd-onnx-fp32 | 0.38x | 0.83x | 0.50x | - | 0.80x |" in text
     assert report["machine"]["cpu"] in text
     written = write_report(report, tmp_path)
     names = sorted(p.name for p in written)
     assert names == ["benchmark.json", "benchmark.md", "peak_rss.png", "time_per_component.png"]
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_goal_against_the_best_peer_per_column() -> None:
+    """The goal table takes, per column, the best engine that is not sd-onnx (Optimum's step, the OpenVINO
+    row's RSS) and says met or missed by how much; ratio tables are against sd-onnx-int8 first."""
+    report = json.loads(FIXTURE.read_text())
+    engines = report["engines"]
+    engines["sd-onnx-int8"] = {**engines["sd-onnx-fp32"], "unet_step_median_s": 3.0, "end_to_end_s": 36.0}
+    engines["sd-onnx-int8"]["peak_rss_mb"] = 2000.0
+    engines["openvino-int8"] = {**engines["optimum-ort"], "unet_step_median_s": 5.0, "end_to_end_s": 24.0}
+    engines["openvino-int8"]["peak_rss_mb"] = 2500.0
+    engines["openvino-onnx-int8"] = {**engines["openvino-int8"], "end_to_end_s": None}  # components only
+    engines["sdcpp-q8_0"] = {"error": "killed by the system (out of memory)"}
+    text = markdown(report)
+    assert "| UNet step (s) | optimum-ort | 4.00 | 3.00 | 0.75x | met (<= 0.8x) |" in text
+    assert "| end to end (s) | openvino-int8 | 24.00 | 36.00 | 1.50x | missed by 1.88x (<= 0.8x) |" in text
+    assert "| peak RSS (MB) | openvino-int8 | 2500 | 2000 | 0.80x | met (<= 1.0x) |" in text
+    assert text.index("Ratios against sd-onnx-int8") < text.index("Ratios against diffusers-pytorch")
+    assert "| openvino-onnx-int8 | 1.67x | " in text and "| sdcpp-q8_0 | failed: killed" in text
 
 
 def test_components_interleaves_runs_and_reports_ratios_to_the_first(

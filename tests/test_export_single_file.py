@@ -10,9 +10,8 @@ import pytest
 
 from sd_onnx.exporter.convert import convert
 from sd_onnx.exporter.errors import ExportError
+from sd_onnx.models.ldm_checkpoint import write_single_file
 from sd_onnx.runtime.manifest import Manifest
-
-from .ldm_checkpoint import write_single_file
 
 
 @pytest.fixture(scope="module")

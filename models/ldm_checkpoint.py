@@ -1,6 +1,7 @@
-"""Write a diffusers pipeline as an original (LDM / A1111-style) single-file checkpoint, for the
-single-file loader's round-trip test. The inverse of diffusers' `convert_ldm_*_checkpoint` key mapping,
-for any number of UNet levels and layers per block."""
+"""Write a diffusers pipeline as an original (LDM / A1111-style) single-file checkpoint: the layout the
+single-file loader reads and stable-diffusion.cpp loads, so `sd-bench` feeds it the same weights as the
+other engines. The inverse of diffusers' `convert_ldm_*_checkpoint` key mapping, for any number of UNet
+levels and layers per block."""
 
 from __future__ import annotations
 
