@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from sd_onnx.runtime.manifest import Manifest
 from sd_onnx.runtime.session import CACHE_ENV
 
 from .machine import folder_mb, machine_info
@@ -46,14 +47,19 @@ ENGINES: dict[str, Engine] = {
     "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
     "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
 }
+# Engines that can decode with a tiny autoencoder (TAESD) in place of the VAE.
+TINY_VAE_KINDS = ("diffusers-pytorch", "sd-onnx", "sdcpp")
 # stable-diffusion.cpp builds its networks from the known architectures' sizes: it cannot load a tiny model.
 QUICK_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.kind != "sdcpp")
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def prepare_models(source: Path, work: Path, engines: tuple[str, ...], pythons: dict[str, str]) -> dict[str, Path]:
-    """Each engine's model: the diffusers source, our exports, the peers' own exports (each made once, reused
-    from `work`). A peer's export that fails is written to work/failed.json as its engines' result."""
+def prepare_models(
+    source: Path, work: Path, engines: tuple[str, ...], pythons: dict[str, str], tiny_vae: Path | None = None
+) -> dict[str, Path]:
+    """Each engine's model: the diffusers source, our exports (with `tiny_vae` beside the VAE when given), the
+    peers' own exports (each made once, reused from `work`). A peer's export that fails is written to
+    work/failed.json as its engines' result."""
     needed = {ENGINES[e].model for e in engines}
     folders = {"source": source}
     (work / "failed.json").unlink(missing_ok=True)  # failures are found again on every run
@@ -64,8 +70,10 @@ def prepare_models(source: Path, work: Path, engines: tuple[str, ...], pythons: 
             from sd_onnx.exporter.convert import convert
 
             started = time.perf_counter()
-            convert(str(source), folders["sd-onnx-fp32"], log=log)
+            convert(str(source), folders["sd-onnx-fp32"], vae=str(tiny_vae) if tiny_vae else None, log=log)
             _record_step(work, "export_fp32", started)
+        if tiny_vae and "tiny_vae_decoder" not in Manifest.load(folders["sd-onnx-fp32"]).components:
+            raise click.ClickException(f"{folders['sd-onnx-fp32']} has no tiny autoencoder: use another --work")
     if "sd-onnx-int8" in needed:
         folders["sd-onnx-int8"] = work / "sd-onnx-int8"
         if not folders["sd-onnx-int8"].is_dir():
@@ -153,7 +161,7 @@ def _export_peer(name: str, cmd: list[str], work: Path, engines: list[str]) -> b
 
 
 # Options whose values are this machine's paths: reports show placeholders, so they read the same anywhere.
-PATH_OPTIONS = {"--work": "<work>", "--out": "<out>", "--model": "<model>"}
+PATH_OPTIONS = {"--work": "<work>", "--out": "<out>", "--model": "<model>", "--tiny-vae": "<tiny-vae>"}
 PATH_OPTIONS.update({f"--{peer}-python": "<python>" for peer in ("optimum", "openvino", "sdcpp")})
 
 
@@ -237,26 +245,32 @@ def benchmark(
     model_label: str,
     command: str,
     low_memory: bool = False,
+    tiny_vae: Path | None = None,
 ) -> dict:
-    """Run `engines` on `source` with `settings` (steps, size, guidance, threads), each in its own process;
-    engines whose peer environment is missing are skipped with a line saying how to set it up."""
+    """Run `engines` on `source` with `settings` (steps, size, guidance, threads), each in its own process,
+    decoding with `tiny_vae` (a diffusers AutoencoderTiny folder) where given. Engines whose peer environment
+    is missing, or that cannot take a tiny autoencoder, are skipped with a line saying why."""
     from .peers import setup_record
 
-    skipped = {e: ENGINES[e].peer for e in engines if ENGINES[e].peer and ENGINES[e].peer not in pythons}
-    for engine, peer in skipped.items():
-        click.echo(
-            f"{engine}: skipped, no {peer} environment (set it up: sd-bench peers setup --only {peer})", err=True
-        )
+    skipped = {}
+    for name in engines:
+        peer = ENGINES[name].peer
+        if peer and peer not in pythons:
+            skipped[name] = f"no {peer} environment: sd-bench peers setup --only {peer}"
+        elif tiny_vae and ENGINES[name].kind not in TINY_VAE_KINDS:
+            skipped[name] = "no tiny-autoencoder option in this engine"
+    for name, reason in skipped.items():
+        click.echo(f"{name}: skipped ({reason})", err=True)
     engines = tuple(e for e in engines if e not in skipped)
-    folders = prepare_models(source, work, engines, pythons)
-    settings = {**settings, "prompt": PROMPT}
+    folders = prepare_models(source, work, engines, pythons, tiny_vae)
+    settings = {**settings, "prompt": PROMPT, "vae": "tiny autoencoder" if tiny_vae else "the model's VAE"}
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
         "machine": machine_info(),
         "settings": {**settings, "model_label": model_label, "scheduler": "the model's default"},
         "engines": {},
-        "skipped": {e: f"no {peer} environment: sd-bench peers setup --only {peer}" for e, peer in skipped.items()},
+        "skipped": skipped,
     }
     if (work / "steps.json").is_file():
         report["preparation"] = json.loads((work / "steps.json").read_text())
@@ -265,6 +279,8 @@ def benchmark(
         click.echo(f"[{i}/{len(engines)}] {name}: running", err=True)
         spec = {**settings, **dict(engine.options), "kind": engine.kind, "model": str(folders[engine.model])}
         spec.update(vae_repeats=2, low_memory=low_memory and engine.kind == "sd-onnx")
+        if tiny_vae:
+            spec["tiny_vae"] = str(tiny_vae)
         failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}
         record = failed.get(name) or run_engine(name, spec, pythons.get(engine.peer, sys.executable), work)
         report["engines"][name] = record
@@ -330,6 +346,12 @@ RANDOM_ARCHITECTURES = {"sd15": "SD 1.5", "sd21": "SD 2.1-base", "sdxl": "SDXL b
 @click.option("--size", default=512, show_default=True, type=int)
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--low-memory", is_flag=True, help="sd-onnx engines load one component at a time.")
+@click.option(
+    "--tiny-vae",
+    default=None,
+    help="Decode with this diffusers AutoencoderTiny folder, or 'random' for TAESD's architecture with random "
+    "weights; engines without a tiny-autoencoder option are skipped.",
+)
 @click.option("--name", default="benchmark", show_default=True, help="Report file names: NAME.json, NAME.md.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--work", type=click.Path(path_type=Path), default=Path("out/bench"), show_default=True)
@@ -346,6 +368,7 @@ def run(
     size: int,
     threads: int,
     low_memory: bool,
+    tiny_vae: str | None,
     name: str,
     out: Path,
     work: Path,
@@ -372,12 +395,27 @@ def run(
             build_pipeline(RECIPES[architecture], model)
             _record_step(work, "build", started)
     label = f"{RANDOM_ARCHITECTURES[architecture]} architecture, seeded random weights" if architecture else str(model)
+    tiny = _tiny_autoencoder(tiny_vae, work) if tiny_vae else None
     command = invocation(click.get_current_context())
     pythons = peer_pythons({"optimum": optimum_python, "openvino": openvino_python, "sdcpp": sdcpp_python})
     settings = {"steps": steps, "size": size, "guidance": guidance, "threads": threads}
-    report = benchmark(model, work, chosen, settings, pythons, label, command, low_memory)
+    report = benchmark(model, work, chosen, settings, pythons, label, command, low_memory, tiny)
     for path in write_report(report, out, name=name):
         click.echo(str(path))
+
+
+def _tiny_autoencoder(option: str, work: Path) -> Path:
+    """The --tiny-vae folder: as given, or TAESD's architecture with random weights built into `work`."""
+    if option != "random":
+        if not (Path(option) / "config.json").is_file():
+            raise click.ClickException(f"--tiny-vae {option}: not a diffusers AutoencoderTiny folder (no config.json)")
+        return Path(option)
+    folder = work / "taesd-random"
+    if not folder.is_dir():
+        from sd_onnx.models.build import build_tiny_autoencoder
+
+        build_tiny_autoencoder(folder)
+    return folder
 
 
 @main.command()

@@ -118,8 +118,10 @@ def run_sd_onnx(spec: dict) -> dict:
     from sd_onnx.runtime import DiffusionPipeline, GenerationRequest
 
     def load() -> Any:
+        vae = "tiny" if spec.get("tiny_vae") else "auto"  # the export carries the tiny autoencoder beside the VAE
+        low_memory = spec.get("low_memory", False)
         return DiffusionPipeline.from_pretrained(
-            spec["model"], provider="cpu", threads=spec["threads"], low_memory=spec.get("low_memory", False)
+            spec["model"], provider="cpu", threads=spec["threads"], low_memory=low_memory, vae=vae
         )
 
     def generate(pipe: Any) -> tuple[float, list[float]]:
@@ -175,6 +177,10 @@ def run_diffusers(spec: dict) -> dict:
 
     def load() -> Any:
         pipe = DiffusionPipeline.from_pretrained(spec["model"], safety_checker=None, requires_safety_checker=False)
+        if spec.get("tiny_vae"):
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(spec["tiny_vae"])
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -279,8 +285,11 @@ def run_sdcpp(spec: dict) -> dict:
     log = io.StringIO()
 
     def load() -> Any:
+        tiny = str(Path(spec["tiny_vae"]) / "diffusion_pytorch_model.safetensors") if spec.get("tiny_vae") else ""
         with contextlib.redirect_stderr(log):  # the binding prints the library's log to sys.stderr
-            return StableDiffusion(model_path=spec["model"], n_threads=spec["threads"], vae_decode_only=True)
+            return StableDiffusion(
+                model_path=spec["model"], taesd_path=tiny, n_threads=spec["threads"], vae_decode_only=True
+            )
 
     def generate(model: Any) -> tuple[float, list[float]]:
         ends: list[float] = []

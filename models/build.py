@@ -313,6 +313,17 @@ def build_sd15_pipeline(out: Path, seed: int = 0) -> Path:
     return build_pipeline(SD15, out, seed)
 
 
+def build_tiny_autoencoder(out: Path, seed: int = 0) -> Path:
+    """TAESD's architecture (diffusers' AutoencoderTiny defaults: 4 latent channels at 1/8 scale, for SD 1.x
+    and 2.x) with seeded random weights, for the tiny-autoencoder benchmark rows."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m sd_onnx.models.build RECIPE OUT [SEED]` (RECIPE: one of RECIPES)."""
     args = sys.argv[1:] if argv is None else argv

@@ -17,6 +17,31 @@ if "SD_ONNX_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["SD_ONNX_CACHE"], True)
 
 
+def peer_python_or_skip(name: str) -> str:
+    """$SD_ONNX_<NAME>_PYTHON, else peer `name`'s `sd-bench peers setup` environment (made if missing); the
+    test is skipped where no package index can be reached to make it."""
+    from sd_onnx.benchmarks.peers import PeerSetupError, setup_peer
+
+    given = os.environ.get(f"SD_ONNX_{name.upper()}_PYTHON")
+    if given:
+        return given
+    try:
+        return str(setup_peer(name, log=lambda line: None))
+    except PeerSetupError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def optimum_python() -> str:
+    return peer_python_or_skip("optimum")
+
+
+@pytest.fixture(scope="session")
+def openvino_python() -> str:
+    """About a minute from wheels the first time."""
+    return peer_python_or_skip("openvino")
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sd_onnx.models.build import build_tiny_pipeline

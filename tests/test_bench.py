@@ -45,9 +45,7 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     peers = [name for name in QUICK_ENGINES if ENGINES[name].peer]
     assert sorted(report["skipped"]) == sorted(peers) and "openvino-fp32" in peers
     assert report["skipped"]["openvino-int8"] == "no openvino environment: sd-bench peers setup --only openvino"
-    assert "openvino-int8: skipped, no openvino environment (set it up: sd-bench peers setup --only openvino)" in (
-        result.stderr
-    )
+    assert "openvino-int8: skipped (no openvino environment: sd-bench peers setup --only openvino)" in result.stderr
     assert report["machine"]["cores"] >= 1 and isinstance(report["machine"]["isa"], list)
     assert report["settings"]["steps"] == 4 and report["settings"]["threads"] == 2
     for name, record in report["engines"].items():
@@ -82,6 +80,38 @@ def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path
     assert (tmp_path / "out" / "turbo_peak_rss.png").is_file() and (tmp_path / "out" / "turbo.md").is_file()
     refused = CliRunner().invoke(main, ["run", "--random", "sd15", "--model", str(tiny_pipeline)])
     assert refused.exit_code != 0 and "give exactly one of --model PATH or --random" in refused.output
+
+
+def test_tiny_autoencoder_rows_skip_engines_without_one(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """`--tiny-vae FOLDER`: our export carries it beside the VAE and decodes with it, diffusers swaps it in,
+    and engines without such an option are listed as skipped, with the reason; a work folder whose export has
+    no tiny autoencoder is refused rather than silently decoding with the VAE."""
+    from diffusers import AutoencoderTiny
+
+    from sd_onnx.benchmarks.cli import main
+
+    from .test_tiny_vae import TINY_AUTOENCODER
+
+    AutoencoderTiny(**TINY_AUTOENCODER).save_pretrained(tmp_path / "taesd")
+    args = ["run", "--model", str(tiny_pipeline), "--steps", "1", "--guidance", "0", "--size", "32", "--name", "t"]
+    args += ["--engines", "sd-onnx-fp32,diffusers-pytorch,openvino-fp32", "--openvino-python", sys.executable]
+    args += ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--work", str(tmp_path / "w"), "--tiny-vae", str(tmp_path / "taesd")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert list(report["engines"]) == ["sd-onnx-fp32", "diffusers-pytorch"]
+    assert report["settings"]["vae"] == "tiny autoencoder"
+    assert report["skipped"] == {"openvino-fp32": "no tiny-autoencoder option in this engine"}
+    assert all(record["unet_steps"] == 1 for record in report["engines"].values())
+    assert "--tiny-vae <tiny-vae>" in report["command"]
+    plain = CliRunner().invoke(main, [*args, "--work", str(tmp_path / "plain"), "--engines", "sd-onnx-fp32"])
+    assert plain.exit_code == 0, plain.output
+    refused = CliRunner().invoke(
+        main, [*args, "--work", str(tmp_path / "plain"), "--tiny-vae", str(tmp_path / "taesd")]
+    )
+    assert refused.exit_code != 0 and "has no tiny autoencoder: use another --work" in refused.output
+    bad = CliRunner().invoke(main, [*args, "--work", str(tmp_path / "w"), "--tiny-vae", str(tmp_path)])
+    assert bad.exit_code != 0 and "not a diffusers AutoencoderTiny folder" in bad.output
 
 
 def test_a_peer_that_fails_is_that_engines_result(tiny_pipeline: Path, tmp_path: Path) -> None:

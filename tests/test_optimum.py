@@ -4,7 +4,6 @@ from the same latents."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -24,19 +23,6 @@ images = pipe(sys.argv[4], num_inference_steps=3, guidance_scale=5.0, latents=to
 np.save(out, np.asarray(images))
 print(type(pipe).__name__)
 """
-
-
-@pytest.fixture(scope="module")
-def optimum_python() -> str:
-    """$SD_ONNX_OPTIMUM_PYTHON, else the `sd-bench peers setup --only optimum` environment (made if missing)."""
-    from sd_onnx.benchmarks.peers import PeerSetupError, setup_peer
-
-    if os.environ.get("SD_ONNX_OPTIMUM_PYTHON"):
-        return os.environ["SD_ONNX_OPTIMUM_PYTHON"]
-    try:
-        return str(setup_peer("optimum", log=lambda line: None))
-    except PeerSetupError as exc:  # no package index reachable: nothing to compare against
-        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize("model", ["tiny_export", "tiny_sdxl"])

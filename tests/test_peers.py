@@ -29,18 +29,6 @@ np.save(out, compiled([inputs[i.any_name] for i in compiled.inputs])[0])
 """
 
 
-@pytest.fixture(scope="module")
-def openvino_python() -> str:
-    """$SD_ONNX_OPENVINO_PYTHON, else the `sd-bench peers setup --only openvino` environment (made if missing,
-    about a minute from wheels)."""
-    if os.environ.get("SD_ONNX_OPENVINO_PYTHON"):
-        return os.environ["SD_ONNX_OPENVINO_PYTHON"]
-    try:
-        return str(setup_peer("openvino", log=lambda line: None))
-    except PeerSetupError as exc:  # no package index reachable: nothing to compare against
-        pytest.skip(str(exc))
-
-
 def test_openvino_engines_run_the_tiny_model(tiny_pipeline: Path, openvino_python: str, tmp_path: Path) -> None:
     """Each OpenVINO engine exports (fp32 IR, 8-bit weights, hybrid int8 calibrated on our prompts) in its own
     environment, runs every step, and records its precision, export time and memory."""
