@@ -33,7 +33,10 @@ class Engine:
     options: tuple[tuple[str, str], ...] = ()
 
 
+# Report order: ours, then the peers, stable-diffusion.cpp last (its steps are the slowest here).
 ENGINES: dict[str, Engine] = {
+    "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
+    "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
     "diffusers-pytorch": Engine("diffusers-pytorch", None, "source"),
     "optimum-ort": Engine("optimum-ort", "optimum", "optimum-ort"),
     "openvino-fp32": Engine("openvino", "openvino", "openvino-fp32"),
@@ -41,11 +44,9 @@ ENGINES: dict[str, Engine] = {
     "openvino-hybrid-int8": Engine("openvino", "openvino", "openvino-hybrid-int8"),
     "openvino-onnx-fp32": Engine("openvino-onnx", "openvino", "sd-onnx-fp32"),
     "openvino-onnx-int8": Engine("openvino-onnx", "openvino", "sd-onnx-int8"),
-    "sdcpp-f16": Engine("sdcpp", "sdcpp", "sdcpp-f16"),
     "sdcpp-q8_0": Engine("sdcpp", "sdcpp", "sdcpp-q8_0"),
     "sdcpp-q4_0": Engine("sdcpp", "sdcpp", "sdcpp-q4_0"),
-    "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
-    "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
+    "sdcpp-f16": Engine("sdcpp", "sdcpp", "sdcpp-f16"),
 }
 # Engines that can decode with a tiny autoencoder (TAESD) in place of the VAE.
 TINY_VAE_KINDS = ("diffusers-pytorch", "sd-onnx", "sdcpp")
@@ -401,6 +402,23 @@ def run(
     settings = {"steps": steps, "size": size, "guidance": guidance, "threads": threads}
     report = benchmark(model, work, chosen, settings, pythons, label, command, low_memory, tiny)
     for path in write_report(report, out, name=name):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("report_json", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--notes",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="Markdown kept in the JSON and shown under the tables: why a peer wins a column, what would beat it.",
+)
+def report(report_json: Path, notes: Path | None) -> None:
+    """Write REPORT_JSON's Markdown and plots again beside it (after adding --notes)."""
+    data = json.loads(report_json.read_text())
+    if notes:
+        data["notes"] = notes.read_text()
+    for path in write_report(data, report_json.parent, name=report_json.stem):
         click.echo(str(path))
 
 

@@ -58,6 +58,8 @@ def markdown(report: dict[str, Any], references: tuple[str, ...] = (OURS, "diffu
         for name, rec in engines.items():
             ratios = [_ratio(rec.get(k), engines[ref].get(k)) for k in RATIO_KEYS]
             lines.append(f"| {name} | " + " | ".join(ratios) + " |")
+    if report.get("notes"):
+        lines += ["", "## Notes", "", report["notes"].strip()]
     lines += ["", "Library versions per engine:", ""]
     for name, rec in engines.items():
         notes = [f"{k} {rec[k]}" for k in ("inference_precision", "weight_type") if rec.get(k)]

@@ -92,15 +92,34 @@ def write_single_file(folder: Path, out: Path) -> Path:
     embedders = 0
     if (folder / "text_encoder").is_dir():
         text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
         embedders += 1
-        for k, v in text.state_dict().items():  # LDM nests CLIP's weights under text_model (transformers >= 5.6 not)
-            state[prefix + (k if k.startswith("text_model.") else "text_model." + k)] = v
+        if not sdxl and text.config.hidden_act == "gelu":  # SD 2.x: OpenCLIP ViT-H (OpenAI's CLIP: quick_gelu)
+            state.update(sd2_text_state(text.state_dict()))
+        else:
+            prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+            for (
+                k,
+                v,
+            ) in text.state_dict().items():  # LDM nests CLIP's weights under text_model (transformers >= 5.6 not)
+                state[prefix + (k if k.startswith("text_model.") else "text_model." + k)] = v
     if sdxl:
         text_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
         for k, v in open_clip_state(text_2.state_dict()).items():
             state[f"conditioner.embedders.{embedders}.model." + k] = v
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+def sd2_text_state(state: dict) -> dict:
+    """SD 2.x's text encoder in the original layout: OpenCLIP under cond_stage_model.model, with one block more
+    than diffusers keeps (SD 2 reads the penultimate block's output; diffusers drops the last block, and
+    stable-diffusion.cpp skips it): the last block is repeated there, a placeholder neither computes."""
+    out = {"cond_stage_model.model." + k: v for k, v in open_clip_state(state).items()}
+    blocks = [k for k in out if ".transformer.resblocks." in k]
+    last = max(int(k.split(".transformer.resblocks.")[1].split(".")[0]) for k in blocks)
+    for k in blocks:
+        if f".resblocks.{last}." in k:
+            out[k.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = out[k].clone()
     return out
 
 
@@ -112,7 +131,8 @@ def open_clip_state(state: dict) -> dict:
 
     mapping = DIFFUSERS_TO_LDM_MAPPING["openclip"]
     state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in state.items()}
-    out = {ldm: state[ours].T if ldm == "text_projection" else state[ours] for ours, ldm in mapping["layers"].items()}
+    layers = {ours: ldm for ours, ldm in mapping["layers"].items() if ours in state}  # SD 2's has no projection
+    out = {ldm: state[ours].T if ldm == "text_projection" else state[ours] for ours, ldm in layers.items()}
     stacked: dict[str, dict] = {}
     for k, v in state.items():
         if not k.startswith("text_model.encoder.layers."):

@@ -41,7 +41,7 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert list(report["engines"]) == ["diffusers-pytorch", "sd-onnx-fp32", "sd-onnx-int8"]
+    assert list(report["engines"]) == ["sd-onnx-int8", "sd-onnx-fp32", "diffusers-pytorch"]
     peers = [name for name in QUICK_ENGINES if ENGINES[name].peer]
     assert sorted(report["skipped"]) == sorted(peers) and "openvino-fp32" in peers
     assert report["skipped"]["openvino-int8"] == "no openvino environment: sd-bench peers setup --only openvino"
@@ -220,3 +220,18 @@ def test_peers_get_the_engine_modules_without_sd_onnx(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(str(root))
     assert "optimum-ort" in result.stdout
+
+
+def test_report_command_keeps_notes_in_the_json_and_renders_them(tmp_path: Path) -> None:
+    from sd_onnx.benchmarks.cli import main
+
+    report = tmp_path / "peers.json"
+    report.write_text(FIXTURE.read_text())
+    (tmp_path / "notes.md").write_text("Optimum wins the VAE column: its decoder graph is unfused.\n")
+    result = CliRunner().invoke(main, ["report", str(report), "--notes", str(tmp_path / "notes.md")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["notes"].startswith("Optimum wins the VAE column")
+    text = (tmp_path / "peers.md").read_text()
+    assert "## Notes\n\nOptimum wins the VAE column: its decoder graph is unfused." in text
+    assert text.index("## Notes") < text.index("Library versions per engine")
+    assert (tmp_path / "peers_peak_rss.png").is_file() and (tmp_path / "peers_time_per_component.png").is_file()

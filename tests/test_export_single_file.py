@@ -101,3 +101,36 @@ def random_feeds(session: ort.InferenceSession, rng: np.random.Generator) -> dic
         else:
             feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
+
+
+def test_sd2_single_file_round_trip(tmp_path: Path) -> None:
+    """SD 2.x in the original layout (OpenCLIP text encoder with the block diffusers drops, linear transformer
+    projections) converts to the same text encoder and UNet graphs as its diffusers folder."""
+    from safetensors import safe_open
+
+    from sd_onnx.models import build
+
+    text = {**build.TINY["text_encoder"], "hidden_act": "gelu"}  # OpenCLIP's activation tells SD 2 apart
+    unet = {**build.TINY["unet"], "use_linear_projection": True}
+    recipe = {**build.TINY, "text_encoder": text, "tokenizer": {"pad_token": "!"}, "unet": unet}
+    folder = build.build_pipeline(recipe, tmp_path / "sd2", seed=0)
+    checkpoint = write_single_file(folder, tmp_path / "sd2.safetensors")
+    with safe_open(str(checkpoint), "pt") as f:
+        keys = set(f.keys())
+    layers = text["num_hidden_layers"]
+    assert f"cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight" in keys  # the extra block
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    components = ("text_encoder", "unet")
+    convert(str(folder), tmp_path / "a", components=components, log=lambda line: None)
+    convert(str(checkpoint), tmp_path / "b", config=str(folder), components=components, log=lambda line: None)
+    rng = np.random.default_rng(0)
+    unet_feeds = {
+        "sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+        "timestep": np.array([500.0], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, text["hidden_size"]), dtype=np.float32),
+    }
+    ids = np.array([[49406, 320, 1125, 49407] + [0] * 73], dtype=np.int32)
+    for name, feeds in (("text_encoder", {"input_ids": ids}), ("unet", unet_feeds)):
+        sessions = [ort.InferenceSession(str(tmp_path / side / name / "model.onnx")) for side in ("a", "b")]
+        outputs = [session.run(None, feeds)[0] for session in sessions]
+        np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, err_msg=name)
