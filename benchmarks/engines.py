@@ -238,7 +238,7 @@ def run_openvino_onnx(spec: dict) -> dict:
     sizes["sequence"] = config["max_token_length"]
     core = ov.Core()
 
-    def compiled(name: str) -> tuple[Any, list[np.ndarray]]:
+    def compiled(name: str, options: dict | None = None) -> tuple[Any, list[np.ndarray]]:
         component = manifest["components"][name]
         model = core.read_model(str(Path(spec["model"]) / component["file"]))
         shapes = {
@@ -248,7 +248,7 @@ def run_openvino_onnx(spec: dict) -> dict:
             shapes = {k: [1, *v[1:]] for k, v in shapes.items()}
         model.reshape(shapes)
         feeds = [np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in shapes.values()]
-        config = {"INFERENCE_NUM_THREADS": str(spec["threads"])}
+        config = {"INFERENCE_NUM_THREADS": str(spec["threads"]), **(options or {})}
         return core.compile_model(model, "CPU", config), feeds
 
     def load() -> Any:
@@ -268,7 +268,25 @@ def run_openvino_onnx(spec: dict) -> dict:
     record["end_to_end_s"] = None  # UNet steps alone: no text encoder, scheduler or decode in that time
     record["cold_first_image_s"] = None
     record["inference_precision"] = _openvino_precision()
+    record["unet_profile"] = _openvino_profile(*compiled("unet", {"PERF_COUNT": "YES"}))  # after the peak RSS
     return record
+
+
+def _openvino_profile(model: Any, feeds: list[np.ndarray]) -> list[dict]:
+    """Where one UNet step goes in OpenVINO by operation type, with the kernels it chose (AMX, VNNI, bf16...),
+    from its performance counters: the evidence for why its step is faster or slower than ours."""
+    request = model.create_infer_request()
+    for _ in range(2):  # the second run is the one read
+        request.infer(feeds)
+    totals: dict[str, dict] = {}
+    for info in request.get_profiling_info():
+        if info.status != info.Status.EXECUTED:
+            continue
+        entry = totals.setdefault(info.node_type, {"op": info.node_type, "seconds": 0.0, "kernels": set()})
+        entry["seconds"] += info.real_time.total_seconds()
+        entry["kernels"].add(info.exec_type)
+    rows = sorted(totals.values(), key=lambda row: -row["seconds"])[:12]
+    return [{**row, "seconds": round(row["seconds"], 4), "kernels": sorted(row["kernels"])[:4]} for row in rows]
 
 
 def run_sdcpp(spec: dict) -> dict:
