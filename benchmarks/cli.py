@@ -30,13 +30,14 @@ class Engine:
     kind: str
     peer: str | None
     model: str
-    options: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, object], ...] = ()
 
 
 # Report order: ours, then the peers, stable-diffusion.cpp last (its steps are the slowest here).
 ENGINES: dict[str, Engine] = {
     "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
     "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
+    "sd-onnx-int8-low-memory": Engine("sd-onnx", None, "sd-onnx-int8", (("low_memory", True),)),
     "diffusers-pytorch": Engine("diffusers-pytorch", None, "source"),
     "optimum-ort": Engine("optimum-ort", "optimum", "optimum-ort"),
     "openvino-fp32": Engine("openvino", "openvino", "openvino-fp32"),
@@ -278,8 +279,8 @@ def benchmark(
     for i, name in enumerate(engines, 1):
         engine = ENGINES[name]
         click.echo(f"[{i}/{len(engines)}] {name}: running", err=True)
-        spec = {**settings, **dict(engine.options), "kind": engine.kind, "model": str(folders[engine.model])}
-        spec.update(vae_repeats=2, low_memory=low_memory and engine.kind == "sd-onnx")
+        spec = {**settings, "kind": engine.kind, "model": str(folders[engine.model]), "vae_repeats": 2}
+        spec.update(low_memory=low_memory and engine.kind == "sd-onnx", **dict(engine.options))
         if tiny_vae:
             spec["tiny_vae"] = str(tiny_vae)
         failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}

@@ -41,7 +41,7 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert list(report["engines"]) == ["sd-onnx-int8", "sd-onnx-fp32", "diffusers-pytorch"]
+    assert list(report["engines"]) == ["sd-onnx-int8", "sd-onnx-fp32", "sd-onnx-int8-low-memory", "diffusers-pytorch"]
     peers = [name for name in QUICK_ENGINES if ENGINES[name].peer]
     assert sorted(report["skipped"]) == sorted(peers) and "openvino-fp32" in peers
     assert report["skipped"]["openvino-int8"] == "no openvino environment: sd-bench peers setup --only openvino"
