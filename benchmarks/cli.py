@@ -175,7 +175,8 @@ def invocation(ctx: click.Context) -> str:
         if not isinstance(param, click.Option) or value is None or value is False or value == param.default:
             continue
         flag = max(param.opts, key=len)
-        parts += [flag] if param.is_flag else [flag, PATH_OPTIONS.get(flag) or shlex.quote(str(value))]
+        placeholder = PATH_OPTIONS.get(flag) if value != "random" else None  # --tiny-vae random is no path
+        parts += [flag] if param.is_flag else [flag, placeholder or shlex.quote(str(value))]
     return " ".join(parts)
 
 
