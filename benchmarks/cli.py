@@ -281,7 +281,8 @@ def benchmark(
         engine = ENGINES[name]
         click.echo(f"[{i}/{len(engines)}] {name}: running", err=True)
         spec = {**settings, "kind": engine.kind, "model": str(folders[engine.model]), "vae_repeats": 2}
-        spec.update(low_memory=low_memory and engine.kind == "sd-onnx", **dict(engine.options))
+        spec["low_memory"] = low_memory and engine.kind == "sd-onnx"
+        spec.update(engine.options)
         if tiny_vae:
             spec["tiny_vae"] = str(tiny_vae)
         failed = json.loads((work / "failed.json").read_text()) if (work / "failed.json").is_file() else {}
