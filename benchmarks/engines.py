@@ -210,7 +210,9 @@ def run_openvino(spec: dict) -> dict:
     def load() -> Any:
         config = {"INFERENCE_NUM_THREADS": str(spec["threads"]), "CACHE_DIR": ""}
         pipe = OVDiffusionPipeline.from_pretrained(spec["model"], compile=False, ov_config=config)
-        pipe.reshape(batch_size=1, height=spec["size"], width=spec["size"], num_images_per_prompt=1)
+        # optimum-intel's static UNet batch assumes guidance (it doubles the batch); unguided, the batch stays free
+        batch = 1 if spec["guidance"] > 1 else -1
+        pipe.reshape(batch_size=batch, height=spec["size"], width=spec["size"], num_images_per_prompt=batch)
         pipe.compile()
         pipe.set_progress_bar_config(disable=True)
         return pipe

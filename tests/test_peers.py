@@ -52,6 +52,12 @@ def test_openvino_engines_run_the_tiny_model(tiny_pipeline: Path, openvino_pytho
         assert (tmp_path / "work" / name / "unet" / "openvino_model.xml").is_file()
     assert report["engines"]["openvino-onnx-fp32"]["end_to_end_s"] is None  # components only
     assert not list((tmp_path / "work").glob("*.partial*"))
+    # Turbo-style, unguided: optimum-intel's static reshape would double the UNet batch; ours leaves it free
+    turbo = ["--engines", "openvino-int8", "--steps", "1", "--guidance", "0", "--name", "ov-turbo"]
+    result = CliRunner().invoke(main, [*args, *turbo])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "ov-turbo.json").read_text())["engines"]["openvino-int8"]
+    assert "error" not in record and record["unet_steps"] == 1, record
 
 
 def test_openvino_reads_our_unet_graph_and_computes_the_same(
