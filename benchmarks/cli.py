@@ -418,7 +418,15 @@ def run(
 )
 def report(report_json: Path, notes: Path | None) -> None:
     """Write REPORT_JSON's Markdown and plots again beside it (after adding --notes)."""
-    data = json.loads(report_json.read_text())
+    try:
+        data = json.loads(report_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{report_json}: not JSON ({exc})") from None
+    missing = [
+        k for k in ("engines", "settings", "machine", "date", "command") if not isinstance(data, dict) or k not in data
+    ]
+    if missing:
+        raise click.ClickException(f"{report_json}: not an sd-bench report (no {', '.join(missing)})")
     if notes:
         data["notes"] = notes.read_text()
     for path in write_report(data, report_json.parent, name=report_json.stem):

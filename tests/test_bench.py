@@ -236,3 +236,9 @@ def test_report_command_keeps_notes_in_the_json_and_renders_them(tmp_path: Path)
     assert "## Notes\n\nOptimum wins the VAE column: its decoder graph is unfused." in text
     assert text.index("## Notes") < text.index("Library versions per engine")
     assert (tmp_path / "peers_peak_rss.png").is_file() and (tmp_path / "peers_time_per_component.png").is_file()
+    (tmp_path / "other.json").write_text("{}")
+    refused = CliRunner().invoke(main, ["report", str(tmp_path / "other.json")])
+    assert refused.exit_code != 0 and "not an sd-bench report (no engines, settings" in refused.output
+    (tmp_path / "broken.json").write_text("{")
+    refused = CliRunner().invoke(main, ["report", str(tmp_path / "broken.json")])
+    assert refused.exit_code != 0 and "not JSON" in refused.output
