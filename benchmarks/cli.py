@@ -307,7 +307,13 @@ def benchmark(
 @click.option(
     "--quick", is_flag=True, help="Smoke run on a tiny model: sd-onnx, diffusers and the peers that are set up."
 )
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Where --quick writes JSON.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where --quick writes JSON [default: ./sd-bench-quick.json].",
+)
 @click.pass_context
 def main(ctx: click.Context, quick: bool, json_path: Path | None) -> None:
     """Benchmark sd-onnx against diffusers (PyTorch), Optimum (onnxruntime), OpenVINO (optimum-intel) and
@@ -389,6 +395,8 @@ def run(
     architecture = "sd15" if sd15_random else architecture
     if (model is None) == (architecture is None):
         raise click.ClickException("give exactly one of --model PATH or --random ARCHITECTURE")
+    if tiny_vae and tiny_vae != "random" and not (Path(tiny_vae) / "config.json").is_file():
+        raise click.ClickException(f"--tiny-vae {tiny_vae}: not a diffusers AutoencoderTiny folder (no config.json)")
     work.mkdir(parents=True, exist_ok=True)
     if architecture:
         from sd_onnx.models.build import RECIPES, build_pipeline
@@ -435,9 +443,7 @@ def report(report_json: Path, notes: Path | None) -> None:
 
 def _tiny_autoencoder(option: str, work: Path) -> Path:
     """The --tiny-vae folder: as given, or TAESD's architecture with random weights built into `work`."""
-    if option != "random":
-        if not (Path(option) / "config.json").is_file():
-            raise click.ClickException(f"--tiny-vae {option}: not a diffusers AutoencoderTiny folder (no config.json)")
+    if option != "random":  # checked in `run` before anything is written
         return Path(option)
     folder = work / "taesd-random"
     if not folder.is_dir():
@@ -571,7 +577,7 @@ def peers() -> None:
 
 
 @peers.command("setup")
-@click.option("--only", default=None, help="One peer (default: all of them).")
+@click.option("--only", default=None, help="One peer: optimum, openvino or sdcpp (default: all of them).")
 def peers_setup(only: str | None) -> None:
     """Create each peer's environment (pip, by package name) and print its Python."""
     from .peers import PEERS, PeerSetupError, setup_peer
