@@ -215,7 +215,7 @@ def run_engine(engine: str, spec: dict, python: str, work: Path) -> dict:
 
 def _engine_modules(work: Path) -> Path:
     """A folder holding `sd_onnx.benchmarks.engines` and what it imports (the standard library and NumPy
-    only), and the OpenVINO export script, for peers' environments."""
+    only), and the peers' export script, for peers' environments."""
     root = work / "_engine_modules"
     package = root / "sd_onnx" / "benchmarks"
     package.mkdir(parents=True, exist_ok=True)

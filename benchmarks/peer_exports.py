@@ -1,7 +1,7 @@
 """Peers' own model files, made in the peer's environment from the same weights as every other engine:
 `python -m sd_onnx.benchmarks.peer_exports PEER MODE SOURCE OUT [PROMPT ...]`.
 
-Optimum (`optimum ort`): its ONNX export of a diffusers folder, as `optimum-cli export onnx` makes it.
+Optimum (MODE `ort`): its ONNX export of a diffusers folder, as `optimum-cli export onnx` makes it.
 
 OpenVINO (optimum-intel and NNCF, offline), SOURCE a diffusers folder:
 - `fp32`: the IR with fp32 weights (what FastSD CPU loads);
