@@ -340,6 +340,14 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 )
 @click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
 @LORA_OPTION
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve: model replicas behind the same API ([ray]).")
+@click.option(
+    "--address", default=None, help="With --ray: cluster to join ('auto': this machine's) [default: local Ray]."
+)
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="With --ray: model replicas.")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="With --ray: scale replicas on queue depth.")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--gpus-per-replica", default=0.0, show_default=True, type=click.FloatRange(0))
 def serve(
     model: Path | None,
     host: str,
@@ -356,12 +364,21 @@ def serve(
     timeout: float,
     max_body_bytes: int,
     loras: tuple[str, ...],
+    use_ray: bool,
+    address: str | None,
+    replicas: int,
+    autoscale: str | None,
+    cpus_per_replica: float,
+    gpus_per_replica: float,
 ) -> None:
-    """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/...) image APIs over HTTP."""
+    """Serve the A1111 (/sdapi/v1/...) and OpenAI (/v1/images/...) image APIs and a web page (/) over HTTP.
+
+    With --ray the model runs on Ray Serve replicas (this machine or a cluster) behind the same API."""
     try:
         from .server.app import ServeConfig, run_server
     except ImportError:
         raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
+    ray_options = ray_serve_options(use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica, workers)
     from .session import resolve_providers
 
     log_to_stderr()
@@ -393,8 +410,56 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
-    click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
-    run_server(config, folder, provider, threads, host, port, applied)
+    if ray_options is None:
+        click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
+        run_server(config, folder, provider, threads, host, port, applied)
+        return
+    from .server.ray_serve import run_ray_server
+
+    click.echo(f"deploying {folder} on Ray Serve at http://{_url_host(host)}:{port} (loading replicas)", err=True)
+    run_ray_server(config, folder, ray_options, provider, threads, host, port, applied)
+
+
+def ray_serve_options(
+    use_ray: bool,
+    address: str | None,
+    replicas: int,
+    autoscale: str | None,
+    cpus: float,
+    gpus: float,
+    workers: int,
+) -> Any:
+    """The --ray settings checked, or None without --ray (where the Ray-only options are refused)."""
+    ray_only = {"--address": address is not None, "--replicas": replicas != 1, "--autoscale": autoscale is not None,
+                "--cpus-per-replica": cpus != 1.0, "--gpus-per-replica": gpus != 0.0}  # fmt: skip
+    if not use_ray:
+        given = [name for name, set_ in ray_only.items() if set_]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --ray")
+        return None
+    if workers != 1:
+        raise click.UsageError("--workers is for the single-process server; with --ray use --replicas")
+    if autoscale is not None and replicas != 1:
+        raise click.UsageError("give either --replicas or --autoscale, not both")
+    try:
+        from .server.ray_serve import RayOptions
+    except ImportError:
+        raise click.ClickException("sd-run serve --ray needs the [ray] extra: pip install 'sd-onnx[ray]'") from None
+    try:
+        return RayOptions(address, replicas, parse_min_max(autoscale), cpus, gpus)
+    except ValueError as exc:
+        field, _, reason = str(exc).partition(": ")
+        raise click.BadParameter(reason, param_hint="--" + field.replace("_", "-")) from None
+
+
+def parse_min_max(text: str | None) -> tuple[int, int] | None:
+    """--autoscale MIN:MAX as two integers."""
+    if text is None:
+        return None
+    low, colon, high = text.partition(":")
+    if not colon or not low.strip().isdigit() or not high.strip().isdigit():
+        raise click.BadParameter(f"must look like MIN:MAX, e.g. 1:4, got {text!r}", param_hint="--autoscale")
+    return int(low), int(high)
 
 
 def _is_base_url(url: str) -> bool:

@@ -11,8 +11,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -28,6 +30,10 @@ class ShuttingDown(Exception):
     """The server stopped accepting work."""
 
 
+class WorkerLost(Exception):
+    """The process running a job died (a Ray replica killed or crashed); the job may be retried."""
+
+
 @dataclass
 class Job:
     """One resolved generation request, a future for its result, a cancel flag and its progress."""
@@ -40,6 +46,28 @@ class Job:
     total: int = 0
     latents: np.ndarray | None = None
     started: float | None = None
+    on_cancel: Callable[[], None] | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the job to stop: a flag the pipeline polls between steps, and a hook for remote jobs."""
+        self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+class Jobs(Protocol):
+    """What the routes need of a job queue: this module's JobQueue, or ray_serve.RemoteJobs."""
+
+    accepting: bool
+    steps_done: int
+    busy_seconds: float
+
+    def submit(self, request: GenerationRequest) -> Job: ...
+    def depth(self) -> int: ...
+    def current(self) -> Job | None: ...
+    def busy(self) -> int: ...
+    def interrupt(self) -> int: ...
+    def shutdown(self, timeout: float = 30.0) -> None: ...
 
 
 class JobQueue:
@@ -86,7 +114,7 @@ class JobQueue:
         """Cancel every running job; returns how many."""
         with self._lock:
             for job in self.running.values():
-                job.cancelled.set()
+                job.cancel()
             return len(self.running)
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
 from ..request import GenerationRequest, Limits, RequestError
-from .jobs import JobQueue, QueueFull, ShuttingDown
+from .jobs import JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
 
 LOG = logging.getLogger("sd_onnx.server")
 
@@ -45,10 +45,15 @@ class ServeConfig:
 class ServerState:
     """Shared by every route; the pipeline arrives from a loader thread so /health can say "loading"."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(
+        self, config: ServeConfig, jobs_factory: Callable[[StableDiffusionPipeline], Jobs] | None = None
+    ) -> None:
+        """`jobs_factory` makes the job queue once the pipeline is loaded: by default worker threads on it;
+        under Ray Serve a queue whose jobs run on the model's replicas (ray_serve.RemoteJobs)."""
         self.config = config
+        self.jobs_factory = jobs_factory or (lambda pipe: JobQueue(pipe, config.workers, config.queue_size))
         self.pipe: StableDiffusionPipeline | None = None
-        self.jobs: JobQueue | None = None
+        self.jobs: Jobs | None = None
         self.images: OrderedDict[str, bytes] = OrderedDict()
         self.images_lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -72,12 +77,12 @@ class ServerState:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"Error: {reason}", file=sys.stderr, flush=True)
             os._exit(1)
-        self.jobs = JobQueue(pipe, self.config.workers, self.config.queue_size)
+        self.jobs = self.jobs_factory(pipe)
         self.pipe = pipe
         print(f"ready: {pipe.model_name} ({pipe.manifest.model_family if pipe.manifest else 'onnx folder'})",
               file=sys.stderr, flush=True)  # fmt: skip
 
-    def ready(self) -> tuple[StableDiffusionPipeline, JobQueue]:
+    def ready(self) -> tuple[StableDiffusionPipeline, Jobs]:
         if self.jobs is not None and not self.jobs.accepting:
             raise HTTPException(503, "server is shutting down", headers={"Retry-After": "10"})
         if self.pipe is None or self.jobs is None:
@@ -104,13 +109,13 @@ class ServerState:
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), self.config.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
-            job.cancelled.set()
+            job.cancel()
             job.future.cancel()  # still queued: never runs
             waiter.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody waits for it now
             raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
         except GenerationCancelled:
             raise HTTPException(409, "generation was interrupted") from None
-        except ShuttingDown as exc:
+        except (QueueFull, ShuttingDown, WorkerLost) as exc:  # QueueFull: Serve's queue refuses when assigning
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
