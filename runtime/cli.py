@@ -417,7 +417,10 @@ def serve(
     from .server.ray_serve import run_ray_server
 
     click.echo(f"deploying {folder} on Ray Serve at http://{_url_host(host)}:{port} (loading replicas)", err=True)
-    run_ray_server(config, folder, ray_options, provider, threads, host, port, applied)
+    try:
+        run_ray_server(config, folder, ray_options, provider, threads, host, port, applied)
+    except ConnectionError as exc:
+        raise user_error(exc) from None
 
 
 def ray_serve_options(
@@ -460,6 +463,77 @@ def parse_min_max(text: str | None) -> tuple[int, int] | None:
     if not colon or not low.strip().isdigit() or not high.strip().isdigit():
         raise click.BadParameter(f"must look like MIN:MAX, e.g. 1:4, got {text!r}", param_hint="--autoscale")
     return int(low), int(high)
+
+
+@main.command()
+@click.argument("prompts", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("outdir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
+@click.option("--resume", is_flag=True, help="Continue a run in OUTDIR: skip ids done, redo failed ones.")
+@click.option("--ray", "use_ray", is_flag=True, help="Spread the work over Ray workers ([ray] extra).")
+@click.option("--address", default=None, help="With --ray: cluster to join ('auto': this one) [default: local Ray].")
+@click.option("--workers", default=None, type=click.IntRange(1), help="With --ray: model copies [default: CPUs].")
+@click.option("--cpus-per-worker", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads (local).")
+@limit_options
+def batch(
+    prompts: Path,
+    outdir: Path,
+    model: Path | None,
+    resume: bool,
+    use_ray: bool,
+    address: str | None,
+    workers: int | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    provider: str,
+    threads: int | None,
+    max_steps: int,
+    max_pixels: int | None,
+    max_batch: int,
+) -> None:
+    """Generate one PNG per line of PROMPTS (JSONL: prompt, seed, steps, ... and an optional id) into OUTDIR,
+    with OUTDIR/results.jsonl recording each id's seed, timings or error.
+
+    Exits non-zero when a line failed; its record says why."""
+    from .batch import BatchOutput, local_executor, read_items, run_batch
+    from .session import resolve_providers
+
+    log_to_stderr()
+    if not use_ray and (address or workers or cpus_per_worker != 1.0 or gpus_per_worker):
+        raise click.UsageError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --ray")
+    limits = Limits(max_steps, max_pixels, max_batch)
+    folder = model_folder(model)
+    try:
+        resolve_providers(provider)
+        items = read_items(prompts)
+        if use_ray:
+            try:
+                from .batch_ray import ray_executor
+            except ImportError:
+                raise click.ClickException(
+                    "sd-run batch --ray needs the [ray] extra: pip install 'sd-onnx[ray]'"
+                ) from None
+            from .pipeline import StableDiffusionPipeline
+
+            StableDiffusionPipeline.from_pretrained(folder, provider=provider, low_memory=True)  # fails here, once
+            execute = ray_executor(folder, limits, address, workers or os.cpu_count() or 1, cpus_per_worker,
+                                   gpus_per_worker, provider)  # fmt: skip
+        else:
+            from .pipeline import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
+            execute = local_executor(pipe, limits)
+        output = BatchOutput(outdir)
+        with click.progressbar(length=len(items), label="images", file=sys.stderr) as bar:
+            summary = run_batch(items, output, resume, execute, on_result=lambda _: bar.update(1))
+    except USER_ERRORS as exc:
+        raise user_error(exc) from None
+    click.echo(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already done; {output.results}")
+    if summary.failed:
+        raise click.ClickException(f"{summary.failed} of {len(items)} failed; their errors are in {output.results}")
 
 
 def _is_base_url(url: str) -> bool:

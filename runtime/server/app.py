@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
-from . import a1111, middleware, openai
+from . import a1111, middleware, openai, page
 from .state import ServeConfig, ServerState
 
 __all__ = ["ServeConfig", "ServerState", "create_app", "run_server"]
@@ -36,6 +36,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
 
     app = FastAPI(title="sd-onnx", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     middleware.install(app, state)
+    page.add_routes(app, state)
 
     @app.get("/health")
     def health() -> JSONResponse:

@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..pipeline import GenerationCancelled, StableDiffusionPipeline
+from ..ray_cluster import connect
 from ..request import GenerationRequest
 from .app import create_app
 from .jobs import Job, QueueFull, ShuttingDown, WorkerLost
@@ -254,18 +255,6 @@ def application(
         graceful_shutdown_timeout_s=config.timeout_s,
     )
     return ingress.bind(model, str(folder), config, [(str(path), scale) for path, scale in loras])
-
-
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` ("auto": the one this machine is part of), or start a local Ray that
-    listens on 127.0.0.1 only."""
-    if ray.is_initialized():
-        return
-    quiet = {"logging_level": "ERROR", "log_to_driver": False}
-    if address is None:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
-    else:
-        ray.init(address=address, **quiet)
 
 
 def deploy(

@@ -1,0 +1,196 @@
+"""`sd-run batch`: a JSONL file of generation requests -> OUTDIR/<id>.png (with its parameters chunk) and
+OUTDIR/results.jsonl, one record per request (id, line, status, seed, file, timings or error).
+
+Each line is a JSON object with the Python API's request fields (prompt, negative_prompt, steps,
+guidance_scale, width, height, seed, scheduler, eta) and an optional `id` (default `line-N`), one image per
+line. A bad line becomes an error record and the rest goes on. Every PNG is written under a temporary name
+and renamed, then its record is appended and synced, so a crash at any point leaves either a finished image
+with its record, or work that `--resume` redoes: resume keeps the records of images that exist, drops the
+rest (failed requests and half-written leftovers) and runs every id without one. The same `run_item` runs
+here and on Ray workers (batch_ray.py), so both write the same bytes for the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .image import parameters_text, png_bytes
+from .pipeline import StableDiffusionPipeline
+from .request import GenerationRequest, Limits
+
+RESULTS_NAME = "results.jsonl"
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "seed", "scheduler", "eta")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_LINE_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One line: its id, its line number and its request fields, or why the line cannot run."""
+
+    id: str
+    line: int
+    fields: dict[str, Any] | None
+    error: str | None = None
+
+
+def read_items(path: Path) -> list[BatchItem]:
+    """Every non-blank line of a JSONL file as an item; malformed lines, unknown fields and repeated ids are
+    items with an error. Raises ValueError only when the file itself cannot be read as UTF-8 text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    items, seen = [], {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            item = _parse_line(line, number)
+            if item.id in seen:
+                item = BatchItem(
+                    f"line-{number}", number, None, f"id {item.id!r} is already used on line {seen[item.id]}"
+                )
+            seen.setdefault(item.id, number)
+            items.append(item)
+    return items
+
+
+def _parse_line(line: str, number: int) -> BatchItem:
+    default_id = f"line-{number}"
+    if len(line) > MAX_LINE_CHARS:
+        return BatchItem(default_id, number, None, f"line is longer than {MAX_LINE_CHARS} characters")
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return BatchItem(default_id, number, None, "not valid JSON")
+    if not isinstance(data, dict):
+        return BatchItem(default_id, number, None, 'must be a JSON object such as {"prompt": "a cat"}')
+    item_id = data.pop("id", default_id)
+    if not isinstance(item_id, str) or not ID_PATTERN.fullmatch(item_id):
+        return BatchItem(default_id, number, None, "id: must be 1-128 letters, digits, '.', '_' or '-', not first '.'")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        return BatchItem(item_id, number, None, f"{unknown[0]}: unknown field; known: id, {', '.join(FIELDS)}")
+    if "prompt" not in data:
+        return BatchItem(item_id, number, None, "prompt: required")
+    return BatchItem(item_id, number, data)
+
+
+def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> tuple[dict[str, Any], bytes | None]:
+    """Generate one item: its result record and PNG bytes (None when it failed). Never raises for a bad
+    request or a failed generation: the record says why."""
+    record: dict[str, Any] = {"id": item.id, "line": item.line}
+    if item.error is not None:
+        return {**record, "status": "error", "error": item.error}, None
+    started = time.perf_counter()
+    try:
+        request = pipe.prepare(GenerationRequest(**item.fields), limits)
+        out = pipe.generate(request)
+    except ValueError as exc:  # RequestError names the field
+        return {**record, "status": "error", "error": str(exc)}, None
+    except Exception as exc:  # noqa: BLE001 - one failed image must not stop the batch
+        return {**record, "status": "error", "error": f"{type(exc).__name__}: {exc}"}, None
+    seconds = time.perf_counter() - started
+    png = png_bytes(out.images[0], parameters_text(request, out.parameters, 0))
+    timings = {"generate_s": round(seconds, 3), "steps": request.steps}
+    return {**record, "status": "ok", "seed": request.seed, "file": f"{item.id}.png", "timings": timings}, png
+
+
+class BatchOutput:
+    """OUTDIR: atomic PNGs and an append-only, synced results.jsonl; `start` checks it and, on resume, keeps
+    only the records of finished images."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.results = self.folder / RESULTS_NAME
+
+    def start(self, resume: bool) -> set[str]:
+        """Prepare the folder; returns the ids already done (empty unless resuming)."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"{self.folder}: exists and is not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(".*.partial"):
+            leftover.unlink()
+        if not resume:
+            if self.results.exists() and self.results.stat().st_size:
+                raise ValueError(f"{self.results} exists: add --resume to continue that run, or use another OUTDIR")
+            return set()
+        done = {r["id"]: r for r in self._records() if r.get("status") == "ok" and (self.folder / r["file"]).is_file()}
+        partial = self.folder / f".{RESULTS_NAME}.partial"
+        partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+        partial.replace(self.results)
+        return set(done)
+
+    def write(self, record: dict[str, Any], png: bytes | None) -> None:
+        """The image (renamed into place), then its record (flushed and synced)."""
+        if png is not None:
+            partial = self.folder / f".{record['file']}.partial"
+            partial.write_bytes(png)
+            partial.replace(self.folder / record["file"])
+        with self.results.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def _records(self) -> Iterator[dict[str, Any]]:
+        """Every complete record; a line cut short by a crash is skipped."""
+        if not self.results.is_file():
+            return
+        for line in self.results.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if (
+                isinstance(record, dict)
+                and isinstance(record.get("id"), str)
+                and isinstance(record.get("file", ""), str)
+            ):
+                yield record
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+def run_batch(
+    items: list[BatchItem],
+    output: BatchOutput,
+    resume: bool,
+    execute: Callable[[list[BatchItem]], Iterable[tuple[dict[str, Any], bytes | None]]],
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """Run the items not done yet through `execute` (local or Ray) and write each result as it arrives."""
+    done = output.start(resume)
+    todo = [item for item in items if item.id not in done]
+    summary = BatchSummary(skipped=len(items) - len(todo))
+    for record, png in execute(todo):
+        output.write(record, png)
+        if record["status"] == "ok":
+            summary.done += 1
+        else:
+            summary.failed += 1
+        if on_result is not None:
+            on_result(record)
+    return summary
+
+
+def local_executor(
+    pipe: StableDiffusionPipeline, limits: Limits
+) -> Callable[[list[BatchItem]], Iterator[tuple[dict[str, Any], bytes | None]]]:
+    """Run items one after another in this process."""
+
+    def execute(items: list[BatchItem]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+        for item in items:
+            yield run_item(pipe, item, limits)
+
+    return execute
