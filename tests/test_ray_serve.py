@@ -84,6 +84,11 @@ def test_field_errors_are_422_before_any_replica(cluster):
     assert answer.status_code == 422 and answer.json()["detail"].startswith("steps:")
 
 
+def test_the_web_page_is_served_by_the_ingress(cluster):
+    page = httpx.get(f"{cluster['url']}/", timeout=30)
+    assert page.status_code == 200 and 'id="generate"' in page.text and "/sdapi/v1/txt2img" in page.text
+
+
 def model_replicas() -> list:
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Model#" in a["name"]]
     return [ray.get_actor(name, namespace="serve") for name in names]
