@@ -590,6 +590,24 @@ def peers_setup(only: str | None) -> None:
             raise click.ClickException(str(exc)) from None
 
 
+@main.command("serve-ray")
+@click.option("-m", "--model", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Exported model folder [default: the shipped shapes model].")  # fmt: skip
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--requests", default=24, show_default=True, type=click.IntRange(4), help="Per server and phase.")
+@click.option("--clients", default=4, show_default=True, type=click.IntRange(1), help="Concurrent clients.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/ray_serve.json"))
+def serve_ray(model: Path | None, steps: int, requests: int, clients: int, out: Path) -> None:
+    """Ray Serve against the single-process server: per-request latency overhead (p50/p95, same requests,
+    alternating) and images/min of 1 vs 2 replicas of 1 CPU each; writes OUT and OUT with .md. Needs [ray]."""
+    from .serving import markdown, measure
+
+    report = measure(model, steps, requests, clients)
+    write_json(out, report)
+    out.with_suffix(".md").write_text(markdown(report))
+    click.echo(markdown(report))
+
+
 def write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
