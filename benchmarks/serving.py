@@ -133,6 +133,7 @@ def throughput(model: Path | None, steps: int, requests: int, clients: int) -> d
 def measure(model: Path | None, steps: int, requests: int, clients: int) -> dict[str, Any]:
     """The whole report: machine, settings, overhead and throughput."""
     return {
+        "date": time.strftime("%Y-%m-%d"),
         "machine": machine_info(),
         "versions": versions(("onnxruntime", "ray", "fastapi", "uvicorn")),
         "settings": {
@@ -150,12 +151,13 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as a short Markdown page."""
     m, s, o, t = report["machine"], report["settings"], report["overhead"], report["throughput"]
     lines = [
-        "# Serving on Ray vs the single-process server",
+        "## Serving on Ray vs the single-process server",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} logical cores, ISA {', '.join(m['isa'])}. Model: {s['model']}, "
+        f"Measured {report['date']}. Machine: {m['cpu']}, {m['cores']} logical cores, ISA {', '.join(m['isa'])}. "
+        f"Model: {s['model']}, "
         f"{s['steps']} steps per image, A1111 txt2img over HTTP on 127.0.0.1.",
         "",
-        f"## Per-request overhead ({s['requests']} sequential requests each, alternating between the two)",
+        f"### Per-request overhead ({s['requests']} sequential requests each, alternating between the two)",
         "",
         "| server | p50 (s) | p95 (s) |",
         "|---|---:|---:|",
@@ -167,7 +169,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Ray adds {o['added_p50_ms']:.0f} ms at p50 and {o['added_p95_ms']:.0f} ms at p95 "
         f"({o['ratio_p50']:.2f}x the single-process p50).",
         "",
-        f"## Throughput ({s['requests']} requests from {s['clients']} concurrent clients)",
+        f"### Throughput ({s['requests']} requests from {s['clients']} concurrent clients)",
         "",
         "| setup | images/min | p50 latency (s) | p95 latency (s) |",
         "|---|---:|---:|---:|",

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -125,6 +126,28 @@ def ray_address():
 
 def ray_args(address: str) -> list[str]:
     return ["--ray", "--address", address, "--workers", "2", "--cpus-per-worker", "1"]
+
+
+def test_serve_ray_deploys_onto_a_running_cluster_and_returns(ray_address, tmp_path: Path):
+    """The CLI path of `sd-run serve --ray --address`: deploy, return, keep serving from the cluster."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli = [sys.executable, "-m", "sd_onnx.runtime.cli", "serve", "--ray", "--address", ray_address]
+    deployed = subprocess.run([*cli, "--port", str(port), "--replicas", "1"], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    try:
+        assert deployed.returncode == 0 and "serve shutdown" in deployed.stdout, deployed.stderr[-2000:]
+        body = {"prompt": "a cat", "steps": 3, "seed": 1}
+        answer = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert answer.status_code == 200 and "Seed: 1" in json.loads(answer.json()["info"])["infotexts"][0]
+    finally:
+        stop = f"import ray; from ray import serve; ray.init(address={ray_address!r}); serve.shutdown()"
+        subprocess.run([sys.executable, "-c", stop], capture_output=True, timeout=120)
+    no_token = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
+    refused = subprocess.run([*cli, "--port", str(port)], capture_output=True, text=True, timeout=300, env=no_token)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1]
 
 
 def test_batch_on_ray_writes_the_same_bytes_as_locally(tmp_path: Path, ray_address):

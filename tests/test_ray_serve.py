@@ -26,7 +26,7 @@ from ray import serve  # noqa: E402
 from sd_onnx.runtime.manifest import MANIFEST_NAME  # noqa: E402
 from sd_onnx.runtime.pipeline import StableDiffusionPipeline  # noqa: E402
 from sd_onnx.runtime.request import GenerationRequest, Limits  # noqa: E402
-from sd_onnx.runtime.server.ray_serve import APP_NAME, RayOptions, deploy  # noqa: E402
+from sd_onnx.runtime.server.ray_serve import APP_NAME, RayOptions, build_app, deploy  # noqa: E402
 from sd_onnx.runtime.server.state import ServeConfig  # noqa: E402
 from sd_onnx.runtime.shipped import shipped_model  # noqa: E402
 
@@ -156,3 +156,44 @@ def test_deploying_a_new_model_rolls_over_without_failed_requests(cluster, tmp_p
     models = httpx.get(f"{url}/sdapi/v1/sd-models", timeout=30).json()
     assert models[0]["model_name"] == "renamed-shapes"
     assert serve.status().applications[APP_NAME].status == "RUNNING"
+
+
+def test_the_application_builder_for_serve_run_and_rayservice(cluster):
+    args = {"model": str(shipped_model()), "replicas": "1", "cpus_per_replica": "0.1", "max_steps": "5"}
+    serve.run(build_app(args), name="from-builder", route_prefix="/builder")
+    try:
+        base = f"{cluster['url']}/builder"
+        too_many = httpx.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 6}, timeout=60)
+        assert too_many.status_code == 422 and "max_steps=5" in too_many.json()["detail"]
+        answer = httpx.post(f"{base}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": 3}, timeout=60)
+        assert answer.status_code == 200
+        np.testing.assert_array_equal(png_pixels(answer.json()["images"][0]), local_pixels("x", 3, 2))
+    finally:
+        serve.delete("from-builder")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({}, "model: required"),
+        ({"model": "m", "colour": "red"}, "colour: unknown argument"),
+        ({"model": "m", "replicas": "two"}, "replicas: must be an integer, got 'two'"),
+        ({"model": "m", "replicas": "0"}, "replicas: must be >= 1"),
+        ({"model": "m", "autoscale": "3"}, "autoscale: must be MIN:MAX, got '3'"),
+        ({"model": "m", "autoscale": "4:2"}, "autoscale: needs 1 <= MIN <= MAX"),
+        ({"model": "m", "cpus_per_replica": "nan"}, "cpus_per_replica: must be a positive number"),
+    ],
+)
+def test_application_builder_arguments_are_checked(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_app(args)
+
+
+def test_the_kuberay_example_names_a_builder_that_accepts_its_args():
+    yaml = pytest.importorskip("yaml")
+    service = yaml.safe_load((Path(__file__).parents[1] / "docs" / "kuberay-rayservice.yaml").read_text())
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(__import__(module, fromlist=[name]), name)
+    assert builder is build_app
+    assert build_app({**app["args"], "model": str(shipped_model())}) is not None

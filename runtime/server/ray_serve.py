@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..pipeline import GenerationCancelled, StableDiffusionPipeline
 from ..ray_cluster import connect
-from ..request import GenerationRequest
+from ..request import GenerationRequest, Limits
 from .app import create_app
 from .jobs import Job, QueueFull, ShuttingDown, WorkerLost
 from .state import ServeConfig, ServerState
@@ -255,6 +256,51 @@ def application(
         graceful_shutdown_timeout_s=config.timeout_s,
     )
     return ingress.bind(model, str(folder), config, [(str(path), scale) for path, scale in loras])
+
+
+BUILD_ARGS = ("model", "replicas", "autoscale", "cpus_per_replica", "gpus_per_replica", "provider", "queue_size",
+              "timeout_s", "max_steps", "max_pixels", "max_batch")  # fmt: skip
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Serve's application builder, for `serve run` and KubeRay's RayService (`import_path:
+    sd_onnx.runtime.server.ray_serve:build_app` with these `args`): the same application as `sd-run serve --ray`.
+    `model` is required; the API key comes from $SD_ONNX_API_KEY (a Kubernetes secret), never from args."""
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown argument; known: {', '.join(BUILD_ARGS)}")
+    if "model" not in args:
+        raise ValueError("model: required (the exported model folder, the same path on every node)")
+    options = RayOptions(
+        replicas=_number(args, "replicas", int, 1),
+        autoscale=_min_max(str(args["autoscale"])) if "autoscale" in args else None,
+        cpus_per_replica=_number(args, "cpus_per_replica", float, 1.0),
+        gpus_per_replica=_number(args, "gpus_per_replica", float, 0.0),
+    )
+    max_pixels = _number(args, "max_pixels", int, 0) or None
+    limits = Limits(_number(args, "max_steps", int, Limits.max_steps), max_pixels,
+                    _number(args, "max_batch", int, Limits.max_batch))  # fmt: skip
+    config = ServeConfig(
+        limits=limits,
+        api_key=os.environ.get("SD_ONNX_API_KEY") or None,
+        queue_size=_number(args, "queue_size", int, ServeConfig.queue_size),
+        timeout_s=_number(args, "timeout_s", float, ServeConfig.timeout_s),
+    )
+    return application(Path(args["model"]), config, options, args.get("provider", "auto"), None, [])
+
+
+def _min_max(text: str) -> tuple[int, int]:
+    low, colon, high = text.partition(":")
+    if not (colon and low.strip().isdigit() and high.strip().isdigit()):
+        raise ValueError(f"autoscale: must be MIN:MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _number(args: dict[str, Any], name: str, kind: type, default: float) -> Any:
+    try:
+        return kind(args[name]) if name in args else default
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be {'an integer' if kind is int else 'a number'}, got {args[name]!r}") from None
 
 
 def deploy(
