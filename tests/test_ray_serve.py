@@ -1,6 +1,7 @@
-"""`sd-run serve --ray` on a local Ray (2 CPUs, 127.0.0.1) with the shipped model: two replicas answer A1111 and
-OpenAI requests at once with the local pipeline's pixels, a killed replica answers 503 and is replaced, a full
-queue answers 503 with Retry-After, and deploying a new model folder rolls over without failed requests."""
+"""`sd-run serve --ray` on a local Ray (127.0.0.1, 3 logical CPUs: 2 replicas and a builder test's) with the
+shipped model: two replicas answer A1111 and OpenAI requests at once with the local pipeline's pixels, a killed
+replica answers 503 and is replaced, a full queue answers 503 with Retry-After, deploying a new model folder
+rolls over without failed requests, and the application builder for `serve run` and KubeRay works."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)  # fmt: skip
     port = free_port()
     config = ServeConfig(queue_size=QUEUE, public_url=f"http://127.0.0.1:{port}")
