@@ -52,11 +52,10 @@ def read_items(path: Path) -> list[BatchItem]:
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             item = _parse_line(line, number)
-            if item.id in seen:
-                item = BatchItem(
-                    f"line-{number}", number, None, f"id {item.id!r} is already used on line {seen[item.id]}"
-                )
-            seen.setdefault(item.id, number)
+            key = item.id.casefold()  # Cat.png and cat.png are one file on macOS and Windows
+            if key in seen:
+                item = BatchItem(f"line-{number}", number, None, f"id {item.id!r} is already used on line {seen[key]}")
+            seen.setdefault(key, number)
             items.append(item)
     return items
 
@@ -79,6 +78,9 @@ def _parse_line(line: str, number: int) -> BatchItem:
         return BatchItem(item_id, number, None, f"{unknown[0]}: unknown field; known: id, {', '.join(FIELDS)}")
     if "prompt" not in data:
         return BatchItem(item_id, number, None, "prompt: required")
+    for name in ("prompt", "negative_prompt"):
+        if name in data and not isinstance(data[name], str):
+            return BatchItem(item_id, number, None, f"{name}: must be a string (one image per line)")
     return BatchItem(item_id, number, data)
 
 

@@ -23,7 +23,9 @@ from sd_onnx.runtime.batch import RESULTS_NAME
 from sd_onnx.runtime.cli import main
 
 GOOD = [{"id": "cat", "prompt": "a cat", "steps": 3, "seed": 1}, {"prompt": "a dog", "steps": 3, "seed": 2}]
-BAD = ["not json", '{"id": "cat", "prompt": "again"}', '{"prompt": "x", "steps": 0}', '{"prompt": "x", "colour": 1}']
+BAD = ["not json", '{"id": "cat", "prompt": "again"}', '{"prompt": "x", "steps": 0}', '{"prompt": "x", "colour": 1}',
+       '{"id": "CAT", "prompt": "x"}', '{"prompt": ["a", "b"]}', '{"prompt": "x", "seed": true}', "[1, 2]",
+       '{"id": "../up", "prompt": "x"}', '{"prompt": "x", "width": 1e999}']  # fmt: skip
 
 
 def write_prompts(path: Path, rows: list, bad: list[str] = ()) -> Path:
@@ -43,7 +45,7 @@ def run_cli(*args: str) -> tuple[int, str]:
 def test_each_line_gets_an_image_or_its_error_and_the_rest_goes_on(tmp_path: Path):
     prompts = write_prompts(tmp_path / "p.jsonl", GOOD, BAD)
     code, output = run_cli(str(prompts), str(tmp_path / "out"))
-    assert code == 1 and "4 of 6 failed" in output
+    assert code == 1 and "10 of 12 failed" in output
     by_id = {r["id"]: r for r in records(tmp_path / "out")}
     assert by_id["cat"]["status"] == by_id["line-2"]["status"] == "ok" and by_id["cat"]["seed"] == 1
     assert by_id["cat"]["timings"]["steps"] == 3 and by_id["cat"]["timings"]["generate_s"] > 0
@@ -51,6 +53,13 @@ def test_each_line_gets_an_image_or_its_error_and_the_rest_goes_on(tmp_path: Pat
     assert by_id["line-4"]["error"] == "id 'cat' is already used on line 1"
     assert by_id["line-5"]["error"].startswith("steps: must be >= 1")
     assert by_id["line-6"]["error"].startswith("colour: unknown field")
+    assert by_id["line-7"]["error"] == "id 'CAT' is already used on line 1"
+    assert by_id["line-8"]["error"] == "prompt: must be a string (one image per line)"
+    assert by_id["line-9"]["error"].startswith("seed: ")
+    assert by_id["line-10"]["error"].startswith("must be a JSON object")
+    assert by_id["line-11"]["error"].startswith("id: must be")
+    assert by_id["line-12"]["error"].startswith("width: ")
+    assert all(set(r) == {"id", "line", "status", "error"} for r in by_id.values() if r["status"] == "error")
     with Image.open(tmp_path / "out" / "cat.png") as image:
         assert "a cat" in image.text["parameters"] and "Seed: 1" in image.text["parameters"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat.png", "line-2.png", RESULTS_NAME]
