@@ -26,7 +26,19 @@ from .pipeline import StableDiffusionPipeline
 from .request import GenerationRequest, Limits
 
 RESULTS_NAME = "results.jsonl"
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "seed", "scheduler", "eta")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "scheduler",
+    "eta",
+    "guidance_interval",
+    "vae_tiling",
+)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LINE_CHARS = 100_000
 

@@ -36,6 +36,8 @@ OPTION_NAMES = {
     "scheduler": "--scheduler",
     "strength": "--strength",
     "eta": "--eta",
+    "guidance_interval": "--guidance-interval",
+    "vae_tiling": "--tile-vae",
     "image": "--image",
     "mask_image": "--mask",
     "masked_content": "--masked-content",
@@ -176,6 +178,18 @@ def main() -> None:
     help="PNG rewritten during denoising with a preview through the model's tiny autoencoder.",
 )
 @click.option("--preview-every", default=5, show_default=True, type=click.IntRange(1), help="Steps between previews.")
+@click.option(
+    "--guidance-interval",
+    default=None,
+    metavar="LO,HI",
+    help="Guidance only at steps whose sigma is in (LO, HI] (HI may be inf); the others skip the negative half.",
+)
+@click.option(
+    "--tile-vae/--no-tile-vae",
+    "tile_vae",
+    default=None,
+    help="Decode/encode in overlapping tiles (memory follows the tile) [default: on with --low-memory above a tile].",
+)
 @limit_options
 def prompt(
     text: str,
@@ -203,6 +217,8 @@ def prompt(
     vae: str,
     preview: Path | None,
     preview_every: int,
+    guidance_interval: str | None,
+    tile_vae: bool | None,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -230,7 +246,8 @@ def prompt(
         mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
-            masked_content, mask_blur, padding_mask_crop,
+            masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
+            vae_tiling=tile_vae,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -240,6 +257,21 @@ def prompt(
             click.echo(str(path))
     except USER_ERRORS as exc:
         raise user_error(exc) from None
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """--guidance-interval LO,HI as two numbers (checked with the rest of the request)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise click.BadParameter(
+            f"give two numbers LO,HI such as 0.28,5.42, got {text!r}", param_hint="--guidance-interval"
+        ) from None
 
 
 def output_paths(output: str, count: int) -> list[Path]:

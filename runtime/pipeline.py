@@ -35,6 +35,7 @@ from .session import OnnxModel, SessionConfig, resolve_providers
 from .shipped import shipped_model
 from .tokenizer import CLIPTokenizer
 from .vae import choose_vae
+from .vae_tiling import Tiling
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
 """Called after each step with (step index, total steps, latents); returning False cancels the run."""
@@ -205,10 +206,17 @@ class StableDiffusionPipeline:
         negative_aesthetic_score: float | None = None,
         denoising_end: float | None = None,
         denoising_start: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        vae_tiling: bool | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
-        model's or request.DEFAULT_STEPS, guidance and size to the model's, seed to a random one)."""
+        model's or request.DEFAULT_STEPS, guidance and size to the model's, seed to a random one).
+
+        Accelerators, off by default: `guidance_interval=(lo, hi)` applies classifier-free guidance only at
+        steps whose sigma lies in (lo, hi] and skips the unconditional half elsewhere; `vae_tiling=True`
+        decodes and encodes in overlapping tiles (diffusers' `enable_tiling`), so memory follows the tile
+        rather than the image (None: on in low-memory mode above the VAE's tile size)."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -238,6 +246,8 @@ class StableDiffusionPipeline:
             negative_aesthetic_score=negative_aesthetic_score,
             denoising_end=denoising_end,
             denoising_start=denoising_start,
+            guidance_interval=guidance_interval,
+            vae_tiling=vae_tiling,
         )
         try:
             request = self.prepare(request)
@@ -281,11 +291,15 @@ class StableDiffusionPipeline:
         if request.denoising_end is not None:
             timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
         should_stop = _stop_check(callback, cancelled)
+        unguided = _conditional_half(embeddings, conditions) if do_cfg and request.guidance_interval else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             if inpainting is not None:
                 model_input = inpainting.unet_input(model_input)
-            noise_pred = self.predict_noise(model_input, t, embeddings, request.guidance_scale, conditions)
+            step_embeddings, step_conditions = embeddings, conditions
+            if unguided is not None and not _inside(request.guidance_interval, sched.sigma_at(t)):
+                step_embeddings, step_conditions = unguided
+            noise_pred = self.predict_noise(model_input, t, step_embeddings, request.guidance_scale, step_conditions)
             latents = sched.step(noise_pred, t, latents, noise=generator)
             if inpainting is not None:
                 latents = inpainting.after_step(latents, sched, timesteps, i)
@@ -295,7 +309,7 @@ class StableDiffusionPipeline:
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
             return PipelineOutput(latents, params, request)
-        images = self.decode_latents(latents, cancelled)
+        images = self.decode_latents(latents, cancelled, tiled=self.uses_tiling(request))
         self.release(self.vae.decoder)
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
 
@@ -340,6 +354,8 @@ class StableDiffusionPipeline:
         applied = [f"{lora.file.name}:{lora.scale:g}" for lora in self.loras if lora.scale]
         if applied:
             params["Lora"] = ", ".join(applied)
+        if self.uses_tiling(request):
+            params["Tiled VAE"] = True  # tiles move pixels a little: part of what reproduces the image
         return params
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
@@ -399,9 +415,13 @@ class StableDiffusionPipeline:
         uncond, cond = np.split(noise_pred, 2)
         return uncond + np.float32(guidance_scale) * (cond - uncond)
 
-    def decode_latents(self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
-        """Latents -> (N, H, W, 3) floats in [0, 1]; one image at a time keeps VAE memory flat."""
+    def decode_latents(
+        self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None, tiled: bool = False
+    ) -> np.ndarray:
+        """Latents -> (N, H, W, 3) floats in [0, 1]; one image at a time keeps VAE memory flat, and `tiled`
+        one tile at a time (see `tiling`)."""
         decoder = self.component(self.vae.decoder)
+        tiling = self.tiling if tiled else None
         scaled = latents / np.float32(self.vae.scaling_factor)
         if self.vae.shift_factor:
             scaled = scaled + np.float32(self.vae.shift_factor)
@@ -409,8 +429,26 @@ class StableDiffusionPipeline:
         for i in range(len(scaled)):
             if cancelled is not None and cancelled():
                 raise GenerationCancelled(f"cancelled while decoding image {i + 1} of {len(scaled)}")
-            images.append(decoder(latent_sample=scaled[i : i + 1])[0])
+            one = scaled[i : i + 1]
+            images.append(
+                tiling.decode(lambda z: decoder(latent_sample=z)[0], one) if tiling else decoder(latent_sample=one)[0]
+            )
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny
+        autoencoder (cheap enough whole) or a folder without that config."""
+        config = self.folder / self.vae.decoder / "config.json"
+        return None if self.vae.tiny or not config.is_file() else Tiling.from_vae_config(read_json(config))
+
+    def uses_tiling(self, request: GenerationRequest) -> bool:
+        """Whether `request` decodes in tiles: as it asks, else in low-memory mode when the image is larger
+        than one tile."""
+        tiling = self.tiling
+        if tiling is None or request.vae_tiling is False:
+            return False
+        return bool(request.vae_tiling) or (self.low_memory and max(request.width, request.height) > tiling.sample)
 
     @property
     def has_tiny_vae(self) -> bool:
@@ -425,10 +463,12 @@ class StableDiffusionPipeline:
         pixels = self.component(tiny.decoder)(latent_sample=latents[:1] / np.float32(tiny.scaling_factor))[0]
         return to_pil(np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))[0]
 
-    def encode_image(self, pixels: np.ndarray, generator: TorchGenerator) -> np.ndarray:
+    def encode_image(self, pixels: np.ndarray, generator: TorchGenerator, tiled: bool = False) -> np.ndarray:
         """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`
-        (a tiny autoencoder's are deterministic and draw nothing)."""
-        encoded = self.component(self.vae.encoder)(sample=pixels)[0]
+        (a tiny autoencoder's are deterministic and draw nothing); `tiled`: in tiles (see `tiling`)."""
+        encoder = self.component(self.vae.encoder)
+        tiling = self.tiling if tiled else None
+        encoded = tiling.encode(lambda x: encoder(sample=x)[0], pixels) if tiling else encoder(sample=pixels)[0]
         self.release(self.vae.encoder)
         if self.vae.tiny:
             return (encoded * np.float32(self.vae.scaling_factor)).astype(np.float32)
@@ -453,9 +493,11 @@ class StableDiffusionPipeline:
         if is_latent_image(image, self.config):
             init = np.asarray(image, np.float32)
         elif isinstance(image, Image.Image):
-            init = self.encode_image(from_pil(image, request.width, request.height), generator)
+            init = self.encode_image(
+                from_pil(image, request.width, request.height), generator, self.uses_tiling(request)
+            )
         else:
-            init = self.encode_image(np.asarray(image, np.float32), generator)
+            init = self.encode_image(np.asarray(image, np.float32), generator, self.uses_tiling(request))
         init = np.concatenate([init] * (shape[0] // init.shape[0]))
         if request.denoising_start is not None:
             return init, timesteps, None
@@ -481,7 +523,7 @@ class StableDiffusionPipeline:
             start = pixels
             if request.masked_content == "fill":
                 start = from_pil(fill_masked(image, request.mask_image), request.width, request.height)
-            image_latents = self.encode_image(start, generator)
+            image_latents = self.encode_image(start, generator, self.uses_tiling(request))
             image_latents = np.concatenate([image_latents] * (shape[0] // len(image_latents)))
             image_latents = self._masked_content(request, image_latents, mask, generator)
         noise = generator.randn(shape)
@@ -489,7 +531,7 @@ class StableDiffusionPipeline:
             latents = noise * np.float32(sched.init_noise_sigma)
         else:
             latents = sched.add_noise(image_latents, noise, timesteps[0])
-        masked = self.encode_image(pixels * (mask < 0.5), generator)
+        masked = self.encode_image(pixels * (mask < 0.5), generator, self.uses_tiling(request))
         state = Inpainting(
             mask=latent_mask(mask, self.config.vae_scale_factor, shape[0]),
             masked_latents=np.concatenate([masked] * (shape[0] // len(masked))),
@@ -551,6 +593,17 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     if dim % 2:
         embedding = np.pad(embedding, ((0, 0), (0, 1)))
     return embedding.astype(np.float32)
+
+
+def _inside(interval: tuple[float, float], sigma: float) -> bool:
+    return interval[0] < sigma <= interval[1]
+
+
+def _conditional_half(
+    embeddings: np.ndarray, conditions: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The UNet inputs of the conditional half alone (guided ones are batched unconditional, conditional)."""
+    return embeddings[len(embeddings) // 2 :], {name: value[len(value) // 2 :] for name, value in conditions.items()}
 
 
 def _stop_check(

@@ -109,6 +109,11 @@ class GenerationRequest:
     # a refiner given those latents as `image` starts there, adding no noise.
     denoising_end: float | None = None
     denoising_start: float | None = None
+    # Accelerators (off by default). Guidance interval (Kynkaanniemi et al. 2024): classifier-free guidance
+    # only at steps whose sigma lies in (lo, hi]. Tiled VAE: decode and encode in overlapping tiles (None:
+    # the pipeline decides, on in low-memory mode above the VAE's own tile size).
+    guidance_interval: tuple[float, float] | None = None
+    vae_tiling: bool | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -172,6 +177,8 @@ class GenerationRequest:
             eta=eta,
             strength=strength,
             padding_mask_crop=None if self.padding_mask_crop is None else int(self.padding_mask_crop),
+            guidance_interval=_interval(self.guidance_interval),
+            vae_tiling=_optional_bool("vae_tiling", self.vae_tiling),
             resolved=True,
         )
 
@@ -339,6 +346,8 @@ class GenerationRequest:
                 params["Masked area padding"] = self.padding_mask_crop
         if self.eta:
             params["Eta"] = self.eta
+        if self.guidance_interval is not None:
+            params["Guidance interval"] = f"{self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
         if self.denoising_start is not None:
             params["Denoising start"] = self.denoising_start
         if self.denoising_end is not None:
@@ -412,6 +421,27 @@ def _number(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise RequestError(name, f"must be a finite number, got {value!r}")
     return float(value)
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A guidance interval (lo, hi) of sigmas with 0 <= lo < hi; hi may be infinite."""
+    if value is None:
+        return None
+    numbers = isinstance(value, (tuple, list)) and len(value) == 2
+    numbers = numbers and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                              for v in value)  # fmt: skip
+    if not numbers:
+        raise RequestError("guidance_interval", f"must be two numbers (lo, hi), got {type(value).__name__}")
+    low, high = float(value[0]), float(value[1])
+    if not (math.isfinite(low) and 0 <= low < high):  # NaN fails every comparison
+        raise RequestError("guidance_interval", f"needs 0 <= lo < hi (sigmas; hi may be inf), got ({low:g}, {high:g})")
+    return low, high
+
+
+def _optional_bool(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise RequestError(name, f"must be true or false, got {type(value).__name__}")
+    return None if value is None else bool(value)
 
 
 def _in_range(name: str, value: float, low: float, high: float | None) -> None:

@@ -80,6 +80,14 @@ def test_txt2img_like_a1111(server: Server) -> None:
     assert json.loads(data["info"])["seed"] == 77 and data["parameters"]["steps"] == 3
 
 
+def test_accelerator_fields_reach_the_pipeline(server: Server) -> None:
+    body = {"prompt": "a cat", "steps": 3, "seed": 5, "guidance_interval": [0.5, 5.0], "vae_tiling": True}
+    info = json.loads(httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60).json()["info"])
+    assert "Guidance interval: 0.5-5" in info["infotexts"][0] and "Tiled VAE: True" in info["infotexts"][0]
+    openai = {"prompt": "a cat", "steps": 3, "seed": 5, "guidance_interval": [0.5, 5.0], "size": "32x32"}
+    assert httpx.post(f"{server.url}/v1/images/generations", json=openai, timeout=60).status_code == 200
+
+
 def test_img2img_samplers_models_progress_interrupt(server: Server) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
@@ -142,6 +150,10 @@ def test_openai_client(server: Server) -> None:
         ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64!"]}, 422, "init_images[0]: not valid base64"),
         ("/v1/images/generations", {"prompt": "x", "size": "big"}, 422, ""),
         ("/sdapi/v1/txt2img", {"prompt": "x" * 300_000}, 413, "max_body_bytes=200000"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "guidance_interval": [5, 1]}, 422, "guidance_interval: needs 0 <= lo"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "guidance_interval": [1]}, 422, "guidance_interval"),
+        ("/v1/images/generations", {"prompt": "x", "guidance_interval": [-1, 2]}, 422, "guidance_interval: needs"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "vae_tiling": [1]}, 422, "vae_tiling"),
     ],
 )
 def test_bad_input_is_4xx(server: Server, path: str, body: dict, status: int, message: str) -> None:

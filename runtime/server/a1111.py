@@ -64,6 +64,8 @@ def to_request(
         scheduler=body.sampler_name or None,
         eta=body.eta,
         image=image,
+        guidance_interval=body.guidance_interval,
+        vae_tiling=body.vae_tiling,
         **{"strength": getattr(body, "denoising_strength", None), **inpainting},
     )
 

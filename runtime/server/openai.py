@@ -39,6 +39,8 @@ def to_request(body: OpenAIImageRequest | OpenAIImageEditFields, **edit: Any) ->
         height=height,
         seed=body.seed,
         batch=body.n,
+        guidance_interval=getattr(body, "guidance_interval", None),  # generations only (edits are multipart)
+        vae_tiling=getattr(body, "vae_tiling", None),
         **edit,
     )
 

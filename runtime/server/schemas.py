@@ -28,6 +28,14 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     eta: float = 0.0
+    # sd-onnx accelerators (off by default).
+    guidance_interval: list[float] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="sd-onnx: guidance only at steps whose sigma is in (lo, hi]; the others skip the negative half.",
+    )
+    vae_tiling: bool | None = Field(None, description="sd-onnx: decode in overlapping tiles (diffusers' VAE tiling).")
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -63,6 +71,10 @@ class OpenAIImageRequest(BaseModel):
     steps: int | None = Field(None, description="sd-onnx extension.")
     negative_prompt: str | None = Field(None, description="sd-onnx extension.")
     guidance_scale: float | None = Field(None, description="sd-onnx extension.")
+    guidance_interval: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="sd-onnx extension, as on txt2img."
+    )
+    vae_tiling: bool | None = Field(None, description="sd-onnx extension, as on txt2img.")
 
 
 class OpenAIImageEditFields(BaseModel):
