@@ -57,9 +57,11 @@ def read_items(path: Path) -> list[BatchItem]:
     """Every non-blank line of a JSONL file as an item; malformed lines, unknown fields and repeated ids are
     items with an error. Raises ValueError only when the file itself cannot be read as UTF-8 text."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark, as Notepad and Excel write
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not text.strip():
+        raise ValueError(f'{path}: has no requests (one JSON object per line, such as {{"prompt": "a cat"}})')
     items, seen = [], {}
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -83,7 +85,9 @@ def _parse_line(line: str, number: int) -> BatchItem:
     if not isinstance(data, dict):
         return BatchItem(default_id, number, None, 'must be a JSON object such as {"prompt": "a cat"}')
     item_id = data.pop("id", default_id)
-    if not isinstance(item_id, str) or not ID_PATTERN.fullmatch(item_id):
+    if not isinstance(item_id, str):
+        return BatchItem(default_id, number, None, f"id: must be a string, got {type(item_id).__name__}")
+    if not ID_PATTERN.fullmatch(item_id):
         return BatchItem(default_id, number, None, "id: must be 1-128 letters, digits, '.', '_' or '-', not first '.'")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
@@ -128,7 +132,10 @@ class BatchOutput:
         """Prepare the folder; returns the ids already done (empty unless resuming)."""
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{self.folder}: exists and is not a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{self.folder}: cannot create this folder ({exc.strerror})") from None
         for leftover in self.folder.glob(".*.partial"):
             leftover.unlink()
         if not resume:
@@ -179,12 +186,12 @@ class BatchSummary:
 def run_batch(
     items: list[BatchItem],
     output: BatchOutput,
-    resume: bool,
+    done: set[str],
     execute: Callable[[list[BatchItem]], Iterable[tuple[dict[str, Any], bytes | None]]],
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
-    """Run the items not done yet through `execute` (local or Ray) and write each result as it arrives."""
-    done = output.start(resume)
+    """Run the items not `done` yet (see BatchOutput.start) through `execute` (local or Ray) and write each
+    result as it arrives."""
     todo = [item for item in items if item.id not in done]
     summary = BatchSummary(skipped=len(items) - len(todo))
     for record, png in execute(todo):

@@ -451,7 +451,7 @@ def serve(
     click.echo(f"deploying {folder} on Ray Serve at http://{_url_host(host)}:{port} (loading replicas)", err=True)
     try:
         run_ray_server(config, folder, ray_options, provider, threads, host, port, applied)
-    except ConnectionError as exc:
+    except USER_ERRORS as exc:
         raise user_error(exc) from None
 
 
@@ -541,6 +541,10 @@ def batch(
     try:
         resolve_providers(provider)
         items = read_items(prompts)
+        output = BatchOutput(outdir)
+        done = output.start(resume)  # before the model loads: a folder that needs --resume fails at once
+        from .pipeline import StableDiffusionPipeline
+
         if use_ray:
             try:
                 from .batch_ray import ray_executor
@@ -548,19 +552,14 @@ def batch(
                 raise click.ClickException(
                     "sd-run batch --ray needs the [ray] extra: pip install 'sd-onnx[ray]'"
                 ) from None
-            from .pipeline import StableDiffusionPipeline
-
             StableDiffusionPipeline.from_pretrained(folder, provider=provider, low_memory=True)  # fails here, once
             execute = ray_executor(folder, limits, address, workers or os.cpu_count() or 1, cpus_per_worker,
                                    gpus_per_worker, provider)  # fmt: skip
         else:
-            from .pipeline import StableDiffusionPipeline
-
             pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
             execute = local_executor(pipe, limits)
-        output = BatchOutput(outdir)
         with click.progressbar(length=len(items), label="images", file=sys.stderr) as bar:
-            summary = run_batch(items, output, resume, execute, on_result=lambda _: bar.update(1))
+            summary = run_batch(items, output, done, execute, on_result=lambda _: bar.update(1))
     except USER_ERRORS as exc:
         raise user_error(exc) from None
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already done; {output.results}")

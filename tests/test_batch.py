@@ -25,7 +25,7 @@ from sd_onnx.runtime.cli import main
 GOOD = [{"id": "cat", "prompt": "a cat", "steps": 3, "seed": 1}, {"prompt": "a dog", "steps": 3, "seed": 2}]
 BAD = ["not json", '{"id": "cat", "prompt": "again"}', '{"prompt": "x", "steps": 0}', '{"prompt": "x", "colour": 1}',
        '{"id": "CAT", "prompt": "x"}', '{"prompt": ["a", "b"]}', '{"prompt": "x", "seed": true}', "[1, 2]",
-       '{"id": "../up", "prompt": "x"}', '{"prompt": "x", "width": 1e999}']  # fmt: skip
+       '{"id": "../up", "prompt": "x"}', '{"prompt": "x", "width": 1e999}', '{"id": 5, "prompt": "x"}']  # fmt: skip
 
 
 def write_prompts(path: Path, rows: list, bad: list[str] = ()) -> Path:
@@ -45,7 +45,7 @@ def run_cli(*args: str) -> tuple[int, str]:
 def test_each_line_gets_an_image_or_its_error_and_the_rest_goes_on(tmp_path: Path):
     prompts = write_prompts(tmp_path / "p.jsonl", GOOD, BAD)
     code, output = run_cli(str(prompts), str(tmp_path / "out"))
-    assert code == 1 and "10 of 12 failed" in output
+    assert code == 1 and "11 of 13 failed" in output
     by_id = {r["id"]: r for r in records(tmp_path / "out")}
     assert by_id["cat"]["status"] == by_id["line-2"]["status"] == "ok" and by_id["cat"]["seed"] == 1
     assert by_id["cat"]["timings"]["steps"] == 3 and by_id["cat"]["timings"]["generate_s"] > 0
@@ -59,6 +59,7 @@ def test_each_line_gets_an_image_or_its_error_and_the_rest_goes_on(tmp_path: Pat
     assert by_id["line-10"]["error"].startswith("must be a JSON object")
     assert by_id["line-11"]["error"].startswith("id: must be")
     assert by_id["line-12"]["error"].startswith("width: ")
+    assert by_id["line-13"]["error"] == "id: must be a string, got int"
     assert all(set(r) == {"id", "line", "status", "error"} for r in by_id.values() if r["status"] == "error")
     with Image.open(tmp_path / "out" / "cat.png") as image:
         assert "a cat" in image.text["parameters"] and "Seed: 1" in image.text["parameters"]
@@ -90,6 +91,16 @@ def test_resume_redoes_failed_missing_and_half_written_work(tmp_path: Path):
     assert all(r["status"] == "ok" for r in records(out))
     assert (out / "cat.png").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["bird.png", "cat.png", "line-2.png", RESULTS_NAME]
+
+
+def test_a_byte_order_mark_is_accepted_and_an_empty_file_refused(tmp_path: Path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\r\n")  # as Notepad and Excel save
+    code, output = run_cli(str(bom), str(tmp_path / "out"))
+    assert code == 0 and "1 done, 0 failed" in output
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    code, output = run_cli(str(tmp_path / "empty.jsonl"), str(tmp_path / "out2"))
+    assert code == 1 and "has no requests" in output and not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize(

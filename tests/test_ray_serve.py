@@ -27,7 +27,7 @@ from ray import serve  # noqa: E402
 from sd_onnx.runtime.manifest import MANIFEST_NAME  # noqa: E402
 from sd_onnx.runtime.pipeline import StableDiffusionPipeline  # noqa: E402
 from sd_onnx.runtime.request import GenerationRequest, Limits  # noqa: E402
-from sd_onnx.runtime.server.ray_serve import APP_NAME, RayOptions, build_app, deploy  # noqa: E402
+from sd_onnx.runtime.server.ray_serve import APP_NAME, RayOptions, build_app, check_fits, deploy  # noqa: E402
 from sd_onnx.runtime.server.state import ServeConfig  # noqa: E402
 from sd_onnx.runtime.shipped import shipped_model  # noqa: E402
 
@@ -198,3 +198,17 @@ def test_the_kuberay_example_names_a_builder_that_accepts_its_args():
     builder = getattr(__import__(module, fromlist=[name]), name)
     assert builder is build_app
     assert build_app({**app["args"], "model": str(shipped_model())}) is not None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (RayOptions(replicas=3), "3 replicas x 1 CPU need 3 CPUs and this machine's Ray has 2"),
+        (RayOptions(autoscale=(4, 8), cpus_per_replica=0.5), "4 replicas x 0.5 CPU need 2 CPUs"),
+        (RayOptions(gpus_per_replica=1), "1 replicas x 1 GPU need 1 GPUs and this machine's Ray has 0"),
+    ],
+)
+def test_a_private_ray_refuses_replicas_it_cannot_hold(options, message):
+    with pytest.raises(ValueError, match=message.replace("x", r"x").replace(".", r"\.")):
+        check_fits(options, {"CPU": 2.0 if "0.5" not in message else 1.5})
+    check_fits(RayOptions(replicas=2), {"CPU": 2.0})

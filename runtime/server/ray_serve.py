@@ -315,8 +315,23 @@ def deploy(
 ) -> None:
     """Start (or, under the same name, roll over to) the application and wait until every replica is up."""
     connect(options.address)
+    if options.address is None:
+        check_fits(options, ray.cluster_resources())
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(folder, config, options, provider, threads, loras or []), name=APP_NAME, route_prefix="/")
+
+
+def check_fits(options: RayOptions, resources: dict[str, float]) -> None:
+    """A private Ray has no autoscaler: refuse (ValueError) the replicas its CPUs and GPUs cannot all hold,
+    rather than wait forever for the ones that never start."""
+    count = options.autoscale[0] if options.autoscale else options.replicas
+    for name, each in (("CPU", options.cpus_per_replica), ("GPU", options.gpus_per_replica)):
+        have = resources.get(name, 0.0)
+        if count * each > have + 1e-9:
+            raise ValueError(
+                f"{count} replicas x {each:g} {name} need {count * each:g} {name}s and this machine's Ray has "
+                f"{have:g}: use fewer --replicas or a smaller --{name.lower()}s-per-replica"
+            )
 
 
 def run_ray_server(
