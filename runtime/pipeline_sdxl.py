@@ -36,19 +36,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         prompts = request.prompts
-        embeddings, pooled = self.encode_prompts(prompts, _per_prompt(request.prompt_2, len(prompts)) or prompts)
-        if do_cfg:
-            negatives = request.negative_prompts
-            if negatives is None and self.config.force_zeros_for_empty_prompt:
-                negative, negative_pooled = np.zeros_like(embeddings), np.zeros_like(pooled)
-            else:
-                negatives = negatives or [""] * len(prompts)
-                negatives_2 = _per_prompt(request.negative_prompt_2, len(prompts)) or negatives
-                negative, negative_pooled = self.encode_prompts(negatives, negatives_2)
-            embeddings = np.concatenate([negative, embeddings])
-            pooled = np.concatenate([negative_pooled, pooled])
-        self.release("text_encoder")
-        self.release("text_encoder_2")
+        texts, texts_2 = prompts, _per_prompt(request.prompt_2, len(prompts)) or prompts
+        zeros = do_cfg and request.negative_prompts is None and self.config.force_zeros_for_empty_prompt
+        if do_cfg and not zeros:  # negatives and prompts through each encoder at once: one encoder loaded at a time
+            negatives = request.negative_prompts or [""] * len(prompts)
+            negatives_2 = _per_prompt(request.negative_prompt_2, len(prompts)) or negatives
+            texts, texts_2 = negatives + texts, negatives_2 + texts_2
+        embeddings, pooled = self.encode_prompts(texts, texts_2)
+        if zeros:
+            embeddings = np.concatenate([np.zeros_like(embeddings), embeddings])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
         embeddings, pooled = _repeat_per_prompt(embeddings, request.batch), _repeat_per_prompt(pooled, request.batch)
         time_ids = self.time_ids(request, do_cfg)
         return embeddings, {"text_embeds": pooled, "time_ids": time_ids}
@@ -96,6 +93,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             outputs = dict(zip(encoder.output_names, encoder(input_ids=ids), strict=True))
             hidden = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
             states.append(outputs[hidden[-2]])
+            self.release(name)
         return np.concatenate(states, axis=-1), outputs["text_embeds"]
 
 
