@@ -1,13 +1,13 @@
 """`sd-run batch`: a JSONL file of generation requests -> OUTDIR/<id>.png (with its parameters chunk) and
 OUTDIR/results.jsonl, one record per request (id, line, status, seed, file, timings or error).
 
-Each line is a JSON object with the Python API's request fields (prompt, negative_prompt, steps,
-guidance_scale, width, height, seed, scheduler, eta) and an optional `id` (default `line-N`), one image per
-line. A bad line becomes an error record and the rest goes on. Every PNG is written under a temporary name
-and renamed, then its record is appended and synced, so a crash at any point leaves either a finished image
-with its record, or work that `--resume` redoes: resume keeps the records of images that exist, drops the
-rest (failed requests and half-written leftovers) and runs every id without one. The same `run_item` runs
-here and on Ray workers (batch_ray.py), so both write the same bytes for the same seeds.
+Each line is a JSON object with the Python API's request fields (FIELDS below) and an optional `id`
+(default `line-N`), one image per line. A bad line becomes an error record and the rest goes on. Every PNG
+is written under a temporary name and renamed, then its record is appended and synced, so a crash at any
+point leaves either a finished image with its record, or work that `--resume` redoes: resume keeps the
+records of images that exist, drops the rest (failed requests and half-written leftovers) and runs every id
+without one. The same `run_item` runs here and on Ray workers (batch_ray.py), so both write the same bytes
+for the same seeds.
 """
 
 from __future__ import annotations

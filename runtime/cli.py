@@ -477,24 +477,14 @@ def ray_serve_options(
     if autoscale is not None and replicas != 1:
         raise click.UsageError("give either --replicas or --autoscale, not both")
     try:
-        from .server.ray_serve import RayOptions
+        from .server.ray_serve import RayOptions, parse_min_max
     except ImportError:
         raise click.ClickException("sd-run serve --ray needs the [ray] extra: pip install 'sd-onnx[ray]'") from None
     try:
-        return RayOptions(address, replicas, parse_min_max(autoscale), cpus, gpus)
+        return RayOptions(address, replicas, None if autoscale is None else parse_min_max(autoscale), cpus, gpus)
     except ValueError as exc:
         field, _, reason = str(exc).partition(": ")
         raise click.BadParameter(reason, param_hint="--" + field.replace("_", "-")) from None
-
-
-def parse_min_max(text: str | None) -> tuple[int, int] | None:
-    """--autoscale MIN:MAX as two integers."""
-    if text is None:
-        return None
-    low, colon, high = text.partition(":")
-    if not colon or not low.strip().isdigit() or not high.strip().isdigit():
-        raise click.BadParameter(f"must look like MIN:MAX, e.g. 1:4, got {text!r}", param_hint="--autoscale")
-    return int(low), int(high)
 
 
 @main.command()

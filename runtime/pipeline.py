@@ -34,7 +34,7 @@ from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import OnnxModel, SessionConfig, resolve_providers
 from .shipped import shipped_model
 from .tokenizer import CLIPTokenizer
-from .vae import choose_vae
+from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
@@ -78,6 +78,7 @@ class StableDiffusionPipeline:
         self.session_config = session_config
         self.low_memory = low_memory
         self.vae = choose_vae(vae, config, folder)
+        self.tiling = _vae_tiling(folder, self.vae)
         self.components_used = tuple(self.vae.decoder if c == "vae_decoder" else c for c in self.components_used)
         self.scheduler_config = _read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
@@ -292,12 +293,13 @@ class StableDiffusionPipeline:
             timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
         should_stop = _stop_check(callback, cancelled)
         unguided = _conditional_half(embeddings, conditions) if do_cfg and request.guidance_interval else None
+        guided = _inside(request.guidance_interval, sched.sigma_at(timesteps)) if unguided is not None else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             if inpainting is not None:
                 model_input = inpainting.unet_input(model_input)
             step_embeddings, step_conditions = embeddings, conditions
-            if unguided is not None and not _inside(request.guidance_interval, sched.sigma_at(t)):
+            if unguided is not None and not guided[i]:
                 step_embeddings, step_conditions = unguided
             noise_pred = self.predict_noise(model_input, t, step_embeddings, request.guidance_scale, step_conditions)
             latents = sched.step(noise_pred, t, latents, noise=generator)
@@ -434,13 +436,6 @@ class StableDiffusionPipeline:
                 tiling.decode(lambda z: decoder(latent_sample=z)[0], one) if tiling else decoder(latent_sample=one)[0]
             )
         return np.clip(np.concatenate(images) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-
-    @property
-    def tiling(self) -> Tiling | None:
-        """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny
-        autoencoder (cheap enough whole) or a folder without that config."""
-        config = self.folder / self.vae.decoder / "config.json"
-        return None if self.vae.tiny or not config.is_file() else Tiling.from_vae_config(read_json(config))
 
     def uses_tiling(self, request: GenerationRequest) -> bool:
         """Whether `request` decodes in tiles: as it asks, else in low-memory mode when the image is larger
@@ -595,8 +590,15 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     return embedding.astype(np.float32)
 
 
-def _inside(interval: tuple[float, float], sigma: float) -> bool:
-    return interval[0] < sigma <= interval[1]
+def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
+    """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny autoencoder
+    (cheap enough whole) or a folder without that config."""
+    config = folder / vae.decoder / "config.json"
+    return None if vae.tiny or not config.is_file() else Tiling.from_vae_config(read_json(config))
+
+
+def _inside(interval: tuple[float, float], sigmas: np.ndarray) -> np.ndarray:
+    return (interval[0] < sigmas) & (sigmas <= interval[1])
 
 
 def _conditional_half(

@@ -87,12 +87,13 @@ class Scheduler:
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         return sample
 
-    def sigma_at(self, timestep: float) -> float:
-        """The training schedule's noise level sqrt((1 - alpha_bar) / alpha_bar) at `timestep`, interpolated
-        linearly between integer timesteps (infinite at a zero-terminal-SNR end); what guidance intervals use."""
+    def sigma_at(self, timesteps: np.ndarray) -> np.ndarray:
+        """The training schedule's noise level sqrt((1 - alpha_bar) / alpha_bar) at each of `timesteps`,
+        interpolated linearly between integer timesteps (infinite at a zero-terminal-SNR end); what guidance
+        intervals use."""
         with np.errstate(divide="ignore"):
             sigmas = train_sigmas(self.alphas_cumprod)
-        return float(np.interp(float(timestep), np.arange(len(sigmas)), sigmas))
+        return np.interp(np.asarray(timesteps, np.float64), np.arange(len(sigmas)), sigmas)
 
     def step(
         self, model_output: np.ndarray, timestep: float, sample: np.ndarray, noise: NoiseSource | None = None

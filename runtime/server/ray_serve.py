@@ -273,7 +273,7 @@ def build_app(args: dict[str, str]) -> Any:
         raise ValueError("model: required (the exported model folder, the same path on every node)")
     options = RayOptions(
         replicas=_number(args, "replicas", int, 1),
-        autoscale=_min_max(str(args["autoscale"])) if "autoscale" in args else None,
+        autoscale=parse_min_max(str(args["autoscale"])) if "autoscale" in args else None,
         cpus_per_replica=_number(args, "cpus_per_replica", float, 1.0),
         gpus_per_replica=_number(args, "gpus_per_replica", float, 0.0),
     )
@@ -289,7 +289,8 @@ def build_app(args: dict[str, str]) -> Any:
     return application(Path(args["model"]), config, options, args.get("provider", "auto"), None, [])
 
 
-def _min_max(text: str) -> tuple[int, int]:
+def parse_min_max(text: str) -> tuple[int, int]:
+    """`autoscale` as "MIN:MAX" -> two integers (their order is RayOptions' to check)."""
     low, colon, high = text.partition(":")
     if not (colon and low.strip().isdigit() and high.strip().isdigit()):
         raise ValueError(f"autoscale: must be MIN:MAX, got {text!r}")
