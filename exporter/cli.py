@@ -85,6 +85,13 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     default=None,
     help="A tiny autoencoder (diffusers AutoencoderTiny folder, e.g. TAESD) to export beside the VAE.",
 )
+@click.option(
+    "--deepcache-branch",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Also export DeepCache's graphs, caching at this branch (0: the outermost layer, the fastest); "
+    "sd-run --deepcache N then uses them.",
+)
 def convert(
     source: str,
     output: Path,
@@ -102,6 +109,7 @@ def convert(
     loras: tuple[str, ...],
     scheduler: str | None,
     tiny_vae: str | None,
+    deepcache_branch: int | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -131,6 +139,7 @@ def convert(
             vae=tiny_vae,
             loras=parsed_loras,
             scheduler=scheduler,
+            deepcache_branch=deepcache_branch,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:
@@ -186,6 +195,31 @@ def quantize(
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--branch",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="The branch whose feature is cached (0: the outermost layer, the fastest shallow path).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def deepcache(source: Path, output: Path, branch: int, overwrite: bool) -> None:
+    """Copy the export SOURCE to OUTPUT with DeepCache's graphs added (any precision; weights stored once)."""
+    from sd_onnx.runtime.manifest import ManifestError
+
+    from .deepcache import deepcache_folder
+
+    try:
+        deepcache_folder(source, output, branch, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
+    except (ExportError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise disk_error(exc, output) from None
 
 
 if __name__ == "__main__":

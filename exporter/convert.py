@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from sd_onnx.runtime.manifest import ALL_COMPONENTS, ComponentInfo, Manifest, sha256_file
+from sd_onnx.runtime.manifest import COMPONENTS, TINY_VAE_COMPONENTS, ComponentInfo, Manifest, read_json, sha256_file
 
 from .atomic import publish, staging_folder
 from .components import component_spec
+from .deepcache import add_deepcache, check_branch
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
 from .lora_targets import map_weights, weight_candidates, write_targets
@@ -57,6 +58,7 @@ def convert(
     vae: str | None = None,
     loras: list[tuple[Path, float]] | None = None,
     scheduler: str | None = None,
+    deepcache_branch: int | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -70,16 +72,18 @@ def convert(
     `vocabulary` (the words the text encoder knows) go into the manifest as they are; `vae`, a diffusers
     AutoencoderTiny folder (TAESD), is exported beside the model's VAE as tiny_vae_decoder/tiny_vae_encoder;
     `loras` ((file, scale) pairs) are fused into the weights first (see lora.py); `scheduler` becomes the
-    model's default sampler (LCM-LoRA models: "lcm")."""
+    model's default sampler (LCM-LoRA models: "lcm"); `deepcache_branch` adds DeepCache's full and shallow UNet
+    graphs, caching at that branch (see deepcache.py)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    unknown = set(components or ()) - set(ALL_COMPONENTS)
+    exportable = COMPONENTS + TINY_VAE_COMPONENTS
+    unknown = set(components or ()) - set(exportable)
     if unknown:
-        raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(ALL_COMPONENTS)})")
+        raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(exportable)})")
     with staging_folder(output) as staging:
         src = resolve_source(source, config=config, work_dir=staging)
         lora_records = None
@@ -99,6 +103,8 @@ def convert(
         absent = set(components) - set(src.components)
         if absent:
             raise ExportError(f"{src.name} has no {', '.join(sorted(absent))} (it has {', '.join(src.components)})")
+        if deepcache_branch is not None:
+            check_branch(read_json(src.folder / "unet" / "config.json"), deepcache_branch)
         if guidance_scale is not None:
             src.config.guidance_scale = guidance_scale
         if default_steps is not None:
@@ -120,6 +126,8 @@ def convert(
         manifest = _package(src, staging, infos, name, vocabulary, lora_records)
         for scratch in ("_single_file_pipeline", "_lora_fused"):
             shutil.rmtree(staging / scratch, ignore_errors=True)
+        if deepcache_branch is not None:  # before int8, which re-derives the shallow graph from the int8 UNet
+            manifest = add_deepcache(staging, manifest, deepcache_branch, log)
         if precision == "int8":
             from .quantize_folder import quantize_in_place
 

@@ -12,6 +12,7 @@ from sd_onnx.runtime.manifest import Manifest
 
 from .atomic import publish, staging_folder
 from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
+from .deepcache import add_deepcache
 from .errors import ExportError
 from .quantize import RECIPES, component_info, cpu_has_vnni, fidelity, quantize_graph
 
@@ -66,6 +67,8 @@ def quantize_in_place(
             f"{time.perf_counter() - started:.1f} s"
         )
     manifest.save(folder)
+    if manifest.config.deepcache_branch is not None and "unet" in components:  # cut again from the int8 UNet
+        manifest = add_deepcache(folder, manifest, manifest.config.deepcache_branch, log)
     return manifest
 
 

@@ -75,13 +75,15 @@ def pack_graph(traced: Path, out_file: Path) -> None:
                 data.write(b"\0" * (-data.tell() % ALIGNMENT))
                 offset = data.tell()
                 data.write(payload)
-                _point_to(tensor, data_name, offset, len(payload))
+                point_to(tensor, data_name, offset, len(payload))
         onnx.save_model(model, str(out_file))
     shutil.rmtree(scratch)
 
 
-def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` read its bytes from `location` (relative to the graph file) at `offset`."""
     del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value

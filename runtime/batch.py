@@ -38,6 +38,7 @@ FIELDS = (
     "eta",
     "guidance_interval",
     "vae_tiling",
+    "deepcache_interval",
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LINE_CHARS = 100_000

@@ -38,6 +38,7 @@ OPTION_NAMES = {
     "eta": "--eta",
     "guidance_interval": "--guidance-interval",
     "vae_tiling": "--tile-vae",
+    "deepcache_interval": "--deepcache",
     "image": "--image",
     "mask_image": "--mask",
     "masked_content": "--masked-content",
@@ -190,6 +191,14 @@ def main() -> None:
     default=None,
     help="Decode/encode in overlapping tiles (memory follows the tile) [default: on with --low-memory above a tile].",
 )
+@click.option(
+    "--deepcache",
+    "deepcache",
+    default=None,
+    type=int,
+    metavar="N",
+    help="DeepCache: the full UNet every N steps, the shallow one on its cached features between (1: off).",
+)
 @limit_options
 def prompt(
     text: str,
@@ -219,6 +228,7 @@ def prompt(
     preview_every: int,
     guidance_interval: str | None,
     tile_vae: bool | None,
+    deepcache: int | None,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -247,7 +257,7 @@ def prompt(
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
             masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
-            vae_tiling=tile_vae,
+            vae_tiling=tile_vae, deepcache_interval=deepcache,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:

@@ -17,7 +17,9 @@ FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
 TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
-ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS
+# DeepCache's shallow UNet, cut from the UNet graph and sharing its weights (`sd-export convert --deepcache-branch`).
+DEEPCACHE_COMPONENTS = ("unet_shallow",)
+ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS
 
 
 class ManifestError(ValueError):
@@ -87,6 +89,8 @@ class ModelConfig:
     vae_kind: str = "full"
     # Scaling factor of the tiny autoencoder exported beside the VAE; None: there is none.
     tiny_vae_scaling_factor: float | None = None
+    # DeepCache: the branch whose feature the UNet also returns and the shallow UNet takes; None: not exported.
+    deepcache_branch: int | None = None
 
     @property
     def inpainting(self) -> bool:

@@ -59,6 +59,7 @@ CONFIG = Obj(
         "unet_in_channels": Opt(int),
         "vae_kind": str,
         "tiny_vae_scaling_factor": Opt(float),
+        "deepcache_branch": Opt(int),
     },
 )
 MANIFEST = Obj(
@@ -104,10 +105,14 @@ def check_manifest(data: Any) -> None:
         raise ManifestError("name: must be one printable line of at most 200 characters")
     if config.get("vae_kind", "full") not in ("full", "tiny"):
         raise ManifestError(f"config.vae_kind: must be full or tiny, got {config['vae_kind']!r}")
+    if not 0 <= (config.get("deepcache_branch") or 0) <= MAX_SIZE:
+        raise ManifestError(f"config.deepcache_branch: must be in 0..{MAX_SIZE}, got {config['deepcache_branch']}")
     if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise ManifestError(f"config.prediction_type: must be one of {', '.join(PREDICTION_TYPES)}")
     if "unet" not in data["components"]:
         raise ManifestError("components: no unet")
+    if ("unet_shallow" in data["components"]) != (config.get("deepcache_branch") is not None):
+        raise ManifestError("components.unet_shallow: present exactly when config.deepcache_branch is set")
     for name, component in data["components"].items():
         if name not in ALL_COMPONENTS:
             raise ManifestError(f"components.{name}: unknown component (known: {', '.join(ALL_COMPONENTS)})")

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .configs import read_model_config
+from .deepcache import SHALLOW, DeepCache
 from .hub import locate_model
 from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
@@ -209,6 +210,7 @@ class StableDiffusionPipeline:
         denoising_start: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         vae_tiling: bool | None = None,
+        deepcache_interval: int | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -217,7 +219,9 @@ class StableDiffusionPipeline:
         Accelerators, off by default: `guidance_interval=(lo, hi)` applies classifier-free guidance only at
         steps whose sigma lies in (lo, hi] and skips the unconditional half elsewhere; `vae_tiling=True`
         decodes and encodes in overlapping tiles (diffusers' `enable_tiling`), so memory follows the tile
-        rather than the image (None: on in low-memory mode above the VAE's tile size)."""
+        rather than the image (None: on in low-memory mode above the VAE's tile size); `deepcache_interval=N`
+        runs the full UNet every N steps and its shallow path on the cached deep features between (DeepCache;
+        the model needs its DeepCache graphs, see `sd-export convert --deepcache-branch`)."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -249,6 +253,7 @@ class StableDiffusionPipeline:
             denoising_start=denoising_start,
             guidance_interval=guidance_interval,
             vae_tiling=vae_tiling,
+            deepcache_interval=deepcache_interval,
         )
         try:
             request = self.prepare(request)
@@ -294,6 +299,7 @@ class StableDiffusionPipeline:
         should_stop = _stop_check(callback, cancelled)
         unguided = _conditional_half(embeddings, conditions) if do_cfg and request.guidance_interval else None
         guided = _inside(request.guidance_interval, sched.sigma_at(timesteps)) if unguided is not None else None
+        cache = DeepCache(request.deepcache_interval) if (request.deepcache_interval or 1) > 1 else None
         for i, t in enumerate(timesteps):
             model_input = sched.scale_model_input(latents, t)
             if inpainting is not None:
@@ -301,13 +307,16 @@ class StableDiffusionPipeline:
             step_embeddings, step_conditions = embeddings, conditions
             if unguided is not None and not guided[i]:
                 step_embeddings, step_conditions = unguided
-            noise_pred = self.predict_noise(model_input, t, step_embeddings, request.guidance_scale, step_conditions)
+            noise_pred = self.predict_noise(
+                model_input, t, step_embeddings, request.guidance_scale, step_conditions, cache
+            )
             latents = sched.step(noise_pred, t, latents, noise=generator)
             if inpainting is not None:
                 latents = inpainting.after_step(latents, sched, timesteps, i)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         self.release("unet")
+        self.release(SHALLOW)
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
             return PipelineOutput(latents, params, request)
@@ -356,6 +365,8 @@ class StableDiffusionPipeline:
         applied = [f"{lora.file.name}:{lora.scale:g}" for lora in self.loras if lora.scale]
         if applied:
             params["Lora"] = ", ".join(applied)
+        if (request.deepcache_interval or 1) > 1:
+            params["DeepCache"] = f"interval {request.deepcache_interval}, branch {self.config.deepcache_branch}"
         if self.uses_tiling(request):
             params["Tiled VAE"] = True  # tiles move pixels a little: part of what reproduces the image
         return params
@@ -399,10 +410,12 @@ class StableDiffusionPipeline:
         embeddings: np.ndarray,
         guidance_scale: float,
         conditions: dict[str, np.ndarray] | None = None,
+        cache: DeepCache | None = None,
     ) -> np.ndarray:
         """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
         unconditional and conditional halves run as one batch and are combined. `conditions`: the UNet's
-        other inputs, batched like the embeddings (see `conditioning`)."""
+        other inputs, batched like the embeddings (see `conditioning`). `cache`: DeepCache's state for this
+        generation, which picks the full or the shallow UNet (see deepcache.py)."""
         unet = self.component("unet")
         do_cfg = len(embeddings) == 2 * len(model_input)
         batch = np.concatenate([model_input] * 2) if do_cfg else model_input
@@ -411,7 +424,11 @@ class StableDiffusionPipeline:
             timestep = np.array(t, timestep_type)
         else:
             timestep = np.full(len(batch), t, timestep_type)
-        noise_pred = unet(sample=batch, timestep=timestep, encoder_hidden_states=embeddings, **(conditions or {}))[0]
+        feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings, **(conditions or {})}
+        if cache is None:
+            noise_pred = unet(**feeds)[0]
+        else:
+            noise_pred = cache.run(unet, self.component(SHALLOW), feeds)
         if not do_cfg:
             return noise_pred
         uncond, cond = np.split(noise_pred, 2)

@@ -26,6 +26,7 @@ DEFAULT_STRENGTH = 0.75
 # Guidance beyond this is no longer guidance: the difference of the two predictions overflows float32 into a
 # black image well before 1e39 (useful values are 1-20).
 MAX_GUIDANCE = 100.0
+MAX_DEEPCACHE_INTERVAL = 1000  # the timesteps of a training schedule; more is the same as one full step
 MAX_MASK_BLUR = 64
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts for non-negative seeds
 RANDOM_SEED = -1  # A1111's convention; the seed actually drawn is recorded
@@ -114,6 +115,9 @@ class GenerationRequest:
     # the pipeline decides, on in low-memory mode above the VAE's own tile size).
     guidance_interval: tuple[float, float] | None = None
     vae_tiling: bool | None = None
+    # DeepCache (Ma et al. 2024): a full UNet call every N steps, the shallow UNet on the cached deep feature
+    # in between (None or 1: off); needs a model exported with its DeepCache graphs.
+    deepcache_interval: int | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -179,8 +183,22 @@ class GenerationRequest:
             padding_mask_crop=None if self.padding_mask_crop is None else int(self.padding_mask_crop),
             guidance_interval=_interval(self.guidance_interval),
             vae_tiling=_optional_bool("vae_tiling", self.vae_tiling),
+            deepcache_interval=self._deepcache(config),
             resolved=True,
         )
+
+    def _deepcache(self, config: ModelConfig) -> int | None:
+        if self.deepcache_interval is None:
+            return None
+        interval = _integer("deepcache_interval", self.deepcache_interval)
+        _in_range("deepcache_interval", interval, 1, MAX_DEEPCACHE_INTERVAL)
+        if interval > 1 and config.deepcache_branch is None:
+            raise RequestError(
+                "deepcache_interval",
+                "this model has no DeepCache graphs (export them: sd-export convert --deepcache-branch 0, "
+                "or sd-export deepcache for an exported folder)",
+            )
+        return interval
 
     def _size(self, config: ModelConfig, limits: Limits) -> tuple[int, int]:
         multiple = config.size_multiple

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -184,7 +185,8 @@ def _cached_graph(model_file: Path, info: ComponentInfo, options: ort.SessionOpt
     The cache key is the model's hash and the onnxruntime version, so a changed model or runtime
     never reuses a stale graph. An unwritable cache directory simply skips the cache.
     """
-    digest = info.files[info.file][:16]
+    # Every file of the graph, weights included: two exports of one architecture share the graph file's bytes.
+    digest = hashlib.sha256("".join(sorted(info.files.values())).encode()).hexdigest()[:16]
     cache_dir = root / "optimized"
     cached = cache_dir / f"{digest}-ort{ort.__version__}-level{int(options.graph_optimization_level)}.onnx"
     if cached.is_file():

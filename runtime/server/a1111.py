@@ -66,6 +66,7 @@ def to_request(
         image=image,
         guidance_interval=body.guidance_interval,
         vae_tiling=body.vae_tiling,
+        deepcache_interval=body.deepcache_interval,
         **{"strength": getattr(body, "denoising_strength", None), **inpainting},
     )
 

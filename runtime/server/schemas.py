@@ -36,6 +36,9 @@ class Txt2ImgRequest(BaseModel):
         description="sd-onnx: guidance only at steps whose sigma is in (lo, hi]; the others skip the negative half.",
     )
     vae_tiling: bool | None = Field(None, description="sd-onnx: decode in overlapping tiles (diffusers' VAE tiling).")
+    deepcache_interval: int | None = Field(
+        None, description="sd-onnx: DeepCache, the full UNet every N steps and the shallow one between (1: off)."
+    )
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -75,6 +78,7 @@ class OpenAIImageRequest(BaseModel):
         None, min_length=2, max_length=2, description="sd-onnx extension, as on txt2img."
     )
     vae_tiling: bool | None = Field(None, description="sd-onnx extension, as on txt2img.")
+    deepcache_interval: int | None = Field(None, description="sd-onnx extension, as on txt2img.")
 
 
 class OpenAIImageEditFields(BaseModel):

@@ -1,0 +1,209 @@
+"""DeepCache: the ONNX full + shallow UNets against the method's own PyTorch implementation (the DeepCache
+package's DeepCacheSDHelper on diffusers' pipeline, same weights, seed and schedule), and the export paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sd_onnx.exporter.deepcache import branches, deepcache_folder
+from sd_onnx.exporter.errors import ExportError
+from sd_onnx.runtime import StableDiffusionPipeline
+from sd_onnx.runtime.manifest import Manifest
+from sd_onnx.runtime.request import RequestError
+
+PROMPT, NEGATIVE, STEPS, SEED = "a photo of an astronaut riding a horse", "blurry", 7, 11
+SETTINGS = {"negative_prompt": NEGATIVE, "num_inference_steps": STEPS, "guidance_scale": 7.5}
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(tiny_pipeline: Path):
+    from diffusers import StableDiffusionPipeline as DiffusersPipeline
+
+    pipe = DiffusersPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_pipeline: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The tiny export with DeepCache graphs added at every branch it has."""
+    root = tmp_path_factory.mktemp("deepcache")
+    config = json.loads((tiny_pipeline / "unet" / "config.json").read_text())
+    folders = {}
+    for branch in range(len(branches(config))):
+        folders[branch] = root / f"branch{branch}"
+        deepcache_folder(tiny_export, folders[branch], branch, log=lambda line: None)
+    return folders
+
+
+@torch.no_grad()
+def reference(pipe, scheduler: str, interval: int, branch: tuple[int, int] | None) -> np.ndarray:
+    """diffusers' pipeline under DeepCacheSDHelper (the paper's authors' implementation for diffusers)."""
+    import diffusers
+    from DeepCache import DeepCacheSDHelper
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    if branch is not None:  # the helper numbers branches as level * 3 + layer
+        helper.set_params(cache_interval=interval, cache_branch_id=branch[0] * 3 + branch[1])
+        helper.enable()
+    try:
+        generator = torch.Generator().manual_seed(SEED)
+        return pipe(PROMPT, generator=generator, output_type="np", **SETTINGS).images
+    finally:
+        if branch is not None:
+            helper.disable()
+
+
+def level_and_layer(tiny_pipeline: Path, branch: int) -> tuple[int, int]:
+    per_level = json.loads((tiny_pipeline / "unet" / "config.json").read_text())["layers_per_block"] + 1
+    return divmod(branch, per_level)
+
+
+@pytest.mark.parametrize(
+    "branch, interval, scheduler", [(0, 3, "ddim"), (1, 2, "euler"), (2, 2, "ddim"), (3, 4, "euler")]
+)
+def test_matches_the_deepcache_reference(reference_pipe, tiny_pipeline, exports, branch, interval, scheduler) -> None:
+    ours = StableDiffusionPipeline.from_pretrained(exports[branch], provider="cpu")
+    expected = reference(reference_pipe, scheduler, interval, level_and_layer(tiny_pipeline, branch))
+    got = ours(PROMPT, seed=SEED, scheduler=scheduler, deepcache_interval=interval, output_type="np", **SETTINGS)
+    assert got.images.shape == expected.shape
+    assert np.abs(got.images - expected).max() <= 1e-4
+    plain = reference(reference_pipe, scheduler, 1, None)
+    assert np.abs(plain - expected).max() > 100 * np.abs(got.images - expected).max()  # the cache changed it
+    assert got.parameters["DeepCache"] == f"interval {interval}, branch {branch}"
+
+
+def test_interval_one_is_the_plain_unet(tiny_export: Path, exports) -> None:
+    plain = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    cached = StableDiffusionPipeline.from_pretrained(exports[0], provider="cpu")
+    expected = plain(PROMPT, seed=SEED, output_type="np", **SETTINGS).images
+    for interval in (None, 1):
+        got = cached(PROMPT, seed=SEED, output_type="np", deepcache_interval=interval, **SETTINGS)
+        np.testing.assert_array_equal(got.images, expected)
+        assert "DeepCache" not in got.parameters
+
+
+class UnetCalls:
+    """Which graph each UNet call of a pipeline ran: "unet" or "unet_shallow", with its batch."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, int]] = []
+        component = pipe.component
+
+        def recording(name: str):
+            model = component(name)
+            calls = self.calls
+
+            class Recorder:
+                def __getattr__(self, attr: str):
+                    return getattr(model, attr)
+
+                def __call__(self, **feeds):
+                    calls.append((name, len(feeds["sample"])))
+                    return model(**feeds)
+
+            return Recorder() if name.startswith("unet") else model
+
+        monkeypatch.setattr(pipe, "component", recording)
+
+
+def test_schedule_and_guidance_interval_switches(exports, monkeypatch) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(exports[0], provider="cpu", low_memory=True)
+    calls = UnetCalls(pipe, monkeypatch)
+    pipe(PROMPT, seed=SEED, scheduler="ddim", deepcache_interval=3, output_type="np", **SETTINGS)
+    assert [c[0] for c in calls.calls] == ["unet", "unet_shallow", "unet_shallow"] * 2 + ["unet"]
+    assert pipe.loaded_components == ()  # low memory: both UNet graphs released after the loop
+    calls.calls.clear()
+    sigmas = pipe_sigmas(pipe)
+    # Guidance for the first two steps only: the third call's batch changes, so it runs full.
+    pipe(PROMPT, seed=SEED, scheduler="ddim", deepcache_interval=3, guidance_interval=(float(sigmas[2] + sigmas[1]) / 2, 1e9),
+         output_type="np", **SETTINGS)  # fmt: skip
+    assert calls.calls == [("unet", 2), ("unet_shallow", 2), ("unet", 1), ("unet", 1), ("unet_shallow", 1),
+                           ("unet_shallow", 1), ("unet", 1)]  # fmt: skip
+
+
+def pipe_sigmas(pipe: StableDiffusionPipeline) -> np.ndarray:
+    from sd_onnx.runtime.schedulers import make_scheduler
+
+    sched = make_scheduler("ddim", pipe.scheduler_config)
+    sched.set_timesteps(STEPS)
+    return sched.sigma_at(sched.timesteps)
+
+
+def test_weights_are_stored_once(tiny_export: Path, exports) -> None:
+    folder = exports[0]
+    manifest = Manifest.load(folder)
+    manifest.verify(folder)
+    shallow, unet = manifest.components["unet_shallow"], manifest.components["unet"]
+    assert shallow.file == "unet/shallow.onnx" and "unet/model.onnx_data" in shallow.files
+    assert shallow.files["unet/model.onnx_data"] == unet.files["unet/model.onnx_data"]
+    assert [o.name for o in unet.outputs] == ["out_sample", "deepcache_feature"]
+    assert "deepcache_feature" in [i.name for i in shallow.inputs]
+    plain_bytes = (tiny_export / "unet" / "model.onnx").stat().st_size
+    stored = sum(p.stat().st_size for p in (folder / "unet").iterdir() if p.suffix != ".json")
+    assert stored < plain_bytes * 1.1  # the shallow graph adds its structure, not a second copy of weights
+    assert manifest.config.deepcache_branch == 0
+    assert shallow.validation["max_abs_diff"] <= 1e-5
+
+
+def test_convert_and_int8_keep_the_graphs(tiny_pipeline: Path, tmp_path: Path) -> None:
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.exporter.quantize_folder import quantize_folder
+
+    fp32 = tmp_path / "fp32"
+    convert(str(tiny_pipeline), fp32, deepcache_branch=1, log=lambda line: None)
+    int8 = tmp_path / "int8"
+    quantize_folder(fp32, int8, prompts=("a red circle",), steps=2, log=lambda line: None)
+    for folder, precision in ((fp32, "fp32"), (int8, "int8")):
+        manifest = Manifest.load(folder)
+        assert manifest.config.deepcache_branch == 1
+        assert manifest.components["unet_shallow"].precision == precision
+        pipe = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+        on = pipe(PROMPT, seed=SEED, deepcache_interval=2, output_type="np", **SETTINGS).images
+        off = pipe(PROMPT, seed=SEED, output_type="np", **SETTINGS).images
+        assert 0 < np.abs(on - off).mean() < 0.2
+    with pytest.raises(ExportError, match="already has DeepCache graphs"):
+        deepcache_folder(fp32, tmp_path / "again", 0)
+    with pytest.raises(ExportError, match=r"--deepcache-branch 9: this UNet has branches 0..3"):
+        convert(str(tiny_pipeline), tmp_path / "bad", deepcache_branch=9, log=lambda line: None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_load_time_lora_reaches_both_graphs(tiny_pipeline: Path, tiny_export: Path, exports, tmp_path: Path) -> None:
+    from .lora_files import write_diffusers_lora
+
+    lora = write_diffusers_lora(tiny_pipeline, tmp_path / "lora.safetensors", seed=3)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=[lora])
+    cached = StableDiffusionPipeline.from_pretrained(exports[0], provider="cpu", loras=[lora])
+    expected = plain(PROMPT, seed=SEED, output_type="np", **SETTINGS).images
+    np.testing.assert_allclose(cached(PROMPT, seed=SEED, output_type="np", **SETTINGS).images, expected, atol=1e-6)
+    without = StableDiffusionPipeline.from_pretrained(exports[0], provider="cpu")
+    on = cached(PROMPT, seed=SEED, deepcache_interval=2, output_type="np", **SETTINGS).images
+    assert (
+        np.abs(on - without(PROMPT, seed=SEED, deepcache_interval=2, output_type="np", **SETTINGS).images).max() > 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(0, "deepcache_interval: must be"), (1001, "deepcache_interval: must be"), ("2", "deepcache_interval"),
+     (2.5, "deepcache_interval")],
+)  # fmt: skip
+def test_bad_intervals(exports, value, message) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(exports[0], provider="cpu")
+    with pytest.raises(RequestError, match=message):
+        pipe(PROMPT, deepcache_interval=value)
+
+
+def test_a_model_without_the_graphs_says_how_to_get_them(tiny_export: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    with pytest.raises(RequestError, match="deepcache_interval: this model has no DeepCache graphs.*sd-export"):
+        pipe(PROMPT, deepcache_interval=2)
+    assert pipe(PROMPT, deepcache_interval=1, num_inference_steps=1).images
