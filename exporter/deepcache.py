@@ -104,10 +104,8 @@ def add_deepcache(folder: Path, manifest: Manifest, branch: int, log: Any = prin
     )
     manifest.config.deepcache_branch = branch
     manifest.save(folder)
-    nodes = (len(shallow.graph.node), len(model.graph.node))
-    log(
-        f"DeepCache branch {branch}: shallow UNet {nodes[0]} of {nodes[1]} nodes, max |diff| {validation['max_abs_diff']:.1e}"
-    )
+    sizes = f"{len(shallow.graph.node)} of {len(model.graph.node)} nodes"
+    log(f"DeepCache branch {branch}: shallow UNet {sizes}, max |diff| {validation['max_abs_diff']:.1e}")
     return manifest
 
 

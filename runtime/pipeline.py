@@ -425,10 +425,7 @@ class StableDiffusionPipeline:
         else:
             timestep = np.full(len(batch), t, timestep_type)
         feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings, **(conditions or {})}
-        if cache is None:
-            noise_pred = unet(**feeds)[0]
-        else:
-            noise_pred = cache.run(unet, self.component(SHALLOW), feeds)
+        noise_pred = unet(**feeds)[0] if cache is None else cache.run(unet, self.component(SHALLOW), feeds)
         if not do_cfg:
             return noise_pred
         uncond, cond = np.split(noise_pred, 2)

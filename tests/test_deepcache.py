@@ -123,8 +123,9 @@ def test_schedule_and_guidance_interval_switches(exports, monkeypatch) -> None:
     calls.calls.clear()
     sigmas = pipe_sigmas(pipe)
     # Guidance for the first two steps only: the third call's batch changes, so it runs full.
-    pipe(PROMPT, seed=SEED, scheduler="ddim", deepcache_interval=3, guidance_interval=(float(sigmas[2] + sigmas[1]) / 2, 1e9),
-         output_type="np", **SETTINGS)  # fmt: skip
+    interval = (float(sigmas[2] + sigmas[1]) / 2, 1e9)
+    pipe(PROMPT, seed=SEED, scheduler="ddim", deepcache_interval=3, guidance_interval=interval, output_type="np",
+         **SETTINGS)  # fmt: skip
     assert calls.calls == [("unet", 2), ("unet_shallow", 2), ("unet", 1), ("unet", 1), ("unet_shallow", 1),
                            ("unet_shallow", 1), ("unet", 1)]  # fmt: skip
 
