@@ -4,6 +4,9 @@ package's DeepCacheSDHelper on diffusers' pipeline, same weights, seed and sched
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +211,51 @@ def test_a_model_without_the_graphs_says_how_to_get_them(tiny_export: Path) -> N
     with pytest.raises(RequestError, match="deepcache_interval: this model has no DeepCache graphs.*sd-export"):
         pipe(PROMPT, deepcache_interval=2)
     assert pipe(PROMPT, deepcache_interval=1, num_inference_steps=1).images
+
+
+def test_cli_uses_the_shipped_models_graphs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sd_onnx.models.shapes import shipped_model
+
+    for model in ((), ("-m", str(shipped_model("int8")))):
+        out = tmp_path / "dc.png"
+        cmd = [sys.executable, "-m", "sd_onnx.runtime.cli", "prompt", "a red circle on a blue background", *model,
+               "--deepcache", "3", "--steps", "6", "--seed", "1", "-o", str(out)]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "DeepCache: interval 3, branch 0" in Image.open(out).text["parameters"]
+    bad = subprocess.run([*cmd[:-2], "--deepcache", "0", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "Error: --deepcache: must be >= 1, got 0"
+
+
+def test_server_and_batch_fields(exports, tiny_export: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
+
+    for folder, has_graphs in ((exports[0], True), (tiny_export, False)):
+        pipe = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
+        with TestClient(create_app(ServerState(ServeConfig()), loader=lambda pipe=pipe: pipe)) as client:
+            while client.get("/health").status_code != 200:
+                time.sleep(0.05)
+            body = {"prompt": "a cat", "steps": 4, "seed": 5, "deepcache_interval": 2}
+            r = client.post("/sdapi/v1/txt2img", json=body)
+            openai = client.post("/v1/images/generations", json={"prompt": "a cat", "deepcache_interval": 2})
+            if has_graphs:
+                assert r.status_code == 200 and openai.status_code == 200, r.text
+                assert "DeepCache: interval 2, branch 0" in json.loads(r.json()["info"])["infotexts"][0]
+            else:
+                assert r.status_code == 422 and "deepcache_interval: this model has no DeepCache" in r.text
+            for bad in (0, "x", 2.5, 10**6):
+                r = client.post("/sdapi/v1/txt2img", json={**body, "deepcache_interval": bad})
+                assert r.status_code == 422 and "deepcache_interval" in r.text, (bad, r.text)
+    lines = [{"id": "ok", "prompt": "a cat", "steps": 4, "deepcache_interval": 2},
+             {"id": "bad", "prompt": "a cat", "deepcache_interval": 0}]  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cmd = [sys.executable, "-m", "sd_onnx.runtime.cli", "batch", str(tmp_path / "p.jsonl"), str(tmp_path / "out"),
+           "-m", str(exports[0])]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert run.returncode == 1 and records["ok"]["status"] == "ok"
+    assert "deepcache_interval" in records["bad"]["error"]
