@@ -590,6 +590,37 @@ def peers_setup(only: str | None) -> None:
             raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Large model for the speed ratios (SD 1.5 int8 exported with --deepcache-branch 0); none: fidelity only.",
+)
+@click.option("--prompts", default=200, show_default=True, type=click.IntRange(1), help="Shapes prompts per split.")
+@click.option("--size", default=512, show_default=True, type=int)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--skip-shapes", is_flag=True, help="Speed only.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/accelerators.json"))
+def accelerators(
+    model: Path | None, prompts: int, size: int, steps: int, rounds: int, skip_shapes: bool, out: Path
+) -> None:
+    """Speed of each accelerator setting on MODEL (interleaved, one process) and its judged fidelity on the
+    shapes model; writes OUT and OUT with .md (the README's table)."""
+    from .accelerators import markdown, shapes_fidelity, speed
+
+    report: dict = {"machine": machine_info()}
+    if model is not None:
+        report["speed"] = speed(model, size, steps, rounds, log=lambda line: click.echo(line, err=True))
+    if not skip_shapes:
+        report["shapes"] = shapes_fidelity(prompts, log=lambda line: click.echo(line, err=True))
+    write_json(out, report)
+    out.with_suffix(".md").write_text(markdown(report))
+    click.echo(markdown(report))
+
+
 @main.command("serve-ray")
 @click.option("-m", "--model", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Exported model folder [default: the shipped shapes model].")  # fmt: skip
