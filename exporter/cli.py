@@ -92,6 +92,11 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     help="Also export DeepCache's graphs, caching at this branch (0: the outermost layer, the fastest); "
     "sd-run --deepcache N then uses them.",
 )
+@click.option(
+    "--tome",
+    is_flag=True,
+    help="Also give the UNet a token-merging variant (ToMe for SD, ratio an input); sd-run --tome R uses it.",
+)
 def convert(
     source: str,
     output: Path,
@@ -110,6 +115,7 @@ def convert(
     scheduler: str | None,
     tiny_vae: str | None,
     deepcache_branch: int | None,
+    tome: bool,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -140,6 +146,7 @@ def convert(
             loras=parsed_loras,
             scheduler=scheduler,
             deepcache_branch=deepcache_branch,
+            tome=tome,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:
@@ -156,7 +163,9 @@ def convert(
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option(
-    "--components", default="unet,vae_decoder,vae_encoder", show_default=True, help="Components to make int8."
+    "--components",
+    default=None,
+    help="Components to make int8 [default: every one with a recipe: unet, vae_decoder, vae_encoder].",
 )
 @click.option("--calibration-steps", default=10, show_default=True, type=click.IntRange(1), help="Steps per prompt.")
 @click.option(
@@ -168,7 +177,7 @@ def convert(
 def quantize(
     source: Path,
     output: Path,
-    components: str,
+    components: str | None,
     calibration_steps: int,
     calibration_size: int | None,
     prompts: Path | None,
@@ -180,7 +189,7 @@ def quantize(
     from .quantize_folder import quantize_folder
 
     options = {
-        "components": tuple(c.strip() for c in components.split(",") if c.strip()),
+        "components": tuple(c.strip() for c in (components or "").split(",") if c.strip()) or None,
         "steps": calibration_steps,
         "size": calibration_size,
     }
@@ -216,6 +225,24 @@ def deepcache(source: Path, output: Path, branch: int, overwrite: bool) -> None:
 
     try:
         deepcache_folder(source, output, branch, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
+    except (ExportError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise disk_error(exc, output) from None
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def tome(source: Path, output: Path, overwrite: bool) -> None:
+    """Copy the export SOURCE to OUTPUT with the token-merging UNet added (any precision; weights stored once)."""
+    from sd_onnx.runtime.manifest import ManifestError
+
+    from .tome import token_merging_folder
+
+    try:
+        token_merging_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -29,6 +29,7 @@ from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
 from .source import PipelineSource, inspect_folder, resolve_source
+from .tome import add_token_merging
 from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
 
@@ -59,6 +60,7 @@ def convert(
     loras: list[tuple[Path, float]] | None = None,
     scheduler: str | None = None,
     deepcache_branch: int | None = None,
+    tome: bool = False,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -73,7 +75,9 @@ def convert(
     AutoencoderTiny folder (TAESD), is exported beside the model's VAE as tiny_vae_decoder/tiny_vae_encoder;
     `loras` ((file, scale) pairs) are fused into the weights first (see lora.py); `scheduler` becomes the
     model's default sampler (LCM-LoRA models: "lcm"); `deepcache_branch` adds DeepCache's full and shallow UNet
-    graphs, caching at that branch (see deepcache.py)."""
+    graphs, caching at that branch (see deepcache.py); `tome` the UNet graph that merges tokens before
+    self-attention, its ratio an input (see tome.py). Both are cut or grown from the final UNet graph, so they
+    follow its precision and share its weights."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -126,8 +130,11 @@ def convert(
         manifest = _package(src, staging, infos, name, vocabulary, lora_records)
         for scratch in ("_single_file_pipeline", "_lora_fused"):
             shutil.rmtree(staging / scratch, ignore_errors=True)
-        if deepcache_branch is not None:  # before int8, which re-derives the shallow graph from the int8 UNet
+        # Before int8, which derives both again from the int8 UNet.
+        if deepcache_branch is not None:
             manifest = add_deepcache(staging, manifest, deepcache_branch, log)
+        if tome:
+            manifest = add_token_merging(staging, manifest, log)
         if precision == "int8":
             from .quantize_folder import quantize_in_place
 

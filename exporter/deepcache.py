@@ -16,28 +16,21 @@ external-data file beside them, so they are stored once.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import uses_external_data
 
-from sd_onnx.runtime.manifest import ComponentInfo, Manifest, read_json, sha256_file
+from sd_onnx.runtime.manifest import Manifest, read_json
 
-from .atomic import publish, staging_folder
+from .derived import Log, derive_folder, load_unet, record, sample_feeds, save_unet
 from .errors import ExportError
-from .lora_targets import TARGETS_FILE, write_targets
-from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, point_to
-from .validate import open_session, signature
+from .validate import open_session
 
 FEATURE = "deepcache_feature"
 SHALLOW = "unet_shallow"
-SHALLOW_FILE = "shallow.onnx"
-MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay inside each graph (scalars, shapes, scales)
 TOLERANCE = 1e-4  # shallow graph given the full graph's own feature vs the full graph: the same computation
 
 
@@ -80,32 +73,23 @@ def _joins_channels(node: onnx.NodeProto) -> bool:
     return len(node.input) == 2 and axis == 1
 
 
-def add_deepcache(folder: Path, manifest: Manifest, branch: int, log: Any = print) -> Manifest:
+def add_deepcache(folder: Path, manifest: Manifest, branch: int, log: Log = print) -> Manifest:
     """Give `folder`'s UNet the DeepCache feature output at `branch`, derive the shallow graph beside it, check it
     and record both in the manifest (in place; `folder` is a staging folder)."""
-    unet_dir = folder / "unet"
-    full_file = folder / manifest.components["unet"].file
-    model = onnx.load(str(full_file), load_external_data=False)
+    model, full_file = load_unet(folder, manifest)
     if FEATURE not in {o.name for o in model.graph.output}:
-        _expose(model, feature_tensor(model, *check_branch(read_json(unet_dir / "config.json"), branch)))
-    _share_weights(model, full_file)
-    onnx.save_model(model, str(full_file))
-    targets = unet_dir / TARGETS_FILE
-    if targets.is_file():  # load-time LoRAs read weights at recorded offsets, which moved
-        write_targets(json.loads(targets.read_text())["modules"], full_file)
+        _expose(model, feature_tensor(model, *check_branch(read_json(full_file.parent / "config.json"), branch)))
+    save_unet(model, full_file)
     extractor = onnx.utils.Extractor(model)
     inputs = [i.name for i in model.graph.input] + [FEATURE]
     shallow = extractor.extract_model(inputs, [model.graph.output[0].name])
-    onnx.save_model(shallow, str(unet_dir / SHALLOW_FILE))
-    validation = check_shallow(full_file, unet_dir / SHALLOW_FILE, manifest)
-    manifest.components["unet"] = _updated(manifest.components["unet"], full_file, folder)
-    manifest.components[SHALLOW] = _shallow_info(
-        manifest.components["unet"], unet_dir / SHALLOW_FILE, folder, validation
-    )
     manifest.config.deepcache_branch = branch
+    record(folder, manifest, SHALLOW, shallow, {})
+    manifest.components[SHALLOW].validation = check_shallow(folder, manifest)
     manifest.save(folder)
     sizes = f"{len(shallow.graph.node)} of {len(model.graph.node)} nodes"
-    log(f"DeepCache branch {branch}: shallow UNet {sizes}, max |diff| {validation['max_abs_diff']:.1e}")
+    diff = manifest.components[SHALLOW].validation["max_abs_diff"]
+    log(f"DeepCache branch {branch}: shallow UNet {sizes}, max |diff| {diff:.1e}")
     return manifest
 
 
@@ -125,33 +109,15 @@ def _expose(model: onnx.ModelProto, tensor: str) -> None:
     )
 
 
-def _share_weights(model: onnx.ModelProto, full_file: Path) -> None:
-    """Move every weight still inside the graph into `<model>_data` (page-aligned, so onnxruntime can map it), so
-    that the shallow graph, cut from this one, points at the same bytes."""
-    data_path = full_file.with_name(full_file.name + EXTERNAL_DATA_SUFFIX)
-    inline = [t for t in model.graph.initializer if not uses_external_data(t) and len(t.raw_data) >= MIN_EXTERNAL_BYTES]
-    if not inline:
-        return
-    with open(data_path, "ab") as data:
-        for tensor in inline:
-            data.write(b"\0" * (-data.tell() % ALIGNMENT))
-            offset = data.tell()
-            data.write(tensor.raw_data)
-            length = len(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            point_to(tensor, data_path.name, offset, length)
-
-
-def check_shallow(full_file: Path, shallow_file: Path, manifest: Manifest) -> dict[str, Any]:
+def check_shallow(folder: Path, manifest: Manifest) -> dict[str, Any]:
     """The shallow graph given the full graph's own feature must give the full graph's output: the largest
     difference over two seeded inputs, ExportError above TOLERANCE (relative to the output's scale)."""
-    full, shallow = open_session(full_file), open_session(shallow_file)
+    full = open_session(folder / manifest.components["unet"].file)
+    shallow = open_session(folder / manifest.components[SHALLOW].file)
     worst, scale = 0.0, 0.0
     for seed in (0, 1):
         feeds = sample_feeds(full, manifest, np.random.default_rng(seed))
-        out, feature = full.run(
-            ["out_sample" if _has(full, "out_sample") else full.get_outputs()[0].name, FEATURE], feeds
-        )
+        out, feature = full.run([full.get_outputs()[0].name, FEATURE], feeds)
         again = shallow.run(None, {**feeds, FEATURE: feature})[0]
         worst = max(worst, float(np.abs(out.astype(np.float64) - again).max()))
         scale = max(scale, float(np.abs(out).max()))
@@ -160,65 +126,12 @@ def check_shallow(full_file: Path, shallow_file: Path, manifest: Manifest) -> di
     return {"max_abs_diff": worst, "reference": "the full UNet given the same inputs (its own deepcache_feature)"}
 
 
-def sample_feeds(session: Any, manifest: Manifest, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Seeded inputs for every UNet input at batch 2 and a small latent size from the model's config."""
-    config = manifest.config
-    side = max(config.size_multiple // config.vae_scale_factor, min(config.sample_size, 32))
-    dims = {"batch": 2, "steps": 1, "height": side, "width": side, "sequence": config.max_token_length}
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) else dims.get(str(d), 2) for d in arg.shape]
-        dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
-        value = rng.uniform(1, 999, shape) if arg.name == "timestep" else rng.standard_normal(shape)
-        feeds[arg.name] = value.astype(np.int64 if arg.type == "tensor(int64)" else dtype)
-    return feeds
-
-
-def _has(session: Any, output: str) -> bool:
-    return any(o.name == output for o in session.get_outputs())
-
-
-def _files(folder: Path, files: list[Path]) -> dict[str, str]:
-    return {f.relative_to(folder).as_posix(): sha256_file(f) for f in sorted(files)}
-
-
-def _updated(info: ComponentInfo, full_file: Path, folder: Path) -> ComponentInfo:
-    """The UNet's entry after the rewrite: its files (graph, shared weights, LoRA map) and the added output."""
-    inputs, outputs = signature(open_session(full_file))
-    skipped = ("config.json", SHALLOW_FILE)
-    info.files = _files(folder, [p for p in full_file.parent.iterdir() if p.is_file() and p.name not in skipped])
-    info.inputs, info.outputs = inputs, outputs
-    return info
-
-
-def _shallow_info(unet: ComponentInfo, shallow_file: Path, folder: Path, validation: dict[str, Any]) -> ComponentInfo:
-    inputs, outputs = signature(open_session(shallow_file))
-    data = folder / unet.file
-    return ComponentInfo(
-        file=str(shallow_file.relative_to(folder)),
-        files=_files(folder, [shallow_file, data.with_name(data.name + EXTERNAL_DATA_SUFFIX)]),
-        inputs=inputs,
-        outputs=outputs,
-        precision=unet.precision,
-        opset=unet.opset,
-        validation=validation,
-        quantization=unet.quantization,
-        optimizations=unet.optimizations,
-    )
-
-
-def deepcache_folder(source: Path, output: Path, branch: int, *, overwrite: bool = False, log: Any = print) -> Manifest:
+def deepcache_folder(source: Path, output: Path, branch: int, *, overwrite: bool = False, log: Log = print) -> Manifest:
     """Copy the export `source` to `output` with DeepCache's graphs added, atomically."""
-    source, output = Path(source).expanduser().resolve(), Path(output).expanduser().resolve()
-    manifest = Manifest.load(source)
+    manifest = Manifest.load(Path(source).expanduser())
     if manifest.config.deepcache_branch is not None:
         raise ExportError(f"{source}: already has DeepCache graphs (branch {manifest.config.deepcache_branch})")
-    check_branch(read_json(source / "unet" / "config.json"), branch)
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists (use --overwrite to replace it)")
-    with staging_folder(output) as staging:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        manifest = add_deepcache(staging, Manifest.load(staging), branch, log)
-        publish(staging, output)
-    log(f"wrote {output}")
-    return manifest
+    check_branch(read_json(Path(source).expanduser() / "unet" / "config.json"), branch)
+    return derive_folder(
+        source, output, lambda folder, m: add_deepcache(folder, m, branch, log), overwrite=overwrite, log=log
+    )

@@ -15,22 +15,24 @@ from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
 from .deepcache import add_deepcache
 from .errors import ExportError
 from .quantize import RECIPES, component_info, cpu_has_vnni, fidelity, quantize_graph
+from .tome import add_token_merging
 
 Log = Callable[[str], None]
-DEFAULT_COMPONENTS = tuple(RECIPES)
 
 
 def quantize_in_place(
     folder: Path,
-    components: tuple[str, ...] = DEFAULT_COMPONENTS,
+    components: tuple[str, ...] | None = None,
     prompts: tuple[str, ...] = CALIBRATION_PROMPTS,
     steps: int = 10,
     size: int | None = None,
     reduce_range: bool | None = None,
     log: Log = print,
 ) -> Manifest:
-    """Replace the fp32 graphs of `components` in `folder` by int8 ones and update its manifest."""
+    """Replace the fp32 graphs of `components` (default: every one with a recipe) in `folder` by int8 ones and
+    update its manifest."""
     manifest = Manifest.load(folder)
+    components = components or tuple(c for c in RECIPES if c in manifest.components)
     unknown = [c for c in components if c not in RECIPES]
     if unknown:
         raise ExportError(f"no int8 recipe for {', '.join(unknown)} (recipes exist for {', '.join(RECIPES)})")
@@ -67,8 +69,11 @@ def quantize_in_place(
             f"{time.perf_counter() - started:.1f} s"
         )
     manifest.save(folder)
-    if manifest.config.deepcache_branch is not None and "unet" in components:  # cut again from the int8 UNet
-        manifest = add_deepcache(folder, manifest, manifest.config.deepcache_branch, log)
+    if "unet" in components:  # the UNet's derived graphs, made again from the int8 UNet
+        if manifest.config.deepcache_branch is not None:
+            manifest = add_deepcache(folder, manifest, manifest.config.deepcache_branch, log)
+        if manifest.config.token_merging:
+            manifest = add_token_merging(folder, manifest, log)
     return manifest
 
 

@@ -15,6 +15,7 @@ from .errors import ExportError
 ORT_TYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
+    "tensor(double)": "float64",
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
 }

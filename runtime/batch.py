@@ -39,6 +39,7 @@ FIELDS = (
     "guidance_interval",
     "vae_tiling",
     "deepcache_interval",
+    "tome_ratio",
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LINE_CHARS = 100_000

@@ -39,6 +39,7 @@ OPTION_NAMES = {
     "guidance_interval": "--guidance-interval",
     "vae_tiling": "--tile-vae",
     "deepcache_interval": "--deepcache",
+    "tome_ratio": "--tome",
     "image": "--image",
     "mask_image": "--mask",
     "masked_content": "--masked-content",
@@ -199,6 +200,14 @@ def main() -> None:
     metavar="N",
     help="DeepCache: the full UNet every N steps, the shallow one on its cached features between (1: off).",
 )
+@click.option(
+    "--tome",
+    "tome",
+    default=None,
+    type=float,
+    metavar="R",
+    help="Token merging: merge this fraction (0-0.75) of the outermost tokens before self-attention (0: off).",
+)
 @limit_options
 def prompt(
     text: str,
@@ -229,6 +238,7 @@ def prompt(
     guidance_interval: str | None,
     tile_vae: bool | None,
     deepcache: int | None,
+    tome: float | None,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -257,7 +267,7 @@ def prompt(
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
             masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
-            vae_tiling=tile_vae, deepcache_interval=deepcache,
+            vae_tiling=tile_vae, deepcache_interval=deepcache, tome_ratio=tome,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:

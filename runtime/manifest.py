@@ -19,7 +19,9 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_enco
 TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
 # DeepCache's shallow UNet, cut from the UNet graph and sharing its weights (`sd-export convert --deepcache-branch`).
 DEEPCACHE_COMPONENTS = ("unet_shallow",)
-ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS
+# The UNet with token merging before self-attention, its ratio an input (`sd-export convert --tome`).
+TOME_COMPONENTS = ("unet_tome",)
+ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS
 
 
 class ManifestError(ValueError):
@@ -91,6 +93,8 @@ class ModelConfig:
     tiny_vae_scaling_factor: float | None = None
     # DeepCache: the branch whose feature the UNet also returns and the shallow UNet takes; None: not exported.
     deepcache_branch: int | None = None
+    # Whether the folder has the token-merging UNet (`unet_tome`).
+    token_merging: bool = False
 
     @property
     def inpainting(self) -> bool:

@@ -60,6 +60,7 @@ CONFIG = Obj(
         "vae_kind": str,
         "tiny_vae_scaling_factor": Opt(float),
         "deepcache_branch": Opt(int),
+        "token_merging": bool,
     },
 )
 MANIFEST = Obj(
@@ -113,6 +114,8 @@ def check_manifest(data: Any) -> None:
         raise ManifestError("components: no unet")
     if ("unet_shallow" in data["components"]) != (config.get("deepcache_branch") is not None):
         raise ManifestError("components.unet_shallow: present exactly when config.deepcache_branch is set")
+    if ("unet_tome" in data["components"]) != bool(config.get("token_merging")):
+        raise ManifestError("components.unet_tome: present exactly when config.token_merging is true")
     for name, component in data["components"].items():
         if name not in ALL_COMPONENTS:
             raise ManifestError(f"components.{name}: unknown component (known: {', '.join(ALL_COMPONENTS)})")

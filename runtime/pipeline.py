@@ -42,6 +42,7 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 """Called after each step with (step index, total steps, latents); returning False cancels the run."""
 
 LOG = logging.getLogger("sd_onnx")
+TOKEN_MERGING = "unet_tome"
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
 ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
@@ -211,6 +212,7 @@ class StableDiffusionPipeline:
         guidance_interval: tuple[float, float] | None = None,
         vae_tiling: bool | None = None,
         deepcache_interval: int | None = None,
+        tome_ratio: float | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -221,7 +223,9 @@ class StableDiffusionPipeline:
         decodes and encodes in overlapping tiles (diffusers' `enable_tiling`), so memory follows the tile
         rather than the image (None: on in low-memory mode above the VAE's tile size); `deepcache_interval=N`
         runs the full UNet every N steps and its shallow path on the cached deep features between (DeepCache;
-        the model needs its DeepCache graphs, see `sd-export convert --deepcache-branch`)."""
+        the model needs its DeepCache graphs, see `sd-export convert --deepcache-branch`); `tome_ratio=R` merges
+        that fraction of the outermost level's tokens before self-attention (ToMe for SD; needs `--tome` at
+        export)."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -254,6 +258,7 @@ class StableDiffusionPipeline:
             guidance_interval=guidance_interval,
             vae_tiling=vae_tiling,
             deepcache_interval=deepcache_interval,
+            tome_ratio=tome_ratio,
         )
         try:
             request = self.prepare(request)
@@ -308,15 +313,15 @@ class StableDiffusionPipeline:
             if unguided is not None and not guided[i]:
                 step_embeddings, step_conditions = unguided
             noise_pred = self.predict_noise(
-                model_input, t, step_embeddings, request.guidance_scale, step_conditions, cache
+                model_input, t, step_embeddings, request.guidance_scale, step_conditions, cache, request.tome_ratio
             )
             latents = sched.step(noise_pred, t, latents, noise=generator)
             if inpainting is not None:
                 latents = inpainting.after_step(latents, sched, timesteps, i)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
-        self.release("unet")
-        self.release(SHALLOW)
+        for name in ("unet", SHALLOW, TOKEN_MERGING):
+            self.release(name)
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
             return PipelineOutput(latents, params, request)
@@ -367,6 +372,8 @@ class StableDiffusionPipeline:
             params["Lora"] = ", ".join(applied)
         if (request.deepcache_interval or 1) > 1:
             params["DeepCache"] = f"interval {request.deepcache_interval}, branch {self.config.deepcache_branch}"
+        if request.tome_ratio:
+            params["ToMe ratio"] = request.tome_ratio
         if self.uses_tiling(request):
             params["Tiled VAE"] = True  # tiles move pixels a little: part of what reproduces the image
         return params
@@ -411,12 +418,14 @@ class StableDiffusionPipeline:
         guidance_scale: float,
         conditions: dict[str, np.ndarray] | None = None,
         cache: DeepCache | None = None,
+        tome_ratio: float | None = None,
     ) -> np.ndarray:
         """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
         unconditional and conditional halves run as one batch and are combined. `conditions`: the UNet's
         other inputs, batched like the embeddings (see `conditioning`). `cache`: DeepCache's state for this
-        generation, which picks the full or the shallow UNet (see deepcache.py)."""
-        unet = self.component("unet")
+        generation, which picks the full or the shallow UNet (see deepcache.py); `tome_ratio` > 0 runs the
+        token-merging UNet at that ratio."""
+        unet = self.component(TOKEN_MERGING if tome_ratio else "unet")
         do_cfg = len(embeddings) == 2 * len(model_input)
         batch = np.concatenate([model_input] * 2) if do_cfg else model_input
         timestep_type = unet.input_dtype("timestep")
@@ -425,6 +434,8 @@ class StableDiffusionPipeline:
         else:
             timestep = np.full(len(batch), t, timestep_type)
         feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings, **(conditions or {})}
+        if tome_ratio:
+            feeds["tome_ratio"] = np.array(tome_ratio, np.float64)
         noise_pred = unet(**feeds)[0] if cache is None else cache.run(unet, self.component(SHALLOW), feeds)
         if not do_cfg:
             return noise_pred

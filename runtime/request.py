@@ -26,6 +26,7 @@ DEFAULT_STRENGTH = 0.75
 # Guidance beyond this is no longer guidance: the difference of the two predictions overflows float32 into a
 # black image well before 1e39 (useful values are 1-20).
 MAX_GUIDANCE = 100.0
+MAX_TOME_RATIO = 0.75  # every source token of a 2x2 cell merged into its destination
 MAX_DEEPCACHE_INTERVAL = 1000  # the timesteps of a training schedule; more is the same as one full step
 MAX_MASK_BLUR = 64
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed accepts for non-negative seeds
@@ -118,6 +119,9 @@ class GenerationRequest:
     # DeepCache (Ma et al. 2024): a full UNet call every N steps, the shallow UNet on the cached deep feature
     # in between (None or 1: off); needs a model exported with its DeepCache graphs.
     deepcache_interval: int | None = None
+    # Token merging (ToMe for SD, Bolya & Hoffman 2023): this fraction of the outermost level's tokens merged
+    # before self-attention (None or 0: off); needs a model exported with its token-merging UNet.
+    tome_ratio: float | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -184,6 +188,7 @@ class GenerationRequest:
             guidance_interval=_interval(self.guidance_interval),
             vae_tiling=_optional_bool("vae_tiling", self.vae_tiling),
             deepcache_interval=self._deepcache(config),
+            tome_ratio=self._tome(config),
             resolved=True,
         )
 
@@ -199,6 +204,19 @@ class GenerationRequest:
                 "or sd-export deepcache for an exported folder)",
             )
         return interval
+
+    def _tome(self, config: ModelConfig) -> float | None:
+        if self.tome_ratio is None:
+            return None
+        ratio = _number("tome_ratio", self.tome_ratio)
+        _in_range("tome_ratio", ratio, 0.0, MAX_TOME_RATIO)
+        if ratio > 0 and not config.token_merging:
+            raise RequestError(
+                "tome_ratio", "this model has no token-merging UNet (export it: sd-export convert --tome)"
+            )
+        if ratio > 0 and (self.deepcache_interval or 1) > 1:
+            raise RequestError("tome_ratio", "cannot be combined with deepcache_interval (each runs its own UNet)")
+        return ratio
 
     def _size(self, config: ModelConfig, limits: Limits) -> tuple[int, int]:
         multiple = config.size_multiple

@@ -50,6 +50,16 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_pipe(tiny_pipeline: Path):
+    """diffusers' own StableDiffusionPipeline on the tiny weights (tests that change its scheduler restore it)."""
+    from diffusers import StableDiffusionPipeline as DiffusersPipeline
+
+    pipe = DiffusersPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tiny_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sd_onnx.exporter.convert import convert
 

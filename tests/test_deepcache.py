@@ -25,15 +25,6 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module")
-def reference_pipe(tiny_pipeline: Path):
-    from diffusers import StableDiffusionPipeline as DiffusersPipeline
-
-    pipe = DiffusersPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def exports(tiny_pipeline: Path, tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """The tiny export with DeepCache graphs added at every branch it has."""
     root = tmp_path_factory.mktemp("deepcache")
@@ -51,7 +42,8 @@ def reference(pipe, scheduler: str, interval: int, branch: tuple[int, int] | Non
     import diffusers
     from DeepCache import DeepCacheSDHelper
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(original.config)
     helper = DeepCacheSDHelper(pipe=pipe)
     if branch is not None:  # the helper numbers branches as level * 3 + layer
         helper.set_params(cache_interval=interval, cache_branch_id=branch[0] * 3 + branch[1])
@@ -60,6 +52,7 @@ def reference(pipe, scheduler: str, interval: int, branch: tuple[int, int] | Non
         generator = torch.Generator().manual_seed(SEED)
         return pipe(PROMPT, generator=generator, output_type="np", **SETTINGS).images
     finally:
+        pipe.scheduler = original
         if branch is not None:
             helper.disable()
 

@@ -24,15 +24,6 @@ DIFFUSERS_NAMES = {
 
 
 @pytest.fixture(scope="module")
-def reference_pipe(tiny_pipeline: Path):
-    from diffusers import StableDiffusionPipeline as DiffusersPipeline
-
-    pipe = DiffusersPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def ours(tiny_export: Path) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
 

@@ -67,6 +67,7 @@ def to_request(
         guidance_interval=body.guidance_interval,
         vae_tiling=body.vae_tiling,
         deepcache_interval=body.deepcache_interval,
+        tome_ratio=body.tome_ratio,
         **{"strength": getattr(body, "denoising_strength", None), **inpainting},
     )
 

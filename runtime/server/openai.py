@@ -42,6 +42,7 @@ def to_request(body: OpenAIImageRequest | OpenAIImageEditFields, **edit: Any) ->
         guidance_interval=getattr(body, "guidance_interval", None),  # generations only (edits are multipart)
         vae_tiling=getattr(body, "vae_tiling", None),
         deepcache_interval=getattr(body, "deepcache_interval", None),
+        tome_ratio=getattr(body, "tome_ratio", None),
         **edit,
     )
 

@@ -39,6 +39,9 @@ class Txt2ImgRequest(BaseModel):
     deepcache_interval: int | None = Field(
         None, description="sd-onnx: DeepCache, the full UNet every N steps and the shallow one between (1: off)."
     )
+    tome_ratio: float | None = Field(
+        None, description="sd-onnx: token merging, the fraction (0-0.75) of outermost tokens merged (0: off)."
+    )
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -79,6 +82,7 @@ class OpenAIImageRequest(BaseModel):
     )
     vae_tiling: bool | None = Field(None, description="sd-onnx extension, as on txt2img.")
     deepcache_interval: int | None = Field(None, description="sd-onnx extension, as on txt2img.")
+    tome_ratio: float | None = Field(None, description="sd-onnx extension, as on txt2img.")
 
 
 class OpenAIImageEditFields(BaseModel):
