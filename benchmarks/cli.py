@@ -621,6 +621,18 @@ def accelerators(
     click.echo(markdown(report))
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--only", multiple=True, help="Run only this one (repeatable); names as in the report.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/peak_memory.json"))
+def memory(model: Path, only: tuple[str, ...], out: Path) -> None:
+    """Peak RSS of generations in the default, low-memory and tiled-VAE modes at 512 and 1024 pixels, and of a
+    2048-pixel tiled decode, each in a fresh process."""
+    from .peak_memory import measure
+
+    write_json(out, {"machine": machine_info(), **measure(model, only, log=lambda line: click.echo(line, err=True))})
+
+
 @main.command("serve-ray")
 @click.option("-m", "--model", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Exported model folder [default: the shipped shapes model].")  # fmt: skip

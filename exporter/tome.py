@@ -147,23 +147,23 @@ def grow(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, onnx.NodePro
     nodes, size = _grid_size(graph.input[0].name)
     by_norm = {norm.name: i for i, (norm, _) in enumerate(blocks)}
     by_add = {add.name: i for i, (_, add) in enumerate(blocks)}
-    merged_inputs = {}
+    merged_inputs, partitions = {}, {}
     for node in graph.node:
-        if node.name in by_add:
+        if node.name in by_add:  # (after its block's norm1: graphs are topologically sorted)
             i = by_add[node.name]
-            norm = blocks[i][0]
-            attention = next(name for name in node.input if name != norm.input[0])
-            where = [f"/tome/{i}/partition/{name}" for name in PARTITION_OUTPUTS]
-            unmerge, (restored,) = _splice(pieces["unmerge"], f"/tome/{i}/unmerge/", [attention, norm.input[0], *where])
+            block_input = blocks[i][0].input[0]
+            attention = next(name for name in node.input if name != block_input)
+            inputs = [attention, block_input, *partitions[i]]
+            unmerge, (restored,) = _splice(pieces["unmerge"], f"{PREFIX}{i}/unmerge/", inputs)
             nodes += unmerge
             node.input[list(node.input).index(attention)] = restored
         nodes.append(node)
         if node.name in by_norm:
             i = by_norm[node.name]
-            partition_nodes, where = _splice(
-                pieces["partition"], f"/tome/{i}/partition/", [node.input[0], *size, RATIO]
+            partition_nodes, partitions[i] = _splice(
+                pieces["partition"], f"{PREFIX}{i}/partition/", [node.input[0], *size, RATIO]
             )
-            merge, (merged,) = _splice(pieces["merge"], f"/tome/{i}/merge/", [node.output[0], *where])
+            merge, (merged,) = _splice(pieces["merge"], f"{PREFIX}{i}/merge/", [node.output[0], *partitions[i]])
             nodes += partition_nodes + merge
             merged_inputs[node.output[0]] = merged
     for node in nodes:  # self-attention (and nothing else) reads the merged tokens

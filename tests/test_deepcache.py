@@ -150,22 +150,25 @@ def test_weights_are_stored_once(tiny_export: Path, exports) -> None:
     assert shallow.validation["max_abs_diff"] <= 1e-5
 
 
-def test_convert_and_int8_keep_the_graphs(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_convert_and_int8_keep_the_derived_graphs(tiny_pipeline: Path, tmp_path: Path) -> None:
+    """DeepCache and token-merging graphs made at export, then made again from the int8 UNet by quantization."""
     from sd_onnx.exporter.convert import convert
     from sd_onnx.exporter.quantize_folder import quantize_folder
 
     fp32 = tmp_path / "fp32"
-    convert(str(tiny_pipeline), fp32, deepcache_branch=1, log=lambda line: None)
+    convert(str(tiny_pipeline), fp32, deepcache_branch=1, tome=True, log=lambda line: None)
     int8 = tmp_path / "int8"
     quantize_folder(fp32, int8, prompts=("a red circle",), steps=2, log=lambda line: None)
     for folder, precision in ((fp32, "fp32"), (int8, "int8")):
         manifest = Manifest.load(folder)
-        assert manifest.config.deepcache_branch == 1
-        assert manifest.components["unet_shallow"].precision == precision
+        manifest.verify(folder)
+        assert manifest.config.deepcache_branch == 1 and manifest.config.token_merging
+        assert manifest.components["unet_shallow"].precision == manifest.components["unet_tome"].precision == precision
         pipe = StableDiffusionPipeline.from_pretrained(folder, provider="cpu")
-        on = pipe(PROMPT, seed=SEED, deepcache_interval=2, output_type="np", **SETTINGS).images
         off = pipe(PROMPT, seed=SEED, output_type="np", **SETTINGS).images
-        assert 0 < np.abs(on - off).mean() < 0.2
+        for accelerator in ({"deepcache_interval": 2}, {"tome_ratio": 0.5}):
+            on = pipe(PROMPT, seed=SEED, output_type="np", **SETTINGS, **accelerator).images
+            assert 0 < np.abs(on - off).mean() < 0.2, (precision, accelerator)
     with pytest.raises(ExportError, match="already has DeepCache graphs"):
         deepcache_folder(fp32, tmp_path / "again", 0)
     with pytest.raises(ExportError, match=r"--deepcache-branch 9: this UNet has branches 0..3"):
