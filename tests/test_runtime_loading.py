@@ -63,8 +63,7 @@ def test_optimized_graph_cache_is_written_then_used(tiny_export: Path, tmp_path:
     assert len(cached) == 3 and not any("partial" in p.name for p in cached)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     second = StableDiffusionPipeline.from_pretrained(folder, provider="cpu", cache_dir=cache)
-    unet_digest = second.manifest.components["unet"].files["unet/model.onnx"][:16]
-    assert Path(second.component("unet").session._model_path).name.startswith(unet_digest)
+    assert Path(second.component("unet").session._model_path) in cached
     np.testing.assert_allclose(generate(second), generate(first), atol=1e-6)
     np.testing.assert_allclose(generate(second), reference, atol=1e-5)
 
