@@ -97,6 +97,11 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     is_flag=True,
     help="Also give the UNet a token-merging variant (ToMe for SD, ratio an input); sd-run --tome R uses it.",
 )
+@click.option(
+    "--unet-stages",
+    is_flag=True,
+    help="Also cut the UNet into stage graphs that --low-memory runs one at a time (weights stored once).",
+)
 def convert(
     source: str,
     output: Path,
@@ -116,6 +121,7 @@ def convert(
     tiny_vae: str | None,
     deepcache_branch: int | None,
     tome: bool,
+    unet_stages: bool,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -147,6 +153,7 @@ def convert(
             scheduler=scheduler,
             deepcache_branch=deepcache_branch,
             tome=tome,
+            unet_stages=unet_stages,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:
@@ -243,6 +250,25 @@ def tome(source: Path, output: Path, overwrite: bool) -> None:
 
     try:
         token_merging_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
+    except (ExportError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise disk_error(exc, output) from None
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def stages(source: Path, output: Path, overwrite: bool) -> None:
+    """Copy the export SOURCE to OUTPUT with the UNet also cut into the stage graphs that low-memory mode runs one
+    at a time (any precision; weights stored once)."""
+    from sd_onnx.runtime.manifest import ManifestError
+
+    from .stages import stages_folder
+
+    try:
+        stages_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

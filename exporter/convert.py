@@ -29,6 +29,7 @@ from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
 from .source import PipelineSource, inspect_folder, resolve_source
+from .stages import add_stages
 from .tome import add_token_merging
 from .trace import pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
@@ -42,7 +43,7 @@ Log = Callable[[str], None]
 
 
 def convert(
-    source: str,
+    source: str | Path,
     output: Path,
     *,
     components: tuple[str, ...] | None = None,
@@ -61,6 +62,7 @@ def convert(
     scheduler: str | None = None,
     deepcache_branch: int | None = None,
     tome: bool = False,
+    unet_stages: bool = False,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -76,7 +78,8 @@ def convert(
     `loras` ((file, scale) pairs) are fused into the weights first (see lora.py); `scheduler` becomes the
     model's default sampler (LCM-LoRA models: "lcm"); `deepcache_branch` adds DeepCache's full and shallow UNet
     graphs, caching at that branch (see deepcache.py); `tome` the UNet graph that merges tokens before
-    self-attention, its ratio an input (see tome.py). Both are cut or grown from the final UNet graph, so they
+    self-attention, its ratio an input (see tome.py); `unet_stages` the UNet cut into the stage graphs that
+    low-memory mode runs one at a time (see stages.py). All are cut or grown from the final UNet graph, so they
     follow its precision and share its weights."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
@@ -89,7 +92,7 @@ def convert(
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(exportable)})")
     with staging_folder(output) as staging:
-        src = resolve_source(source, config=config, work_dir=staging)
+        src = resolve_source(str(source), config=config, work_dir=staging)
         lora_records = None
         if loras:
             from .lora import fuse_loras
@@ -140,6 +143,8 @@ def convert(
 
             quantizable = tuple(c for c in components if c in RECIPES)
             manifest = quantize_in_place(staging, components=quantizable, log=log)
+        if unet_stages:  # after int8, whose UNet they cut
+            manifest = add_stages(staging, manifest, log)
         publish(staging, output)
     log(f"wrote {output}")
     return manifest

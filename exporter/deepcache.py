@@ -27,6 +27,7 @@ from sd_onnx.runtime.manifest import Manifest, read_json
 
 from .derived import Log, derive_folder, load_unet, record, sample_feeds, save_unet
 from .errors import ExportError
+from .stages import refresh_stages
 from .validate import open_session
 
 FEATURE = "deepcache_feature"
@@ -133,5 +134,9 @@ def deepcache_folder(source: Path, output: Path, branch: int, *, overwrite: bool
         raise ExportError(f"{source}: already has DeepCache graphs (branch {manifest.config.deepcache_branch})")
     check_branch(read_json(Path(source).expanduser() / "unet" / "config.json"), branch)
     return derive_folder(
-        source, output, lambda folder, m: add_deepcache(folder, m, branch, log), overwrite=overwrite, log=log
+        source,
+        output,
+        lambda folder, m: refresh_stages(folder, add_deepcache(folder, m, branch, log), log),
+        overwrite=overwrite,
+        log=log,
     )

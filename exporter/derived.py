@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from sd_onnx.runtime.manifest import ComponentInfo, Manifest, sha256_file
+from sd_onnx.runtime.manifest import STAGE_COMPONENTS, ComponentInfo, Manifest, sha256_file
 
 from .atomic import publish, staging_folder
 from .errors import ExportError
@@ -27,7 +27,11 @@ from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, point_to
 from .validate import open_session, signature
 
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay inside each graph (scalars, shapes, scales)
-DERIVED_FILES = {"unet_shallow": "shallow.onnx", "unet_tome": "tome.onnx"}
+DERIVED_FILES = {
+    "unet_shallow": "shallow.onnx",
+    "unet_tome": "tome.onnx",
+    **{name: f"{name.removeprefix('unet_')}.onnx" for name in STAGE_COMPONENTS},
+}
 Log = Callable[[str], None]
 
 

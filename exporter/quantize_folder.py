@@ -15,6 +15,7 @@ from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
 from .deepcache import add_deepcache
 from .errors import ExportError
 from .quantize import RECIPES, component_info, cpu_has_vnni, fidelity, quantize_graph
+from .stages import refresh_stages
 from .tome import add_token_merging
 
 Log = Callable[[str], None]
@@ -74,6 +75,7 @@ def quantize_in_place(
             manifest = add_deepcache(folder, manifest, manifest.config.deepcache_branch, log)
         if manifest.config.token_merging:
             manifest = add_token_merging(folder, manifest, log)
+        manifest = refresh_stages(folder, manifest, log)
     return manifest
 
 

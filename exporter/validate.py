@@ -18,6 +18,8 @@ ORT_TYPES = {
     "tensor(double)": "float64",
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
+    "tensor(int8)": "int8",  # activations crossing a cut between UNet stages (stages.py)
+    "tensor(uint8)": "uint8",
 }
 
 

@@ -21,7 +21,9 @@ TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
 DEEPCACHE_COMPONENTS = ("unet_shallow",)
 # The UNet with token merging before self-attention, its ratio an input (`sd-export convert --tome`).
 TOME_COMPONENTS = ("unet_tome",)
-ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS
+# The UNet cut into consecutive stage graphs over its weights, for low-memory mode (`sd-export stages`).
+STAGE_COMPONENTS = ("unet_stage_0", "unet_stage_1", "unet_stage_2", "unet_stage_3")
+ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS + STAGE_COMPONENTS
 
 
 class ManifestError(ValueError):
@@ -95,6 +97,8 @@ class ModelConfig:
     deepcache_branch: int | None = None
     # Whether the folder has the token-merging UNet (`unet_tome`).
     token_merging: bool = False
+    # How many stage graphs the UNet is also cut into (`unet_stage_*`, run one at a time in low-memory mode); 0: none.
+    unet_stages: int = 0
 
     @property
     def inpainting(self) -> bool:

@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from .manifest import ALL_COMPONENTS, ManifestError
+from .manifest import ALL_COMPONENTS, STAGE_COMPONENTS, ManifestError
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ CONFIG = Obj(
         "tiny_vae_scaling_factor": Opt(float),
         "deepcache_branch": Opt(int),
         "token_merging": bool,
+        "unet_stages": int,
     },
 )
 MANIFEST = Obj(
@@ -116,6 +117,11 @@ def check_manifest(data: Any) -> None:
         raise ManifestError("components.unet_shallow: present exactly when config.deepcache_branch is set")
     if ("unet_tome" in data["components"]) != bool(config.get("token_merging")):
         raise ManifestError("components.unet_tome: present exactly when config.token_merging is true")
+    stages = config.get("unet_stages", 0)
+    if stages not in (0, len(STAGE_COMPONENTS)):
+        raise ManifestError(f"config.unet_stages: must be 0 or {len(STAGE_COMPONENTS)}, got {stages}")
+    if any((name in data["components"]) != bool(stages) for name in STAGE_COMPONENTS):
+        raise ManifestError("components.unet_stage_*: all present exactly when config.unet_stages is set")
     for name, component in data["components"].items():
         if name not in ALL_COMPONENTS:
             raise ManifestError(f"components.{name}: unknown component (known: {', '.join(ALL_COMPONENTS)})")

@@ -28,12 +28,13 @@ from .hub import locate_model
 from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
 from .lora import Lora, check_loras, read_loras, weight_overrides
-from .manifest import MANIFEST_NAME, Manifest, ManifestError, ModelConfig, read_json
+from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
-from .session import OnnxModel, SessionConfig, resolve_providers
+from .session import OnnxModel, SessionConfig, resolve_providers, return_freed_memory
 from .shipped import shipped_model
+from .stages import StagedUnet
 from .tokenizer import CLIPTokenizer
 from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
@@ -43,6 +44,7 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 
 LOG = logging.getLogger("sd_onnx")
 TOKEN_MERGING = "unet_tome"
+UNET_GRAPHS = ("unet", SHALLOW, TOKEN_MERGING)
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
 ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
@@ -147,16 +149,25 @@ class StableDiffusionPipeline:
 
     # Components -------------------------------------------------------------------------------------------
 
-    def component(self, name: str) -> OnnxModel:
-        """The onnxruntime session of `name` ("text_encoder", "unet", "vae_decoder", "vae_encoder"), loaded once."""
+    def component(self, name: str) -> OnnxModel | StagedUnet:
+        """The onnxruntime session of `name` ("text_encoder", "unet", "vae_decoder", "vae_encoder"), loaded once.
+        In low-memory mode a model with UNet stages gets a StagedUnet for "unet", which loads them in turn."""
         if name not in self._models:
-            info = self.manifest.components.get(name) if self.manifest else None
-            file = self.folder / (info.file if info else f"{name}/model.onnx")
-            if not file.is_file():
-                raise ManifestError(f"{name}: missing model file {file}")
-            overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
-            self._models[name] = OnnxModel(file, info, self.session_config, overrides)
+            if name == "unet" and self.low_memory and self.config.unet_stages and not self.loras:
+                unet = self.manifest.components["unet"]
+                self._models[name] = StagedUnet(unet, STAGE_COMPONENTS, lambda stage: self.open_graph(stage))
+            else:
+                self._models[name] = self.open_graph(name)
         return self._models[name]
+
+    def open_graph(self, name: str) -> OnnxModel:
+        """A new session of graph `name` (with the pipeline's LoRAs), held by the caller only."""
+        info = self.manifest.components.get(name) if self.manifest else None
+        file = self.folder / (info.file if info else f"{name}/model.onnx")
+        if not file.is_file():
+            raise ManifestError(f"{name}: missing model file {file}")
+        overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
+        return OnnxModel(file, info, self.session_config, overrides)
 
     components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
 
@@ -166,8 +177,8 @@ class StableDiffusionPipeline:
 
     def release(self, name: str) -> None:
         """Free a component's session in low-memory mode (a no-op otherwise)."""
-        if self.low_memory:
-            self._models.pop(name, None)
+        if self.low_memory and self._models.pop(name, None) is not None:
+            return_freed_memory()
 
     # Requests ---------------------------------------------------------------------------------------------
 
@@ -320,7 +331,7 @@ class StableDiffusionPipeline:
                 latents = inpainting.after_step(latents, sched, timesteps, i)
             if should_stop(i, len(timesteps), latents):
                 raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
-        for name in ("unet", SHALLOW, TOKEN_MERGING):
+        for name in UNET_GRAPHS:
             self.release(name)
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
@@ -425,9 +436,14 @@ class StableDiffusionPipeline:
         other inputs, batched like the embeddings (see `conditioning`). `cache`: DeepCache's state for this
         generation, which picks the full or the shallow UNet (see deepcache.py); `tome_ratio` > 0 runs the
         token-merging UNet at that ratio."""
-        unet = self.component(TOKEN_MERGING if tome_ratio else "unet")
         do_cfg = len(embeddings) == 2 * len(model_input)
         batch = np.concatenate([model_input] * 2) if do_cfg else model_input
+        name = TOKEN_MERGING if tome_ratio else "unet"
+        if cache is not None and cache.reuses(len(batch)):
+            name = SHALLOW
+        for other in set(UNET_GRAPHS) - {name}:  # low-memory mode: one UNet graph at a time
+            self.release(other)
+        unet = self.component(name)
         timestep_type = unet.input_dtype("timestep")
         if unet.input_rank("timestep") == 0:  # Optimum's recent exports take a 0-d timestep
             timestep = np.array(t, timestep_type)
@@ -436,7 +452,7 @@ class StableDiffusionPipeline:
         feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings, **(conditions or {})}
         if tome_ratio:
             feeds["tome_ratio"] = np.array(tome_ratio, np.float64)
-        noise_pred = unet(**feeds)[0] if cache is None else cache.run(unet, self.component(SHALLOW), feeds)
+        noise_pred = unet(**feeds)[0] if cache is None else cache.run(unet, unet, feeds)  # the graph it picks
         if not do_cfg:
             return noise_pred
         uncond, cond = np.split(noise_pred, 2)

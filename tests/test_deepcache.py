@@ -87,13 +87,16 @@ def test_interval_one_is_the_plain_unet(tiny_export: Path, exports) -> None:
 
 
 class UnetCalls:
-    """Which graph each UNet call of a pipeline ran: "unet" or "unet_shallow", with its batch."""
+    """Which graph each UNet call of a pipeline ran: "unet" or "unet_shallow", with its batch; in low-memory mode
+    also that no other UNet graph is held when one is requested."""
 
     def __init__(self, pipe: StableDiffusionPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, int]] = []
         component = pipe.component
 
         def recording(name: str):
+            held = {c for c in pipe.loaded_components if c.startswith("unet")} - {name}
+            assert not (pipe.low_memory and held), f"{name} requested while {held} held"
             model = component(name)
             calls = self.calls
 

@@ -56,6 +56,8 @@ BROKEN = [
     (lambda m: edited(m, "config.deepcache_branch", -1), "config.deepcache_branch: must be in 0..65536"),
     (lambda m: edited(m, "config.token_merging", True), "components.unet_tome: present exactly when"),
     (lambda m: edited(m, "config.token_merging", "yes"), "config.token_merging: expected a boolean"),
+    (lambda m: edited(m, "config.unet_stages", 4), "components.unet_stage_*: all present exactly when"),
+    (lambda m: edited(m, "config.unet_stages", 3), "config.unet_stages: must be 0 or 4, got 3"),
     (lambda m: edited(m, "components.unet_x", m["components"]["unet"]), "components.unet_x: unknown component"),
 ]  # fmt: skip
 
