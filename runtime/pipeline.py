@@ -126,7 +126,8 @@ class StableDiffusionPipeline:
         session.cache_root) so later loads skip that work."""
         folder = locate_model(path, revision) if path is not None else shipped_model()
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
-        session_config = SessionConfig(tuple(resolve_providers(provider)), threads, optimization, cache, cache_root)
+        providers = tuple(resolve_providers(provider))
+        session_config = SessionConfig(providers, threads, optimization, cache, cache_root, shared_arena=not low_memory)
         if (folder / MANIFEST_NAME).is_file():
             manifest = Manifest.load(folder)
             if verify:
@@ -167,7 +168,9 @@ class StableDiffusionPipeline:
         if not file.is_file():
             raise ManifestError(f"{name}: missing model file {file}")
         overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
-        return OnnxModel(file, info, self.session_config, overrides)
+        # Low-memory mode: the VAE's activations (1 GB at 512x512 for SD) go back as they die, not with the arena.
+        arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
+        return OnnxModel(file, info, self.session_config, overrides, arena=arena)
 
     components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
 

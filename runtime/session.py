@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import hashlib
 import os
@@ -83,6 +84,8 @@ class SessionConfig:
     optimization: str = "all"
     cache: bool = True
     cache_dir: Path | None = None  # None: cache_root()
+    # One CPU arena for all sessions that ask for it (see shared_arena); else each session has its own.
+    shared_arena: bool = False
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -102,10 +105,12 @@ class OnnxModel:
         info: ComponentInfo | None,
         config: SessionConfig,
         initializers: dict[str, np.ndarray] | None = None,
+        arena: bool = True,
     ) -> None:
         """`initializers` replace the graph's initializers of those names (load-time LoRAs, see lora.py); the
         optimized-graph cache is then skipped, since it would bake them in under another key, optimization stops
-        at "extended" and constant folding is off."""
+        at "extended" and constant folding is off. `arena=False` allocates every tensor on its own, so memory goes
+        back as soon as a tensor dies (slower; for one-shot graphs whose activations dwarf their weights)."""
         self.name = model_file.parent.name
         self.info = info
         if info is not None and info.precision == "fp16" and config.providers[0] == "CPUExecutionProvider":
@@ -119,6 +124,12 @@ class OnnxModel:
         # A memory pattern makes the arena allocate a second, planned block after the first run and keep both:
         # 1.8 -> 1.4 GB for SD 1.5's int8 UNet at 512x512, at the same speed (benchmarks/results/peak_memory.json).
         options.enable_mem_pattern = False
+        on_cpu = config.providers[0] == "CPUExecutionProvider"
+        if not arena:
+            options.enable_cpu_mem_arena = False
+        elif config.shared_arena and on_cpu:
+            shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
         if config.threads:
             options.intra_op_num_threads = config.threads
@@ -134,7 +145,7 @@ class OnnxModel:
         for name, value in zip(initializers or {}, self._overrides, strict=True):
             options.add_initializer(name, value)
         path = model_file
-        if config.cache and not initializers and info is not None and config.providers[0] == "CPUExecutionProvider":
+        if config.cache and not initializers and info is not None and on_cpu:
             path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
             self.session = ort.InferenceSession(
@@ -174,6 +185,15 @@ class OnnxModel:
 
     def input_rank(self, name: str) -> int:
         return len(self.graph_inputs[name].shape)
+
+
+@functools.cache
+def shared_arena() -> None:
+    """Register the process's shared CPU arena (once). Sessions run one after another, so sharing it makes a
+    pipeline's working memory the largest graph's rather than the sum of all (SD 1.5 int8 at 512x512: the UNet's
+    0.5 GB and the VAE decoder's 1 GB; benchmarks/results/peak_memory.json)."""
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({}))
 
 
 def return_freed_memory() -> None:

@@ -32,9 +32,10 @@ class StagedUnet:
         values = dict(feeds)
         for name in self.stages:
             stage = self.load(name)
-            produced = stage(**{n: values[n] for n in stage.graph_inputs})
+            # Copies: an output array keeps its session's whole arena alive, which would hold every stage's at once.
+            produced = [np.array(value) for value in stage(**{n: values[n] for n in stage.graph_inputs})]
             values.update(zip(stage.output_names, produced, strict=True))
-            del stage
+            del stage, produced
             return_freed_memory()
         return [values[name] for name in self.output_names]
 
