@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -226,16 +227,9 @@ def quantize(
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def deepcache(source: Path, output: Path, branch: int, overwrite: bool) -> None:
     """Copy the export SOURCE to OUTPUT with DeepCache's graphs added (any precision; weights stored once)."""
-    from sd_onnx.runtime.manifest import ManifestError
-
     from .deepcache import deepcache_folder
 
-    try:
-        deepcache_folder(source, output, branch, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
-    except (ExportError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise disk_error(exc, output) from None
+    derive(lambda: deepcache_folder(source, output, branch, overwrite=overwrite, log=echo), output)
 
 
 @main.command()
@@ -244,16 +238,9 @@ def deepcache(source: Path, output: Path, branch: int, overwrite: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def tome(source: Path, output: Path, overwrite: bool) -> None:
     """Copy the export SOURCE to OUTPUT with the token-merging UNet added (any precision; weights stored once)."""
-    from sd_onnx.runtime.manifest import ManifestError
-
     from .tome import token_merging_folder
 
-    try:
-        token_merging_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
-    except (ExportError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise disk_error(exc, output) from None
+    derive(lambda: token_merging_folder(source, output, overwrite=overwrite, log=echo), output)
 
 
 @main.command()
@@ -263,12 +250,21 @@ def tome(source: Path, output: Path, overwrite: bool) -> None:
 def stages(source: Path, output: Path, overwrite: bool) -> None:
     """Copy the export SOURCE to OUTPUT with the UNet also cut into the stage graphs that low-memory mode runs one
     at a time (any precision; weights stored once)."""
-    from sd_onnx.runtime.manifest import ManifestError
-
     from .stages import stages_folder
 
+    derive(lambda: stages_folder(source, output, overwrite=overwrite, log=echo), output)
+
+
+def echo(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def derive(step: Callable[[], object], output: Path) -> None:
+    """Run an `sd-export` step that adds graphs to a copy of an export, its errors as one line."""
+    from sd_onnx.runtime.manifest import ManifestError
+
     try:
-        stages_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True))
+        step()
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -133,15 +134,20 @@ def ray_address():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     flags = ["--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    # A cluster with token authentication, as `ray start` makes by default since Ray 2.52 (given the token
+    # explicitly: whether `ray start` generates one itself differs between Ray versions); an explicit address
+    # joins it with the mode and token set, as docs/scale-out.md tells users.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    before = {name: os.environ.get(name) for name in auth}
+    os.environ.update(auth)
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", *flags], check=True, capture_output=True)
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # an explicit address joins with the token `ray start` saved
     yield f"127.0.0.1:{port}"
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
-    if before is None:
-        os.environ.pop("RAY_AUTH_MODE")
-    else:
-        os.environ["RAY_AUTH_MODE"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
 
 
 def ray_args(address: str) -> list[str]:
@@ -164,7 +170,7 @@ def test_serve_ray_deploys_onto_a_running_cluster_and_returns(ray_address, tmp_p
     finally:
         stop = f"import ray; from ray import serve; ray.init(address={ray_address!r}); serve.shutdown()"
         subprocess.run([sys.executable, "-c", stop], capture_output=True, timeout=120)
-    no_token = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
+    no_token = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
     refused = subprocess.run([*cli, "--port", str(port)], capture_output=True, text=True, timeout=300, env=no_token)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1]

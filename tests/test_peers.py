@@ -29,6 +29,13 @@ np.save(out, compiled([inputs[i.any_name] for i in compiled.inputs])[0])
 """
 
 
+MANUAL = pytest.mark.skipif(
+    not os.environ.get("SD_ONNX_MANUAL"),
+    reason="manual (SD_ONNX_MANUAL=1): makes OpenVINO's environment and runs its engines (about 4 minutes)",
+)
+
+
+@MANUAL
 def test_openvino_engines_run_the_tiny_model(tiny_pipeline: Path, openvino_python: str, tmp_path: Path) -> None:
     """Each OpenVINO engine exports (fp32 IR, 8-bit weights, hybrid int8 calibrated on our prompts) in its own
     environment, runs every step, and records its precision, export time and memory."""
@@ -60,6 +67,7 @@ def test_openvino_engines_run_the_tiny_model(tiny_pipeline: Path, openvino_pytho
     assert "error" not in record and record["unet_steps"] == 1, record
 
 
+@MANUAL
 def test_openvino_reads_our_unet_graph_and_computes_the_same(
     tiny_export: Path, openvino_python: str, tmp_path: Path
 ) -> None:
