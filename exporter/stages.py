@@ -113,18 +113,15 @@ def _closure(
     return sorted(found), reads, produced
 
 
-def split(model: onnx.ModelProto, levels: int, dtypes: dict[str, tuple[int, int]]) -> list[onnx.ModelProto]:
-    """The stage graphs of `model`; `dtypes`: (ONNX element type, rank) of every tensor crossing a cut."""
-    return [
-        _stage_graph(model, k, stage.nodes, stage.inputs, stage.outputs, dtypes)
-        for k, stage in enumerate(plan(model, levels))
-    ]
+def split(model: onnx.ModelProto, stages: list[Stage], dtypes: dict[str, tuple[int, int]]) -> list[onnx.ModelProto]:
+    """The stage graphs of `model` by its plan; `dtypes`: (ONNX element type, rank) of every tensor crossing a cut."""
+    return [_stage_graph(model, k, stage.nodes, stage.inputs, stage.outputs, dtypes) for k, stage in enumerate(stages)]
 
 
-def crossing(model: onnx.ModelProto, levels: int) -> list[str]:
+def crossing(model: onnx.ModelProto, stages: list[Stage]) -> list[str]:
     """Names of the tensors that cross a cut (stage inputs that are not graph inputs)."""
     graph_inputs = {i.name for i in model.graph.input}
-    return sorted({name for stage in plan(model, levels) for name in stage.inputs} - graph_inputs)
+    return sorted({name for stage in stages for name in stage.inputs} - graph_inputs)
 
 
 def _stage_graph(
@@ -177,9 +174,10 @@ def add_stages(folder: Path, manifest: Manifest, log: Log = print) -> Manifest:
     model, full_file = load_unet(folder, manifest)
     save_unet(model, full_file)  # every weight in the data file the stages point at
     levels = len(read_json(full_file.parent / "config.json")["block_out_channels"])
-    names = crossing(model, levels)
+    stages = plan(model, levels)
+    names = crossing(model, stages)
     feeds = sample_feeds(open_session(full_file), manifest, np.random.default_rng(0))
-    graphs = split(model, levels, crossing_dtypes(folder, model, names, feeds))
+    graphs = split(model, stages, crossing_dtypes(folder, model, names, feeds))
     manifest.config.unet_stages = len(graphs)
     for name, graph in zip(STAGE_COMPONENTS, graphs, strict=True):
         record(folder, manifest, name, graph, {})
