@@ -175,7 +175,7 @@ def export_component(
     del module
     gc.collect()
     pack_graph(traced, out_file)
-    optimizations = optimize_file(out_file, out_file) if optimize else {}
+    optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
     lora_map = map_weights(weights, out_file) if weights else {}
     if half:
         optimizations["fp16"] = convert_to_fp16(out_file)

@@ -1,5 +1,6 @@
 """Graph rewrites for CPUs, made at export before each graph is validated against PyTorch: attention fusion,
-and the GEGLU split (see `split_geglu`).
+the GEGLU split (see `split_geglu`) and, in VAE graphs, group norms by channel chunks (see
+`chunk_group_norms`).
 
 Attention fusion: scaled-dot-product attention, as torch's exporter decomposes it, becomes one
 onnxruntime `MultiHeadAttention` (com.microsoft) node with separate Q, K, V inputs.
@@ -37,7 +38,8 @@ class _Graph:
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        self.dims = {init.name: list(init.dims) for init in graph.initializer}
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.dims = {name: list(init.dims) for name, init in self.initializers.items()}
         self.producer = {out: node for node in graph.node for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -52,12 +54,22 @@ class _Graph:
         children = self.consumers.get(node.output[0], [])
         return children[0] if len(children) == 1 and children[0].op_type == op_type else None
 
-    def constant(self, name: str) -> int | None:
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output (or an Identity of one, as torch shares equal weights),
+        None for a computed tensor."""
         node = self.producer.get(name)
-        if node is None or node.op_type != "Constant":
-            init = next((i for i in self.graph.initializer if i.name == name), None)
-            return int(numpy_helper.to_array(init).reshape(-1)[0]) if init is not None else None
-        return int(numpy_helper.to_array(node.attribute[0].t).reshape(-1)[0])
+        if node is not None and node.op_type == "Identity":
+            return self.array(node.input[0])
+        if node is not None:
+            return numpy_helper.to_array(node.attribute[0].t) if node.op_type == "Constant" else None
+        init = self.initializers.get(name)
+        if init is None or init.data_location == onnx.TensorProto.EXTERNAL:  # weights left on disk: not read here
+            return None
+        return numpy_helper.to_array(init)
+
+    def constant(self, name: str) -> int | None:
+        value = self.array(name)
+        return int(value.reshape(-1)[0]) if value is not None else None
 
 
 def _perm(node: onnx.NodeProto | None, perm: list[int]) -> bool:
@@ -181,6 +193,138 @@ def split_geglu(model: onnx.ModelProto) -> int:
     return len(inserted)
 
 
+def _group_norm_chain(g: _Graph, norm: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    """The nodes of one group norm as torch exports it, around its InstanceNormalization, with the SiLU that
+    follows if any: Reshape[0, G, -1] -> InstanceNormalization -> Reshape(Shape(x)) -> Mul(gamma) -> Add(beta)
+    [-> Sigmoid, Mul]."""
+    reshape = g.parent(norm, 0, "Reshape")
+    target = g.array(reshape.input[1]) if reshape is not None else None
+    if target is None or target.tolist()[::2] != [0, -1] or len(target) != 3:
+        return None
+    back = g.only_child(norm, "Reshape")
+    scale = back and g.only_child(back, "Mul")
+    shift = scale and g.only_child(scale, "Add")
+    gamma = g.array(scale.input[1]) if shift is not None else None
+    beta = g.array(shift.input[1]) if shift is not None else None
+    per_channel = gamma is not None and gamma.ndim >= 2 and gamma.size == gamma.shape[0]  # (C, 1, ...)
+    if not per_channel or beta is None or beta.shape != gamma.shape:
+        return None
+    chain = [reshape, norm, back, scale, shift]
+    users = g.consumers.get(shift.output[0], [])
+    sigmoid = next((n for n in users if n.op_type == "Sigmoid"), None)
+    silu = sigmoid and g.only_child(sigmoid, "Mul")
+    if len(users) == 2 and silu in users and set(silu.input) == {shift.output[0], sigmoid.output[0]}:
+        chain += [sigmoid, silu]
+    return chain
+
+
+def _chunk_nodes(g: _Graph, chain: list[onnx.NodeProto], parts: int) -> tuple[list[onnx.NodeProto], list]:
+    """`chain` computed on `parts` channel slices and concatenated: (nodes, new initializers)."""
+    reshape, norm, _, scale, shift = chain[:5]
+    groups = int(g.array(reshape.input[1])[1]) // parts
+    gamma, beta = g.array(scale.input[1]), g.array(shift.input[1])
+    width = gamma.shape[0] // parts
+    epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+    tag = norm.name.rsplit("/", 1)[0] + "/chunk"
+    shared = {
+        "axis": np.array([1], np.int64),
+        "shape": np.array([0, groups, -1], np.int64),
+        "ones": np.ones(groups, np.float32),
+        "zeros": np.zeros(groups, np.float32),
+    }
+    arrays = {f"{tag}_{k}": v for k, v in shared.items()}
+    nodes, pieces = [], []
+    for i in range(parts):
+        p = f"{tag}{i}"
+        channels = slice(i * width, (i + 1) * width)
+        arrays |= {
+            f"{p}_start": np.array([i * width], np.int64),
+            f"{p}_end": np.array([(i + 1) * width], np.int64),
+            f"{p}_gamma": gamma[channels],
+            f"{p}_beta": beta[channels],
+        }
+        nodes += [
+            helper.make_node(
+                "Slice", [reshape.input[0], f"{p}_start", f"{p}_end", f"{tag}_axis"], [f"{p}_x"], name=f"{p}/Slice"
+            ),
+            helper.make_node("Reshape", [f"{p}_x", f"{tag}_shape"], [f"{p}_grouped"], name=f"{p}/Reshape"),
+            helper.make_node(
+                "InstanceNormalization",
+                [f"{p}_grouped", f"{tag}_ones", f"{tag}_zeros"],
+                [f"{p}_normed"],
+                name=f"{p}/InstanceNormalization",
+                epsilon=epsilon,
+            ),
+            helper.make_node("Shape", [f"{p}_x"], [f"{p}_shape"], name=f"{p}/Shape"),
+            helper.make_node("Reshape", [f"{p}_normed", f"{p}_shape"], [f"{p}_back"], name=f"{p}/Reshape_1"),
+            helper.make_node("Mul", [f"{p}_back", f"{p}_gamma"], [f"{p}_scaled"], name=f"{p}/Mul"),
+            helper.make_node("Add", [f"{p}_scaled", f"{p}_beta"], [f"{p}_y"], name=f"{p}/Add"),
+        ]
+        if len(chain) > 5:  # SiLU
+            nodes += [
+                helper.make_node("Sigmoid", [f"{p}_y"], [f"{p}_gate"], name=f"{p}/Sigmoid"),
+                helper.make_node("Mul", [f"{p}_y", f"{p}_gate"], [f"{p}_silu"], name=f"{p}/SiLU"),
+            ]
+        pieces.append(nodes[-1].output[0])
+    nodes.append(helper.make_node("Concat", pieces, [chain[-1].output[0]], name=f"{tag}/Concat", axis=1))
+    return nodes, [numpy_helper.from_array(np.asarray(v), k) for k, v in arrays.items()]
+
+
+def chunk_group_norms(model: onnx.ModelProto, parts: int = 4) -> int:
+    """Compute each group norm (and the SiLU after it) on `parts` channel slices, in place; returns how many.
+
+    A VAE decoder's full-resolution group norms hold their input, the normalized tensor and its SiLU at once
+    (256 MB each for SD 1.5 at 512x512, 256 channels); by slices, only one slice's temporaries live beside the
+    input. A group norm's statistics are per group, and the slices hold whole groups, so every value is computed
+    from the same numbers in the same order: the output is bit for bit the same. onnxruntime runs each slice's
+    chain to its end before the next (it orders nodes depth-first from the outputs). The int8 recipe then
+    quantizes each slice before the Concat (`quantize_before_concat`), so the full tensor exists only in 8 bits.
+    """
+    g = _Graph(model.graph)
+    replaced: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    for norm in list(model.graph.node):
+        chain = _group_norm_chain(g, norm) if norm.op_type == "InstanceNormalization" else None
+        groups = int(g.array(chain[0].input[1])[1]) if chain else 0
+        count = next((k for k in range(parts, 1, -1) if groups % k == 0), 1)
+        if chain is None or count == 1:
+            continue
+        nodes, arrays = _chunk_nodes(g, chain, count)
+        model.graph.initializer.extend(arrays)
+        replaced.update(id(n) for n in chain)
+        inserted[id(chain[-1])] = nodes
+    if inserted:
+        _rewrite(model.graph, replaced, inserted)
+        _remove_unused_initializers(model.graph)  # the whole-width gammas and betas
+    return len(inserted)
+
+
+def quantize_before_concat(model: onnx.ModelProto) -> int:
+    """Where a Concat's only reader is a per-tensor QuantizeLinear, quantize each input instead, in place;
+    returns how many. Quantizing is element by element, so the int8 result is the same, and the float tensor
+    is never whole (see `chunk_group_norms`)."""
+    g = _Graph(model.graph)
+    replaced: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    for concat in list(model.graph.node):
+        quantize = g.only_child(concat, "QuantizeLinear") if concat.op_type == "Concat" else None
+        scale = g.array(quantize.input[1]) if quantize is not None else None
+        if scale is None or scale.size != 1 or concat.output[0] in {o.name for o in model.graph.output}:
+            continue
+        nodes = [
+            helper.make_node("QuantizeLinear", [x, *quantize.input[1:]], [f"{x}_quantized"], name=f"{x}_QuantizeLinear")
+            for x in concat.input
+        ]
+        joined = helper.make_node("Concat", [n.output[0] for n in nodes], [quantize.output[0]], name=concat.name)
+        joined.attribute.extend(concat.attribute)
+        nodes.append(joined)
+        replaced.update({id(concat), id(quantize)})
+        inserted[id(quantize)] = nodes
+    if inserted:
+        _rewrite(model.graph, replaced, inserted)
+    return len(inserted)
+
+
 def _rewrite(graph: onnx.GraphProto, replaced: set[int], inserted: dict[int, list[onnx.NodeProto]]) -> None:
     """Drop the `replaced` nodes, put each `inserted` list where its key node was, then drop what died."""
     kept = []
@@ -205,10 +349,19 @@ def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
         graph.node.extend(alive)
 
 
-def optimize_file(src: Path, dst: Path) -> dict[str, int]:
-    """Fuse attention and split GEGLU projections in an ONNX file; weights stay in (and keep pointing at) the
-    external data beside it. Returns how many of each were rewritten."""
+def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def optimize_file(src: Path, dst: Path, chunk_norms: bool = False) -> dict[str, int]:
+    """Fuse attention, split GEGLU projections and, with `chunk_norms`, chunk group norms in an ONNX file; weights
+    stay in (and keep pointing at) the external data beside it. Returns how many of each were rewritten."""
     model = onnx.load(str(src), load_external_data=False)
     counts = {"attention_fused": fuse_attention(model), "geglu_split": split_geglu(model)}
+    if chunk_norms:
+        counts["group_norms_chunked"] = chunk_group_norms(model)
     onnx.save_model(model, str(dst))
     return counts

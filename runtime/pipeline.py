@@ -168,7 +168,7 @@ class StableDiffusionPipeline:
         if not file.is_file():
             raise ManifestError(f"{name}: missing model file {file}")
         overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
-        # Low-memory mode: the VAE's activations (1 GB at 512x512 for SD) go back as they die, not with the arena.
+        # Low-memory mode: the VAE's activations (0.4-1 GB at 512x512 for SD) go back as they die, not with the arena.
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
         return OnnxModel(file, info, self.session_config, overrides, arena=arena)
 

@@ -70,3 +70,17 @@ def test_inpainting_and_sdxl_hold_one_session_at_a_time(tiny_inpaint, tiny_sdxl,
         counter = SessionCounter(pipe, monkeypatch)
         pipe("a cat", seed=1, num_inference_steps=2, callback=steps_see_only_the_unet(pipe), **extra)
         assert counter.most == 1 and pipe.loaded_components == ()
+
+
+def test_low_memory_vae_frees_each_tensor_as_it_dies(tiny_export: Path) -> None:
+    """Without an arena and without onnxruntime's buffer reuse (which keeps a dead tensor's buffer for a later
+    one): what that saves is measured by `sd-bench memory`; here, that low-memory mode asks for it and default
+    mode does not."""
+    low = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu", low_memory=True)
+    default = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    for pipe, lean in ((low, True), (default, False)):
+        for name in ("vae_decoder", "text_encoder"):
+            options = pipe.component(name).session.get_session_options()
+            per_tensor = name == "vae_decoder" and lean
+            assert options.enable_cpu_mem_arena is not per_tensor and options.enable_mem_reuse is not per_tensor
+            pipe.release(name)

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sd_onnx.exporter.optimize import split_geglu
+from sd_onnx.exporter.optimize import chunk_group_norms, quantize_before_concat, split_geglu
 from sd_onnx.runtime import Manifest
 
 
@@ -22,8 +23,8 @@ def test_export_fuses_every_attention_and_splits_every_geglu(tiny_export: Path, 
     attentions = sum(isinstance(m, Attention) for m in unet.modules())
     geglus = sum(isinstance(m, GEGLU) for m in unet.modules())
     assert geglus > 0
-    info = Manifest.load(tiny_export).components["unet"]
-    assert info.optimizations == {"attention_fused": attentions, "geglu_split": geglus}
+    manifest = Manifest.load(tiny_export)
+    assert manifest.components["unet"].optimizations == {"attention_fused": attentions, "geglu_split": geglus}
     graph = onnx.load(str(tiny_export / "unet" / "model.onnx")).graph
     halves = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith(("_half0", "_half1"))]
     assert len(halves) == 2 * geglus
@@ -74,3 +75,98 @@ def test_split_is_exact_and_only_for_last_axis_halves() -> None:
     for axis, width, cut in ((1, 6, None), (-1, 7, None), (-1, 6, 2)):  # not GEGLU's chunk(2, dim=-1)
         untouched = _projection_then_slices(axis, width, cut)
         assert split_geglu(untouched) == 0 and len(untouched.graph.node) == 5
+
+
+def test_export_chunks_every_vae_group_norm(tiny_export: Path, tiny_pipeline: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline / "vae")
+    manifest = Manifest.load(tiny_export)
+    for name, part in (("vae_decoder", vae.decoder), ("vae_encoder", vae.encoder)):
+        norms = [m for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert norms and manifest.components[name].optimizations["group_norms_chunked"] == len(norms)
+        graph = onnx.load(str(tiny_export / name / "model.onnx")).graph
+        slices = sum(next(k for k in (4, 3, 2) if m.num_groups % k == 0) for m in norms)
+        assert sum(n.op_type == "InstanceNormalization" for n in graph.node) == slices
+    assert "group_norms_chunked" not in manifest.components["unet"].optimizations  # 64x64 latents: nothing to gain
+
+
+def _group_norm_then_conv(channels: int, groups: int, silu: bool, quantized: bool) -> onnx.ModelProto:
+    """torch's export of GroupNorm(groups, channels) [-> SiLU] [-> QuantizeLinear -> DequantizeLinear] -> Conv."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "grouped": np.array([0, groups, -1], np.int64),
+        "ones": np.ones(groups, np.float32),
+        "zeros": np.zeros(groups, np.float32),
+        "gamma": rng.standard_normal((channels, 1, 1)).astype(np.float32),
+        "beta": rng.standard_normal((channels, 1, 1)).astype(np.float32),
+        "w": rng.standard_normal((3, channels, 3, 3)).astype(np.float32),
+        "scale": np.array(0.02, np.float32),
+        "zero_point": np.array(128, np.uint8),
+    }
+    nodes = [
+        helper.make_node("Reshape", ["x", "grouped"], ["r"]),
+        helper.make_node("InstanceNormalization", ["r", "ones", "zeros"], ["n"], epsilon=1e-6),
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Reshape", ["n", "s"], ["b"]),
+        helper.make_node("Mul", ["b", "gamma"], ["m"]),
+        helper.make_node("Add", ["m", "beta"], ["h"]),
+    ]
+    if silu:
+        nodes += [helper.make_node("Sigmoid", ["h"], ["g"]), helper.make_node("Mul", ["h", "g"], ["h2"])]
+    last = nodes[-1].output[0]
+    if quantized:
+        nodes += [
+            helper.make_node("QuantizeLinear", [last, "scale", "zero_point"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["dq"]),
+        ]
+        last = "dq"
+    nodes.append(helper.make_node("Conv", [last, "w"], ["y"], pads=[1, 1, 1, 1]))
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [info("x", TensorProto.FLOAT, [1, channels, "h", "w"])],
+        [info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "silu", "parts"), [(32, 8, True, 4), (12, 6, False, 3), (8, 2, True, 2)]
+)
+def test_chunked_group_norm_is_bit_exact(channels: int, groups: int, silu: bool, parts: int) -> None:
+    x = (np.random.default_rng(1).standard_normal((1, channels, 9, 7)) * 3 + 1).astype(np.float32)
+    model = _group_norm_then_conv(channels, groups, silu, quantized=False)
+    expected = _run(model, x)
+    assert chunk_group_norms(model) == 1
+    assert [n.op_type for n in model.graph.node].count("InstanceNormalization") == parts
+    assert {"gamma", "beta", "grouped", "ones", "zeros"}.isdisjoint(i.name for i in model.graph.initializer)
+    np.testing.assert_array_equal(_run(model, x), expected)
+
+
+def test_slices_quantized_before_their_concat_give_the_same_int8() -> None:
+    x = np.random.default_rng(2).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    plain = _group_norm_then_conv(16, 4, silu=True, quantized=True)
+    expected = _run(plain, x)
+    assert chunk_group_norms(plain) == 1  # its Concat feeds the QuantizeLinear that fed the Conv
+    assert quantize_before_concat(plain) == 1
+    made_by = {out: n for n in plain.graph.node for out in n.output}
+    concat = next(n for n in plain.graph.node if n.op_type == "Concat")
+    assert all(made_by[i].op_type == "QuantizeLinear" for i in concat.input)
+    assert sum(n.op_type == "QuantizeLinear" for n in plain.graph.node) == 4
+    np.testing.assert_array_equal(_run(plain, x), expected)
+
+
+def test_group_norms_that_cannot_be_sliced_are_left_alone() -> None:
+    one_group = _group_norm_then_conv(8, 1, silu=True, quantized=False)
+    prime = _group_norm_then_conv(10, 5, silu=False, quantized=False)  # 5 groups: no 2..4 divides it
+    assert chunk_group_norms(one_group) == 0 and chunk_group_norms(prime) == 0
+    assert quantize_before_concat(_group_norm_then_conv(8, 4, True, quantized=True)) == 0  # no Concat

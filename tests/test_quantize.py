@@ -63,6 +63,19 @@ def test_vae_keeps_first_and_last_conv_float(int8_export: Path) -> None:
             assert is_dq != any(k in node.name for k in RECIPES["vae_decoder"].keep_float), node.name
 
 
+def test_vae_quantizes_group_norm_slices_before_joining_them(int8_export: Path) -> None:
+    """The chunked group norms (optimize.chunk_group_norms) reach a quantized Conv as int8 slices, so the float
+    tensor is never whole; the pixels' parity is test_int8_folder_runs_in_the_runtime_close_to_fp32's."""
+    model = onnx.load(str(int8_export / "vae_decoder" / "model.onnx"))
+    made_by = producers(model)
+    concats = [n for n in model.graph.node if n.op_type == "Concat" and "/chunk/" in n.name]
+    int8 = [n for n in concats if all(made_by[i].op_type == "QuantizeLinear" for i in n.input)]
+    quantized = Manifest.load(int8_export).components["vae_decoder"].quantization["concats_quantized"]
+    assert len(int8) == quantized > 0
+    float_concats = {n.output[0] for n in concats if n not in int8}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in float_concats for n in model.graph.node)
+
+
 def test_manifest_records_recipe_calibration_and_fidelity(int8_export: Path) -> None:
     manifest = Manifest.load(int8_export)
     manifest.verify(int8_export)
