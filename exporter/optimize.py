@@ -24,6 +24,7 @@ is replaced by MultiHeadAttention(q, k, v, num_heads=H); its default scale 1/sqr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -193,46 +194,53 @@ def split_geglu(model: onnx.ModelProto) -> int:
     return len(inserted)
 
 
-def _group_norm_chain(g: _Graph, norm: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-    """The nodes of one group norm as torch exports it, around its InstanceNormalization, with the SiLU that
-    follows if any: Reshape[0, G, -1] -> InstanceNormalization -> Reshape(Shape(x)) -> Mul(gamma) -> Add(beta)
-    [-> Sigmoid, Mul]."""
+@dataclass
+class _GroupNorm:
+    """One group norm as torch exports it, with the SiLU that follows if any, and the constants it reads."""
+
+    nodes: list[onnx.NodeProto]
+    groups: int
+    gamma: np.ndarray  # (C, 1, ...)
+    beta: np.ndarray
+    epsilon: float
+
+
+def _group_norm(g: _Graph, norm: onnx.NodeProto) -> _GroupNorm | None:
+    """The group norm around `norm`: Reshape[0, G, -1] -> InstanceNormalization -> Reshape(Shape(x)) -> Mul(gamma)
+    -> Add(beta) [-> Sigmoid, Mul]."""
     reshape = g.parent(norm, 0, "Reshape")
     target = g.array(reshape.input[1]) if reshape is not None else None
-    if target is None or target.tolist()[::2] != [0, -1] or len(target) != 3:
+    if target is None or len(target) != 3 or target.tolist()[::2] != [0, -1]:
         return None
     back = g.only_child(norm, "Reshape")
     scale = back and g.only_child(back, "Mul")
     shift = scale and g.only_child(scale, "Add")
     gamma = g.array(scale.input[1]) if shift is not None else None
     beta = g.array(shift.input[1]) if shift is not None else None
-    per_channel = gamma is not None and gamma.ndim >= 2 and gamma.size == gamma.shape[0]  # (C, 1, ...)
+    per_channel = gamma is not None and gamma.ndim >= 2 and gamma.size == gamma.shape[0]
     if not per_channel or beta is None or beta.shape != gamma.shape:
         return None
-    chain = [reshape, norm, back, scale, shift]
+    nodes = [reshape, norm, back, scale, shift]
     users = g.consumers.get(shift.output[0], [])
     sigmoid = next((n for n in users if n.op_type == "Sigmoid"), None)
     silu = sigmoid and g.only_child(sigmoid, "Mul")
     if len(users) == 2 and silu in users and set(silu.input) == {shift.output[0], sigmoid.output[0]}:
-        chain += [sigmoid, silu]
-    return chain
-
-
-def _chunk_nodes(g: _Graph, chain: list[onnx.NodeProto], parts: int) -> tuple[list[onnx.NodeProto], list]:
-    """`chain` computed on `parts` channel slices and concatenated: (nodes, new initializers)."""
-    reshape, norm, _, scale, shift = chain[:5]
-    groups = int(g.array(reshape.input[1])[1]) // parts
-    gamma, beta = g.array(scale.input[1]), g.array(shift.input[1])
-    width = gamma.shape[0] // parts
+        nodes += [sigmoid, silu]
     epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
-    tag = norm.name.rsplit("/", 1)[0] + "/chunk"
-    shared = {
-        "axis": np.array([1], np.int64),
-        "shape": np.array([0, groups, -1], np.int64),
-        "ones": np.ones(groups, np.float32),
-        "zeros": np.zeros(groups, np.float32),
+    return _GroupNorm(nodes, int(target[1]), gamma, beta, epsilon)
+
+
+def _chunk_nodes(norm: _GroupNorm, parts: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """`norm` computed on `parts` channel slices and concatenated: (nodes, new initializers)."""
+    groups, width = norm.groups // parts, norm.gamma.shape[0] // parts
+    x = norm.nodes[0].input[0]
+    tag = norm.nodes[1].name.rsplit("/", 1)[0] + "/chunk"
+    arrays = {
+        f"{tag}_axis": np.array([1], np.int64),
+        f"{tag}_shape": np.array([0, groups, -1], np.int64),
+        f"{tag}_ones": np.ones(groups, np.float32),
+        f"{tag}_zeros": np.zeros(groups, np.float32),
     }
-    arrays = {f"{tag}_{k}": v for k, v in shared.items()}
     nodes, pieces = [], []
     for i in range(parts):
         p = f"{tag}{i}"
@@ -240,33 +248,31 @@ def _chunk_nodes(g: _Graph, chain: list[onnx.NodeProto], parts: int) -> tuple[li
         arrays |= {
             f"{p}_start": np.array([i * width], np.int64),
             f"{p}_end": np.array([(i + 1) * width], np.int64),
-            f"{p}_gamma": gamma[channels],
-            f"{p}_beta": beta[channels],
+            f"{p}_gamma": norm.gamma[channels],
+            f"{p}_beta": norm.beta[channels],
         }
         nodes += [
-            helper.make_node(
-                "Slice", [reshape.input[0], f"{p}_start", f"{p}_end", f"{tag}_axis"], [f"{p}_x"], name=f"{p}/Slice"
-            ),
+            helper.make_node("Slice", [x, f"{p}_start", f"{p}_end", f"{tag}_axis"], [f"{p}_x"], name=f"{p}/Slice"),
             helper.make_node("Reshape", [f"{p}_x", f"{tag}_shape"], [f"{p}_grouped"], name=f"{p}/Reshape"),
             helper.make_node(
                 "InstanceNormalization",
                 [f"{p}_grouped", f"{tag}_ones", f"{tag}_zeros"],
                 [f"{p}_normed"],
                 name=f"{p}/InstanceNormalization",
-                epsilon=epsilon,
+                epsilon=norm.epsilon,
             ),
             helper.make_node("Shape", [f"{p}_x"], [f"{p}_shape"], name=f"{p}/Shape"),
             helper.make_node("Reshape", [f"{p}_normed", f"{p}_shape"], [f"{p}_back"], name=f"{p}/Reshape_1"),
             helper.make_node("Mul", [f"{p}_back", f"{p}_gamma"], [f"{p}_scaled"], name=f"{p}/Mul"),
             helper.make_node("Add", [f"{p}_scaled", f"{p}_beta"], [f"{p}_y"], name=f"{p}/Add"),
         ]
-        if len(chain) > 5:  # SiLU
+        if len(norm.nodes) > 5:  # SiLU
             nodes += [
                 helper.make_node("Sigmoid", [f"{p}_y"], [f"{p}_gate"], name=f"{p}/Sigmoid"),
                 helper.make_node("Mul", [f"{p}_y", f"{p}_gate"], [f"{p}_silu"], name=f"{p}/SiLU"),
             ]
         pieces.append(nodes[-1].output[0])
-    nodes.append(helper.make_node("Concat", pieces, [chain[-1].output[0]], name=f"{tag}/Concat", axis=1))
+    nodes.append(helper.make_node("Concat", pieces, [norm.nodes[-1].output[0]], name=f"{tag}/Concat", axis=1))
     return nodes, [numpy_helper.from_array(np.asarray(v), k) for k, v in arrays.items()]
 
 
@@ -285,16 +291,15 @@ def chunk_group_norms(model: onnx.ModelProto, parts: int = 4) -> int:
     g = _Graph(model.graph)
     replaced: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = {}
-    for norm in list(model.graph.node):
-        chain = _group_norm_chain(g, norm) if norm.op_type == "InstanceNormalization" else None
-        groups = int(g.array(chain[0].input[1])[1]) if chain else 0
-        count = next((k for k in range(parts, 1, -1) if groups % k == 0), 1)
-        if chain is None or count == 1:
+    for node in list(model.graph.node):
+        norm = _group_norm(g, node) if node.op_type == "InstanceNormalization" else None
+        count = next((k for k in range(parts, 1, -1) if norm.groups % k == 0), 1) if norm else 1
+        if count == 1:
             continue
-        nodes, arrays = _chunk_nodes(g, chain, count)
+        nodes, arrays = _chunk_nodes(norm, count)
         model.graph.initializer.extend(arrays)
-        replaced.update(id(n) for n in chain)
-        inserted[id(chain[-1])] = nodes
+        replaced.update(id(n) for n in norm.nodes)
+        inserted[id(norm.nodes[-1])] = nodes
     if inserted:
         _rewrite(model.graph, replaced, inserted)
         _remove_unused_initializers(model.graph)  # the whole-width gammas and betas
@@ -306,12 +311,13 @@ def quantize_before_concat(model: onnx.ModelProto) -> int:
     returns how many. Quantizing is element by element, so the int8 result is the same, and the float tensor
     is never whole (see `chunk_group_norms`)."""
     g = _Graph(model.graph)
+    outputs = {o.name for o in model.graph.output}
     replaced: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = {}
     for concat in list(model.graph.node):
         quantize = g.only_child(concat, "QuantizeLinear") if concat.op_type == "Concat" else None
         scale = g.array(quantize.input[1]) if quantize is not None else None
-        if scale is None or scale.size != 1 or concat.output[0] in {o.name for o in model.graph.output}:
+        if scale is None or scale.size != 1 or concat.output[0] in outputs:
             continue
         nodes = [
             helper.make_node("QuantizeLinear", [x, *quantize.input[1:]], [f"{x}_quantized"], name=f"{x}_QuantizeLinear")

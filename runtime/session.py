@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import gc
@@ -208,17 +207,29 @@ def map_large_blocks() -> None:
     glibc otherwise serves blocks up to 32 MiB from its heap, where a freed block below a live one stays resident:
     without an arena, a VAE decoder's many freed tensors then held 2.9 GB at once. The setting is process-wide
     and made once, by the first session that runs without an arena (low-memory mode)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def return_freed_memory() -> None:
     """Hand memory freed by released sessions back to the OS (glibc keeps it for reuse otherwise); no-op elsewhere."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # musl and other C libraries: nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc on Linux; None elsewhere and for other C libraries (musl has no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def _check(component: str, spec: TensorSpec, value: np.ndarray) -> None:
