@@ -67,6 +67,9 @@ def default_model() -> Path:
 
 
 MODEL_HELP = "Exported model folder, or a Hugging Face Hub id: org/name[@revision]."
+PROVIDER_HELP = (
+    "cpu, cuda, dml, coreml, openvino (openvino:f32 for exact float layers, openvino:bf16), auto, or an ORT name."
+)
 
 
 def model_folder(model: Path | None) -> Path:
@@ -163,7 +166,7 @@ def main() -> None:
 )
 @LORA_OPTION
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
-@click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
+@click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and free it after use.")
 @click.option(
@@ -338,12 +341,11 @@ def progress(
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option("--no-verify", is_flag=True, help="Skip checking each file's sha256.")
 def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
-    """Print a model's manifest (sizes, size multiple, components, validation) and the providers available here.
+    """Print a model's manifest (sizes, size multiple, components, validation) and the engines available here.
 
     Exits non-zero when a file is missing or fails its sha256."""
-    import onnxruntime as ort
-
     from .manifest import Manifest
+    from .session import describe_engines
 
     if folder and model and folder != model:
         raise click.ClickException("give the model folder once (either FOLDER or -m)")
@@ -364,7 +366,8 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
         diff, atol = comp.validation.get("max_abs_diff"), comp.validation.get("atol")
         checked = f"max |onnx - torch| {diff:.2e} (atol {atol})" if isinstance(diff, (int, float)) else "not validated"
         click.echo(f"  {name}: {comp.file} {comp.precision} opset {comp.opset}, {checked}")
-    click.echo("providers available: " + ", ".join(ort.get_available_providers()))
+    for engine, line in describe_engines().items():
+        click.echo(f"{engine}: {line}")
     problems = [] if no_verify else manifest.problems(folder)
     for line in problems:
         click.echo(f"damaged: {line}", err=True)
@@ -384,7 +387,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Generation worker threads.")
 @click.option("--queue-size", default=8, show_default=True, type=click.IntRange(1), help="Jobs that may wait.")
 @click.option("--api-key", envvar="SD_ONNX_API_KEY", default=None, help="Required key (or $SD_ONNX_API_KEY).")
-@click.option("--provider", default="auto", show_default=True)
+@click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
 @limit_options
 @click.option(
@@ -517,7 +520,7 @@ def ray_serve_options(
 @click.option("--workers", default=None, type=click.IntRange(1), help="With --ray: model copies [default: CPUs].")
 @click.option("--cpus-per-worker", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0))
-@click.option("--provider", default="auto", show_default=True, help="cpu, cuda, dml, coreml, auto, or an ORT name.")
+@click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads (local).")
 @limit_options
 def batch(

@@ -29,10 +29,20 @@ from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
 from .lora import Lora, check_loras, read_loras, weight_overrides
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
+from .openvino_engine import default_precision, openvino_version
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
-from .session import OnnxModel, SessionConfig, resolve_providers, return_freed_memory
+from .session import (
+    OPENVINO,
+    OnnxModel,
+    SessionConfig,
+    open_model,
+    ort_version,
+    resolve_providers,
+    return_freed_memory,
+    split_provider,
+)
 from .shipped import shipped_model
 from .stages import StagedUnet
 from .tokenizer import CLIPTokenizer
@@ -112,6 +122,7 @@ class StableDiffusionPipeline:
         revision: str | None = None,
         vae: str = "auto",
         loras: list[tuple[str | Path, float] | str | Path] | None = None,
+        precision: str = "auto",
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
         Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
@@ -123,11 +134,16 @@ class StableDiffusionPipeline:
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
-        session.cache_root) so later loads skip that work."""
+        session.cache_root) so later loads skip that work. `provider="openvino"` runs the same graphs on OpenVINO
+        (`pip install 'sd-onnx[openvino]'`), whose float layers run in `precision` ("auto": OpenVINO's default for
+        the CPU, bf16 where it has bf16 instructions; "f32"; "bf16")."""
         folder = locate_model(path, revision) if path is not None else shipped_model()
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
         providers = tuple(resolve_providers(provider))
-        session_config = SessionConfig(providers, threads, optimization, cache, cache_root, shared_arena=not low_memory)
+        precision = split_provider(provider)[1] or precision
+        session_config = SessionConfig(
+            providers, threads, optimization, cache, cache_root, shared_arena=not low_memory, precision=precision
+        )
         if (folder / MANIFEST_NAME).is_file():
             manifest = Manifest.load(folder)
             if verify:
@@ -170,7 +186,7 @@ class StableDiffusionPipeline:
         overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
         # Low-memory mode: the VAE's activations (0.4-1 GB at 512x512 for SD) go back as they die, not with the arena.
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
-        return OnnxModel(file, info, self.session_config, overrides, arena=arena)
+        return open_model(file, info, self.session_config, overrides, arena=arena)
 
     components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
 
@@ -390,7 +406,18 @@ class StableDiffusionPipeline:
             params["ToMe ratio"] = request.tome_ratio
         if self.uses_tiling(request):
             params["Tiled VAE"] = True  # tiles move pixels a little: part of what reproduces the image
+        if self.session_config.providers[0] == OPENVINO:
+            params["Engine"] = self.engine  # so do OpenVINO's kernels and bf16
         return params
+
+    @property
+    def engine(self) -> str:
+        """What runs the graphs: "onnxruntime 1.32.0 CPUExecutionProvider", "OpenVINO 2026.4.1 bf16"."""
+        first = self.session_config.providers[0]
+        if first == OPENVINO:
+            precision = self.session_config.precision
+            return f"OpenVINO {openvino_version()} {default_precision() if precision == 'auto' else precision}"
+        return f"onnxruntime {ort_version()} {first}"
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor

@@ -6,17 +6,25 @@ import ctypes
 import functools
 import gc
 import hashlib
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from .manifest import ComponentInfo, TensorSpec
+from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, openvino_version
+
+LOG = logging.getLogger("sd_onnx")
+CPU = "CPUExecutionProvider"
+# sd-onnx's own OpenVINO engine (openvino_engine.py), named like a provider so that a pipeline's sessions are chosen
+# in one place; onnxruntime's OpenVINO execution provider keeps its own name ("OpenVINOExecutionProvider").
+OPENVINO = "OpenVINO"
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -24,7 +32,7 @@ PROVIDER_ALIASES = {
     "dml": "DmlExecutionProvider",
     "directml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
+    "openvino": OPENVINO,
 }
 OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -56,13 +64,24 @@ def user_cache_dir() -> Path:
 
 
 def resolve_providers(provider: str) -> list[str]:
-    """onnxruntime provider list for a short name ("cpu", "cuda", "dml", "coreml", "auto") or a raw name.
+    """Provider list for a short name ("cpu", "cuda", "dml", "coreml", "openvino", "auto") or a raw onnxruntime name.
 
-    An unavailable provider falls back to CPU with a warning; an unknown one is a ValueError.
+    "auto" takes a GPU provider when onnxruntime has one, else OpenVINO where `prefers_openvino()`, else the CPU
+    provider. "openvino:f32" / "openvino:bf16" name OpenVINO with a precision (see `split_provider`). An unavailable
+    provider falls back to CPU with a warning; an unknown one is a ValueError.
     """
+    provider, _ = split_provider(provider)
     available = ort.get_available_providers()
     if provider == "auto":
-        chosen = next((p for p in AUTO_ORDER if p in available), "CPUExecutionProvider")
+        chosen = next((p for p in AUTO_ORDER if p in available), OPENVINO if prefers_openvino() else CPU)
+    elif PROVIDER_ALIASES.get(provider.lower()) == OPENVINO:
+        chosen = OPENVINO
+        if openvino_version() is None:
+            warnings.warn(
+                "openvino is not installed (pip install 'sd-onnx[openvino]'); falling back to CPU",
+                stacklevel=2,
+            )
+            chosen = CPU
     else:
         chosen = PROVIDER_ALIASES.get(provider.lower(), provider)
         if chosen not in ort.get_all_providers():
@@ -71,7 +90,60 @@ def resolve_providers(provider: str) -> list[str]:
         if chosen not in available:
             warnings.warn(f"{chosen} is not available in this onnxruntime build; falling back to CPU", stacklevel=2)
             chosen = "CPUExecutionProvider"
-    return [chosen] if chosen == "CPUExecutionProvider" else [chosen, "CPUExecutionProvider"]
+    return [chosen] if chosen == CPU else [chosen, CPU]
+
+
+def split_provider(provider: str) -> tuple[str, str | None]:
+    """("openvino", "f32") for "openvino:f32": the CLI's, server's and batch's one string for engine and precision;
+    (provider, None) for any name without a precision. ValueError for a precision other than PRECISIONS'."""
+    if not isinstance(provider, str):
+        raise ValueError(f"provider must be a string, got {type(provider).__name__}")
+    name, sep, precision = provider.partition(":")
+    if not sep:
+        return provider, None
+    if PROVIDER_ALIASES.get(name.lower()) != OPENVINO or precision not in PRECISIONS:
+        raise ValueError(f"provider {provider!r}: only openvino takes a precision (openvino:{'|'.join(PRECISIONS)})")
+    return name, precision
+
+
+def prefers_openvino() -> bool:
+    """Whether "auto" runs the CPU graphs on OpenVINO: installed, and the CPU has AMX. Measured (one SD 1.5 int8
+    UNet step, docs/performance.md): on a Xeon with AMX OpenVINO takes 0.46x onnxruntime's time, on CPUs without
+    AMX it is slower or no faster, so there onnxruntime's CPU provider stays."""
+    return openvino_version() is not None and "amx_int8" in cpu_flags()
+
+
+def ort_version() -> str:
+    return ort.__version__
+
+
+def describe_engines() -> dict[str, str]:
+    """One line per engine for `sd-run info` and reports: version, what it can run here, and what "auto" picks."""
+    lines = {"onnxruntime": f"{ort.__version__} ({', '.join(ort.get_available_providers())})"}
+    version = openvino_version()
+    if version is None:
+        lines["openvino"] = "not installed (pip install 'sd-onnx[openvino]')"
+    else:
+        from .openvino_engine import default_precision
+
+        lines["openvino"] = f"{version} (CPU; float layers in {default_precision()} unless openvino:f32)"
+    chosen = resolve_providers("auto")[0]
+    why = "the CPU has AMX" if chosen == OPENVINO else "no AMX or no openvino" if chosen == CPU else "a GPU provider"
+    lines["auto"] = f"{chosen} ({why})"
+    return lines
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags") and ":" in line:
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @dataclass(frozen=True)
@@ -85,6 +157,8 @@ class SessionConfig:
     cache_dir: Path | None = None  # None: cache_root()
     # One CPU arena for all sessions that ask for it (see shared_arena); else each session has its own.
     shared_arena: bool = False
+    # OpenVINO only: the precision of float layers ("auto": OpenVINO's default for the CPU; see openvino_engine).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -93,6 +167,48 @@ class SessionConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
+
+
+def open_model(
+    model_file: Path,
+    info: ComponentInfo | None,
+    config: SessionConfig,
+    initializers: dict[str, np.ndarray] | None = None,
+    arena: bool = True,
+) -> OnnxModel | OpenVinoModel:
+    """One component's session on the engine `config` names: OpenVINO when it comes first, else onnxruntime. A graph
+    OpenVINO cannot read or compile runs on onnxruntime's CPU provider instead, with one log line saying why."""
+    if config.providers[0] != OPENVINO:
+        return OnnxModel(model_file, info, config, initializers, arena)
+    on_cpu = replace(config, providers=config.providers[1:] or (CPU,))
+
+    def fallback() -> OnnxModel:
+        return OnnxModel(model_file, info, on_cpu, initializers, arena)
+
+    try:
+        cache = _openvino_cache(config)
+        return OpenVinoModel(model_file, info, config.threads, config.precision, cache, initializers, fallback)
+    except EngineUnavailable as exc:
+        LOG.warning(
+            "openvino cannot run %s (%s); running it on onnxruntime's CPU provider",
+            model_file.parent.name,
+            exc,
+        )
+        return fallback()
+
+
+def _openvino_cache(config: SessionConfig) -> Path | None:
+    """Where OpenVINO keeps compiled models (beside the optimized onnxruntime graphs); None when off or unwritable."""
+    if not config.cache:
+        return None
+    folder = (config.cache_dir or cache_root()) / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
 
 
 class OnnxModel:
@@ -170,7 +286,7 @@ class OnnxModel:
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
         for name, value in feeds.items():
             if name in self.input_specs:
-                _check(self.name, self.input_specs[name], value)
+                check_input(self.name, self.input_specs[name], value)
         for observe in self.observers:
             observe(feeds)
         return self.session.run(None, feeds)
@@ -232,7 +348,8 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
-def _check(component: str, spec: TensorSpec, value: np.ndarray) -> None:
+def check_input(component: str, spec: TensorSpec, value: np.ndarray) -> None:
+    """ValueError unless `value` has the dtype and the fixed dimensions of the manifest's `spec`."""
     if str(value.dtype) != spec.dtype:
         raise ValueError(f"{component}: input {spec.name} must be {spec.dtype}, got {value.dtype}")
     if value.ndim != len(spec.shape) or any(
