@@ -35,8 +35,12 @@ class Engine:
 
 # Report order: ours, then the peers, stable-diffusion.cpp last (its steps are the slowest here).
 ENGINES: dict[str, Engine] = {
+    # sd-onnx rows run on what `--provider auto` picks on the machine; -ort-cpu and -openvino name the engine.
     "sd-onnx-int8": Engine("sd-onnx", None, "sd-onnx-int8"),
+    "sd-onnx-int8-ort-cpu": Engine("sd-onnx", None, "sd-onnx-int8", (("provider", "cpu"),)),
+    "sd-onnx-int8-openvino": Engine("sd-onnx", None, "sd-onnx-int8", (("provider", "openvino"),)),
     "sd-onnx-fp32": Engine("sd-onnx", None, "sd-onnx-fp32"),
+    "sd-onnx-fp32-openvino": Engine("sd-onnx", None, "sd-onnx-fp32", (("provider", "openvino"),)),
     "sd-onnx-int8-low-memory": Engine("sd-onnx", None, "sd-onnx-int8", (("low_memory", True),)),
     "diffusers-pytorch": Engine("diffusers-pytorch", None, "source"),
     "optimum-ort": Engine("optimum-ort", "optimum", "optimum-ort"),
@@ -460,17 +464,26 @@ def _tiny_autoencoder(option: str, work: Path) -> Path:
 @click.option("--rounds", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file for the report.")
 def components(folders: tuple[str, ...], size: int, threads: int, rounds: int, out: Path | None) -> None:
-    """UNet step and VAE decode of NAME=FOLDER model folders (sd-onnx or Optimum exports), interleaved in one
-    process; ratios against the first."""
+    """UNet step and VAE decode of NAME=FOLDER[@PROVIDER] model folders (sd-onnx or Optimum exports), interleaved
+    in one process; ratios against the first. PROVIDER is the engine, as `sd-run --provider` takes it (cpu,
+    openvino, openvino:f32, openvino:bf16; default cpu), so one folder can be timed on several."""
+    from sd_onnx.runtime.session import resolve_providers
+
     from .components import compare_components
 
-    named = {}
+    named, providers = {}, {}
     for item in folders:
         name, sep, path = item.partition("=")
+        path, _, provider = path.rpartition("@") if "@" in path else (path, "", "cpu")
         if not sep or not Path(path).is_dir():
-            raise click.ClickException(f"expected NAME=FOLDER with an existing folder, got {item!r}")
-        named[name] = Path(path)
-    report = {"machine": machine_info(), **compare_components(named, size, threads, rounds)}
+            raise click.ClickException(f"expected NAME=FOLDER[@PROVIDER] with an existing folder, got {item!r}")
+        try:
+            resolve_providers(provider)
+        except ValueError as exc:
+            raise click.ClickException(f"{item}: {exc}") from None
+        named[name], providers[name] = Path(path), provider
+    report = {"machine": machine_info(), "engines": providers}
+    report |= compare_components(named, size, threads, rounds, providers=providers)
     text = json.dumps(report, indent=2) + "\n"
     if out:
         out.write_text(text)

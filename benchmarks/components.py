@@ -17,15 +17,17 @@ import numpy as np
 import onnxruntime as ort
 
 from sd_onnx.runtime import StableDiffusionPipeline
+from sd_onnx.runtime.session import SessionConfig, open_model, resolve_providers, split_provider
 
 TIMESTEP = 500
+Graph = Any  # OnnxModel or OpenVinoModel: called with feeds, returns the outputs
 
 
-def open_graph(file: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+def open_graph(file: Path, threads: int, provider: str = "cpu") -> Graph:
+    """`file` on the engine `provider` names ("cpu", "openvino", "openvino:f32", ...), as the runtime opens it."""
+    precision = split_provider(provider)[1] or "auto"
+    config = SessionConfig(tuple(resolve_providers(provider)), threads, cache=False, precision=precision)
+    return open_model(file, None, config)
 
 
 def model_sizes(folder: Path) -> dict[str, int]:
@@ -40,15 +42,14 @@ def model_sizes(folder: Path) -> dict[str, int]:
     }
 
 
-def unet_feeds(session: ort.InferenceSession, sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
+def unet_feeds(graph: Graph, sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarray]:
     """A classifier-free-guidance batch of 2 in the input types the graph declares (Optimum: 0-d timestep)."""
     rng = np.random.default_rng(seed)
     side = size // sizes["factor"]
-    timestep = next(i for i in session.get_inputs() if i.name == "timestep")
-    dtype = np.int64 if timestep.type == "tensor(int64)" else np.float32
+    dtype = graph.input_dtype("timestep")
     return {
         "sample": rng.standard_normal((2, sizes["channels"], side, side), np.float32),
-        "timestep": np.array(TIMESTEP, dtype) if not timestep.shape else np.full(2, TIMESTEP, dtype),
+        "timestep": np.array(TIMESTEP, dtype) if not graph.input_rank("timestep") else np.full(2, TIMESTEP, dtype),
         "encoder_hidden_states": rng.standard_normal((2, 77, sizes["width"]), np.float32),
     }
 
@@ -60,17 +61,17 @@ def vae_feeds(sizes: dict[str, int], size: int, seed: int) -> dict[str, np.ndarr
     }
 
 
-def interleaved(runs: dict[str, tuple[ort.InferenceSession, dict[str, np.ndarray]]], rounds: int) -> dict[str, Any]:
-    """Two warm-up runs each, then `rounds` rounds in which every session runs once; medians and ratios
-    against the first session."""
-    for session, feeds in runs.values():
+def interleaved(runs: dict[str, tuple[Graph, dict[str, np.ndarray]]], rounds: int) -> dict[str, Any]:
+    """Two warm-up runs each, then `rounds` rounds in which every graph runs once; medians and ratios
+    against the first graph."""
+    for graph, feeds in runs.values():
         for _ in range(2):
-            session.run(None, feeds)
+            graph(**feeds)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, (session, feeds) in runs.items():
+        for name, (graph, feeds) in runs.items():
             start = time.perf_counter()
-            session.run(None, feeds)
+            graph(**feeds)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     baseline = medians[next(iter(runs))]
@@ -78,10 +79,16 @@ def interleaved(runs: dict[str, tuple[ort.InferenceSession, dict[str, np.ndarray
 
 
 def compare_components(
-    folders: dict[str, Path], size: int = 512, threads: int = 2, rounds: int = 4, seed: int = 0
+    folders: dict[str, Path],
+    size: int = 512,
+    threads: int = 2,
+    rounds: int = 4,
+    seed: int = 0,
+    providers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Interleaved UNet-step and VAE-decode timings of `folders` (name -> model folder; the first is the
-    baseline). Components a folder lacks are skipped."""
+    baseline), each on its engine in `providers` (name -> "cpu", "openvino", "openvino:f32"...; default cpu).
+    Components a folder lacks are skipped."""
     report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
     sizes = {name: model_sizes(folder) for name, folder in folders.items()}
     # A tiny autoencoder exported beside the VAE (sd-export convert --vae) is timed with the decoders, as NAME-tiny.
@@ -92,12 +99,12 @@ def compare_components(
             for suffix, graph in variants.items():
                 file = folder / graph / "model.onnx"
                 if file.is_file():
-                    session = open_graph(file, threads)
+                    graph = open_graph(file, threads, (providers or {}).get(name, "cpu"))
                     shape = sizes[name]
                     unet = component == "unet"
                     runs[name + suffix] = (
-                        session,
-                        unet_feeds(session, shape, size, seed) if unet else vae_feeds(shape, size, seed),
+                        graph,
+                        unet_feeds(graph, shape, size, seed) if unet else vae_feeds(shape, size, seed),
                     )
         if runs:
             report[component] = interleaved(runs, rounds)

@@ -117,12 +117,17 @@ def _step_times(unet_starts: list[float], stamps: list[float]) -> list[float]:
 def run_sd_onnx(spec: dict) -> dict:
     from sd_onnx.runtime import DiffusionPipeline, GenerationRequest
 
+    engines: list[str] = []
+
     def load() -> Any:
         vae = "tiny" if spec.get("tiny_vae") else "auto"  # the export carries the tiny autoencoder beside the VAE
         low_memory = spec.get("low_memory", False)
-        return DiffusionPipeline.from_pretrained(
-            spec["model"], provider="cpu", threads=spec["threads"], low_memory=low_memory, vae=vae
+        provider = spec.get("provider", "auto")
+        pipe = DiffusionPipeline.from_pretrained(
+            spec["model"], provider=provider, threads=spec["threads"], low_memory=low_memory, vae=vae
         )
+        engines.append(pipe.engine)
+        return pipe
 
     def generate(pipe: Any) -> tuple[float, list[float]]:
         stamps: list[float] = []
@@ -140,7 +145,9 @@ def run_sd_onnx(spec: dict) -> dict:
         side = spec["size"] // pipe.config.vae_scale_factor
         return pipe.decode_latents(np.zeros((1, pipe.config.latent_channels, side, side), np.float32))
 
-    return _measure(spec, load, generate, text, decode)
+    record = _measure(spec, load, generate, text, decode)
+    record["engine"] = engines[-1]  # the engine and precision that ran, e.g. "OpenVINO 2026.4.1 bf16"
+    return record
 
 
 def _run_diffusers_like(spec: dict, load: Callable[[], Any]) -> dict:
@@ -371,8 +378,9 @@ def main() -> None:
     spec = json.loads(sys.argv[2])  # argv[1], the engine's name, only labels the process
     kind = spec["kind"]
     record = RUNNERS[kind](spec)
-    record["install_mb"] = install_footprint_mb(PACKAGES[kind])
-    record["versions"] = versions(PACKAGES[kind])
+    packages = PACKAGES[kind] + (("openvino",) if record.get("engine", "").startswith("OpenVINO") else ())
+    record["install_mb"] = install_footprint_mb(packages)
+    record["versions"] = versions(packages)
     print(json.dumps(record))
 
 

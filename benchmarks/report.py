@@ -62,7 +62,7 @@ def markdown(report: dict[str, Any], references: tuple[str, ...] = (OURS, "diffu
         lines += ["", "## Notes", "", report["notes"].strip()]
     lines += ["", "Library versions per engine:", ""]
     for name, rec in engines.items():
-        extras = [f"{k} {rec[k]}" for k in ("inference_precision", "weight_type") if rec.get(k)]
+        extras = [f"{k} {rec[k]}" for k in ("engine", "inference_precision", "weight_type") if rec.get(k)]
         versions = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
         lines.append(f"- {name}: {versions}" + (f" ({'; '.join(extras)})" if extras else ""))
     return "\n".join(lines) + "\n"

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
 from sd_onnx.benchmarks.cli import ENGINES, QUICK_ENGINES
 from sd_onnx.benchmarks.peers import PEERS_ENV
 from sd_onnx.benchmarks.report import markdown, write_report
+from sd_onnx.runtime.openvino_engine import default_precision
 
 FIXTURE = Path(__file__).parent / "data" / "bench_fixture.json"
 NUMERIC_FIELDS = (
@@ -41,7 +43,10 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert list(report["engines"]) == ["sd-onnx-int8", "sd-onnx-fp32", "sd-onnx-int8-low-memory", "diffusers-pytorch"]
+    assert list(report["engines"]) == [
+        "sd-onnx-int8", "sd-onnx-int8-ort-cpu", "sd-onnx-int8-openvino", "sd-onnx-fp32", "sd-onnx-fp32-openvino",
+        "sd-onnx-int8-low-memory", "diffusers-pytorch",
+    ]  # fmt: skip
     peers = [name for name in QUICK_ENGINES if ENGINES[name].peer]
     assert sorted(report["skipped"]) == sorted(peers) and "openvino-fp32" in peers
     assert report["skipped"]["openvino-int8"] == "no openvino environment: sd-bench peers setup --only openvino"
@@ -57,7 +62,11 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
         assert record["versions"]
     assert report["engines"]["sd-onnx-fp32"]["versions"]["onnxruntime"] != "-"
     assert "torch" not in report["engines"]["sd-onnx-fp32"]["versions"]
+    openvino = report["engines"]["sd-onnx-int8-openvino"]
+    assert openvino["engine"] == f"OpenVINO {openvino['versions']['openvino']} {default_precision()}"
+    assert report["engines"]["sd-onnx-int8-ort-cpu"]["engine"].endswith("CPUExecutionProvider")
     text = markdown(report)
+    assert f"- sd-onnx-int8-openvino: sd-onnx 0.1.0, onnxruntime {ort.__version__}" in text
     assert "| openvino-fp32 | skipped: no openvino environment: sd-bench peers setup --only openvino |" in text
 
 
@@ -180,34 +189,34 @@ def test_components_interleaves_runs_and_reports_ratios_to_the_first(
     open_graph = components.open_graph
 
     class Recorded:
-        """A session that logs which folder's graph runs."""
+        """A graph that logs which folder's graph runs, and on which engine."""
 
-        def __init__(self, file: Path, threads: int) -> None:
-            self.session, self.folder = open_graph(file, threads), file.parent.parent.name
+        def __init__(self, file: Path, threads: int, provider: str) -> None:
+            self.graph, self.folder = open_graph(file, threads, provider), file.parent.parent.name
+            self.input_dtype, self.input_rank = self.graph.input_dtype, self.graph.input_rank
 
-        def get_inputs(self) -> list:
-            return self.session.get_inputs()
-
-        def run(self, *args: object) -> list:
-            order.append(self.folder)
-            return self.session.run(*args)
+        def __call__(self, **feeds: object) -> list:
+            order.append((self.folder, self.graph.provider))
+            return self.graph(**feeds)
 
     monkeypatch.setattr(components, "open_graph", Recorded)
     other = tmp_path / "other"
     other.symlink_to(tiny_export)
     out = tmp_path / "components.json"
-    args = ["components", f"a={tiny_export}", f"b={other}", "--size", "64", "--rounds", "3", "--out", str(out)]
-    result = CliRunner().invoke(main, args)
+    args = ["components", f"a={tiny_export}", f"b={other}@openvino:f32", "--size", "64", "--rounds", "3"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["engines"] == {"a": "cpu", "b": "openvino:f32"}
     for component in ("unet", "vae_decoder"):
         assert report[component]["ratio"]["a"] == 1.0
         assert all(len(report[component]["seconds"][n]) == 3 for n in ("a", "b"))
     # Per component: two warm-up runs each, then rounds that alternate a, b, a, b, ...
-    a, b = tiny_export.name, "other"
+    a, b = (tiny_export.name, "CPUExecutionProvider"), ("other", "OpenVINO")
     assert order == ([a, a, b, b] + [a, b] * 3) * 2
-    bad = CliRunner().invoke(main, ["components", "nonsense"])
-    assert bad.exit_code != 0 and "NAME=FOLDER" in bad.output
+    for bad, message in (("nonsense", "NAME=FOLDER"), (f"a={tiny_export}@openvino:f64", "only openvino takes")):
+        result = CliRunner().invoke(main, ["components", bad])
+        assert result.exit_code != 0 and message in result.output, result.output
 
 
 def test_peers_get_the_engine_modules_without_sd_onnx(tmp_path: Path) -> None:
