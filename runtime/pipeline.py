@@ -34,10 +34,12 @@ from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import (
+    CPU,
     OPENVINO,
     OnnxModel,
     SessionConfig,
     open_model,
+    openvino_placement,
     ort_version,
     resolve_providers,
     return_freed_memory,
@@ -142,7 +144,7 @@ class StableDiffusionPipeline:
         providers = tuple(resolve_providers(provider))
         precision = split_provider(provider)[1] or precision
         session_config = SessionConfig(
-            providers, threads, optimization, cache, cache_root, shared_arena=not low_memory, precision=precision
+            providers, threads, optimization, cache, cache_root, not low_memory, precision, openvino_placement(provider)
         )
         if (folder / MANIFEST_NAME).is_file():
             manifest = Manifest.load(folder)
@@ -412,12 +414,16 @@ class StableDiffusionPipeline:
 
     @property
     def engine(self) -> str:
-        """What runs the graphs: "onnxruntime 1.32.0 CPUExecutionProvider", "OpenVINO 2026.4.1 bf16"."""
-        first = self.session_config.providers[0]
-        if first == OPENVINO:
-            precision = self.session_config.precision
-            return f"OpenVINO {openvino_version()} {default_precision() if precision == 'auto' else precision}"
-        return f"onnxruntime {ort_version()} {first}"
+        """What runs the graphs: "onnxruntime 1.32.0 CPUExecutionProvider", "OpenVINO 2026.4.1 bf16", or with
+        `auto`'s placement "OpenVINO 2026.4.1 bf16 for unet, onnxruntime 1.32.0 CPUExecutionProvider for the rest"."""
+        config = self.session_config
+        if config.providers[0] != OPENVINO:
+            return f"onnxruntime {ort_version()} {config.providers[0]}"
+        precision = default_precision() if config.precision == "auto" else config.precision
+        openvino = f"OpenVINO {openvino_version()} {precision}"
+        if config.openvino_components is None:
+            return openvino
+        return f"{openvino} for {', '.join(config.openvino_components)}, onnxruntime {ort_version()} {CPU} for the rest"
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor

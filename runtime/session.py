@@ -25,6 +25,8 @@ CPU = "CPUExecutionProvider"
 # sd-onnx's own OpenVINO engine (openvino_engine.py), named like a provider so that a pipeline's sessions are chosen
 # in one place; onnxruntime's OpenVINO execution provider keeps its own name ("OpenVINOExecutionProvider").
 OPENVINO = "OpenVINO"
+AUTO_OPENVINO_COMPONENTS = ("unet",)  # see auto_openvino_components
+AUTO_OPENVINO_FLAGS = ("amx_int8", "avx512_bf16")
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -66,14 +68,15 @@ def user_cache_dir() -> Path:
 def resolve_providers(provider: str) -> list[str]:
     """Provider list for a short name ("cpu", "cuda", "dml", "coreml", "openvino", "auto") or a raw onnxruntime name.
 
-    "auto" takes a GPU provider when onnxruntime has one, else OpenVINO where `prefers_openvino()`, else the CPU
-    provider. "openvino:f32" / "openvino:bf16" name OpenVINO with a precision (see `split_provider`). An unavailable
-    provider falls back to CPU with a warning; an unknown one is a ValueError.
+    "auto" takes a GPU provider when onnxruntime has one, else OpenVINO where `auto_openvino_components()` names
+    any (for those components only, see `open_model`), else the CPU provider. "openvino:f32" / "openvino:bf16"
+    name OpenVINO with a precision (see `split_provider`). An unavailable provider falls back to CPU with a
+    warning; an unknown one is a ValueError.
     """
     provider, _ = split_provider(provider)
     available = ort.get_available_providers()
     if provider == "auto":
-        chosen = next((p for p in AUTO_ORDER if p in available), OPENVINO if prefers_openvino() else CPU)
+        chosen = next((p for p in AUTO_ORDER if p in available), OPENVINO if auto_openvino_components() else CPU)
     elif PROVIDER_ALIASES.get(provider.lower()) == OPENVINO:
         chosen = OPENVINO
         if openvino_version() is None:
@@ -106,11 +109,23 @@ def split_provider(provider: str) -> tuple[str, str | None]:
     return name, precision
 
 
-def prefers_openvino() -> bool:
-    """Whether "auto" runs the CPU graphs on OpenVINO: installed, and the CPU has AMX. Measured (one SD 1.5 int8
-    UNet step, docs/performance.md): on a Xeon with AMX OpenVINO takes 0.46x onnxruntime's time, on CPUs without
-    AMX it is slower or no faster, so there onnxruntime's CPU provider stays."""
-    return openvino_version() is not None and "amx_int8" in cpu_flags()
+def auto_openvino_components() -> tuple[str, ...]:
+    """The component folders "auto" runs on OpenVINO here (the rest stay on onnxruntime's CPU provider): the UNet's
+    graphs where OpenVINO is installed and the CPU has AMX or AVX-512 bf16, else none.
+
+    Measured with both engines in one process (docs/performance.md; SD 1.5 int8, 512x512, 2 threads): the UNet step
+    takes 0.46x onnxruntime's time on a Xeon with AMX and 0.79x on an AMD Zen with AVX-512 bf16 but no AMX; the int8
+    VAE decoder is faster on onnxruntime on both (4.20 vs 4.64 s; 2.44 vs 3.52 s). On AVX2-only CPUs OpenVINO
+    was no faster than onnxruntime in fp32 and slower in int8."""
+    if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & cpu_flags():
+        return ()
+    return AUTO_OPENVINO_COMPONENTS
+
+
+def openvino_placement(provider: str) -> tuple[str, ...] | None:
+    """The components to run on OpenVINO for `provider`: "auto"'s measured choice, or None (every graph) when
+    OpenVINO is named."""
+    return auto_openvino_components() if split_provider(provider)[0] == "auto" else None
 
 
 def ort_version() -> str:
@@ -127,9 +142,13 @@ def describe_engines() -> dict[str, str]:
         from .openvino_engine import default_precision
 
         lines["openvino"] = f"{version} (CPU; float layers in {default_precision()} unless openvino:f32)"
-    chosen = resolve_providers("auto")[0]
-    why = "the CPU has AMX" if chosen == OPENVINO else "no AMX or no openvino" if chosen == CPU else "a GPU provider"
-    lines["auto"] = f"{chosen} ({why})"
+    chosen, placed = resolve_providers("auto")[0], auto_openvino_components()
+    if chosen == OPENVINO:
+        flags = ", ".join(sorted(set(AUTO_OPENVINO_FLAGS) & cpu_flags()))
+        lines["auto"] = f"OpenVINO for {', '.join(placed)}, {CPU} for the rest (the CPU has {flags})"
+    else:
+        why = "a GPU provider" if chosen != CPU else "openvino not installed" if version is None else "no AMX or bf16"
+        lines["auto"] = f"{chosen} ({why})"
     return lines
 
 
@@ -159,6 +178,8 @@ class SessionConfig:
     shared_arena: bool = False
     # OpenVINO only: the precision of float layers ("auto": OpenVINO's default for the CPU; see openvino_engine).
     precision: str = "auto"
+    # With OpenVINO first: the component folders it runs (None: all); the others run on onnxruntime's CPU provider.
+    openvino_components: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.optimization not in OPTIMIZATION_LEVELS:
@@ -178,11 +199,14 @@ def open_model(
     initializers: dict[str, np.ndarray] | None = None,
     arena: bool = True,
 ) -> OnnxModel | OpenVinoModel:
-    """One component's session on the engine `config` names: OpenVINO when it comes first, else onnxruntime. A graph
-    OpenVINO cannot read or compile runs on onnxruntime's CPU provider instead, with one log line saying why."""
+    """One component's session on the engine `config` names: OpenVINO when it comes first (for the components it is
+    placed on), else onnxruntime. A graph OpenVINO cannot read or compile runs on onnxruntime's CPU provider
+    instead, with one log line saying why."""
     if config.providers[0] != OPENVINO:
         return OnnxModel(model_file, info, config, initializers, arena)
     on_cpu = replace(config, providers=config.providers[1:] or (CPU,))
+    if config.openvino_components is not None and model_file.parent.name not in config.openvino_components:
+        return OnnxModel(model_file, info, on_cpu, initializers, arena)
 
     def fallback() -> OnnxModel:
         return OnnxModel(model_file, info, on_cpu, initializers, arena)

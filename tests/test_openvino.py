@@ -177,11 +177,21 @@ def test_without_openvino_the_cpu_provider_runs(tiny_export: Path, monkeypatch) 
     assert session.resolve_providers("auto") == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("flags", [{"amx_int8", "amx_tile"}, {"avx512_vnni", "avx512_bf16"}, {"avx2"}])
-def test_auto_chooses_openvino_only_with_amx(flags: set[str], monkeypatch) -> None:
+@pytest.mark.parametrize("flags", [{"amx_int8", "amx_tile"}, {"avx512_vnni", "avx512_bf16"}, {"avx512_vnni"}, {"avx2"}])
+def test_auto_puts_the_unet_on_openvino_where_measured_faster(flags: set[str], tiny_export: Path, monkeypatch) -> None:
+    """AMX or AVX-512 bf16: the UNet's graphs on OpenVINO, the rest on onnxruntime; elsewhere all on onnxruntime."""
     monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(flags))
-    expected = ["OpenVINO", "CPUExecutionProvider"] if "amx_int8" in flags else ["CPUExecutionProvider"]
-    assert session.resolve_providers("auto") == expected
+    faster = bool({"amx_int8", "avx512_bf16"} & flags)
+    assert session.resolve_providers("auto") == (
+        ["OpenVINO", "CPUExecutionProvider"] if faster else ["CPUExecutionProvider"]
+    )
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="auto", low_memory=True)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        expected = "OpenVINO" if faster and name == "unet" else "CPUExecutionProvider"
+        assert pipe.component(name).provider == expected, name
+    out = pipe(PROMPT, num_inference_steps=2, seed=1)
+    engine = f"OpenVINO {openvino_version()} {default_precision()} for unet, onnxruntime "
+    assert (out.parameters.get("Engine", "").startswith(engine)) == faster, out.parameters
 
 
 def test_provider_strings(tiny_export: Path) -> None:

@@ -1,10 +1,11 @@
 """Score an exported shapes model with the judge: accuracy per attribute on seen and held-out combinations.
 
     python -m sd_onnx.models.shapes.evaluate MODEL_DIR [--prompts 200] [--json scores.json] [--grid grid.png]
-        [--reference FP32_DIR]
+        [--reference FP32_DIR] [--provider openvino] [--reference-provider cpu]
 
 With --reference, the same prompts and seeds also run through the reference export (say, fp32 for an int8
-model) and the images are compared: PSNR and mean abs difference (0-255).
+model, or the same model on another engine: --provider openvino --reference MODEL_DIR) and the images are
+compared: PSNR and mean abs difference (0-255).
 
 Every prompt names all five attributes (size, color, shape, position, background), so each attribute is
 judged on every image. Uses only the runtime (no torch).
@@ -105,9 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None)
     parser.add_argument("--reference", type=Path, default=None, help="Export to compare images with (same seeds).")
+    parser.add_argument("--provider", default="auto", help="Engine of MODEL, as sd-run --provider takes it.")
+    parser.add_argument("--reference-provider", default="cpu", help="Engine of the reference.")
     args = parser.parse_args(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    reference = StableDiffusionPipeline.from_pretrained(args.reference) if args.reference else None
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, provider=args.provider)
+    reference = None
+    if args.reference:
+        reference = StableDiffusionPipeline.from_pretrained(args.reference, provider=args.reference_provider)
     started = time.time()
     report = {
         "model": args.model.name,
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         "scheduler": pipe.scheduler_name,
         "prompts_per_split": args.prompts,
         "reference": args.reference.name if args.reference else None,
+        "engine": pipe.engine,
+        "reference_engine": reference.engine if reference else None,
     }
     for split, scenes in eval_scenes(args.prompts).items():
         prompts = [s.caption for s in scenes]
