@@ -33,7 +33,7 @@ def compare_lora_load(folder: Path, lora_file: Path, scale: float, size: int, th
         started = time.perf_counter()
         sessions[name] = OnnxModel(unet_dir / "model.onnx", info, config, weights)
         load_s[name] = time.perf_counter() - started
-    feeds = unet_feeds(sessions["all"].session, model_sizes(folder), size, seed=0)
+    feeds = unet_feeds(sessions["all"], model_sizes(folder), size, seed=0)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for name, session in sessions.items():

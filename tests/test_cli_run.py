@@ -178,7 +178,7 @@ def test_img2img_from_the_cli_matches_the_api(tiny_export: Path, tmp_path: Path)
     assert code == 0, output
     made = Image.open(tmp_path / "i.png")
     assert "Denoising strength: 0.6" in made.text["parameters"]
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_export)
     expected = pipe("x", image=Image.open(init), strength=0.6, num_inference_steps=5, seed=3, width=32, height=32)
     assert np.array_equal(np.asarray(made), np.asarray(expected.images[0]))
     code, output = run("prompt", "x", "-m", str(tiny_export), "-o", str(tmp_path / "j.png"), "--image", str(init),

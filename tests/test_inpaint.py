@@ -172,7 +172,7 @@ def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path]
     assert result.exit_code == 0, result.output
     made = Image.open(tmp_path / "o.png")
     assert "Inpaint: mask" in made.text["parameters"] and "Denoising strength: 1.0" in made.text["parameters"]
-    pipe = DiffusionPipeline.from_pretrained(folder, provider="cpu")
+    pipe = DiffusionPipeline.from_pretrained(folder)
     expected = pipe("x", image=picture(1), mask_image=picture(1, "L"), num_inference_steps=4, seed=2).images[0]
     assert np.array_equal(np.asarray(made), np.asarray(expected))
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "p.png")])
@@ -225,7 +225,7 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert "Masked content: latent_noise, Mask blur: 2" in got.text["parameters"]
-    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    pipe = DiffusionPipeline.from_pretrained(tiny_export)
     mask = ImageOps.invert(picture(3, "L"))
     expected = pipe("x", image=picture(3), mask_image=mask, strength=0.7, num_inference_steps=4, seed=8,
                     masked_content="latent_noise", mask_blur=2).images[0]  # fmt: skip
@@ -281,7 +281,7 @@ def test_openai_client_edits_with_a_transparent_mask(server, tiny_export: Path, 
                                  extra_body={"seed": 11, "steps": 3})  # fmt: skip
     assert len(out.data) == 2
     got = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json)))
-    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    pipe = DiffusionPipeline.from_pretrained(tiny_export)
     repaint = transparency_mask(mask)
     assert np.array_equal(np.asarray(repaint) == 255, alpha == 0)
     expected = pipe("a cat", image=image, mask_image=repaint, num_images_per_prompt=2, num_inference_steps=3,

@@ -213,7 +213,7 @@ def test_load_time_loras_from_the_cli_and_the_server(loras, tiny_export: Path, t
     from .test_server import Server
 
     applied = [(loras[0], 0.5), (loras[1], 0.7)]
-    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu", loras=applied)
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, loras=applied)
     expected = np.asarray(pipe(PROMPT, num_inference_steps=3, seed=4).images[0])
     flags = ["--lora", f"{loras[0]}:0.5", "--lora", f"{loras[1]}:0.7"]
     args = ["prompt", PROMPT, "-m", str(tiny_export), "--steps", "3", "--seed", "4", *flags]

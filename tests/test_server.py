@@ -267,7 +267,7 @@ def test_one_request_through_every_front_end_gives_the_same_pixels(
                        "width": 32, "height": 32}, timeout=60).json()  # fmt: skip
     openai = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": prompt, "seed": seed, "steps": steps,
                         "size": "32x32"}, timeout=60).json()  # fmt: skip
-    api = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")(
+    api = StableDiffusionPipeline.from_pretrained(tiny_export)(
         prompt, seed=seed, num_inference_steps=steps, width=32, height=32
     )
     images = [cli, png_of(a1111["images"][0]), png_of(openai["data"][0]["b64_json"]), api.images[0]]

@@ -116,7 +116,7 @@ def test_cli_tiny_vae_and_live_preview(with_tiny: Path, tiny_export: Path, taesd
     result = CliRunner().invoke(main, [*args, "--vae", "tiny", "--preview", str(tmp_path / "p.png"),
                                        "--preview-every", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    pipe = DiffusionPipeline.from_pretrained(with_tiny, provider="cpu", vae="tiny")
+    pipe = DiffusionPipeline.from_pretrained(with_tiny, vae="tiny")
     final = pipe("x", num_inference_steps=4, seed=7, output_type="latent").images
     assert np.array_equal(
         np.asarray(Image.open(tmp_path / "o.png")), np.asarray(pipe.decode_latents(final)[0] * 255 + 0.5, np.uint8)
