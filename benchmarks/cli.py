@@ -493,6 +493,25 @@ def components(folders: tuple[str, ...], size: int, threads: int, rounds: int, o
             click.echo(f"{component:12s} {name:20s} {median:7.3f} s  {ratio:.3f}x")
 
 
+@main.command("engine-fidelity")
+@click.argument("fp32", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("int8", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--size", default=256, show_default=True, type=int, help="Image side of the recorded trajectories.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="JSON file for the report.")
+def engine_fidelity(fp32: Path, int8: Path, size: int, steps: int, out: Path | None) -> None:
+    """UNet output of INT8 and FP32 on each engine (onnxruntime, OpenVINO and its precisions) against FP32 on
+    onnxruntime, on held-out trajectory inputs: cosine and mean abs difference."""
+    from .engine_fidelity import unet_fidelity
+
+    report = {"machine": machine_info(), **unet_fidelity(fp32, int8, size, steps)}
+    if out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, row in report["rows"].items():
+        click.echo(f"{name:22s} cosine min {row['cosine_min']:.5f} mean {row['cosine_mean']:.5f}  "
+                   f"mean abs {row['mean_abs_diff']:.5f}")  # fmt: skip
+
+
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option(

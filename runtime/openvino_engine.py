@@ -15,7 +15,11 @@ exact path, `"bf16"` asks for bf16 where the CPU has it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +35,11 @@ PRECISIONS = ("auto", "f32", "bf16")
 # Compiled shapes kept per graph: a generation alternates at most between the guided and the unguided batch
 # (guidance interval); each compiled model holds its own repacked weights, so no more than that.
 COMPILED_KEPT = 2
-ONNX_TYPES = {"f32": "tensor(float)", "i64": "tensor(int64)", "i32": "tensor(int32)", "f16": "tensor(float16)"}
+# NumPy dtype names (the manifest's) -> ONNX type strings (onnxruntime's NodeArg.type); OpenVINO's names -> NumPy's.
+ONNX_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
+              "int64": "tensor(int64)", "int32": "tensor(int32)"}  # fmt: skip
+OPENVINO_DTYPES = {"f32": "float32", "f64": "float64", "f16": "float16", "i64": "int64", "i32": "int32"}
+BLOBS_KEPT = 4  # compiled shapes kept on disk per graph and settings (each about the size of the graph's weights)
 
 
 class EngineUnavailable(RuntimeError):
@@ -72,9 +80,13 @@ def default_precision() -> str:
 class OpenVinoModel:
     """One component compiled by OpenVINO's CPU plugin; same call, checks and observers as `OnnxModel`.
 
-    `initializers` (load-time LoRAs) replace the graph's constants of those names before compiling; such a graph
-    is not cached on disk (its weights are one LoRA mix). `on_failure` builds the onnxruntime session that takes
-    over when a shape cannot be compiled at call time (an operator OpenVINO reads but cannot compile)."""
+    Compiled once per input shape (static shapes: 4-8 % faster steps than a dynamic compile, SD 1.5 int8 UNet) and
+    kept on disk in `cache_dir`, keyed by the graph's files, the shapes and the settings; a later load maps the
+    compiled blob instead of reading the graph (SD 1.5 int8 UNet: 2.4 s and 1.97 GB peak, against 9.6 s and 2.8 GB
+    for the first compile; OpenVINO's own CACHE_DIR needs the graph read first, 2.7 GB). `initializers` (load-time
+    LoRAs) replace the graph's constants of those names; such a graph is held in memory and never cached (its
+    weights are one LoRA mix). `on_failure` builds the onnxruntime session that takes over when a shape cannot be
+    compiled at call time."""
 
     def __init__(
         self,
@@ -86,38 +98,34 @@ class OpenVinoModel:
         initializers: dict[str, np.ndarray] | None = None,
         on_failure: Callable[[], Any] | None = None,
     ) -> None:
-        from .session import check_input  # session imports this module lazily; the reverse is safe
+        from .session import check_input  # session imports this module at its top; this import waits for a call
 
         if openvino_version() is None:
             raise EngineUnavailable("the openvino package is not installed (pip install 'sd-onnx[openvino]')")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
         self.name = model_file.parent.name
+        self.file = model_file
         self.info = info
         self._check = check_input
-        try:
-            self.model = _core().read_model(str(model_file))
-            if initializers:
-                _replace_constants(self.model, initializers)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses and others
-            raise EngineUnavailable(_first_line(exc)) from exc
+        self._initializers = initializers or {}
         self.config: dict[str, str] = {}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
         if precision != "auto":
             self.config["INFERENCE_PRECISION_HINT"] = precision
-        if cache_dir is not None and not initializers:
-            self.config["CACHE_DIR"] = str(cache_dir)
+        self._blobs = BlobCache(cache_dir, info, self.config) if cache_dir and info and not initializers else None
+        # Held only where it cannot be read again cheaply or must be checked now: LoRA mixes, folders without a
+        # manifest (the signature comes from the graph); else read per compile and dropped.
+        self._model = self._read() if initializers or info is None else None
         self.input_specs = {i.name: i for i in info.inputs} if info else {}
-        self.graph_inputs = {
-            port.get_any_name(): GraphInput(
-                port.get_any_name(),
-                ONNX_TYPES.get(port.get_element_type().get_type_name(), "tensor(float)"),
-                [d.get_length() if d.is_static else None for d in port.get_partial_shape()],
-            )
-            for port in self.model.inputs
-        }
-        self.output_names = [port.get_any_name() for port in self.model.outputs]
+        if info is not None:
+            self.graph_inputs = {i.name: GraphInput(i.name, ONNX_TYPES.get(i.dtype, "tensor(float)"), i.shape)
+                                 for i in info.inputs}  # fmt: skip
+            self.output_names = [o.name for o in info.outputs]
+        else:
+            self.graph_inputs = {port.get_any_name(): _graph_input(port) for port in self._model.inputs}
+            self.output_names = [port.get_any_name() for port in self._model.outputs]
         self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self._on_failure = on_failure
@@ -136,7 +144,7 @@ class OpenVinoModel:
         except EngineUnavailable as exc:
             if self._on_failure is None:
                 raise
-            LOG.warning("openvino cannot compile %s (%s); running it on onnxruntime's CPU provider", self.name, exc)
+            LOG.warning("openvino cannot run %s (%s); running it on onnxruntime's CPU provider", self.name, exc)
             self._fallback = self._on_failure()
             self._compiled.clear()
             return self._fallback(**feeds)
@@ -145,19 +153,39 @@ class OpenVinoModel:
         return [np.array(request.get_output_tensor(i).data) for i in range(len(self.output_names))]
 
     def _compiled_for(self, feeds: dict[str, np.ndarray]) -> Any:
-        """The model compiled for these feeds' shapes (compiled once per shape; the oldest dropped first)."""
-        key = tuple(sorted((name, value.shape) for name, value in feeds.items()))
+        """The model compiled for these feeds' shapes (once per shape; the least recently used dropped first)."""
+        shapes = {name: list(value.shape) for name, value in sorted(feeds.items())}
+        key = tuple((name, tuple(shape)) for name, shape in shapes.items())
         if key in self._compiled:
             self._compiled.move_to_end(key)
-            return self._compiled[key]
+            return self._compiled[key][0]
         while len(self._compiled) >= COMPILED_KEPT:
             self._compiled.popitem(last=False)  # freed before the next compile: one copy fewer at the peak
+        compiled, mapped = self._blobs.load(shapes) if self._blobs else (None, None)
+        if compiled is None:
+            model = self._model or self._read()
+            try:
+                model.reshape(shapes)
+                compiled = _core().compile_model(model, "CPU", self.config)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO's compile errors are RuntimeErrors of several kinds
+                raise EngineUnavailable(_first_line(exc)) from exc
+            del model
+            if self._blobs:
+                self._blobs.save(shapes, compiled)
+        self._compiled[key] = (compiled, mapped)  # the mapped blob lives as long as the model compiled from it
+        return compiled
+
+    def _read(self) -> Any:
+        """The graph as OpenVINO reads it, with the LoRA updates swapped in; EngineUnavailable if it cannot."""
         try:
-            self.model.reshape({name: list(value.shape) for name, value in feeds.items()})
-            self._compiled[key] = _core().compile_model(self.model, "CPU", self.config)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO's compile errors are RuntimeErrors of several kinds
+            model = _core().read_model(str(self.file))
+            if self._initializers:
+                _replace_constants(model, self._initializers)
+        except EngineUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses and others
             raise EngineUnavailable(_first_line(exc)) from exc
-        return self._compiled[key]
+        return model
 
     @property
     def provider(self) -> str:
@@ -169,7 +197,7 @@ class OpenVinoModel:
         """The precision float layers run in: the compiled model's, else what the configuration asks for."""
         if self._fallback is not None:
             return "f32"
-        for compiled in self._compiled.values():
+        for compiled, _ in self._compiled.values():
             return _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         return self.config.get("INFERENCE_PRECISION_HINT") or default_precision()
 
@@ -181,6 +209,64 @@ class OpenVinoModel:
 
     def input_rank(self, name: str) -> int:
         return len(self.graph_inputs[name].shape)
+
+
+class BlobCache:
+    """Compiled models of one graph on disk, one file per input shapes: written once (atomically), mapped on load."""
+
+    def __init__(self, folder: Path, info: ComponentInfo, config: dict[str, str]) -> None:
+        # Every file of the graph, weights included (two exports of one architecture share the graph file's bytes),
+        # the OpenVINO version and the settings that change what is compiled.
+        settings = json.dumps([sorted(info.files.values()), info.file, openvino_version(), sorted(config.items())])
+        self.folder = folder
+        self.config = config  # given again on import: OpenVINO's CPU plugin applies the import's settings
+        self.prefix = hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+    def path(self, shapes: dict[str, list[int]]) -> Path:
+        key = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:12]
+        return self.folder / f"{self.prefix}-{key}.blob"
+
+    def load(self, shapes: dict[str, list[int]]) -> tuple[Any, np.ndarray | None]:
+        """The compiled model for `shapes` imported from its file and the mapped file, which OpenVINO reads from and
+        which must outlive the model; (None, None) when there is none or it is unusable (then compiled anew)."""
+        import openvino
+
+        path = self.path(shapes)
+        if not path.is_file():
+            return None, None
+        try:
+            data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file itself is never changed
+            compiled = _core().import_model(openvino.Tensor(data, shared_memory=True), "CPU", self.config)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign blob: compile instead
+            LOG.info("openvino: cached %s unusable (%s); compiling", path.name, _first_line(exc))
+            return None, None
+        os.utime(path)  # most recently used: the last to be pruned
+        return compiled, data
+
+    def save(self, shapes: dict[str, list[int]], compiled: Any) -> None:
+        """Write the compiled model (a partial file renamed when complete); an unwritable cache is skipped."""
+        path = self.path(shapes)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        try:
+            stream = io.BytesIO()
+            compiled.export_model(stream)
+            partial.write_bytes(stream.getbuffer())
+            partial.replace(path)
+        except OSError as exc:
+            LOG.info("openvino: cannot cache %s (%s)", path.name, exc)
+            partial.unlink(missing_ok=True)
+            return
+        blobs = sorted(self.folder.glob(f"{self.prefix}-*.blob"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in blobs[BLOBS_KEPT:]:
+            old.unlink(missing_ok=True)
+
+
+def _graph_input(port: Any) -> GraphInput:
+    return GraphInput(
+        port.get_any_name(),
+        ONNX_TYPES.get(OPENVINO_DTYPES.get(port.get_element_type().get_type_name(), ""), "tensor(float)"),
+        [d.get_length() if d.is_static else None for d in port.get_partial_shape()],
+    )
 
 
 def _replace_constants(model: Any, initializers: dict[str, np.ndarray]) -> None:
