@@ -1,4 +1,5 @@
-"""onnxruntime sessions: execution provider choice, session options, optimized-graph cache, input checks."""
+"""Sessions: the engine and execution provider each graph runs on (onnxruntime, or OpenVINO where chosen), session
+options, the optimized-graph cache, input checks."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import ComponentInfo, TensorSpec
-from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, openvino_version
+from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
 
 LOG = logging.getLogger("sd_onnx")
 CPU = "CPUExecutionProvider"
@@ -139,8 +140,6 @@ def describe_engines() -> dict[str, str]:
     if version is None:
         lines["openvino"] = "not installed (pip install 'sd-onnx[openvino]')"
     else:
-        from .openvino_engine import default_precision
-
         lines["openvino"] = f"{version} (CPU; float layers in {default_precision()} unless openvino:f32)"
     chosen, placed = resolve_providers("auto")[0], auto_openvino_components()
     if chosen == OPENVINO:
