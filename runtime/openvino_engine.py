@@ -250,10 +250,13 @@ class BlobCache:
         blobs = self._blobs()
         if not blobs:
             return None
+        named = blobs[0].with_suffix(".json")
         try:
-            with blobs[0].with_suffix(".json").open("rb") as file:
+            if not named.is_file():  # not a FIFO or a device, which would block or never end
+                return None
+            with named.open("rb") as file:
                 shapes = json.loads(file.read(MAX_SHAPES_BYTES))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         valid = isinstance(shapes, dict) and all(
             isinstance(k, str) and isinstance(v, list) and all(type(d) is int and 0 <= d < 2**31 for d in v)

@@ -105,8 +105,10 @@ def split_provider(provider: str) -> tuple[str, str | None]:
     name, sep, precision = provider.partition(":")
     if not sep:
         return provider, None
-    if PROVIDER_ALIASES.get(name.lower()) != OPENVINO or precision not in PRECISIONS:
+    if PROVIDER_ALIASES.get(name.lower()) != OPENVINO:
         raise ValueError(f"provider {provider!r}: only openvino takes a precision (openvino:{'|'.join(PRECISIONS)})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"provider {provider!r}: unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     return name, precision
 
 
