@@ -14,6 +14,7 @@ exact path, `"bf16"` asks for bf16 where the CPU has it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -280,12 +281,21 @@ class BlobCache:
                 mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
             data = np.frombuffer(mapped, dtype=np.uint8)
             compiled = _core().import_model(openvino.Tensor(data, shared_memory=True), "CPU", self.config)
+            # A port has several tensor names (the graph's input and names its compiler gave it): match any.
+            inputs = {name: list(port.get_partial_shape().to_shape()) for port in compiled.inputs
+                      for name in port.get_names()}  # fmt: skip
+            ports = len(compiled.inputs)
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign blob: compile instead
             LOG.info("openvino: cached %s unusable (%s); compiling", path.name, _first_line(exc))
             return None, None
+        if ports != len(shapes) or any(inputs.get(name) != shape for name, shape in shapes.items()):
+            # another graph's or size's file put in this one's place
+            LOG.info("openvino: cached %s is for other inputs; compiling", path.name)
+            return None, None
         if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mapped.madvise(mmap.MADV_DONTNEED)  # what is read again comes back from the file
-        os.utime(path)  # most recently used: the last to be pruned
+        with contextlib.suppress(OSError):  # a shared cache may hold files of another user
+            os.utime(path)  # most recently used: the last to be pruned
         return compiled, (mapped, data)
 
     def save(self, shapes: Shapes, compiled: Any) -> None:
@@ -303,8 +313,9 @@ class BlobCache:
             partial.unlink(missing_ok=True)
             return
         for old in self._blobs()[BLOBS_KEPT:]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another user's file in a shared cache stays
+                old.unlink(missing_ok=True)
+                old.with_suffix(".json").unlink(missing_ok=True)
 
     def _blobs(self) -> list[Path]:
         """This graph's compiled files, most recently used first."""

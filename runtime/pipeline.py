@@ -142,7 +142,10 @@ class StableDiffusionPipeline:
         folder = locate_model(path, revision) if path is not None else shipped_model()
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else None
         providers = tuple(resolve_providers(provider))
-        precision = split_provider(provider)[1] or precision
+        named = split_provider(provider)[1]
+        if named and precision not in ("auto", named):
+            raise ValueError(f"provider {provider!r} and precision={precision!r} disagree: give the precision once")
+        precision = named or precision
         session_config = SessionConfig(
             providers, threads, optimization, cache, cache_root, not low_memory, precision, openvino_placement(provider)
         )

@@ -3,6 +3,7 @@ options, the optimized-graph cache, input checks."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -105,6 +106,7 @@ def split_provider(provider: str) -> tuple[str, str | None]:
     name, sep, precision = provider.partition(":")
     if not sep:
         return provider, None
+    precision = precision.lower()
     if PROVIDER_ALIASES.get(name.lower()) != OPENVINO:
         raise ValueError(f"provider {provider!r}: only openvino takes a precision (openvino:{'|'.join(PRECISIONS)})")
     if precision not in PRECISIONS:
@@ -225,15 +227,14 @@ def open_model(
 
 
 def _openvino_cache(config: SessionConfig) -> Path | None:
-    """Where OpenVINO keeps compiled models (beside the optimized onnxruntime graphs); None when off or unwritable."""
+    """Where OpenVINO keeps compiled models (beside the optimized onnxruntime graphs); None when off or when it
+    cannot be made. A read-only one is still read (writes to it are skipped, see BlobCache.save)."""
     if not config.cache:
         return None
     folder = (config.cache_dir or cache_root()) / "openvino"
-    try:
+    with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return folder if os.access(folder, os.W_OK) else None
+    return folder if folder.is_dir() else None
 
 
 class OnnxModel:

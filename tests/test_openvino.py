@@ -203,6 +203,9 @@ def test_provider_strings(tiny_export: Path) -> None:
             DiffusionPipeline.from_pretrained(tiny_export, provider=bad)
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         DiffusionPipeline.from_pretrained(tiny_export, provider="openvino", precision="int4")
+    with pytest.raises(ValueError, match="'openvino:f32' and precision='bf16' disagree"):
+        DiffusionPipeline.from_pretrained(tiny_export, provider="openvino:f32", precision="bf16")
+    assert session.split_provider("OpenVINO:F32") == ("OpenVINO", "f32")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -299,6 +302,10 @@ def test_compiled_models_are_kept_on_disk_and_mapped_on_the_next_load(tiny_expor
     biggest.write_bytes(b"truncated")  # a damaged file is compiled anew and rewritten, not trusted
     damaged, _ = pixels(tiny_export, EXACT, num_inference_steps=2, cache_dir=tmp_path)
     assert len(reads) == 1 and np.array_equal(first, damaged) and biggest.stat().st_size > 100
+    smallest = min(blobs, key=lambda p: p.stat().st_size)
+    smallest.write_bytes(biggest.read_bytes())  # a valid compiled file, but another graph's
+    swapped, _ = pixels(tiny_export, EXACT, num_inference_steps=2, cache_dir=tmp_path)
+    assert len(reads) == 2 and np.array_equal(first, swapped)
     sizes = [64, 56, 48, 40, 32]  # five shapes of the UNet: the oldest compiled file goes
     for size in sizes:
         pixels(tiny_export, EXACT, num_inference_steps=1, width=size, height=size, cache_dir=tmp_path)
