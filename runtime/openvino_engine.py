@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .graph import GraphModel
 from .manifest import ComponentInfo
 
 LOG = logging.getLogger("sd_onnx")
@@ -82,7 +83,7 @@ def default_precision() -> str:
     return _precision_name(_core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
 
 
-class OpenVinoModel:
+class OpenVinoModel(GraphModel):
     """One component compiled by OpenVINO's CPU plugin; same call, checks and observers as `OnnxModel`.
 
     Compiled once per input shape (static shapes: 4-8 % faster steps than a dynamic compile, SD 1.5 int8 UNet) and
@@ -103,8 +104,7 @@ class OpenVinoModel:
         initializers: dict[str, np.ndarray] | None = None,
         on_failure: Callable[[], Any] | None = None,
     ) -> None:
-        from .session import check_input  # session imports this module at its top; this import waits for a call
-
+        super().__init__()
         if openvino_version() is None:
             raise EngineUnavailable("the openvino package is not installed (pip install 'sd-onnx[openvino]')")
         if precision not in PRECISIONS:
@@ -112,7 +112,6 @@ class OpenVinoModel:
         self.name = model_file.parent.name
         self.file = model_file
         self.info = info
-        self._check = check_input
         self._initializers = initializers or {}
         self.config: dict[str, str] = {}
         if threads:
@@ -131,7 +130,6 @@ class OpenVinoModel:
         else:
             self.graph_inputs = {port.get_any_name(): _graph_input(port) for port in self._model.inputs}
             self.output_names = [port.get_any_name() for port in self._model.outputs]
-        self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()  # server workers may share a pipeline: one compile per shape, one cache
         self._on_failure = on_failure
@@ -148,11 +146,7 @@ class OpenVinoModel:
             self._compiled[_key(shapes)] = (compiled, mapped)
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
-        for name, value in feeds.items():
-            if name in self.input_specs:
-                self._check(self.name, self.input_specs[name], value)
-        for observe in self.observers:
-            observe(feeds)
+        self.checked(feeds)
         if self._fallback is not None:
             return self._fallback(**feeds)
         try:
@@ -219,15 +213,6 @@ class OpenVinoModel:
         for compiled, _ in self._compiled.values():
             return _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         return self.config.get("INFERENCE_PRECISION_HINT") or default_precision()
-
-    def input_dtype(self, name: str, default: type = np.float32) -> type:
-        arg = self.graph_inputs.get(name)
-        return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}.get(
-            arg.type if arg else "", default
-        )
-
-    def input_rank(self, name: str) -> int:
-        return len(self.graph_inputs[name].shape)
 
 
 class BlobCache:

@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import ComponentInfo, TensorSpec
+from .graph import GraphModel
+from .manifest import ComponentInfo
 from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
 
 LOG = logging.getLogger("sd_onnx")
@@ -237,8 +237,8 @@ def _openvino_cache(config: SessionConfig) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-class OnnxModel:
-    """One component's session; checks feeds against the manifest's signature before running."""
+class OnnxModel(GraphModel):
+    """One component's onnxruntime session; checks feeds against the manifest's signature before running."""
 
     def __init__(
         self,
@@ -255,6 +255,7 @@ class OnnxModel:
         arena, no buffer reuse (onnxruntime's plan would keep a dead tensor's buffer for a later tensor and so hold
         it meanwhile) and large blocks mapped on their own (see map_large_blocks). SD 1.5's int8 VAE decoder at
         512x512: 0.87 -> 0.40 GB working memory, 4 -> 7 s."""
+        super().__init__()
         self.name = model_file.parent.name
         self.info = info
         if info is not None and info.precision == "fp16" and config.providers[0] == "CPUExecutionProvider":
@@ -306,31 +307,15 @@ class OnnxModel:
         self.input_specs = {i.name: i for i in info.inputs} if info else {}
         self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # Called with each run's feeds before it runs (calibration records them, benchmarks time them).
-        self.observers: list[Callable[[dict[str, np.ndarray]], None]] = []
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
-        for name, value in feeds.items():
-            if name in self.input_specs:
-                check_input(self.name, self.input_specs[name], value)
-        for observe in self.observers:
-            observe(feeds)
+        self.checked(feeds)
         return self.session.run(None, feeds)
 
     @property
     def provider(self) -> str:
         """The execution provider that runs this graph first (CPU fallback comes after)."""
         return self.session.get_providers()[0]
-
-    def input_dtype(self, name: str, default: type = np.float32) -> type:
-        """NumPy dtype the graph wants for input `name` (graphs from other exporters differ: int32/int64)."""
-        arg = self.graph_inputs.get(name)
-        return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}.get(
-            arg.type if arg else "", default
-        )
-
-    def input_rank(self, name: str) -> int:
-        return len(self.graph_inputs[name].shape)
 
 
 @functools.cache
@@ -372,16 +357,6 @@ def _glibc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-
-
-def check_input(component: str, spec: TensorSpec, value: np.ndarray) -> None:
-    """ValueError unless `value` has the dtype and the fixed dimensions of the manifest's `spec`."""
-    if str(value.dtype) != spec.dtype:
-        raise ValueError(f"{component}: input {spec.name} must be {spec.dtype}, got {value.dtype}")
-    if value.ndim != len(spec.shape) or any(
-        isinstance(d, int) and d != s for d, s in zip(spec.shape, value.shape, strict=True)
-    ):
-        raise ValueError(f"{component}: input {spec.name} must have shape {spec.shape}, got {list(value.shape)}")
 
 
 def _cached_graph(model_file: Path, info: ComponentInfo, options: ort.SessionOptions, root: Path) -> Path:
