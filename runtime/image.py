@@ -78,10 +78,12 @@ def a1111_parameters(prompt: str, negative_prompt: str | None, settings: dict[st
 
 
 def parameters_text(request: Any, parameters: dict[str, Any], index: int) -> str:
-    """The "parameters" text of image `index` of a resolved GenerationRequest (its prompt and negative prompt)."""
+    """The "parameters" text of image `index` of a resolved GenerationRequest: its prompt, negative prompt and
+    seed (see `GenerationRequest.image_parameters`), so the PNG says how to make that very image again."""
     prompt = request.prompts[index // request.batch]
     negatives = request.negative_prompts
-    return a1111_parameters(prompt, negatives[index // request.batch] if negatives else None, parameters)
+    negative = negatives[index // request.batch] if negatives else None
+    return a1111_parameters(prompt, negative, request.image_parameters(parameters, index))
 
 
 def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:

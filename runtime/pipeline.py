@@ -31,7 +31,7 @@ from .lora import Lora, check_loras, read_loras, weight_overrides
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
 from .openvino_engine import default_precision, openvino_version
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
-from .rng import TorchGenerator
+from .rng import Generator, ImageGenerators, TorchGenerator
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import (
     CPU,
@@ -320,7 +320,7 @@ class StableDiffusionPipeline:
             return self._inpaint_crop(request, callback, output_type, latents, cancelled)
         self._warn_unknown_words(request.prompts)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
-        generator = TorchGenerator(request.seed)
+        generator = noise_source(request)
         # Distilled guidance (LCM) is an input of the UNet, not a second batch.
         do_cfg = request.guidance_scale > 1.0 and not self.config.time_cond_proj_dim
         embeddings, conditions = self.conditioning(request, do_cfg)
@@ -538,9 +538,10 @@ class StableDiffusionPipeline:
         pixels = self.component(tiny.decoder)(latent_sample=latents[:1] / np.float32(tiny.scaling_factor))[0]
         return to_pil(np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))[0]
 
-    def encode_image(self, pixels: np.ndarray, generator: TorchGenerator, tiled: bool = False) -> np.ndarray:
+    def encode_image(self, pixels: np.ndarray, generator: Generator, tiled: bool = False) -> np.ndarray:
         """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`
-        (a tiny autoencoder's are deterministic and draw nothing); `tiled`: in tiles (see `tiling`)."""
+        (a tiny autoencoder's are deterministic and draw nothing; per-image generators sample one latent per
+        image, as a batch of one with each seed would); `tiled`: in tiles (see `tiling`)."""
         encoder = self.component(self.vae.encoder)
         tiling = self.tiling if tiled else None
         encoded = tiling.encode(lambda x: encoder(sample=x)[0], pixels) if tiling else encoder(sample=pixels)[0]
@@ -549,6 +550,8 @@ class StableDiffusionPipeline:
             return (encoded * np.float32(self.vae.scaling_factor)).astype(np.float32)
         mean, logvar = np.split(encoded, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        if isinstance(generator, ImageGenerators):  # a posterior sample per image, each from its own seed
+            mean, std = (np.concatenate([a] * (len(generator) // len(a))) for a in (mean, std))
         return (mean + std * generator.randn(mean.shape)) * np.float32(self.vae.scaling_factor)
 
     def _img2img_latents(
@@ -556,7 +559,7 @@ class StableDiffusionPipeline:
         request: GenerationRequest,
         sched: Scheduler,
         shape: tuple[int, ...],
-        generator: TorchGenerator,
+        generator: Generator,
     ) -> tuple[np.ndarray, np.ndarray, Inpainting | None]:
         """Encode the init image (latents are taken as they are) and noise it to the start timestep, as diffusers'
         img2img pipelines; with `denoising_start` the schedule starts there and no noise is added. With a mask,
@@ -584,7 +587,7 @@ class StableDiffusionPipeline:
         sched: Scheduler,
         timesteps: np.ndarray,
         shape: tuple[int, ...],
-        generator: TorchGenerator,
+        generator: Generator,
     ) -> tuple[np.ndarray, np.ndarray, Inpainting]:
         """Start latents and inpainting state, drawing from `generator` in diffusers' order: the image's
         latents (when needed), the noise, then the masked image's latents."""
@@ -617,7 +620,7 @@ class StableDiffusionPipeline:
         return latents, timesteps, state
 
     def _masked_content(
-        self, request: GenerationRequest, latents: np.ndarray, mask: np.ndarray, generator: TorchGenerator
+        self, request: GenerationRequest, latents: np.ndarray, mask: np.ndarray, generator: Generator
     ) -> np.ndarray:
         """The original's latents with the masked part replaced by noise or zeros (A1111's latent modes)."""
         if request.masked_content not in ("latent_noise", "latent_nothing"):
@@ -655,6 +658,14 @@ class StableDiffusionPipeline:
             shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]
             named = ", ".join(shown) + (" ..." if len(unknown) > MAX_WORDS_NAMED else "")
             LOG.warning("%s does not know these words, which it will ignore: %s", self.model_name, named)
+
+
+def noise_source(request: GenerationRequest) -> Generator:
+    """Where a resolved request's noise comes from: one generator seeded `seed` for the whole batch (diffusers'
+    `generator=`), or with `seed_per_image` one per image, seeded seed + i (A1111's batches)."""
+    if request.seed_per_image and request.image_count > 1:
+        return ImageGenerators(request.image_seeds)
+    return TorchGenerator(request.seed)
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:

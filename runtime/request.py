@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .echo import echo
 from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
 from .schedulers import make_scheduler, resolve_name
@@ -122,6 +123,10 @@ class GenerationRequest:
     # Token merging (ToMe for SD, Bolya & Hoffman 2023): this fraction of the outermost level's tokens merged
     # before self-attention (None or 0: off); needs a model exported with its token-merging UNet.
     tome_ratio: float | None = None
+    # Image i of the batch from its own seed, seed + i, as A1111 does (so each PNG's seed reproduces it alone);
+    # False: every image from one generator seeded `seed`, as diffusers' `generator=` (the Python API's meaning).
+    # Last but `resolved`: front ends pass the fields above by position.
+    seed_per_image: bool = False
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -140,6 +145,21 @@ class GenerationRequest:
     @property
     def image_count(self) -> int:
         return len(self.prompts) * self.batch
+
+    @property
+    def image_seeds(self) -> list[int]:
+        """Each image's own seed (seed + i) with `seed_per_image`; otherwise the one seed all images share."""
+        if not self.resolved:
+            raise ValueError("image_seeds needs a resolved request")
+        return [self.seed + i if self.seed_per_image else self.seed for i in range(self.image_count)]
+
+    def image_parameters(self, parameters: dict[str, Any], index: int) -> dict[str, Any]:
+        """`parameters` (the request's, see `parameters`) as image `index` carries them: its own seed, or where
+        the batch shares one generator its size and position, without which its seed does not reproduce it."""
+        params = {**parameters, "Seed": self.image_seeds[index]}
+        if not self.seed_per_image and self.image_count > 1:
+            params["Batch size"], params["Batch pos"] = self.image_count, index
+        return params
 
     def resolve(
         self, config: ModelConfig, scheduler_config: dict[str, Any], default_scheduler: str, limits: Limits
@@ -166,6 +186,8 @@ class GenerationRequest:
         if images > limits.max_batch:
             raise RequestError("batch", f"{images} images exceeds the limit max_batch={limits.max_batch}")
         scheduler = self._scheduler(scheduler_config, default_scheduler, steps, trained)
+        per_image = bool(_optional_bool("seed_per_image", self.seed_per_image))
+        seed = _seed(self.seed, images if per_image else 1)
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps, config, images, (width, height))
@@ -179,7 +201,8 @@ class GenerationRequest:
             guidance_scale=guidance,
             width=width,
             height=height,
-            seed=_seed(self.seed),
+            seed=seed,
+            seed_per_image=per_image,
             batch=batch,
             scheduler=scheduler,
             eta=eta,
@@ -228,14 +251,17 @@ class GenerationRequest:
             value = default if value is None else _integer(name, value)
             if value <= 0 or value % multiple:
                 raise RequestError(
-                    name, f"must be a positive multiple of {multiple} for this model (its size multiple), got {value}"
+                    name,
+                    f"must be a positive multiple of {multiple} for this model (its size multiple), got {echo(value)}",
                 )
             if implied is not None and value != implied[i]:
-                raise RequestError(name, f"is {value} but the image array makes it {implied[i]}")
+                raise RequestError(name, f"is {echo(value)} but the image array makes it {implied[i]}")
             sides.append(value)
         width, height = sides
         if width * height > limits.pixels(config):
-            raise RequestError("width", f"{width}x{height} exceeds the limit max_pixels={limits.pixels(config)}")
+            raise RequestError(
+                "width", f"{echo(width)}x{echo(height)} exceeds the limit max_pixels={limits.pixels(config)}"
+            )
         return width, height
 
     def _sdxl_fields(self, config: ModelConfig, prompt: str | tuple[str, ...], limits: Limits) -> dict[str, Any]:
@@ -313,7 +339,7 @@ class GenerationRequest:
     def _check_mask(self, config: ModelConfig, size: tuple[int, int]) -> None:
         if self.masked_content not in MASKED_CONTENT:
             raise RequestError(
-                "masked_content", f"must be one of {', '.join(MASKED_CONTENT)}, got {self.masked_content!r}"
+                "masked_content", f"must be one of {', '.join(MASKED_CONTENT)}, got {echo(self.masked_content)}"
             )
         if self.mask_image is None:
             if config.inpainting:
@@ -411,7 +437,7 @@ def _pair(name: str, value: Any, low: int) -> tuple[int, int]:
         raise RequestError(name, "must be a (height, width) pair of integers")
     pair = (_integer(name, value[0]), _integer(name, value[1]))
     if min(pair) < low or max(pair) > 1 << 16:
-        raise RequestError(name, f"must be integers in {low}..{1 << 16}, got {list(pair)}")
+        raise RequestError(name, f"must be integers in {low}..{1 << 16}, got {echo(list(pair))}")
     return pair
 
 
@@ -441,10 +467,10 @@ def _text(name: str, value: str, max_chars: int) -> None:
 
 def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise RequestError(name, f"must be an integer, got {value!r}")
+        raise RequestError(name, f"must be an integer, got {echo(value)}")
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value) or value != int(value):
-            raise RequestError(name, f"must be an integer, got {value!r}")
+            raise RequestError(name, f"must be an integer, got {echo(value)}")
         return int(value)
     if not isinstance(value, (int, np.integer)):
         raise RequestError(name, f"must be an integer, got {type(value).__name__}")
@@ -454,9 +480,13 @@ def _integer(name: str, value: Any) -> int:
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise RequestError(name, f"must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise RequestError(name, f"must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise RequestError(name, f"must be a finite number, got {echo(value)}") from None
+    if not math.isfinite(number):
+        raise RequestError(name, f"must be a finite number, got {echo(value)}")
+    return number
 
 
 def _interval(value: Any) -> tuple[float, float] | None:
@@ -482,11 +512,17 @@ def _optional_bool(name: str, value: Any) -> bool | None:
 
 def _in_range(name: str, value: float, low: float, high: float | None) -> None:
     if value < low:
-        raise RequestError(name, f"must be >= {low:g}, got {value:.10g}")
+        raise RequestError(name, f"must be >= {low:g}, got {_shown(value)}")
     if high is not None and value > high:
         if name == "steps":
-            raise RequestError(name, f"{value:g} exceeds the limit max_steps={high:g}")
-        raise RequestError(name, f"must be <= {high:g}, got {value:.10g}")
+            raise RequestError(name, f"{_shown(value)} exceeds the limit max_steps={high:g}")
+        raise RequestError(name, f"must be <= {high:g}, got {_shown(value)}")
+
+
+def _shown(value: float) -> str:
+    """A number as an error names it: floats to 10 digits, integers through `echo` (one of a million digits
+    would neither convert to a float nor belong in an answer)."""
+    return f"{value:.10g}" if isinstance(value, float) else echo(value)
 
 
 def _check_image(image: Any, config: ModelConfig) -> None:
@@ -520,13 +556,16 @@ def _array_image_size(image: Any, config: ModelConfig) -> tuple[int, int] | None
     return None
 
 
-def _seed(seed: Any) -> int:
+def _seed(seed: Any, count: int) -> int:
+    """The seed, drawn when random; `count` images seeded seed..seed + count - 1 must all stay in SEED_RANGE."""
     if seed is None or (not isinstance(seed, bool) and isinstance(seed, (int, np.integer)) and seed == RANDOM_SEED):
         return secrets.randbits(32)
     seed = _integer("seed", seed)
     low, high = SEED_RANGE
     if not low <= seed <= high:
-        raise RequestError("seed", f"must be in [{low}, {high}] or {RANDOM_SEED} for a random seed, got {seed}")
+        raise RequestError("seed", f"must be in [{low}, {high}] or {RANDOM_SEED} for a random seed, got {echo(seed)}")
+    if seed + count - 1 > high:
+        raise RequestError("seed", f"{seed} + {count - 1}: the last of {count} images' seeds (seed + i) passes {high}")
     return seed
 
 

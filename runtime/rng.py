@@ -6,6 +6,8 @@ torch's vectorised Box-Muller over blocks of 16 uniforms (24-bit); smaller ones 
 Box-Muller per element whose second value is cached in the generator, as torch does. The block path
 reproduces torch's AVX2 kernel (Cephes log/sincos polynomials of `avx_mathfun.h`, including where the
 compiler fuses multiply-adds), so the values are bit-identical to torch on x86-64 CPUs.
+
+`ImageGenerators` gives each image of a batch its own generator (diffusers' list of generators).
 """
 
 from __future__ import annotations
@@ -59,6 +61,28 @@ class TorchGenerator:
         theta = 2.0 * math.pi * u1
         self._cached_normal = radius * math.sin(theta)
         return radius * math.cos(theta)
+
+
+class ImageGenerators:
+    """One `TorchGenerator` per image of a batch, seeded `seeds[i]` for image i: `randn((N, ...))` draws image
+    i's slice from its own generator, as diffusers does with a list of generators. So every image of a batch
+    is the image a batch of one gives with its seed (A1111's batches: image i from seed + i)."""
+
+    def __init__(self, seeds: list[int] | tuple[int, ...]) -> None:
+        self.generators = [TorchGenerator(seed) for seed in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+        """Standard normal float32 array of `shape` (N images first), row i drawn by generator i."""
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(f"randn{shape}: the first dimension must be the batch's {len(self.generators)} images")
+        return np.concatenate([generator.randn((1, *shape[1:])) for generator in self.generators])
+
+
+Generator = TorchGenerator | ImageGenerators  # what the pipeline draws its noise from
 
 
 def _box_muller_blocks(blocks: np.ndarray) -> np.ndarray:

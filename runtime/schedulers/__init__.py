@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..echo import echo
 from .base import NoiseSource, Scheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -45,7 +46,9 @@ def resolve_name(name: str) -> str:
     """Short name for any accepted spelling; ValueError naming the choices otherwise."""
     key = _BY_NAME.get(str(name).strip().lower())
     if key is None:
-        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)}, or their diffusers/A1111 names)")
+        raise ValueError(
+            f"unknown scheduler {echo(name)} (known: {', '.join(SCHEDULERS)}, or their diffusers/A1111 names)"
+        )
     return key
 
 

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from ..echo import echo
+
 COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -44,7 +46,9 @@ class Scheduler:
         self.config = {**COMMON_DEFAULTS, **self.defaults}
         self.config.update({k: v for k, v in config.items() if k in self.config})
         if self.config["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {self.config['prediction_type']!r} (known: {PREDICTION_TYPES})")
+            raise ValueError(
+                f"unknown prediction_type {echo(self.config['prediction_type'])} (known: {PREDICTION_TYPES})"
+            )
         zero_snr = bool(self.config.get("rescale_betas_zero_snr"))
         if zero_snr and self.config.get("use_karras_sigmas"):
             raise ValueError("Karras sigmas are not supported on a zero-terminal-SNR schedule (rescale_betas_zero_snr)")
@@ -128,7 +132,7 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
 
         betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
         return np.asarray(betas, dtype=np.float32)
-    raise ValueError(f"unknown beta_schedule {schedule!r}")
+    raise ValueError(f"unknown beta_schedule {echo(schedule)}")
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -158,7 +162,7 @@ def spaced_timesteps(config: dict[str, Any], num_steps: int, solver_spacing: boo
     elif spacing == "trailing":
         return np.arange(n_train, 0, -n_train / num_steps).round() - 1
     else:
-        raise ValueError(f"unknown timestep_spacing {spacing!r} (known: linspace, leading, trailing)")
+        raise ValueError(f"unknown timestep_spacing {echo(spacing)} (known: linspace, leading, trailing)")
     steps = steps[::-1]
     return (steps[:-1] if solver_spacing else steps).copy()
 

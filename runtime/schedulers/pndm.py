@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..echo import echo
 from .base import NoiseSource, Scheduler, spaced_timesteps
 
 
@@ -88,7 +89,7 @@ class PNDMScheduler(Scheduler):
         if self.config["prediction_type"] == "v_prediction":
             model_output = alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
         elif self.config["prediction_type"] != "epsilon":
-            raise ValueError(f"PNDM supports epsilon and v_prediction, not {self.config['prediction_type']!r}")
+            raise ValueError(f"PNDM supports epsilon and v_prediction, not {echo(self.config['prediction_type'])}")
         sample_coeff = (alpha_prev / alpha) ** 0.5
         denom = alpha * (1 - alpha_prev) ** 0.5 + (alpha * (1 - alpha) * alpha_prev) ** 0.5
         return (sample_coeff * sample - (alpha_prev - alpha) * model_output / denom).astype(np.float32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import time
 from typing import Any
 
@@ -13,8 +14,9 @@ import numpy as np
 from fastapi import APIRouter, HTTPException
 from PIL import Image, ImageOps
 
+from ..echo import echo
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
-from ..request import DEFAULT_STRENGTH, GenerationRequest
+from ..request import DEFAULT_STRENGTH, RANDOM_SEED, SEED_RANGE, GenerationRequest
 from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
 from .schemas import Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
@@ -60,6 +62,7 @@ def to_request(
         width=body.width,
         height=body.height,
         seed=body.seed,
+        seed_per_image=True,  # A1111: image i from seed + i, so each image's PNG reproduces it alone
         batch=body.batch_size * body.n_iter,
         scheduler=body.sampler_name or None,
         eta=body.eta,
@@ -77,11 +80,12 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         if body.batch_size < 1 or body.n_iter < 1:
             bad = "batch_size" if body.batch_size < 1 else "n_iter"
             raise HTTPException(422, f"{bad}: must be >= 1")
+        subseed = _subseed(body.subseed)
         request = state.prepare(to_request(body, image, mask), FIELD_NAMES)
         out = await state.generate(request)
         texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]
         images = [base64.b64encode(png_bytes(img, text)).decode() for img, text in zip(out.images, texts, strict=True)]
-        info = {"prompt": body.prompt, "seed": request.seed, "infotexts": texts, **out.parameters}
+        info = {**info_of(body, request, subseed), "infotexts": texts, **out.parameters}
         parameters = body.model_dump(exclude={"init_images", "mask"})
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
@@ -152,6 +156,35 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def interrupt() -> dict[str, Any]:
         _, jobs = state.ready()
         return {"interrupted": jobs.interrupt()}
+
+
+def info_of(body: Txt2ImgRequest, request: GenerationRequest, subseed: int) -> dict[str, Any]:
+    """A1111's per-image lists of a resolved request: image i's prompt, negative prompt, seed and subseed."""
+    count = request.image_count
+    negatives = request.negative_prompts or [""] * len(request.prompts)
+    return {
+        "prompt": body.prompt,
+        "all_prompts": [request.prompts[i // request.batch] for i in range(count)],
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [negatives[i // request.batch] for i in range(count)],
+        "seed": request.seed,
+        "all_seeds": request.image_seeds,
+        "subseed": subseed,
+        "all_subseeds": [subseed + i for i in range(count)],
+        "subseed_strength": 0,
+        "batch_size": body.batch_size,
+        "index_of_first_image": 0,
+    }
+
+
+def _subseed(value: int) -> int:
+    """The variation seed A1111 reports (drawn when -1, as A1111 does); no pixel depends on it."""
+    if value == RANDOM_SEED:
+        return secrets.randbits(32)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise HTTPException(422, f"subseed: must be in [{low}, {high}] or {RANDOM_SEED}, got {echo(value)}")
+    return value
 
 
 def _runs(sampler: str, scheduler_config: dict[str, Any]) -> bool:

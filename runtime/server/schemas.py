@@ -23,7 +23,14 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float | None = Field(None, description="Default: the model's guidance.")
     width: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
     height: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
-    seed: int = Field(-1, description="-1 draws a random seed (reported in info).")
+    seed: int = Field(
+        -1, description="Image i of the batch is made from seed + i; -1 draws a random seed (reported in info)."
+    )
+    subseed: int = Field(
+        -1,
+        description="Variation seed, as A1111 reports it (subseed + i in info's all_subseeds); variations are not "
+        "supported (strength 0), so it changes no pixel. -1 draws one.",
+    )
     sampler_name: str | None = None
     batch_size: int = 1
     n_iter: int = 1
