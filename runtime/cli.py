@@ -384,6 +384,13 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--public-url", default=None, help="Base URL of image links (default: http://HOST:PORT).")
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="A web app's origin (https://app.example) whose pages may call the API, with CORS (repeatable).",
+)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Generation worker threads.")
 @click.option("--queue-size", default=8, show_default=True, type=click.IntRange(1), help="Jobs that may wait.")
 @click.option("--api-key", envvar="SD_ONNX_API_KEY", default=None, help="Required key (or $SD_ONNX_API_KEY).")
@@ -408,6 +415,7 @@ def serve(
     host: str,
     port: int,
     public_url: str | None,
+    allow_origins: tuple[str, ...],
     workers: int,
     queue_size: int,
     api_key: str | None,
@@ -431,6 +439,7 @@ def serve(
     With --ray the model runs on Ray Serve replicas (this machine or a cluster) behind the same API."""
     try:
         from .server.app import ServeConfig, run_server
+        from .server.state import normalize_origin
     except ImportError:
         raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
     ray_options = ray_serve_options(use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica, workers)
@@ -448,6 +457,10 @@ def serve(
         )
     if public_url is not None and not _is_base_url(public_url):
         raise click.ClickException(f"--public-url must be an http:// or https:// URL with a host, got {public_url!r}")
+    for origin in allow_origins:
+        if normalize_origin(origin) is None:
+            reason = f"{origin!r} is not an origin: scheme://host[:port], like https://app.example"
+            raise click.BadParameter(reason, param_hint="--allow-origin")
     try:
         resolve_providers(provider)
         applied = [parse_lora_option(text) for text in loras]
@@ -462,6 +475,8 @@ def serve(
         workers=workers,
         queue_size=queue_size,
         public_url=(public_url or f"http://{_url_host(host)}:{port}").rstrip("/"),
+        host=host,
+        allow_origins=tuple(allow_origins),
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)

@@ -148,14 +148,15 @@ def test_still_healthy_after_the_random_json(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
-def test_docs_are_behind_the_key_and_bearer_is_case_insensitive(tiny_export: Path) -> None:
+def test_schema_is_behind_the_key_and_bearer_is_case_insensitive(tiny_export: Path) -> None:
     srv = Server(tiny_export, "--api-key", "s3cret", "--public-url", "https://images.example.test/", *LIMITS)
     try:
-        for path in ("/docs", "/redoc", "/openapi.json"):
-            assert httpx.get(f"{srv.url}{path}").status_code == 401, path
-            assert httpx.get(f"{srv.url}{path}", headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{srv.url}/openapi.json").status_code == 401
+        assert httpx.get(f"{srv.url}/openapi.json", headers={"Authorization": "bearer s3cret"}).status_code == 200
+        for path in ("/docs", "/redoc"):  # CDN-loaded viewers: gone
+            assert httpx.get(f"{srv.url}{path}", headers={"Authorization": "bearer s3cret"}).status_code == 404
         body = {"prompt": "x", "size": "8x8", "response_format": "url"}
-        headers = {"authorization": "BEARER s3cret", "host": "evil.example"}
+        headers = {"authorization": "BEARER s3cret", "host": "localhost:1"}  # a Host the links must not follow
         r = httpx.post(f"{srv.url}/v1/images/generations", json=body, headers=headers, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["data"][0]["url"].startswith("https://images.example.test/v1/images/")
@@ -172,6 +173,8 @@ def test_docs_are_behind_the_key_and_bearer_is_case_insensitive(tiny_export: Pat
         (["--public-url", "notaurl"], {}, "--public-url must be an http:// or https:// URL with a host"),
         (["--public-url", "http://"], {}, "--public-url must be an http:// or https:// URL with a host"),
         (["--timeout", "nan"], {}, "Invalid value for --timeout: must be a number of seconds"),
+        (["--allow-origin", "*"], {}, "Invalid value for --allow-origin: '*' is not an origin"),
+        (["--allow-origin", "https://a.example/ui"], {}, "Invalid value for --allow-origin: 'https://a.example/ui'"),
     ],
 )
 def test_settings_that_would_weaken_the_server_are_refused(
@@ -248,8 +251,52 @@ def test_a_client_that_hangs_up_is_not_a_server_error(server: Server) -> None:
 
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n{")  # fmt: skip
     time.sleep(0.5)
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'status="500"' not in metrics and 'status="499"' in metrics
+
+
+def test_clients_that_hang_up_lose_their_jobs(tiny_export: Path) -> None:
+    """Three clients open slow generations (one runs, two wait: the queue is full) and close their sockets after
+    a second: the running job stops at its next step, the waiting ones leave the queue, and the next client is
+    served, not refused 503."""
+    import socket
+
+    srv = Server(tiny_export, "--queue-size", "2", "--max-steps", "1000", "--max-pixels", "4096")
+    body = json.dumps({"prompt": "slow", "steps": 999, "width": 64, "height": 64}).encode()
+    head = (f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    try:
+        clients = []
+        for _ in range(3):
+            clients.append(socket.create_connection(("127.0.0.1", srv.port)))
+            clients[-1].sendall(head + body)
+            time.sleep(0.2)  # in order: the first runs
+        assert wait_for_health(srv, lambda h: h["running"] == 1 and h["queued"] == 2), "jobs did not start"
+        full = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}, timeout=60)
+        assert full.status_code == 503  # the state the issue saw: others refused while nobody waits for the work
+        time.sleep(1)
+        step_at_close = httpx.get(f"{srv.url}/sdapi/v1/progress").json()["state"]["sampling_step"]
+        for client in clients:
+            client.close()
+        closed = time.monotonic()
+        assert wait_for_health(srv, lambda h: h["running"] == 0 and h["queued"] == 0), "abandoned jobs kept going"
+        assert time.monotonic() - closed < 3 and step_at_close < 999
+        ok = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}, timeout=60)
+        assert ok.status_code == 200
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'sd_requests_total{endpoint="/sdapi/v1/txt2img",status="499"} 3.0' in metrics
+    finally:
+        srv.stop()
+
+
+def wait_for_health(srv: Server, condition: object, seconds: float = 5.0) -> bool:
+    """Poll /health until `condition(body)` holds; False after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition(httpx.get(f"{srv.url}/health").json()):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,18 +1,24 @@
-"""The page at `GET /`, driven in a real headless Chromium: it loads with no outside resources, lists the
-model's samplers, and a generation started from it shows the image the API gives for the same request."""
+"""The page at `GET /`, driven in a real headless Chromium: it loads with no outside resources and nothing its
+Content-Security-Policy blocks, lists the model's samplers, and a generation started from it shows the image the
+API gives for the same request. Pages of other web sites cannot make the server work; a listed one can."""
 
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
+import io
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from tests.test_server import Server
+from tests.test_server import Server, free_port
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -34,6 +40,7 @@ def browser() -> Iterator[webdriver.Chrome]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     options.add_argument("--disable-background-networking")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see Content-Security-Policy reports
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
@@ -67,6 +74,24 @@ def test_page_is_self_contained_and_public(keyed_server: Server) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", response.text), "page must not load outside resources"
     assert "{{" not in response.text
     assert httpx.get(keyed_server.url + "/sdapi/v1/samplers").status_code == 401  # the API itself stays closed
+
+
+def test_page_has_security_headers_and_its_policy_blocks_nothing_of_its_own(
+    keyed_server: Server, browser: webdriver.Chrome
+) -> None:
+    response = httpx.get(keyed_server.url + "/")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in policy and "unsafe" not in policy and "frame-ancestors 'none'" in policy
+    assert response.headers["x-frame-options"] == "DENY" and response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    browser.get_log("browser")  # drop earlier messages
+    browser.get(keyed_server.url + "/")
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "error").text)  # samplers: 401, shown by JS
+    assert browser.execute_script("return getComputedStyle(document.body).maxWidth") == "960px"  # the inline style
+    blocked = [
+        entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]
+    ]
+    assert not blocked, blocked
 
 
 def test_generation_from_the_page_shows_the_apis_image(keyed_server: Server, browser: webdriver.Chrome) -> None:
@@ -125,3 +150,108 @@ def test_a_long_generation_shows_live_previews(keyed_server: Server, browser: we
     previews = browser.execute_script("return window.previews")
     assert previews and all(re.fullmatch(r"step \d+/40\d", text) for text in previews), previews
     assert not browser.find_element(By.ID, "preview").is_displayed()  # gone once the result is there
+
+
+@pytest.fixture(scope="module")
+def other_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A plain web server on another port: its pages are another origin, as http://127.0.0.1:PORT (listed with
+    --allow-origin below) and as http://localhost:PORT (not listed: the hostile site)."""
+    root = tmp_path_factory.mktemp("other-site")
+    (root / "index.html").write_text("<!doctype html><title>another site</title><p>another site</p>")
+    handler = functools.partial(QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_export: Path, other_site: int) -> Iterator[Server]:
+    """No API key, as most local installs run: only the browser rules stand between a web page and the API."""
+    srv = Server(tiny_export, "--allow-origin", f"http://127.0.0.1:{other_site}", "--max-pixels", str(64 * 64))
+    yield srv
+    srv.stop()
+
+
+ATTACK = """
+const [server, png, done] = arguments;
+const form = new FormData();
+form.append("prompt", "from another site");
+form.append("steps", "2");
+form.append("image", new Blob([Uint8Array.from(atob(png), (c) => c.charCodeAt(0))], {type: "image/png"}), "i.png");
+const tries = [
+  ["/v1/images/edits", {method: "POST", body: form}],  // multipart: a "simple" request, no preflight
+  ["/sdapi/v1/interrupt", {method: "POST", headers: {"Content-Type": "text/plain"}, body: "{}"}],
+];
+const outcomes = [];
+for (const [path, init] of tries) {
+  for (const mode of ["cors", "no-cors"]) {
+    try {
+      const r = await fetch(server + path, {...init, mode});
+      outcomes.push(`${path} ${mode}: ${r.type} ${r.status}`);
+    } catch (e) {
+      outcomes.push(`${path} ${mode}: failed`);
+    }
+  }
+}
+done(outcomes);
+"""
+
+
+def transparent_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def refusals(server: Server) -> float:
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'endpoint="/v1/images/edits"' not in metrics and 'endpoint="/sdapi/v1/interrupt"' not in metrics
+    found = re.search(r'sd_requests_total\{endpoint="unmatched",status="403"\} (\S+)', metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["other-origin", "null-origin"])
+def test_pages_of_other_sites_cannot_make_the_server_work(
+    open_server: Server, browser: webdriver.Chrome, other_site: int, sandboxed: bool
+) -> None:
+    """A multipart POST to /v1/images/edits and a text/plain POST to /sdapi/v1/interrupt need no preflight, so
+    the browser sends them, from another site's page or from a sandboxed frame in one (Origin: null, as a data:
+    page has; Chromium itself blocks a data: page's requests to local addresses); the server refuses them (403)
+    before any route runs."""
+    before = refusals(open_server)
+    browser.switch_to.default_content()
+    browser.get(f"http://localhost:{other_site}/")
+    if sandboxed:
+        browser.execute_script(
+            "const f = document.createElement('iframe'); f.sandbox = 'allow-scripts'; f.srcdoc = '<p>sandboxed</p>';"
+            "document.body.append(f);"
+        )
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.TAG_NAME, "iframe"))
+        browser.switch_to.frame(browser.find_element(By.TAG_NAME, "iframe"))
+    browser.set_script_timeout(60)
+    outcomes = browser.execute_async_script(ATTACK, open_server.url, transparent_png())
+    browser.switch_to.default_content()
+    assert all(not outcome.endswith(" 200") for outcome in outcomes), outcomes
+    assert refusals(open_server) == before + 4, outcomes  # each try reached the server and was refused there
+    progress = httpx.get(open_server.url + "/sdapi/v1/progress").json()
+    assert progress["state"]["job_count"] == 0
+
+
+def test_a_listed_origin_reads_the_api(open_server: Server, browser: webdriver.Chrome, other_site: int) -> None:
+    browser.get(f"http://127.0.0.1:{other_site}/")
+    browser.set_script_timeout(60)
+    script = """
+    const [server, done] = arguments;
+    const samplers = await (await fetch(server + "/sdapi/v1/samplers")).json();
+    const r = await fetch(server + "/sdapi/v1/txt2img", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({prompt: "from a listed app", steps: 2})});  // JSON: preflighted
+    done([samplers.length, r.status, (await r.json()).images.length]);
+    """
+    count, status, images = browser.execute_async_script(script, open_server.url)
+    assert count > 0 and status == 200 and images == 1

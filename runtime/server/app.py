@@ -13,8 +13,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
@@ -49,7 +48,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
     api = APIRouter(dependencies=[Depends(_api_key_check(state))])
     a1111.add_routes(api, state)
     openai.add_routes(api, state)
-    _add_docs(api, app)
+    _add_schema(api, app)
 
     @api.get("/metrics")
     def metrics() -> Response:
@@ -59,20 +58,13 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
     return app
 
 
-def _add_docs(api: APIRouter, app: FastAPI) -> None:
-    """OpenAPI schema and its two viewers, behind the API key like every route but /health."""
+def _add_schema(api: APIRouter, app: FastAPI) -> None:
+    """The OpenAPI schema, behind the API key like every route but /health. No /docs or /redoc viewer: both
+    load their scripts from a CDN, so they were blank offline and would need the page's CSP opened to it."""
 
     @api.get("/openapi.json", include_in_schema=False)
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
-
-    @api.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="sd-onnx")
-
-    @api.get("/redoc", include_in_schema=False)
-    def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title="sd-onnx")
 
 
 def _api_key_check(state: ServerState) -> Callable[[Request], None]:

@@ -1,8 +1,9 @@
 """A bounded job queue in front of one shared pipeline: a fixed pool of worker threads takes jobs in order;
 a full queue is refused at once (the caller answers 503), so accepted work is never dropped.
 
-Cancellation (interrupt, request timeout, shutdown) is a flag the pipeline polls between denoising steps and
-between decoded images, so a cancelled job stops within one UNet step or one VAE decode.
+Cancellation (interrupt, request timeout, a client that hangs up, shutdown) is a flag the pipeline polls between
+denoising steps and between decoded images, so a cancelled job stops within one UNet step or one VAE decode; a
+job cancelled while it waits leaves the queue at once.
 """
 
 from __future__ import annotations
@@ -93,11 +94,22 @@ class JobQueue:
         if not self.accepting:
             raise ShuttingDown("server is shutting down")
         job = Job(request)
+        job.on_cancel = lambda: self._drop(job)
         try:
             self.pending.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"queue is full ({self.pending.maxsize} waiting)") from None
         return job
+
+    def _drop(self, job: Job) -> None:
+        """A job cancelled while it waits (its client hung up or timed out) leaves the queue at once, so its
+        place goes to the next request instead of a 503; a running job is not in the queue."""
+        with self.pending.mutex:
+            for index, waiting in enumerate(self.pending.queue):
+                if waiting is job:  # by identity: a Job's == would compare its request's images
+                    del self.pending.queue[index]
+                    self.pending.not_full.notify()
+                    return
 
     def depth(self) -> int:
         return self.pending.qsize()

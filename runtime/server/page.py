@@ -1,8 +1,14 @@
 """`GET /`: one plain HTML/JS page for people (no build step, no CDN) that drives the A1111 routes: it posts to
-/sdapi/v1/txt2img, polls /sdapi/v1/progress for a live preview and shows the result with its parameters."""
+/sdapi/v1/txt2img, polls /sdapi/v1/progress for a live preview and shows the result with its parameters.
+
+Its Content-Security-Policy allows exactly its own inline script and style (by their sha256), images from
+`data:` URLs (the results and previews) and requests to its own origin, so nothing injected into it runs."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from functools import cache
 from importlib.resources import files
 
@@ -17,11 +23,36 @@ def _template() -> str:
     return files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
+@cache
+def render(needs_key: bool) -> tuple[str, str]:
+    """The page and its Content-Security-Policy (the hashes are of the page as sent, key flag included)."""
+    html = _template().replace("{{NEEDS_KEY}}", "true" if needs_key else "false")
+    return html, "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {_hashes(html, 'script')}",
+            f"style-src {_hashes(html, 'style')}",
+            "img-src data:",
+            "connect-src 'self'",
+            "form-action 'self'",
+            "base-uri 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+def _hashes(html: str, tag: str) -> str:
+    """CSP source expressions for each inline `<tag>` of the page ('none' without one)."""
+    bodies = re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", html, flags=re.DOTALL)
+    digests = [base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() for body in bodies]
+    return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+
 def add_routes(app: FastAPI, state: ServerState) -> None:
     """The page itself is public (it holds no data); it asks for the API key only when the server has one, and
     sends it with each call as the API routes require."""
 
     @app.get("/", include_in_schema=False)
     def index() -> HTMLResponse:
-        needs_key = "true" if state.config.api_key is not None else "false"
-        return HTMLResponse(_template().replace("{{NEEDS_KEY}}", needs_key))
+        html, policy = render(state.config.api_key is not None)
+        return HTMLResponse(html, headers={"Content-Security-Policy": policy})

@@ -10,17 +10,26 @@ import secrets
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
 from ..request import GenerationRequest, Limits, RequestError
-from .jobs import JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
+from .jobs import Job, JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
 
 LOG = logging.getLogger("sd_onnx.server")
+# Set by middleware.BodyLimit for each HTTP request once its body is read: waits until the client hangs up, so
+# `generate` can drop or cancel the job of a client that is no longer there. None outside a request.
+CLIENT_GONE: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("sd_onnx_client_gone", default=None)
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready: nothing to answer, and not a server error."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,41 @@ class ServeConfig:
     image_store_size: int = 64
     public_url: str = "http://127.0.0.1:7860"
     graceful_shutdown_s: float = 30.0
+    # The address the server listens on, for the Host check (DNS rebinding); None (an app built in process,
+    # Ray Serve's builder) accepts any Host.
+    host: str | None = None
+    # Web origins (scheme://host[:port]) besides the server's own whose browser requests are served, with CORS.
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; give a key or None for no authentication")
+        origins = []
+        for text in self.allow_origins:
+            origin = normalize_origin(text)
+            if origin is None:
+                raise ValueError(
+                    f"allow_origins: {text!r} is not an origin like https://app.example or http://host:port"
+                )
+            origins.append(origin)
+        object.__setattr__(self, "allow_origins", tuple(origins))  # as browsers write them, to compare exactly
+
+
+def normalize_origin(text: str) -> str | None:
+    """`scheme://host[:port]` as a browser serialises it in `Origin` (lower case, no default port, no slash), or
+    None when `text` is not an http(s) origin (a path, query, user name or the opaque `null` origin)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or any(c.isspace() for c in text.strip()):
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 80 if parts.scheme == "http" else 443
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 class ServerState:
@@ -98,8 +138,9 @@ class ServerState:
             raise HTTPException(422, f"{names.get(exc.field, exc.field)}: {exc.reason}") from None
 
     async def generate(self, request: GenerationRequest) -> PipelineOutput:
-        """Queue a resolved request and wait; queue, timeout and cancellation become HTTP answers. A timed-out
-        job is cancelled, not left running."""
+        """Queue a resolved request and wait; queue, timeout and cancellation become HTTP answers. The job of a
+        request that times out or whose client hangs up is cancelled (dropped if still queued), not left
+        running for nobody."""
         _, jobs = self.ready()
         try:
             job = jobs.submit(request)
@@ -107,12 +148,13 @@ class ServerState:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         waiter = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), self.config.timeout_s)
+            return await asyncio.wait_for(_unless_client_gone(waiter), self.config.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
-            job.cancel()
-            job.future.cancel()  # still queued: never runs
-            waiter.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody waits for it now
+            _abandon(job, waiter)
             raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
+        except (ClientGone, asyncio.CancelledError):  # the client hung up, or the server cancelled its request
+            _abandon(job, waiter)
+            raise
         except GenerationCancelled:
             raise HTTPException(409, "generation was interrupted") from None
         except (QueueFull, ShuttingDown, WorkerLost) as exc:  # QueueFull: Serve's queue refuses when assigning
@@ -131,3 +173,26 @@ class ServerState:
     def image_url(self, png: bytes) -> str:
         """A link to a stored image on the configured public URL (never the client's Host header)."""
         return f"{self.config.public_url}/v1/images/files/{self.store_image(png)}.png"
+
+
+async def _unless_client_gone(waiter: asyncio.Future) -> PipelineOutput:
+    """The job's result, or ClientGone as soon as the request's client hangs up (watched through CLIENT_GONE;
+    without it, as in a plain ASGI call, just the result). The job itself is left to the caller."""
+    client_gone = CLIENT_GONE.get()
+    if client_gone is None:
+        return await asyncio.shield(waiter)
+    gone = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not waiter.done():
+        raise ClientGone
+    return waiter.result()
+
+
+def _abandon(job: Job, waiter: asyncio.Future) -> None:
+    """Nobody will read this job's answer: cancel it at its next step, or drop it if it is still queued."""
+    job.cancel()
+    job.future.cancel()  # still queued: never runs
+    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())  # its error is nobody's to log
