@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from ..pipeline import GenerationCancelled, StableDiffusionPipeline
-from ..ray_cluster import connect
+from ..ray_cluster import connect, loopback_serve_replica
 from ..request import GenerationRequest, Limits
 from .app import create_app
 from .jobs import Job, QueueFull, ShuttingDown, WorkerLost
@@ -80,6 +80,7 @@ class ModelReplica:
     """One copy of the pipeline; `generate` streams ("step", i, total, latents) and then ("done", output)."""
 
     def __init__(self, folder: str, provider: str, threads: int | None, loras: list[tuple[str, float]]) -> None:
+        loopback_serve_replica()
         self.pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple]:
@@ -217,6 +218,7 @@ class Ingress:
     sessions (requests are checked here, generated on ModelReplica)."""
 
     def __init__(self, model: Any, folder: str, config: ServeConfig, loras: list[tuple[str, float]]) -> None:
+        loopback_serve_replica()
         self.model, self.folder, self.config, self.loras = model, folder, config, loras
 
     def __serve_build_asgi_app__(self) -> FastAPI:
