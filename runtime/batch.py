@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import UntrustedFileError, inside, parse_json, read_lines, regular_file
 from .image import parameters_text, png_bytes
 from .pipeline import StableDiffusionPipeline
 from .request import GenerationRequest, Limits
@@ -43,6 +44,8 @@ FIELDS = (
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LINE_CHARS = 100_000
+MAX_LINES = 100_000  # a day of images at one per second; split larger lists
+MAX_RECORD_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -57,33 +60,31 @@ class BatchItem:
 
 def read_items(path: Path) -> list[BatchItem]:
     """Every non-blank line of a JSONL file as an item; malformed lines, unknown fields and repeated ids are
-    items with an error. Raises ValueError only when the file itself cannot be read as UTF-8 text."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark, as Notepad and Excel write
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    if not text.strip():
-        raise ValueError(f'{path}: has no requests (one JSON object per line, such as {{"prompt": "a cat"}})')
+    items with an error. The file is read one bounded line at a time (see files.read_lines); raises
+    ValueError only when the file itself cannot be read: not a regular file, not UTF-8, too many lines."""
     items, seen = [], {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    for number, line in read_lines(path, MAX_LINE_CHARS, MAX_LINES, "prompts file"):
+        if line is None:
+            items.append(BatchItem(f"line-{number}", number, None, f"line is longer than {MAX_LINE_CHARS} characters"))
+        elif line.strip():
             item = _parse_line(line, number)
             key = item.id.casefold()  # Cat.png and cat.png are one file on macOS and Windows
             if key in seen:
                 item = BatchItem(f"line-{number}", number, None, f"id {item.id!r} is already used on line {seen[key]}")
             seen.setdefault(key, number)
             items.append(item)
+    if not items:
+        raise ValueError(f'{path}: has no requests (one JSON object per line, such as {{"prompt": "a cat"}})')
     return items
 
 
 def _parse_line(line: str, number: int) -> BatchItem:
     default_id = f"line-{number}"
-    if len(line) > MAX_LINE_CHARS:
-        return BatchItem(default_id, number, None, f"line is longer than {MAX_LINE_CHARS} characters")
     try:
-        data = json.loads(line)
-    except ValueError:
-        return BatchItem(default_id, number, None, "not valid JSON")
+        data = parse_json(line, f"line {number}", finite=False)  # the request's checks name a bad number
+    except ValueError as exc:
+        reason = "nested too deeply" if "nested" in str(exc) else "not valid JSON"
+        return BatchItem(default_id, number, None, reason)
     if not isinstance(data, dict):
         return BatchItem(default_id, number, None, 'must be a JSON object such as {"prompt": "a cat"}')
     item_id = data.pop("id", default_id)
@@ -144,7 +145,7 @@ class BatchOutput:
             if self.results.exists() and self.results.stat().st_size:
                 raise ValueError(f"{self.results} exists: add --resume to continue that run, or use another OUTDIR")
             return set()
-        done = {r["id"]: r for r in self._records() if r.get("status") == "ok" and (self.folder / r["file"]).is_file()}
+        done = {r["id"]: r for r in self._records() if r.get("status") == "ok" and self._has_image(r["file"])}
         partial = self.folder / f".{RESULTS_NAME}.partial"
         partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
         partial.replace(self.results)
@@ -161,13 +162,21 @@ class BatchOutput:
             out.flush()
             os.fsync(out.fileno())
 
+    def _has_image(self, name: str) -> bool:
+        """Whether a record's image is a file in this folder (a record naming another path is not ours)."""
+        try:
+            regular_file(inside(self.folder, name, self.results))
+        except UntrustedFileError:
+            return False
+        return True
+
     def _records(self) -> Iterator[dict[str, Any]]:
         """Every complete record; a line cut short by a crash is skipped."""
         if not self.results.is_file():
             return
-        for line in self.results.read_text(encoding="utf-8", errors="replace").splitlines():
+        for _, line in read_lines(self.results, MAX_RECORD_CHARS, MAX_LINES, "results file"):
             try:
-                record = json.loads(line)
+                record = parse_json(line or "", str(self.results))
             except ValueError:
                 continue
             if (

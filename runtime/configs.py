@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .echo import echo
 from .manifest import ManifestError, ModelConfig, read_json
+from .manifest_schema import check_model_config
 
 __all__ = ["read_json", "read_model_config", "size_multiple"]
 
@@ -37,16 +39,17 @@ def read_model_config(
     text = read_json(text_path) if text_path.is_file() else {}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
-    width = text.get("hidden_size") or text_width or unet.get("cross_attention_dim")
     second_path = folder / "text_encoder_2" / "config.json"
-    pooled_dim = time_ids = None
-    if second_path.is_file():  # SDXL: both encoders' states side by side, the second's pooled projection
-        pooled_dim = int(read_json(second_path)["projection_dim"])
-        width = unet["cross_attention_dim"]
-        time_ids = (unet["projection_class_embeddings_input_dim"] - pooled_dim) // unet["addition_time_embed_dim"]
+    second = read_json(second_path) if second_path.is_file() else None
     index_path = folder / "model_index.json"
     index = read_json(index_path) if index_path.is_file() else {}
     try:
+        width = text.get("hidden_size") or text_width or unet.get("cross_attention_dim")
+        pooled_dim = time_ids = None
+        if second is not None:  # SDXL: both encoders' states side by side, the second's pooled projection
+            pooled_dim = int(second["projection_dim"])
+            width = unet["cross_attention_dim"]
+            time_ids = (unet["projection_class_embeddings_input_dim"] - pooled_dim) // unet["addition_time_embed_dim"]
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         config = ModelConfig(
             embedding_dim=int(width),
@@ -65,8 +68,11 @@ def read_model_config(
             unet_in_channels=_inpainting_channels(unet, vae_config),
             vae_kind="tiny" if vae_config.get("_class_name") == "AutoencoderTiny" else "full",
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({exc})") from exc
+        check_model_config(config)
+    except ManifestError as exc:
+        raise ManifestError(f"{folder}: {exc}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
     if guidance_scale is not None:
         config.guidance_scale = guidance_scale
     return config

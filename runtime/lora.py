@@ -11,15 +11,17 @@ checkpoint's blocks are refused: fuse those at export (`sd-export convert --lora
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from .echo import echo
+from .files import UntrustedFileError, inside, parse_json, read_json, regular_file
 from .request import RequestError
+from .schema import Obj, Opt, SchemaError, check
 
 TARGETS_FILE = "lora_targets.json"
 # Key prefix -> component; longer prefixes first (text_encoder_2 before text_encoder).
@@ -36,6 +38,19 @@ PARTS = {
 }  # fmt: skip
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 MAX_HEADER = 100 * 2**20
+MAX_LORA_BYTES = 8 << 30  # SDXL LoRAs of high rank reach 1-2 GB
+MAX_TARGETS_BYTES = 64 << 20  # SDXL's UNet map is about 1 MB
+MAX_WEIGHT_VALUES = 1 << 30
+WEIGHT_DTYPES = ("float32", "float16")
+LAYOUTS = ("conv", "gemm", "matmul")
+TENSOR_SPEC = Obj({"dtype": str, "shape": [int], "data_offsets": [int]})
+SAFETENSORS_HEADER = Obj({}, {"__metadata__": Opt({str: str})})
+TARGETS_SCHEMA = Obj(
+    {
+        "modules": {str: [Obj({"tensor": str, "layout": str})]},
+        "tensors": {str: Obj({"dtype": str, "shape": [int], "file": str, "offset": int})},
+    }
+)
 
 
 @dataclass
@@ -68,7 +83,10 @@ class Lora:
         file = Path(file).expanduser()
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not -10.0 <= scale <= 10.0:
             raise RequestError("loras", f"{file.name}: scale must be a number in -10..10, got {scale!r}")
-        tensors, metadata = read_safetensors(file)
+        try:
+            tensors, metadata = read_safetensors(file)
+        except UntrustedFileError as exc:
+            raise RequestError("loras", str(exc)) from None
         lora = cls(file, float(scale))
         alphas = _metadata_alphas(metadata)
         for key, value in tensors.items():
@@ -212,17 +230,23 @@ def _add(
 
 
 def _base_weight(folder: Path, where: dict[str, Any]) -> np.ndarray:
-    """A float32 copy of an initializer's data, read from its file at its recorded offset (updates are summed in
-    float32 and cast back once, as fusing in PyTorch then converting would)."""
+    """A float32 copy of an initializer's data, read from its file (inside the component's folder) at its
+    recorded offset (updates are summed in float32 and cast back once, as fusing in PyTorch then converting
+    would)."""
     dtype = np.dtype(where["dtype"])
     count = int(np.prod(where["shape"], dtype=np.int64))
-    with open(folder / where["file"], "rb") as f:
-        f.seek(int(where["offset"]))
-        raw = f.read(count * dtype.itemsize)
-    if len(raw) != count * dtype.itemsize:
+    try:
+        path = inside(folder, where["file"], folder / TARGETS_FILE)
+        size = regular_file(path, "model file").st_size
+    except UntrustedFileError as exc:
+        raise RequestError("loras", str(exc)) from None
+    if where["offset"] + count * dtype.itemsize > size:
         raise RequestError(
             "loras", f"{folder.name}: {where['file']} is shorter than its LoRA map says; re-export the model"
         )
+    with open(path, "rb") as f:
+        f.seek(where["offset"])
+        raw = f.read(count * dtype.itemsize)
     return np.frombuffer(raw, dtype).reshape(where["shape"]).astype(np.float32)
 
 
@@ -235,7 +259,31 @@ def _read_targets(folder: Path, lora: Lora) -> dict[str, Any]:
             "LoRA at load time (their weights are quantized) and older exports lack the map: fuse the LoRA at "
             "export (sd-export convert --lora) or re-export",
         )
-    return json.loads(path.read_text())
+    try:
+        targets = read_json(path, MAX_TARGETS_BYTES, "LoRA map")
+        check(targets, TARGETS_SCHEMA, "", TARGETS_FILE)
+        _check_targets(targets)
+    except (UntrustedFileError, SchemaError) as exc:
+        where = "" if str(exc).startswith(str(path)) else f"{path}: "
+        raise RequestError("loras", f"{where}{exc}") from None
+    return targets
+
+
+def _check_targets(targets: dict[str, Any]) -> None:
+    """What the schema's types cannot say: layouts, dtypes, sizes, and that every module's tensor is listed."""
+    for name, where in targets["tensors"].items():
+        if where["dtype"] not in WEIGHT_DTYPES or where["offset"] < 0 or not 0 < len(where["shape"]) <= 4:
+            raise SchemaError(f"tensors.{echo(name)}: needs a float dtype, an offset >= 0 and 1-4 dimensions")
+        if any(d < 1 for d in where["shape"]) or np.prod(where["shape"], dtype=np.float64) > MAX_WEIGHT_VALUES:
+            raise SchemaError(
+                f"tensors.{echo(name)}.shape: must be positive sizes of at most {MAX_WEIGHT_VALUES} values"
+            )
+    for module, parts in targets["modules"].items():
+        for part in parts:
+            if part["layout"] not in LAYOUTS or part["tensor"] not in targets["tensors"]:
+                raise SchemaError(
+                    f"modules.{echo(module)}: layout must be one of {', '.join(LAYOUTS)} and its tensor listed"
+                )
 
 
 def _split_key(file: Path, key: str) -> tuple[str, str, str]:
@@ -269,38 +317,50 @@ def _check_pair(file: Path, module: str, pair: LowRank) -> None:
 def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
     """diffusers' `lora_adapter_metadata` (PEFT config per component): lora_alpha by component."""
     try:
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        config = parse_json(metadata.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
         return {key.split(".")[0]: float(value) for key, value in config.items() if key.endswith(".lora_alpha")}
     except (ValueError, TypeError, AttributeError):
         return {}
 
 
 def read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (float32/float16; bfloat16 widened to float32) and metadata of a .safetensors file, NumPy only."""
-    if file.suffix != ".safetensors" or not file.is_file():
-        raise RequestError("loras", f"{file}: no such .safetensors file")
-    data = file.read_bytes()
-    try:
-        (length,) = struct.unpack("<Q", data[:8])
-        if length > min(MAX_HEADER, len(data) - 8):
-            raise ValueError("header length")
-        header = json.loads(data[8 : 8 + length])
-        metadata = header.pop("__metadata__", {}) or {}
-        tensors = {name: _tensor(data, 8 + length, spec) for name, spec in header.items()}
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise RequestError("loras", f"{file.name}: not a readable .safetensors file ({exc})") from None
+    """Tensors (float32/float16; bfloat16 widened to float32) and metadata of a .safetensors file, NumPy only.
+    The header is bounded and checked before any tensor is read; each tensor is read alone, within the file.
+    UntrustedFileError naming the file otherwise."""
+    if file.suffix != ".safetensors":
+        raise UntrustedFileError(f"{file}: not a .safetensors file")
+    size = regular_file(file, ".safetensors file").st_size
+    if size > MAX_LORA_BYTES:
+        raise UntrustedFileError(f"{file}: {size / 2**30:.1f} GiB, larger than a LoRA can be")
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER, size - 8):
+            raise UntrustedFileError(f"{file.name}: not a readable .safetensors file (header length)")
+        header = parse_json(f.read(length), file.name)
+        try:
+            check(header, SAFETENSORS_HEADER, "", "header")
+            metadata = header.pop("__metadata__", None) or {}
+            check(header, {str: TENSOR_SPEC}, "", "header")
+            tensors = {name: _tensor(f, 8 + length, size, spec) for name, spec in header.items()}
+        except (SchemaError, ValueError) as exc:
+            raise UntrustedFileError(f"{file.name}: not a readable .safetensors file ({exc})") from None
     return tensors, metadata
 
 
-def _tensor(data: bytes, start: int, spec: dict[str, Any]) -> np.ndarray:
+def _tensor(file: BinaryIO, start: int, size: int, spec: dict[str, Any]) -> np.ndarray:
     dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
     if dtype is None:
-        raise ValueError(f"dtype {spec['dtype']} is not a float type")
-    begin, end = (start + int(o) for o in spec["data_offsets"])
-    shape = tuple(int(d) for d in spec["shape"])
-    if not start <= begin <= end <= len(data) or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ValueError(f"dtype {echo(spec['dtype'])} is not a float type")
+    begin, end = (start + o for o in spec["data_offsets"])
+    shape = tuple(spec["shape"])
+    if len(shape) > 8 or any(d < 0 for d in shape):
+        raise ValueError(f"shape {echo(list(shape))} is not a tensor shape")
+    expected = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    if not start <= begin <= end <= size or end - begin != expected:
         raise ValueError("data offsets do not match the shape")
-    array = np.frombuffer(data, dtype, count=(end - begin) // np.dtype(dtype).itemsize, offset=begin).reshape(shape)
+    file.seek(begin)
+    array = np.frombuffer(file.read(end - begin), dtype).reshape(shape)
     if spec["dtype"] == "BF16":  # the upper half of a float32
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array

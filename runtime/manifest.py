@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import MAX_JSON_BYTES, UntrustedFileError, inside, regular_file
+from .files import read_json as read_untrusted_json
 
 MANIFEST_NAME = "sd_onnx.json"
 FORMAT_VERSION = 1
@@ -26,7 +30,7 @@ STAGE_COMPONENTS = ("unet_stage_0", "unet_stage_1", "unet_stage_2", "unet_stage_
 ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS + STAGE_COMPONENTS
 
 
-class ManifestError(ValueError):
+class ManifestError(UntrustedFileError):
     """A model folder is missing, incomplete, corrupt or does not match its manifest."""
 
 
@@ -148,7 +152,7 @@ class Manifest:
         """Check `data` against the manifest schema (ManifestError naming the first bad field), then build.
 
         A manifest written before `size_multiple` existed gets it from `folder`/unet/config.json."""
-        from .manifest_schema import check_manifest
+        from .manifest_schema import check_manifest, check_model_config
 
         check_manifest(data)
         if data["format_version"] != FORMAT_VERSION:
@@ -156,11 +160,13 @@ class Manifest:
         config = {k: v for k, v in data["config"].items() if k in ModelConfig.__dataclass_fields__}
         if "size_multiple" not in config:
             config["size_multiple"] = _size_multiple_from_unet_config(folder, config["vae_scale_factor"])
+        model_config = ModelConfig(**config)
+        check_model_config(model_config)
         return cls(
             source=data["source"],
             model_family=data["model_family"],
             pipeline_class=data["pipeline_class"],
-            config=ModelConfig(**config),
+            config=model_config,
             components={k: ComponentInfo.from_dict(v) for k, v in data["components"].items()},
             tools=data.get("tools") or {},
             name=data.get("name") or "",
@@ -171,7 +177,7 @@ class Manifest:
     @classmethod
     def load(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ManifestError(f"{folder}: no {MANIFEST_NAME}; not an sd-onnx model folder")
         data = read_json(path, expect_object=False)  # the schema check names what is wrong with its shape
         try:
@@ -186,28 +192,35 @@ class Manifest:
             raise ManifestError(problems[0])
 
     def problems(self, folder: Path, components: tuple[str, ...] | None = None) -> list[str]:
-        """Every missing or modified file of the named components, one line each (empty: all intact)."""
+        """Every missing or modified file of the named components, one line each (empty: all intact). Paths
+        resolve inside `folder` (symlinks followed) or are refused; only regular files are hashed."""
         found = []
         for name in components or tuple(self.components):
             for rel, expected in self.components[name].files.items():
-                path = Path(folder) / rel
-                if not path.is_file():
-                    found.append(f"{name}: missing model file {path}")
-                elif sha256_file(path) != expected:
+                try:
+                    path = inside(folder, rel, Path(folder) / MANIFEST_NAME)
+                    if not os.path.exists(path):
+                        found.append(f"{name}: missing model file {path}")
+                        continue
+                    regular_file(path, "model file")
+                except UntrustedFileError as exc:
+                    found.append(f"{name}: {exc}")
+                    continue
+                if sha256_file(path) != expected:
                     found.append(f"{name}: sha256 mismatch for {path} (corrupt or modified file)")
         return found
 
 
-def read_json(path: Path, expect_object: bool = True) -> Any:
-    """JSON from a model folder's file; ManifestError naming the file when it is missing, corrupt or (with
-    `expect_object`) not a JSON object."""
+def read_json(path: Path, expect_object: bool = True, limit: int = MAX_JSON_BYTES) -> Any:
+    """JSON from a model folder's file (bounded in size and depth, see files.py); ManifestError naming the file
+    when it is missing, corrupt or (with `expect_object`) not a JSON object."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError(f"{path.parent}: incomplete model, missing {path.name}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: corrupt JSON ({exc})") from exc
+        data = read_untrusted_json(path, limit)
+    except UntrustedFileError as exc:
+        raise ManifestError(str(exc)) from None
     if expect_object and not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

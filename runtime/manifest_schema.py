@@ -1,34 +1,15 @@
-"""The manifest's schema and its checker: a manifest of the wrong shape fails on load with one line naming the
-field (`components.unet.files: expected an object, got list`), never later as a traceback.
-
-The schema is data: a Python type, `Opt(spec)`, `[spec]` (list of), `{str: spec}` (mapping of) or an
-`Obj` of named fields. No pydantic: the runtime stays within its five dependencies.
-"""
+"""The manifest's schema (see schema.py) and the rules beyond types: a manifest of the wrong shape fails on
+load with one line naming the field, never later as a traceback."""
 
 from __future__ import annotations
 
 import math
 import posixpath
-from dataclasses import dataclass, field
 from typing import Any
 
-from .manifest import ALL_COMPONENTS, STAGE_COMPONENTS, ManifestError
-
-
-@dataclass(frozen=True)
-class Opt:
-    """A field that may be absent or null."""
-
-    spec: Any
-
-
-@dataclass(frozen=True)
-class Obj:
-    """A JSON object with required and optional fields; other keys are allowed (forward compatibility)."""
-
-    fields: dict[str, Any]
-    optional: dict[str, Any] = field(default_factory=dict)
-
+from .echo import echo
+from .manifest import ALL_COMPONENTS, STAGE_COMPONENTS, ManifestError, ModelConfig
+from .schema import Obj, Opt, SchemaError, check
 
 DIM = (int, str)
 TENSOR = Obj({"name": str, "shape": [DIM], "dtype": str})
@@ -91,13 +72,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def check_manifest(data: Any) -> None:
     """ManifestError naming the first field that does not match the schema or its rules."""
-    check(data, MANIFEST, "")
+    try:
+        check(data, MANIFEST, "", "manifest")
+    except SchemaError as exc:
+        raise ManifestError(str(exc)) from None
     config = data["config"]
-    for key in SIZES:
-        if config.get(key) is not None and not 0 < config[key] <= MAX_SIZE:
-            raise ManifestError(f"config.{key}: must be in 1..{MAX_SIZE}, got {config[key]}")
-    if config["scaling_factor"] <= 0:
-        raise ManifestError(f"config.scaling_factor: must be positive, got {config['scaling_factor']}")
     if not 0 <= config.get("guidance_scale", 0) <= 100:
         raise ManifestError(f"config.guidance_scale: must be in 0..100, got {config['guidance_scale']}")
     if config.get("shift_factor") is not None and abs(config["shift_factor"]) > 10:
@@ -132,60 +111,50 @@ def check_manifest(data: Any) -> None:
                 raise ManifestError(f"components.{name}.files: {rel!r} is not a path inside the model folder")
 
 
-def check(value: Any, spec: Any, path: str) -> None:
-    """Check `value` against `spec` recursively; `path` is the dotted field name for messages."""
-    where = path or "manifest"
-    if isinstance(spec, Opt):
-        if value is not None:
-            check(value, spec.spec, path)
-    elif isinstance(spec, Obj):
-        _expect(value, dict, where)
-        for key, sub in spec.fields.items():
-            if key not in value:
-                raise ManifestError(f"{_join(path, key)}: missing")
-            check(value[key], sub, _join(path, key))
-        for key, sub in spec.optional.items():
-            if key in value:  # present: it must match (null only where the spec says Opt)
-                check(value[key], sub, _join(path, key))
-    elif isinstance(spec, list):
-        _expect(value, list, where)
-        for i, item in enumerate(value):
-            check(item, spec[0], f"{where}[{i}]")
-    elif isinstance(spec, dict) and spec:
-        _expect(value, dict, where)
-        (sub,) = spec.values()
-        for key, item in value.items():
-            check(item, sub, _join(path, key))
-    else:
-        _expect(value, spec, where)
-
-
-def _expect(value: Any, types: Any, where: str) -> None:
-    types = types if isinstance(types, tuple) else (types,)
-    ok = any(_is(value, t) for t in types)
-    if not ok:
-        wanted = " or ".join(_NAMES.get(t, t.__name__) for t in types)
-        raise ManifestError(f"{where}: expected {wanted}, got {_NAMES.get(type(value), type(value).__name__)}")
-
-
-def _is(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 def _inside(rel: str) -> bool:
     norm = posixpath.normpath(rel.replace("\\", "/"))
     return bool(rel) and not norm.startswith(("/", "../")) and norm != ".." and ":" not in norm.split("/")[0]
 
 
-_NAMES = {
-    dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-    type(None): "null",
-}  # fmt: skip
+# What a model's defaults imply must be arrays a machine can hold: every array a default request makes (the
+# image, the latents, the prompt's embeddings) at most MAX_ELEMENTS values (256 MiB in float32). SD 1.5's
+# largest, its 512x512 RGB image, is 0.8 M; SDXL's 3.1 M.
+MAX_ELEMENTS = 1 << 26
+MAX_TOKENS = 4096  # CLIP reads 77, T5 512, Gemma 300
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """ManifestError naming the first field whose value the model cannot run with: sizes whose default request
+    implies arrays beyond MAX_ELEMENTS, a default size that is not a size the UNet takes."""
+    for key in SIZES:
+        value = getattr(config, key)
+        if value is not None and not (isinstance(value, int) and 0 < value <= MAX_SIZE):
+            raise ManifestError(f"config.{key}: must be in 1..{MAX_SIZE}, got {echo(value)}")
+    for key in ("scaling_factor", "shift_factor"):
+        value = getattr(config, key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ManifestError(f"config.{key}: must be a finite number, got {echo(value)}")
+    if config.scaling_factor <= 0:
+        raise ManifestError(f"config.scaling_factor: must be positive, got {config.scaling_factor}")
+    side = config.sample_size * config.vae_scale_factor
+    implied = {
+        "sample_size": (side * side * 3, f"a default image of {side}x{side} pixels"),
+        "latent_channels": (
+            config.latent_channels * config.sample_size**2,
+            f"default latents of {config.latent_channels}x{config.sample_size}x{config.sample_size}",
+        ),
+        "embedding_dim": (
+            config.max_token_length * config.embedding_dim,
+            f"prompt embeddings of {config.max_token_length}x{config.embedding_dim}",
+        ),
+    }
+    for name, (elements, what) in implied.items():
+        if elements > MAX_ELEMENTS:
+            raise ManifestError(f"config.{name}: {what} ({elements:,} values), more than {MAX_ELEMENTS:,} per array")
+    if config.max_token_length > MAX_TOKENS:
+        raise ManifestError(f"config.max_token_length: {config.max_token_length} tokens, at most {MAX_TOKENS}")
+    if config.size_multiple and side % config.size_multiple:
+        raise ManifestError(
+            f"config.sample_size: the default size {side} (sample_size x vae_scale_factor) is no multiple of "
+            f"{config.size_multiple}, the sizes the UNet takes"
+        )

@@ -13,6 +13,7 @@ public so calibration, benchmarks and tests drive the same code the pipeline run
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from PIL import Image
 
 from .configs import read_model_config
 from .deepcache import SHALLOW, DeepCache
+from .files import inside, regular_file
 from .hub import locate_model
 from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
@@ -32,6 +34,7 @@ from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, 
 from .openvino_engine import default_precision, openvino_version
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import Generator, ImageGenerators, TorchGenerator
+from .scheduler_config import read_scheduler_config
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import (
     CPU,
@@ -47,7 +50,7 @@ from .session import (
 )
 from .shipped import shipped_model
 from .stages import StagedUnet
-from .tokenizer import CLIPTokenizer
+from .tokenizer import tokenizer_for
 from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
 
@@ -96,12 +99,13 @@ class StableDiffusionPipeline:
         self.vae = choose_vae(vae, config, folder)
         self.tiling = _vae_tiling(folder, self.vae)
         self.components_used = tuple(self.vae.decoder if c == "vae_decoder" else c for c in self.components_used)
-        self.scheduler_config = _read_scheduler_config(folder)
+        self.scheduler_config = read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
         make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
         # An SDXL refiner has no first tokenizer (nor text encoder); its pipeline uses the second.
         has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
-        self.tokenizer = CLIPTokenizer(folder / "tokenizer", config.max_token_length) if has_first else None
+        tokens = config.max_token_length
+        self.tokenizer = tokenizer_for(folder, "tokenizer", "text_encoder", tokens) if has_first else None
         check_loras(folder, list(loras), list(manifest.components) if manifest else None)
         self.loras = tuple(loras)
         self._models: dict[str, OnnxModel] = {}
@@ -185,9 +189,8 @@ class StableDiffusionPipeline:
     def open_graph(self, name: str) -> OnnxModel:
         """A new session of graph `name` (with the pipeline's LoRAs), held by the caller only."""
         info = self.manifest.components.get(name) if self.manifest else None
-        file = self.folder / (info.file if info else f"{name}/model.onnx")
-        if not file.is_file():
-            raise ManifestError(f"{name}: missing model file {file}")
+        file = inside(self.folder, info.file if info else f"{name}/model.onnx", self.folder / MANIFEST_NAME)
+        regular_file(file, f"{name} model file")
         overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
         # Low-memory mode: the VAE's activations (0.4-1 GB at 512x512 for SD) go back as they die, not with the arena.
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
@@ -210,6 +213,22 @@ class StableDiffusionPipeline:
         """`request` with this model's defaults filled in, checked against the model and `limits` (none: no
         limits, as diffusers); RequestError (a ValueError) naming the bad field."""
         return request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
+
+    def self_test(self) -> None:
+        """Generate one image in one step at the model's defaults (its size, guidance and sampler; a gray image
+        and a full mask for an inpainting model), so that a folder whose graphs load but cannot run together
+        (a size a graph does not take, a token length past the encoder's positions, a broken graph) fails here
+        with one line, not on a server's first request. Also warms the sessions up."""
+        image = mask = None
+        if self.config.inpainting:
+            side = self.config.default_resolution
+            image, mask = Image.new("RGB", (side, side), (128, 128, 128)), Image.new("L", (side, side), 255)
+        request = GenerationRequest(prompt="", steps=1, seed=0, image=image, mask_image=mask)
+        try:
+            self.generate(self.prepare(request), output_type="np")
+        except Exception as exc:  # noqa: BLE001 - onnxruntime and OpenVINO raise their own types for a graph that fails
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ManifestError(f"{self.folder}: cannot generate an image at the model's defaults ({reason})") from None
 
     def __call__(
         self,
@@ -685,7 +704,14 @@ def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
     """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny autoencoder
     (cheap enough whole) or a folder without that config."""
     config = folder / vae.decoder / "config.json"
-    return None if vae.tiny or not config.is_file() else Tiling.from_vae_config(read_json(config))
+    if vae.tiny or not os.path.lexists(config):
+        return None
+    try:
+        return Tiling.from_vae_config(read_json(config))
+    except ManifestError:
+        raise
+    except ValueError as exc:
+        raise ManifestError(f"{config}: {exc}") from None
 
 
 def _inside(interval: tuple[float, float], sigmas: np.ndarray) -> np.ndarray:
@@ -717,10 +743,6 @@ def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if not np.isfinite(latents).all():
         raise ValueError("latents has non-finite values")
     return latents
-
-
-def _read_scheduler_config(folder: Path) -> dict[str, Any]:
-    return read_json(folder / "scheduler" / "scheduler_config.json")
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:

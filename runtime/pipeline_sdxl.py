@@ -14,7 +14,7 @@ import numpy as np
 from .manifest import ManifestError
 from .pipeline import StableDiffusionPipeline
 from .request import GenerationRequest
-from .tokenizer import CLIPTokenizer
+from .tokenizer import tokenizer_for
 
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5  # a refiner takes an aesthetic score instead of the target size
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
@@ -29,7 +29,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if config.time_ids_count not in (BASE_TIME_IDS, REFINER_TIME_IDS):
             raise ManifestError(f"{folder}: an SDXL UNet with {config.time_ids_count} time ids is not supported")
         self.refiner = config.time_ids_count == REFINER_TIME_IDS
-        self.tokenizer_2 = CLIPTokenizer(folder / "tokenizer_2", config.max_token_length)
+        self.tokenizer_2 = tokenizer_for(folder, "tokenizer_2", "text_encoder_2", config.max_token_length)
         encoders = ("text_encoder_2",) if not (folder / "text_encoder").is_dir() else ("text_encoder", "text_encoder_2")
         self.components_used = (*encoders, "unet", "vae_decoder")
         super().__init__(folder, manifest, config, scheduler, session_config, *args, **kwargs)

@@ -3,14 +3,19 @@ padding="max_length" and truncation to the model's token length (77 for SD)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .echo import echo
+from .files import read_text
+from .manifest import ManifestError, read_json
+
 LOG = logging.getLogger("sd_onnx")
+MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's tokenizer.json is 3.6 MB, Gemma's 34 MB
 # A cut prompt is logged as a bounded excerpt of its own text: a 1 MB prompt must not become a 1 MB log line.
 EXCERPT_CHARS = 80
 
@@ -18,25 +23,30 @@ EXCERPT_CHARS = 80
 class CLIPTokenizer:
     """Tokenize prompts to fixed-length id arrays; over-long prompts are cut, logging how much and where."""
 
-    def __init__(self, folder: Path, max_length: int) -> None:
+    def __init__(self, folder: Path, max_length: int, vocab_size: int | None = None) -> None:
+        """Read the tokenizer files in `folder` (bounded, see files.py); `vocab_size`, when the text encoder's
+        config gives it, is checked against the tokenizer's ids so that no prompt can index past the encoder's
+        embedding table. ManifestError naming the file for anything unusable."""
         folder = Path(folder)
-        if (folder / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            self.tokenizer = clip_tokenizer_from_vocab(folder / "vocab.json", folder / "merges.txt")
-        else:
-            raise ValueError(f"{folder}: no tokenizer.json (nor vocab.json + merges.txt)")
+        self.tokenizer = _load(folder)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         # Only used to show the cut part of a long prompt; some exports lack a decoder that knows CLIP's </w>.
         self.tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
         self.max_length = max_length
-        pad_token = _special_token(folder, "pad_token") or "<|endoftext|>"
-        eos_token = _special_token(folder, "eos_token") or "<|endoftext|>"
-        bos_token = _special_token(folder, "bos_token") or "<|startoftext|>"
-        self.pad_id = self.tokenizer.token_to_id(pad_token)
-        self.eos_id = self.tokenizer.token_to_id(eos_token)
-        self.bos_id = self.tokenizer.token_to_id(bos_token)
+        tokens = {key: _special_token(folder, key) for key in ("pad_token", "eos_token", "bos_token")}
+        self.pad_id = self._id(folder, tokens["pad_token"] or "<|endoftext|>")
+        self.eos_id = self._id(folder, tokens["eos_token"] or "<|endoftext|>")
+        self.bos_id = self._id(folder, tokens["bos_token"] or "<|startoftext|>")
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and size > vocab_size:
+            raise ManifestError(f"{folder}: the tokenizer has {size} tokens, the text encoder only {vocab_size}")
+
+    def _id(self, folder: Path, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ManifestError(f"{folder}: the tokenizer has no {echo(token)} token")
+        return token_id
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """int32 array (len(prompts), max_length)."""
@@ -60,14 +70,33 @@ class CLIPTokenizer:
         return ids + [self.pad_id] * (self.max_length - len(ids))
 
 
+def _load(folder: Path) -> Tokenizer:
+    """tokenizer.json, else CLIP's vocab.json + merges.txt, read within bounds; the tokenizers library's own
+    errors become one line naming the file."""
+    if os.path.lexists(folder / "tokenizer.json"):
+        path = folder / "tokenizer.json"
+        text = read_text(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception for any malformed file
+            raise ManifestError(
+                f"{path}: not a tokenizer file ({echo(str(exc).splitlines()[0] if str(exc) else exc)})"
+            ) from None
+    if os.path.lexists(folder / "vocab.json") and os.path.lexists(folder / "merges.txt"):
+        return clip_tokenizer_from_vocab(folder / "vocab.json", folder / "merges.txt")
+    raise ManifestError(f"{folder}: no tokenizer.json (nor vocab.json + merges.txt)")
+
+
 def _special_token(folder: Path, key: str) -> str | None:
     """A special token from tokenizer_config.json or special_tokens_map.json (string or AddedToken dict)."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get(key)
+        if os.path.lexists(path):
+            value = read_json(path).get(key)
             if isinstance(value, dict):
                 value = value.get("content")
+            if value is not None and not isinstance(value, str):
+                raise ManifestError(f"{path}: {key} must be a string, got {type(value).__name__}")
             if value:
                 return value
     return None
@@ -76,16 +105,26 @@ def _special_token(folder: Path, key: str) -> str | None:
 def clip_tokenizer_from_vocab(vocab: Path, merges: Path) -> Tokenizer:
     """CLIP's tokenizer built from slow-tokenizer files (as Optimum and older diffusers folders ship them),
     with the normalizer, pre-tokenizer and post-processor transformers' CLIP converter uses."""
-    bpe = models.BPE.from_file(
-        str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"
-    )
+    words = read_json(vocab, limit=MAX_TOKENIZER_BYTES)
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in words.items()):
+        raise ManifestError(f"{vocab}: must map each token to an integer id")
+    lines = read_text(merges, MAX_TOKENIZER_BYTES, "merges file").splitlines()
+    pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    if not all(len(pair) == 2 for pair in pairs):
+        raise ManifestError(f"{merges}: each line must be two tokens separated by one space")
+    try:
+        bpe = models.BPE(
+            words, pairs, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"
+        )
+    except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception (a merge of unknown tokens)
+        raise ManifestError(f"{merges}: not a BPE merges file for {vocab.name} ({echo(str(exc))})") from None
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    words = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+    split = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Split(split, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     tokenizer.post_processor = processors.RobertaProcessing(
@@ -95,3 +134,21 @@ def clip_tokenizer_from_vocab(vocab: Path, merges: Path) -> Tokenizer:
         trim_offsets=False,
     )
     return tokenizer
+
+
+def tokenizer_for(folder: Path, name: str, encoder: str, max_length: int) -> CLIPTokenizer:
+    """The tokenizer in `folder/name` for the text encoder in `folder/encoder`, checked against that encoder's
+    config when it has one: `max_length` tokens fit its position table and every id fits its vocabulary, so no
+    prompt can fail inside the graph."""
+    path = Path(folder) / encoder / "config.json"
+    config = read_json(path) if os.path.lexists(path) else {}
+    limits = {key: config.get(key) for key in ("max_position_embeddings", "vocab_size")}
+    for key, value in limits.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ManifestError(f"{path}: {key} must be a positive integer, got {echo(value)}")
+    positions = limits["max_position_embeddings"]
+    if positions is not None and max_length > positions:
+        raise ManifestError(
+            f"{folder}: config.max_token_length is {max_length}, but {encoder} has {positions} positions ({path})"
+        )
+    return CLIPTokenizer(Path(folder) / name, max_length, limits["vocab_size"])

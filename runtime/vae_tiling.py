@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .echo import echo
+
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
+MAX_TILE, MAX_LEVELS = 1 << 14, 16  # a VAE trained on 16384-pixel tiles; SD's has 4 levels
 
 
 @dataclass(frozen=True)
@@ -27,10 +30,15 @@ class Tiling:
 
     @classmethod
     def from_vae_config(cls, config: dict[str, Any]) -> Tiling:
-        """From the VAE's diffusers config (sample_size, block_out_channels), as AutoencoderKL computes it."""
-        size = config["sample_size"]
-        size = size[0] if isinstance(size, list | tuple) else size
-        return cls(sample=int(size), latent=int(size / 2 ** (len(config["block_out_channels"]) - 1)))
+        """From the VAE's diffusers config (sample_size, block_out_channels), as AutoencoderKL computes it;
+        ValueError when those are not sizes a tile can have."""
+        size, blocks = config.get("sample_size"), config.get("block_out_channels")
+        size = size[0] if isinstance(size, list | tuple) and size else size
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_TILE:
+            raise ValueError(f"sample_size: must be an integer in 1..{MAX_TILE}, got {echo(size)}")
+        if not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_LEVELS or size >> (len(blocks) - 1) < 1:
+            raise ValueError(f"block_out_channels: must be a list of 1..{MAX_LEVELS} levels that halve sample_size")
+        return cls(sample=size, latent=int(size / 2 ** (len(blocks) - 1)))
 
     def decode(self, run: Callable[[np.ndarray], np.ndarray], latents: np.ndarray) -> np.ndarray:
         """`run` (one latent tile -> pixels) over (N, C, h, w) latents; one call when they fit in a tile."""

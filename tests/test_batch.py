@@ -107,7 +107,9 @@ def test_a_byte_order_mark_is_accepted_and_an_empty_file_refused(tmp_path: Path)
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["missing.jsonl", "out"], "missing.jsonl: cannot read (No such file or directory)"),
+        (["missing.jsonl", "out"], "missing.jsonl: no such prompts file"),
+        (["/dev/zero", "out"], "/dev/zero: is a device, FIFO or socket, not a regular prompts file"),
+        ([".", "out"], "is a directory"),
         (["p.jsonl", "p.jsonl"], "is a file"),
         (["p.jsonl", "out", "--workers", "2"], "need --ray"),
         (["p.jsonl", "out", "--steps", "3"], "No such option"),
