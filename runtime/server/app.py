@@ -95,7 +95,9 @@ def run_server(
     state = ServerState(config)
 
     def loader() -> StableDiffusionPipeline:
-        return StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
+        pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
+        pipe.self_test()  # a folder whose first request would fail never gets ready
+        return pipe
 
     app = create_app(state, loader)
     server = _DrainingServer(

@@ -82,6 +82,7 @@ class ModelReplica:
     def __init__(self, folder: str, provider: str, threads: int | None, loras: list[tuple[str, float]]) -> None:
         loopback_serve_replica()
         self.pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
+        self.pipe.self_test()  # the replica is not ready (nor the old one replaced) until it can generate
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         loop = asyncio.get_running_loop()
