@@ -255,6 +255,30 @@ def stages(source: Path, output: Path, overwrite: bool) -> None:
     derive(lambda: stages_folder(source, output, overwrite=overwrite, log=echo), output)
 
 
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Quantize the graph (static QDQ) if its PSNR against fp32 stays >= 35 dB; else keep fp32 and say so.",
+)
+@click.option("--tile", default=192, show_default=True, type=int, help="Runtime tile side in input pixels (64-8192).")
+@click.option("--name", default=None, help="Upscaler name in its manifest [default: FILE's stem].")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
+@click.option("--atol", default=1e-3, show_default=True, help="Max abs difference allowed between ONNX and PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def upscaler(
+    file: Path, output: Path, int8: bool, tile: int, name: str | None, opset: int, atol: float, overwrite: bool
+) -> None:
+    """Export an ESRGAN-class upscaler FILE (RRDBNet or Real-ESRGAN's SRVGGNetCompact; .pth, read weights-only, or
+    .safetensors) to the ONNX folder OUTPUT, validated against PyTorch, for `sd-run upscale` and the server."""
+    from .upscaler import export_upscaler
+
+    derive(lambda: export_upscaler(file, output, int8=int8, tile=tile, name=name, opset=opset, atol=atol,
+                                   overwrite=overwrite, log=echo), output)  # fmt: skip
+
+
 def echo(line: str) -> None:
     click.echo(line, err=True)
 

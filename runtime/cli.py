@@ -380,6 +380,12 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 @main.command()
 @click.option("-m", "--model", type=click.Path(path_type=Path), default=None, help=MODEL_HELP)
 @click.option(
+    "--upscalers-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of exported upscalers (sd-export upscaler), one per sub-folder, for the A1111 extras routes.",
+)
+@click.option(
     "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
@@ -412,6 +418,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 @click.option("--gpus-per-replica", default=0.0, show_default=True, type=click.FloatRange(0))
 def serve(
     model: Path | None,
+    upscalers_dir: Path | None,
     host: str,
     port: int,
     public_url: str | None,
@@ -444,6 +451,7 @@ def serve(
         raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
     ray_options = ray_serve_options(use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica, workers)
     from .session import resolve_providers
+    from .upscale import load_upscalers
 
     log_to_stderr()
     folder = model_folder(model)
@@ -465,6 +473,7 @@ def serve(
         resolve_providers(provider)
         applied = [parse_lora_option(text) for text in loras]
         check_loras(folder, list(read_loras(applied)))  # fails here, not in the background load
+        load_upscalers(upscalers_dir)
     except ValueError as exc:
         raise user_error(exc) from None
     config = ServeConfig(
@@ -477,6 +486,7 @@ def serve(
         public_url=(public_url or f"http://{_url_host(host)}:{port}").rstrip("/"),
         host=host,
         allow_origins=tuple(allow_origins),
+        upscalers_dir=upscalers_dir,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
@@ -593,6 +603,32 @@ def batch(
     click.echo(f"{summary.done} done, {summary.failed} failed, {summary.skipped} already done; {output.results}")
     if summary.failed:
         raise click.ClickException(f"{summary.failed} of {len(items)} failed; their errors are in {output.results}")
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", default="upscaled.png", show_default=True, help="PNG to write.")
+@click.option(
+    "--model",
+    required=True,
+    help="Exported upscaler folder (sd-export upscaler), or a resampler: None, Lanczos, Nearest.",
+)
+@click.option("--scale", default=None, type=float, help="[default: the model's own scale; 2 for a resampler]")
+@click.option("--tile", default=None, type=int, help="Input pixels per tile side [default: the export's].")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads.")
+def upscale(image: Path, output: str, model: str, scale: float | None, tile: int | None, threads: int | None) -> None:
+    """Upscale IMAGE with an exported ESRGAN-class model (tiled: memory follows the tile) or a plain resampler;
+    another scale than the model's is reached with Lanczos, as A1111 does. The PNG keeps IMAGE's parameters
+    and records the upscale as A1111's extras do."""
+    from .upscale import upscale_file
+
+    log_to_stderr()
+    try:
+        path = output_paths(output, 1)[0]
+        for written in upscale_file(image, path, model, scale, tile, threads):
+            click.echo(written)
+    except USER_ERRORS as exc:
+        raise user_error(exc) from None
 
 
 def _is_base_url(url: str) -> bool:

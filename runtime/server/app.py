@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
 from . import a1111, middleware, openai, page
+from .extras import add_routes as add_extras_routes
 from .state import ServeConfig, ServerState
 
 __all__ = ["ServeConfig", "ServerState", "create_app", "run_server"]
@@ -48,6 +49,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
     api = APIRouter(dependencies=[Depends(_api_key_check(state))])
     a1111.add_routes(api, state)
     openai.add_routes(api, state)
+    add_extras_routes(api, state)
     _add_schema(api, app)
 
     @api.get("/metrics")

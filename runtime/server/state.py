@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
 from ..request import GenerationRequest, Limits, RequestError
+from ..upscale import Upscaler, load_upscalers
 from .jobs import Job, JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
 
 LOG = logging.getLogger("sd_onnx.server")
@@ -50,6 +52,8 @@ class ServeConfig:
     host: str | None = None
     # Web origins (scheme://host[:port]) besides the server's own whose browser requests are served, with CORS.
     allow_origins: tuple[str, ...] = ()
+    # Exported upscalers, one per sub-folder (`--upscalers-dir`), for the extras routes and hires fix.
+    upscalers_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -91,6 +95,7 @@ class ServerState:
         """`jobs_factory` makes the job queue once the pipeline is loaded: by default worker threads on it;
         under Ray Serve a queue whose jobs run on the model's replicas (ray_serve.RemoteJobs)."""
         self.config = config
+        self.upscalers: dict[str, Upscaler] = load_upscalers(config.upscalers_dir)
         self.jobs_factory = jobs_factory or (lambda pipe: JobQueue(pipe, config.workers, config.queue_size))
         self.pipe: StableDiffusionPipeline | None = None
         self.jobs: Jobs | None = None
