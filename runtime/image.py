@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -57,24 +58,37 @@ def decode_image(data: bytes | Path, max_pixels: int, mode: str = "RGB") -> Imag
 
 def decode_base64_image(text: str, max_pixels: int) -> Image.Image:
     """A base64 image, optionally as a `data:image/...;base64,` URL, decoded within `max_pixels`."""
+    return decode_image(base64_bytes(text), max_pixels)
+
+
+def base64_bytes(text: str) -> bytes:
+    """The bytes of base64 text, optionally a `data:image/...;base64,` URL (ImageError otherwise)."""
     if text.startswith("data:"):
         header, comma, text = text.partition(",")
         if not comma or ";base64" not in header:
             raise ImageError("a data URL must look like data:image/png;base64,<data>")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("not valid base64") from None
-    return decode_image(data, max_pixels)
 
 
 def a1111_parameters(prompt: str, negative_prompt: str | None, settings: dict[str, Any]) -> str:
-    """The text A1111 writes into a PNG's "parameters" chunk, which many tools read back."""
+    """The text A1111 writes into a PNG's "parameters" chunk, which many tools read back (infotext.py)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+def quote(value: Any) -> str:
+    """A setting's value as infotext readers split it back (infotext.py, A1111's parser): JSON-quoted when it
+    holds a comma or newline, which would split it ("interval 3, branch 0", a model named "a, b"), or starts
+    with a quote; else as is. (A1111 quotes colons too; its parser reads a value to the next comma, so a value
+    such as "style:0.8" reads back whole unquoted.)"""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if "," in text or "\n" in text or text.startswith('"') else text
 
 
 def parameters_text(request: Any, parameters: dict[str, Any], index: int) -> str:

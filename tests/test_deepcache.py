@@ -223,7 +223,7 @@ def test_cli_uses_the_shipped_models_graphs(tmp_path: Path) -> None:
                "--deepcache", "3", "--steps", "6", "--seed", "1", "-o", str(out)]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        assert "DeepCache: interval 3, branch 0" in Image.open(out).text["parameters"]
+        assert 'DeepCache: "interval 3, branch 0"' in Image.open(out).text["parameters"]
     bad = subprocess.run([*cmd[:-2], "--deepcache", "0", "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == "Error: --deepcache: must be >= 1, got 0"
 
@@ -243,7 +243,7 @@ def test_server_and_batch_fields(exports, tiny_export: Path, tmp_path: Path) -> 
             openai = client.post("/v1/images/generations", json={"prompt": "a cat", "deepcache_interval": 2})
             if has_graphs:
                 assert r.status_code == 200 and openai.status_code == 200, r.text
-                assert "DeepCache: interval 2, branch 0" in json.loads(r.json()["info"])["infotexts"][0]
+                assert 'DeepCache: "interval 2, branch 0"' in json.loads(r.json()["info"])["infotexts"][0]
             else:
                 assert r.status_code == 422 and "deepcache_interval: this model has no DeepCache" in r.text
             for bad in (0, "x", 2.5, 10**6):

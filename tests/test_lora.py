@@ -221,7 +221,7 @@ def test_load_time_loras_from_the_cli_and_the_server(loras, tiny_export: Path, t
     assert result.exit_code == 0, result.output
     made = Image.open(tmp_path / "a.png")
     assert np.array_equal(np.asarray(made), expected)
-    assert "Lora: style.safetensors:0.5, kohya.safetensors:0.7" in made.text["parameters"]
+    assert 'Lora: "style.safetensors:0.5, kohya.safetensors:0.7"' in made.text["parameters"]
     for bad, message in (
         (f"{loras[0]}:strong", "Error: --lora: " + f"{loras[0]}:strong: no such file, and 'strong' is not a scale"),
         (f"{loras[0]}:20", "Error: --lora: style.safetensors: scale must be a number in -10..10"),
