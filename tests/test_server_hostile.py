@@ -23,7 +23,10 @@ from PIL import Image
 from .test_server import LIMITS, Server, png_of
 
 TXT2IMG_FIELDS = ("negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name",
-                  "batch_size", "n_iter", "eta")  # fmt: skip
+                  "batch_size", "n_iter", "eta", "scheduler", "sampler_index", "override_settings", "restore_faces",
+                  "alwayson_scripts", "sd_model_checkpoint", "image", "model")  # fmt: skip
+POST_ROUTES = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/interrupt",
+               "/sdapi/v1/options", "/sdapi/v1/png-info")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_chunked_body_over_the_limit_is_413(server: Server) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(
-    path=st.sampled_from(["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/sdapi/v1/interrupt"]),
+    path=st.sampled_from(POST_ROUTES),
     body=st.one_of(
         st.recursive(
             st.none() | st.booleans() | st.floats() | st.integers() | st.text(),

@@ -1,9 +1,11 @@
-"""The FastAPI application: A1111 and OpenAI routes over one shared pipeline and its bounded job queue, and
+"""The FastAPI application: A1111 and OpenAI routes over the server's models and one bounded job queue, and
 `run_server`, which serves it with a shutdown that answers 503 while running work drains."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -17,8 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
-from . import a1111, middleware, openai, page
+from . import a1111, a1111_lists, a1111_pnginfo, a1111_settings, middleware, openai, page
 from .extras import add_routes as add_extras_routes
+from .models import ModelCache, ModelEntry
 from .state import ServeConfig, ServerState
 
 __all__ = ["ServeConfig", "ServerState", "create_app", "run_server"]
@@ -48,8 +51,11 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
 
     api = APIRouter(dependencies=[Depends(_api_key_check(state))])
     a1111.add_routes(api, state)
+    a1111_settings.add_routes(api, state)
+    a1111_pnginfo.add_routes(api, state)
     openai.add_routes(api, state)
     add_extras_routes(api, state)
+    a1111_lists.add_routes(api, state)  # last: its empty /embeddings and /loras give way to real ones
     _add_schema(api, app)
 
     @api.get("/metrics")
@@ -70,16 +76,30 @@ def _add_schema(api: APIRouter, app: FastAPI) -> None:
 
 
 def _api_key_check(state: ServerState) -> Callable[[Request], None]:
+    """The key as `Authorization: Bearer KEY`, `X-API-Key: KEY`, or HTTP Basic with the key as the password and
+    any user name (what A1111 clients send: Open WebUI's and SillyTavern's "user:password", webuiapi's auth)."""
+
     def check(request: Request) -> None:
         key = state.config.api_key
         if key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = request.headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")
+        scheme = scheme.lower()
+        authorization = token.strip() if scheme == "bearer" else _basic_password(token) if scheme == "basic" else ""
+        given = request.headers.get("x-api-key") or authorization
         if not secrets.compare_digest(given.encode(errors="replace"), key.encode()):
             raise HTTPException(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
     return check
+
+
+def _basic_password(token: str) -> str:
+    """The password of HTTP Basic credentials (base64 of "user:password"); "" when they are malformed."""
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8", errors="replace")
+    except (binascii.Error, ValueError):
+        return ""
+    return decoded.partition(":")[2]
 
 
 def run_server(
@@ -90,18 +110,22 @@ def run_server(
     host: str,
     port: int,
     loras: list[tuple[Path, float]] | None = None,
+    models: list[ModelEntry] | None = None,
+    max_loaded_models: int = 1,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. The first signal stops taking work (new requests and /health: 503 "shutting
+    """Serve `folder`, or with `models` (`--models-dir`) each of them, at most `max_loaded_models` loaded at
+    once, until SIGTERM/SIGINT. The first signal stops taking work (new requests and /health: 503 "shutting
     down"; queued jobs: 503), lets running jobs finish for up to `graceful_shutdown_s` and then cancels them,
     and only then closes the listening socket; a second signal exits at once."""
-    state = ServerState(config)
 
-    def loader() -> StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads, loras=loras)
-        pipe.self_test()  # a folder whose first request would fail never gets ready
+    def load(path: Path) -> StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads, loras=loras)
+        pipe.self_test()  # a folder whose first request would fail never gets ready, nor replaces a loaded one
         return pipe
 
-    app = create_app(state, loader)
+    cache = ModelCache(models, load, max_loaded_models) if models else None
+    state = ServerState(config, models=cache)
+    app = create_app(state, cache.start if cache else lambda: load(folder))
     server = _DrainingServer(
         uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10), state
     )

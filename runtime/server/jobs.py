@@ -1,5 +1,8 @@
-"""A bounded job queue in front of one shared pipeline: a fixed pool of worker threads takes jobs in order;
-a full queue is refused at once (the caller answers 503), so accepted work is never dropped.
+"""A bounded job queue in front of the server's pipelines: a fixed pool of worker threads takes jobs in order;
+a full queue is refused at once (the caller answers 503), so accepted work is never dropped. Each job carries
+the pipeline it runs on (a server with several models, see models.py), so one queue and one pool of workers
+bound the work whatever model each request names, and a pipeline unloaded while a job runs on it stays alive
+until that job ends.
 
 Cancellation (interrupt, request timeout, a client that hangs up, shutdown) is a flag the pipeline polls between
 denoising steps and between decoded images, so a cancelled job stops within one UNet step or one VAE decode; a
@@ -37,9 +40,11 @@ class WorkerLost(Exception):
 
 @dataclass
 class Job:
-    """One resolved generation request, a future for its result, a cancel flag and its progress."""
+    """One resolved generation request, the pipeline it runs on, a future for its result, a cancel flag and its
+    progress."""
 
     request: GenerationRequest
+    pipe: StableDiffusionPipeline | None = field(default=None, repr=False, compare=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -63,7 +68,7 @@ class Jobs(Protocol):
     steps_done: int
     busy_seconds: float
 
-    def submit(self, request: GenerationRequest) -> Job: ...
+    def submit(self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None) -> Job: ...
     def depth(self) -> int: ...
     def current(self) -> Job | None: ...
     def busy(self) -> int: ...
@@ -72,9 +77,9 @@ class Jobs(Protocol):
 
 
 class JobQueue:
-    """Bounded FIFO + worker threads around one pipeline."""
+    """Bounded FIFO + worker threads; a job runs on its own pipeline, else on `pipe`."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, workers: int, size: int) -> None:
+    def __init__(self, pipe: StableDiffusionPipeline | None, workers: int, size: int) -> None:
         self.pipe = pipe
         self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=size)
         self.running: dict[str, Job] = {}
@@ -89,11 +94,11 @@ class JobQueue:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queue a job or raise QueueFull / ShuttingDown right away."""
+    def submit(self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None) -> Job:
+        """Queue a job on `pipe` (default: the queue's) or raise QueueFull / ShuttingDown right away."""
         if not self.accepting:
             raise ShuttingDown("server is shutting down")
-        job = Job(request)
+        job = Job(request, pipe or self.pipe)
         job.on_cancel = lambda: self._drop(job)
         try:
             self.pending.put_nowait(job)
@@ -167,7 +172,7 @@ class JobQueue:
             self.running[job.id] = job
         job.started = time.monotonic()
         try:
-            result: PipelineOutput = self.pipe.generate(job.request, callback=on_step, cancelled=job.cancelled.is_set)
+            result: PipelineOutput = job.pipe.generate(job.request, callback=on_step, cancelled=job.cancelled.is_set)
             job.future.set_result(result)
         except GenerationCancelled as exc:
             job.future.set_exception(ShuttingDown("server is shutting down") if not self.accepting else exc)

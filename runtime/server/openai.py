@@ -1,6 +1,8 @@
 """OpenAI-compatible image routes: POST /v1/images/generations (the official client's `images.generate`),
-POST /v1/images/edits (`images.edit`: inpainting, the mask's transparent part repainted) and
-GET /v1/images/files/{id}.png for `response_format="url"`."""
+POST /v1/images/edits (`images.edit`: inpainting, the mask's transparent part repainted),
+GET /v1/images/files/{id}.png for `response_format="url"` and GET /v1/models (`models.list`). A request's `model`
+picks one of the server's models as A1111's `sd_model_checkpoint` does (title, model name or hash prefix;
+absent: the current model); an unknown one is refused, 422 naming `model`."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ..image import ImageError, decode_image, parameters_text, png_bytes
+from ..pipeline import StableDiffusionPipeline
 from ..request import GenerationRequest
 from .schemas import OpenAIImageEditFields, OpenAIImageRequest
 from .state import ServerState
@@ -52,15 +55,18 @@ def transparency_mask(image: Image.Image) -> Image.Image:
     return ImageOps.invert(image.getchannel("A")).point(lambda v: 255 if v == 255 else 0)
 
 
-async def read_edit(request: Request, state: ServerState) -> tuple[OpenAIImageEditFields, dict[str, Any]]:
-    """The edit form: its text fields, and the image and mask (the image's own transparency without one)."""
+async def read_edit(
+    request: Request, state: ServerState
+) -> tuple[OpenAIImageEditFields, StableDiffusionPipeline, dict[str, Any]]:
+    """The edit form: its text fields, the pipeline of its model, and the image and mask (the image's own
+    transparency without one)."""
     async with request.form() as form:  # closes the uploads' temporary files
         try:
             fields = OpenAIImageEditFields(**{k: v for k, v in form.items() if isinstance(v, str)})
         except ValidationError as exc:
             error = exc.errors()[0]
             raise HTTPException(422, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
-        pipe, _ = state.ready()
+        _, pipe = await state.model(fields.model, "model")
         limit = state.config.limits.input_pixels(pipe.config)
         images = {}
         for name, keys in (("image", ("image", "image[]")), ("mask", ("mask",))):
@@ -82,13 +88,13 @@ async def read_edit(request: Request, state: ServerState) -> tuple[OpenAIImageEd
     if repaint.getextrema() == (0, 0):
         where = "mask" if mask is not None else "image"
         raise HTTPException(422, f"{where}: has no fully transparent pixel to edit (transparent = edit)")
-    return fields, {"image": image.convert("RGB"), "mask_image": repaint, "strength": fields.strength}
+    return fields, pipe, {"image": image.convert("RGB"), "mask_image": repaint, "strength": fields.strength}
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:
-    async def answer(request: GenerationRequest, response_format: str) -> dict[str, Any]:
-        prepared = state.prepare(request, FIELD_NAMES)
-        out = await state.generate(prepared)
+    async def answer(request: GenerationRequest, response_format: str, pipe: StableDiffusionPipeline) -> dict[str, Any]:
+        prepared = state.prepare(request, FIELD_NAMES, pipe)
+        out = await state.generate(prepared, pipe)
         pngs = [png_bytes(img, parameters_text(prepared, out.parameters, i)) for i, img in enumerate(out.images)]
         if response_format == "url":
             data = [{"url": state.image_url(png)} for png in pngs]
@@ -98,13 +104,21 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.post("/v1/images/generations")
     async def generations(body: OpenAIImageRequest) -> dict[str, Any]:
-        return await answer(to_request(body), body.response_format)
+        _, pipe = await state.model(body.model, "model")
+        return await answer(to_request(body), body.response_format, pipe)
 
     @api.post("/v1/images/edits")
     async def edits(request: Request) -> dict[str, Any]:
         """Multipart, as the official client's `images.edit` sends it: image, mask, prompt, n, size, ..."""
-        fields, edit = await read_edit(request, state)
-        return await answer(to_request(fields, **edit), fields.response_format)
+        fields, pipe, edit = await read_edit(request, state)
+        return await answer(to_request(fields, **edit), fields.response_format, pipe)
+
+    @api.get("/v1/models")
+    def models() -> dict[str, Any]:
+        """The server's models as OpenAI lists models; each `id` is a model name `model` accepts."""
+        state.ready()
+        listed = [{"id": e.name, "object": "model", "created": 0, "owned_by": "sd-onnx"} for e in state.models.listed()]
+        return {"object": "list", "data": listed}
 
     @api.get("/v1/images/files/{image_id}.png")
     def image_file(image_id: str) -> Response:

@@ -125,7 +125,8 @@ class RemoteJobs:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None) -> Job:
+        """Stream the job from a model replica; `pipe` (the ingress's metadata pipeline) is not what runs it."""
         if not self.accepting:
             raise ShuttingDown("server is shutting down")
         job = Job(request)

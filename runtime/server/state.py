@@ -1,5 +1,5 @@
-"""What the routes share: settings, the pipeline once loaded, its job queue, metrics, the URL image store, and
-`generate`, the one path from a GenerationRequest to an HTTP answer."""
+"""What the routes share: settings, the models and their loaded pipelines, the job queue, metrics, the URL image
+store, and `generate`, the one path from a GenerationRequest to an HTTP answer."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..echo import echo
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
 from ..request import GenerationRequest, Limits, RequestError
 from ..upscale import Upscaler, load_upscalers
 from .jobs import Job, JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
+from .models import ModelCache, ModelEntry, ModelUnavailable
 
 LOG = logging.getLogger("sd_onnx.server")
 # Set by middleware.BodyLimit for each HTTP request once its body is read: waits until the client hangs up, so
@@ -54,6 +56,8 @@ class ServeConfig:
     allow_origins: tuple[str, ...] = ()
     # Exported upscalers, one per sub-folder (`--upscalers-dir`), for the extras routes and hires fix.
     upscalers_dir: Path | None = None
+    # Refuse (422) A1111 fields and settings the server would otherwise ignore and list in `info` (--strict).
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -90,13 +94,19 @@ class ServerState:
     """Shared by every route; the pipeline arrives from a loader thread so /health can say "loading"."""
 
     def __init__(
-        self, config: ServeConfig, jobs_factory: Callable[[StableDiffusionPipeline], Jobs] | None = None
+        self,
+        config: ServeConfig,
+        jobs_factory: Callable[[StableDiffusionPipeline], Jobs] | None = None,
+        models: ModelCache | None = None,
     ) -> None:
-        """`jobs_factory` makes the job queue once the pipeline is loaded: by default worker threads on it;
-        under Ray Serve a queue whose jobs run on the model's replicas (ray_serve.RemoteJobs)."""
+        """`jobs_factory` makes the job queue once the pipeline is loaded: by default worker threads, each job on
+        its own pipeline; under Ray Serve a queue whose jobs run on the model's replicas (ray_serve.RemoteJobs).
+        `models`: the models offered (`--models-dir`); None: the one the loader loads."""
         self.config = config
         self.upscalers: dict[str, Upscaler] = load_upscalers(config.upscalers_dir)
-        self.jobs_factory = jobs_factory or (lambda pipe: JobQueue(pipe, config.workers, config.queue_size))
+        self.jobs_factory = jobs_factory or (lambda pipe: JobQueue(None, config.workers, config.queue_size))
+        self.models = models
+        # A loaded pipeline: the current model's, unless a request on another model evicted it (see `model`).
         self.pipe: StableDiffusionPipeline | None = None
         self.jobs: Jobs | None = None
         self.images: OrderedDict[str, bytes] = OrderedDict()
@@ -123,6 +133,8 @@ class ServerState:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"Error: {reason}", file=sys.stderr, flush=True)
             os._exit(1)
+        if self.models is None:
+            self.models = ModelCache.of(pipe)
         self.jobs = self.jobs_factory(pipe)
         self.pipe = pipe
         print(f"ready: {pipe.model_name} ({pipe.manifest.model_family if pipe.manifest else 'onnx folder'})",
@@ -135,21 +147,58 @@ class ServerState:
             raise HTTPException(503, "model is still loading", headers={"Retry-After": "5"})
         return self.pipe, self.jobs
 
-    def prepare(self, request: GenerationRequest, names: dict[str, str]) -> GenerationRequest:
-        """Resolve against the model and the server's limits; 422 naming the field as the API spells it."""
-        pipe, _ = self.ready()
+    def current_model(self) -> ModelEntry:
+        """The model requests that name none run on (503 while the server is loading)."""
+        self.ready()
+        return self.models.current
+
+    def find_model(self, name: str | None, field: str) -> ModelEntry:
+        """The model `name` names (None or "": the current one); 422 naming the body's `field` when none has
+        that name."""
+        self.ready()
+        entry = self.models.current if not name else self.models.find(name)
+        if entry is None:
+            known = ", ".join(e.title for e in self.models.listed()[:20])
+            raise HTTPException(422, f"{field}: no model named {echo(name)}; this server has: {known}")
+        return entry
+
+    async def model(self, name: str | None, field: str) -> tuple[ModelEntry, StableDiffusionPipeline]:
+        """The model `name` names (see `find_model`) and its pipeline, loaded off the event loop if need be;
+        422 naming `field` when it cannot be served."""
+        entry = self.find_model(name, field)
         try:
-            return pipe.prepare(request, self.config.limits)
+            pipe = self.models.loaded(entry) or await asyncio.to_thread(self.models.get, entry)
+        except ModelUnavailable as exc:
+            raise HTTPException(422, f"{field}: {exc}") from None
+        if entry is self.models.current or not self.models.holds(self.models.current):
+            self.pipe = pipe  # never a pipeline the cache let go of
+        return entry, pipe
+
+    async def select(self, name: str, field: str) -> ModelEntry:
+        """Make the model `name` names the current one once it is loaded and has passed its self-test;
+        requests already running keep the pipeline they run on."""
+        entry, pipe = await self.model(name, field)
+        self.models.current, self.pipe = entry, pipe
+        return entry
+
+    def prepare(
+        self, request: GenerationRequest, names: dict[str, str], pipe: StableDiffusionPipeline | None = None
+    ) -> GenerationRequest:
+        """Resolve against the model (`pipe`, default the current one) and the server's limits; 422 naming the
+        field as the API spells it."""
+        current, _ = self.ready()
+        try:
+            return (pipe or current).prepare(request, self.config.limits)
         except RequestError as exc:
             raise HTTPException(422, f"{names.get(exc.field, exc.field)}: {exc.reason}") from None
 
-    async def generate(self, request: GenerationRequest) -> PipelineOutput:
-        """Queue a resolved request and wait; queue, timeout and cancellation become HTTP answers. The job of a
-        request that times out or whose client hangs up is cancelled (dropped if still queued), not left
-        running for nobody."""
-        _, jobs = self.ready()
+    async def generate(self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None) -> PipelineOutput:
+        """Queue a resolved request on `pipe` (default: the current model's) and wait; queue, timeout and
+        cancellation become HTTP answers. The job of a request that times out or whose client hangs up is
+        cancelled (dropped if still queued), not left running for nobody."""
+        current, jobs = self.ready()
         try:
-            job = jobs.submit(request)
+            job = jobs.submit(request, pipe or current)
         except (QueueFull, ShuttingDown) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         waiter = asyncio.wrap_future(job.future)

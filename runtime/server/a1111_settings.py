@@ -1,0 +1,158 @@
+"""A1111's settings: GET and POST /sdapi/v1/options, and a txt2img/img2img body's `override_settings`.
+
+GET answers the keys A1111 clients read: `sd_model_checkpoint` (the current model's title; Open WebUI,
+SillyTavern and webuiapi read it), `sd_checkpoint_hash`, `sd_vae`, `CLIP_stop_at_last_layers`,
+`samples_format` and a few more. What can be set:
+
+- `sd_model_checkpoint` (a title, model name or hash prefix, see models.py): POST makes it the current model
+  once it has loaded and passed its self-test; in `override_settings` it applies to that request only, unless
+  `override_settings_restore_afterwards` is false (then it stays current, as in A1111). Unknown: 422.
+- `CLIP_stop_at_last_layers` in `override_settings`: the request's clip skip, as A1111 counts (1: last layer).
+- `sd_vae`: "Automatic" or "None", both the model's own VAE (this server offers no separate VAE files).
+
+Any other key equal to what GET answers changes nothing (Open WebUI posts the whole options object back with a
+new checkpoint); set to another value it is ignored and named: POST answers `{"ignored": [...]}` (A1111
+answers null, as this does when nothing is ignored), a generation lists it in `info`; `--strict` refuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+
+from ..echo import echo
+from ..pipeline import StableDiffusionPipeline
+from ..schedulers import resolve_name
+from .a1111_fields import cut, ignored_fields, strict_refusal
+from .a1111_schedules import with_schedule
+from .models import ModelEntry
+from .schemas import Txt2ImgRequest
+from .state import ServerState
+
+VAE_NAMES = ("Automatic", "None")
+CLIP_SKIP = "CLIP_stop_at_last_layers"
+MISSING = object()
+
+
+def options(state: ServerState) -> dict[str, Any]:
+    """What GET /sdapi/v1/options answers."""
+    entry = state.current_model()
+    return {
+        "sd_model_checkpoint": entry.title,
+        "sd_checkpoint_hash": entry.sha256,
+        "sd_checkpoints_limit": state.models.capacity,
+        "sd_vae": "Automatic",
+        CLIP_SKIP: 1,
+        "samples_format": "png",
+        "enable_pnginfo": True,
+        "randn_source": "CPU",  # the seeds give torch's CPU generator's noise (rng.py)
+        "eta_noise_seed_delta": 0,
+        "live_previews_enable": True,
+        "outdir_samples": "",  # nothing is saved on the server
+        "save_images_add_number": False,
+    }
+
+
+def add_routes(api: APIRouter, state: ServerState) -> None:
+    @api.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        return options(state)
+
+    @api.post("/sdapi/v1/options")
+    async def set_options(body: dict[str, Any]) -> dict[str, Any] | None:
+        """Switch the current model (`sd_model_checkpoint`); other keys, see the module's docstring."""
+        before = options(state)
+        _check_vae(body.get("sd_vae"), "sd_vae")
+        handled = ("sd_model_checkpoint", "sd_vae")
+        ignored = [cut(k) for k, v in body.items() if k not in handled and _differs(v, before.get(k, MISSING))]
+        if state.config.strict and ignored:
+            raise HTTPException(422, strict_refusal(ignored))
+        name = body.get("sd_model_checkpoint")
+        if name is not None:
+            if not isinstance(name, str):
+                raise HTTPException(422, f"sd_model_checkpoint: must be a model's title, got {echo(name)}")
+            await state.select(name, "sd_model_checkpoint")
+        return {"ignored": ignored} if ignored else None
+
+
+@dataclass
+class Applied:
+    """A body with its settings applied: the model it runs on, the body as the request is made from it, the
+    A1111 fields ignored, and request-field names for 422s that came from `override_settings`."""
+
+    entry: ModelEntry
+    pipe: StableDiffusionPipeline
+    body: Txt2ImgRequest
+    ignored: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """What A1111's `info` says of the model, and the fields this server ignored."""
+        return {"sd_model_name": self.entry.name, "sd_model_hash": self.entry.hash,
+                "sd_model_checkpoint": self.entry.title, "ignored": self.ignored}  # fmt: skip
+
+
+async def apply(state: ServerState, body: Txt2ImgRequest) -> Applied:
+    """The model a body runs on (its override's, else the current one, loaded if need be) and the body with
+    `override_settings`, `sampler_index` and the schedule type applied; 422 for a bad setting, and under
+    --strict for anything ignored."""
+    settings = body.override_settings
+    key = "override_settings.sd_model_checkpoint"
+    checkpoint = settings.get("sd_model_checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise HTTPException(422, f"{key}: must be a model's title, got {echo(checkpoint)}")
+    entry = state.find_model(checkpoint, key)
+    declared = {name: getattr(body, name) for name in type(body).model_fields}
+    ignored = ignored_fields(body.model_extra or {}, declared)
+    update, names = _clip_skip(body, settings.get(CLIP_SKIP), ignored)
+    _check_vae(settings.get("sd_vae"), "override_settings.sd_vae")
+    before = options(state)
+    handled = ("sd_model_checkpoint", CLIP_SKIP, "sd_vae")
+    ignored += [f"override_settings.{cut(k)}" for k, v in settings.items()
+                if k not in handled and _differs(v, before.get(k, MISSING))]  # fmt: skip
+    sampler, honoured = with_schedule(body.sampler_name or body.sampler_index, body.scheduler, _sampler_of(entry))
+    if not honoured:
+        ignored.append("scheduler")
+    if state.config.strict and ignored:
+        raise HTTPException(422, strict_refusal(ignored))
+    if checkpoint and not body.override_settings_restore_afterwards:
+        await state.select(checkpoint, key)
+    entry, pipe = await state.model(checkpoint, key)
+    return Applied(entry, pipe, body.model_copy(update={"sampler_name": sampler, **update}), ignored, names)
+
+
+def _clip_skip(body: Txt2ImgRequest, value: Any, ignored: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`CLIP_stop_at_last_layers` as the body's `clip_skip` (a body's own clip_skip wins), with the name its
+    422s should carry; a server without clip skip ignores any value but 1 (the last layer)."""
+    if value is None:
+        return {}, {}
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HTTPException(422, f"override_settings.{CLIP_SKIP}: must be an integer >= 1, got {echo(value)}")
+    if "clip_skip" not in type(body).model_fields:
+        if value != 1:
+            ignored.append(f"override_settings.{CLIP_SKIP}")
+        return {}, {}
+    if body.clip_skip is not None:
+        return {}, {}
+    return {"clip_skip": value}, {"clip_skip": f"override_settings.{CLIP_SKIP}"}
+
+
+def _check_vae(value: Any, name: str) -> None:
+    if value is not None and value not in VAE_NAMES:
+        raise HTTPException(
+            422, f"{name}: no VAE named {echo(value)}; this server has {' and '.join(VAE_NAMES)}, the model's own"
+        )
+
+
+def _differs(value: Any, current: Any) -> bool:
+    return current is MISSING or value != current or type(value) is not type(current)
+
+
+def _sampler_of(entry: ModelEntry) -> str:
+    """The model's own sampler, as the pipeline picks it (its scheduler config's class)."""
+    try:
+        return resolve_name(entry.scheduler_config.get("_class_name", "pndm"))
+    except ValueError:
+        return "pndm"
