@@ -120,7 +120,13 @@ async def apply(state: ServerState, body: Txt2ImgRequest) -> Applied:
     if checkpoint and not body.override_settings_restore_afterwards:
         await state.select(checkpoint, key)
     entry, pipe = await state.model(checkpoint, key)
-    return Applied(entry, pipe, body.model_copy(update={"sampler_name": sampler, **update}), ignored, names)
+    return Applied(entry, pipe, _declared_only(body, {**declared, "sampler_name": sampler, **update}), ignored, names)
+
+
+def _declared_only(body: Txt2ImgRequest, values: dict[str, Any]) -> Txt2ImgRequest:
+    """The body with `values` for its declared fields and none of its other keys: those are accounted for in
+    `ignored`, and must not reach a request as attributes (pydantic exposes extra keys as attributes too)."""
+    return type(body).model_construct(**values)
 
 
 def _clip_skip(body: Txt2ImgRequest, value: Any, ignored: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
