@@ -24,19 +24,25 @@ Inputs = tuple[torch.Tensor, ...]
 
 class TextEncoder(torch.nn.Module):
     """CLIP text encoder: last hidden state and pooled output; with `hidden_states`, every layer's hidden
-    states too (SDXL conditions on the penultimate one), as Optimum's SDXL export lays them out."""
+    states too (SDXL conditions on the penultimate one), as Optimum's SDXL export lays them out; with `skips`,
+    `clip_skip.K` for K = 1..skips: the final layer norm on the state K layers before the last, which is what
+    diffusers' (and A1111's) clip skip conditions SD 1.x/2.x on."""
 
-    def __init__(self, model: torch.nn.Module, hidden_states: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, hidden_states: bool = False, skips: int = 0) -> None:
         super().__init__()
-        self.model, self.hidden_states = model, hidden_states
+        self.model, self.hidden_states, self.skips = model, hidden_states, skips
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids.long(), output_hidden_states=self.hidden_states, return_dict=True)
+        every = self.hidden_states or self.skips > 0
+        out = self.model(input_ids.long(), output_hidden_states=every, return_dict=True)
         if hasattr(out, "text_embeds"):  # with a projection (SDXL's second encoder): Optimum's output order
             head = (out.text_embeds, out.last_hidden_state)
         else:
             head = (out.last_hidden_state, out.pooler_output)
-        return (*head, *out.hidden_states) if self.hidden_states else head
+        if self.hidden_states:
+            return (*head, *out.hidden_states)
+        norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 5 has no text_model
+        return (*head, *(norm(out.hidden_states[-(k + 1)]) for k in range(1, self.skips + 1)))
 
 
 class UNet(torch.nn.Module):
@@ -89,7 +95,15 @@ class TinyVaeEncoder(VaeEncoder):
 def _load_text_encoder(folder: Path) -> torch.nn.Module:
     from transformers import CLIPTextModel
 
-    return TextEncoder(CLIPTextModel.from_pretrained(folder / "text_encoder"), _is_sdxl(folder))
+    model = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    if _is_sdxl(folder):
+        return TextEncoder(model, hidden_states=True)
+    return TextEncoder(model, skips=clip_skips(model.config.num_hidden_layers))
+
+
+def clip_skips(layers: int) -> int:
+    """How many layers an SD 1.x/2.x text encoder's clip skip outputs reach back: all but the first."""
+    return max(layers - 1, 0)
 
 
 def _load_text_encoder_2(folder: Path) -> torch.nn.Module:
@@ -271,6 +285,15 @@ def _text_encoder_spec(name: str, src: PipelineSource) -> ComponentSpec:
     return replace(base, name=name, output_names=(*first, *hidden), dynamic_axes=axes, load=load)
 
 
+def _clip_skip_spec(src: PipelineSource) -> ComponentSpec:
+    """An SD 1.x/2.x text encoder with its `clip_skip.K` outputs after the usual two."""
+    base = SPECS["text_encoder"]
+    layers = int(json.loads((src.folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"])
+    skipped = tuple(f"clip_skip.{k}" for k in range(1, clip_skips(layers) + 1))
+    axes = {**base.dynamic_axes, **{name: {0: "batch", 1: "sequence"} for name in skipped}}
+    return replace(base, output_names=(*base.output_names, *skipped), dynamic_axes=axes)
+
+
 def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
     """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet, tiny VAEs differ)."""
     if name == "tiny_vae_decoder":
@@ -281,6 +304,8 @@ def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
         return TINY_VAE_ENCODER
     if name.startswith("text_encoder") and src.config.pooled_dim:
         return _text_encoder_spec(name, src)
+    if name == "text_encoder":
+        return _clip_skip_spec(src)
     if name == "unet" and src.config.pooled_dim:
         return UNET_SDXL
     if name == "unet" and src.config.time_cond_proj_dim:

@@ -60,13 +60,36 @@ def map_weights(candidates: dict[str, list[Candidate]], model_file: Path) -> dic
 def write_targets(modules: dict[str, list[dict[str, Any]]], model_file: Path) -> Path | None:
     """Write TARGETS_FILE beside `model_file` (the final graph, fp32 or fp16): the module map and where each
     initializer's bytes are. Nothing is written when no module was found."""
-    tensors = _locate(model_file, {part["tensor"] for parts in modules.values() for part in parts})
+    token = _token_embedding(model_file)
+    wanted = {part["tensor"] for parts in modules.values() for part in parts} | ({token} if token else set())
+    tensors = _locate(model_file, wanted)
     modules = {path: parts for path, parts in modules.items() if all(p["tensor"] in tensors for p in parts)}
     if not modules:
         return None
+    targets: dict[str, Any] = {"modules": modules, "tensors": tensors}
+    if token in tensors:  # textual-inversion embeddings extend this table at load (runtime/embeddings.py)
+        targets["token_embedding"] = token
     out = model_file.parent / TARGETS_FILE
-    out.write_text(json.dumps({"modules": modules, "tensors": tensors}, indent=1, sort_keys=True) + "\n")
+    out.write_text(json.dumps(targets, indent=1, sort_keys=True) + "\n")
     return out
+
+
+def _token_embedding(model_file: Path) -> str | None:
+    """The initializer a text encoder looks its input ids up in: the table of the Gather whose indices come
+    from `input_ids` (through casts and reshapes); None for other graphs."""
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def from_ids(tensor: str, hops: int = 8) -> bool:
+        while hops and tensor != "input_ids" and tensor in producer:
+            tensor, hops = producer[tensor].input[0], hops - 1
+        return tensor == "input_ids"
+
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in initializers and from_ids(node.input[1]):
+            return node.input[0]
+    return None
 
 
 def _initializer_digests(model_file: Path) -> dict[str, str]:

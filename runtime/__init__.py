@@ -1,5 +1,6 @@
 """sd-onnx runtime: Stable Diffusion on onnxruntime with NumPy schedulers; no PyTorch needed."""
 
+from .hires import HiresFix, hires_fix
 from .manifest import Manifest, ManifestError
 from .pipeline import (
     AutoPipelineForInpainting,
@@ -19,6 +20,8 @@ __all__ = [
     "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
     "GenerationRequest",
+    "HiresFix",
+    "hires_fix",
     "Limits",
     "RequestError",
     "PipelineOutput",

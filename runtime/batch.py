@@ -41,10 +41,14 @@ FIELDS = (
     "vae_tiling",
     "deepcache_interval",
     "tome_ratio",
+    "prompt_syntax",
+    "clip_skip",
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_LINE_CHARS = 100_000
-MAX_LINES = 100_000  # a day of images at one per second; split larger lists
+# A line holds two prompts of at most 10,000 characters and a few settings; with 50,000 lines (14 hours at an
+# image a second; split larger lists) the items read stay under 1 GB.
+MAX_LINE_CHARS = 20_000
+MAX_LINES = 50_000
 MAX_RECORD_CHARS = 1 << 20
 
 
@@ -63,9 +67,9 @@ def read_items(path: Path) -> list[BatchItem]:
     items with an error. The file is read one bounded line at a time (see files.read_lines); raises
     ValueError only when the file itself cannot be read: not a regular file, not UTF-8, too many lines."""
     items, seen = [], {}
-    for number, line in read_lines(path, MAX_LINE_CHARS, MAX_LINES, "prompts file"):
+    for number, line, problem in read_lines(path, MAX_LINE_CHARS, MAX_LINES, "prompts file"):
         if line is None:
-            items.append(BatchItem(f"line-{number}", number, None, f"line is longer than {MAX_LINE_CHARS} characters"))
+            items.append(BatchItem(f"line-{number}", number, None, problem))
         elif line.strip():
             item = _parse_line(line, number)
             key = item.id.casefold()  # Cat.png and cat.png are one file on macOS and Windows
@@ -111,7 +115,7 @@ def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> 
         return {**record, "status": "error", "error": item.error}, None
     started = time.perf_counter()
     try:
-        request = pipe.prepare(GenerationRequest(**item.fields), limits)
+        request = pipe.prepare(GenerationRequest(**{"prompt_syntax": "a1111", **item.fields}), limits)
         out = pipe.generate(request)
     except ValueError as exc:  # RequestError names the field
         return {**record, "status": "error", "error": str(exc)}, None
@@ -145,7 +149,7 @@ class BatchOutput:
             if self.results.exists() and self.results.stat().st_size:
                 raise ValueError(f"{self.results} exists: add --resume to continue that run, or use another OUTDIR")
             return set()
-        done = {r["id"]: r for r in self._records() if r.get("status") == "ok" and self._has_image(r["file"])}
+        done = {r["id"]: r for r in self._records() if r.get("status") == "ok" and self._has_image(r)}
         partial = self.folder / f".{RESULTS_NAME}.partial"
         partial.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
         partial.replace(self.results)
@@ -162,8 +166,11 @@ class BatchOutput:
             out.flush()
             os.fsync(out.fileno())
 
-    def _has_image(self, name: str) -> bool:
-        """Whether a record's image is a file in this folder (a record naming another path is not ours)."""
+    def _has_image(self, record: dict[str, Any]) -> bool:
+        """Whether a record's image is its id's file in this folder (a record naming another file is not ours)."""
+        name = f"{record['id']}.png"
+        if record.get("file") != name:
+            return False
         try:
             regular_file(inside(self.folder, name, self.results))
         except UntrustedFileError:
@@ -174,7 +181,7 @@ class BatchOutput:
         """Every complete record; a line cut short by a crash is skipped."""
         if not self.results.is_file():
             return
-        for _, line in read_lines(self.results, MAX_RECORD_CHARS, MAX_LINES, "results file"):
+        for _, line, _ in read_lines(self.results, MAX_RECORD_CHARS, MAX_LINES, "results file"):
             try:
                 record = parse_json(line or "", str(self.results))
             except ValueError:

@@ -18,6 +18,7 @@ import click
 
 from .lora import check_loras, parse_lora_option, read_loras
 from .manifest import MANIFEST_NAME
+from .prompt_syntax import SYNTAXES
 from .request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
 from .schedulers import scheduler_names
 
@@ -37,6 +38,9 @@ OPTION_NAMES = {
     "strength": "--strength",
     "eta": "--eta",
     "guidance_interval": "--guidance-interval",
+    "prompt_syntax": "--prompt-syntax",
+    "clip_skip": "--clip-skip",
+    "embeddings": "--embeddings",
     "vae_tiling": "--tile-vae",
     "deepcache_interval": "--deepcache",
     "tome_ratio": "--tome",
@@ -46,10 +50,38 @@ OPTION_NAMES = {
     "mask_blur": "--mask-blur",
     "padding_mask_crop": "--padding-mask-crop",
     "loras": "--lora",
+    "lora_dir": "--lora-dir",
 }
 DEFAULT_LIMITS = Limits()
 
 
+PROMPT_SYNTAX_OPTION = click.option(
+    "--prompt-syntax",
+    type=click.Choice(SYNTAXES),
+    default="a1111",
+    show_default=True,
+    help="a1111: (emphasis:1.2), [less], BREAK and prompts of any length in 75-token chunks; plain: diffusers' "
+    "reading (brackets are text, 77 tokens).",
+)
+CLIP_SKIP_OPTION = click.option(
+    "--clip-skip",
+    default=None,
+    type=click.IntRange(1),
+    metavar="N",
+    help="Condition on the text encoder's Nth layer from the end, as A1111 counts (1: the last) [default: 1].",
+)
+LORA_DIR_OPTION = click.option(
+    "--lora-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of LoRA files that prompts pick with <lora:NAME:WEIGHT> (A1111's syntax).",
+)
+EMBEDDINGS_OPTION = click.option(
+    "--embeddings",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of textual-inversion embeddings (.safetensors); each file's name is its trigger word.",
+)
 LORA_OPTION = click.option(
     "--lora",
     "loras",
@@ -164,6 +196,10 @@ def main() -> None:
 @click.option(
     "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
 )
+@PROMPT_SYNTAX_OPTION
+@CLIP_SKIP_OPTION
+@EMBEDDINGS_OPTION
+@LORA_DIR_OPTION
 @LORA_OPTION
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM eta.")
 @click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
@@ -230,6 +266,10 @@ def prompt(
     mask_blur: int,
     padding_mask_crop: int | None,
     strength: float | None,
+    prompt_syntax: str,
+    clip_skip: int | None,
+    embeddings: Path | None,
+    lora_dir: Path | None,
     loras: tuple[str, ...],
     eta: float,
     provider: str,
@@ -261,7 +301,14 @@ def prompt(
                 raise click.BadParameter(str(exc), param_hint="-o") from None
         applied = [parse_lora_option(text) for text in loras]
         pipe = StableDiffusionPipeline.from_pretrained(
-            model or default_model(), provider=provider, threads=threads, low_memory=low_memory, vae=vae, loras=applied
+            model or default_model(),
+            provider=provider,
+            threads=threads,
+            low_memory=low_memory,
+            vae=vae,
+            loras=applied,
+            embeddings=embeddings,
+            lora_dir=lora_dir,
         )
         if preview is not None and not pipe.has_tiny_vae:
             raise click.BadParameter("this model has no tiny autoencoder to preview with", param_hint="--preview")
@@ -270,7 +317,8 @@ def prompt(
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
             masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
-            vae_tiling=tile_vae, deepcache_interval=deepcache, tome_ratio=tome,
+            vae_tiling=tile_vae, deepcache_interval=deepcache, tome_ratio=tome, prompt_syntax=prompt_syntax,
+            clip_skip=None if clip_skip is None else clip_skip - 1,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -386,6 +434,21 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     help="Folder of exported upscalers (sd-export upscaler), one per sub-folder, for the A1111 extras routes.",
 )
 @click.option(
+    "--models-dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Serve every exported model folder in DIR (A1111 clients switch with sd_model_checkpoint).",
+)
+@click.option(
+    "--max-loaded-models",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="K",
+    help="With --models-dir: models kept loaded (least recently used unloaded); memory: K x one model.",
+)
+@click.option("--strict", is_flag=True, help="Refuse (422) A1111 fields and settings the server would ignore.")
+@click.option(
     "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
@@ -407,6 +470,8 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     "--timeout", default=600.0, show_default=True, type=click.FloatRange(1, 86400), help="Seconds per request."
 )
 @click.option("--max-body-bytes", default=10 * 1024 * 1024, show_default=True, type=click.IntRange(1024))
+@EMBEDDINGS_OPTION
+@LORA_DIR_OPTION
 @LORA_OPTION
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve: model replicas behind the same API ([ray]).")
 @click.option(
@@ -419,6 +484,9 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 def serve(
     model: Path | None,
     upscalers_dir: Path | None,
+    models_dir: Path | None,
+    max_loaded_models: int,
+    strict: bool,
     host: str,
     port: int,
     public_url: str | None,
@@ -433,6 +501,8 @@ def serve(
     max_batch: int,
     timeout: float,
     max_body_bytes: int,
+    embeddings: Path | None,
+    lora_dir: Path | None,
     loras: tuple[str, ...],
     use_ray: bool,
     address: str | None,
@@ -449,12 +519,14 @@ def serve(
         from .server.state import normalize_origin
     except ImportError:
         raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
+    check_models_dir(models_dir, model, max_loaded_models, use_ray, loras)
     ray_options = ray_serve_options(use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica, workers)
     from .session import resolve_providers
     from .upscale import load_upscalers
 
     log_to_stderr()
-    folder = model_folder(model)
+    catalog = served_models(models_dir) if models_dir is not None else None
+    folder = catalog[0].folder if catalog else model_folder(model)
     if timeout != timeout:  # NaN passes click's range check
         raise click.BadParameter("must be a number of seconds", param_hint="--timeout")
     if api_key is None and os.environ.get("SD_ONNX_API_KEY") is not None:
@@ -487,20 +559,58 @@ def serve(
         host=host,
         allow_origins=tuple(allow_origins),
         upscalers_dir=upscalers_dir,
+        strict=strict,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)
     if ray_options is None:
-        click.echo(f"serving {folder} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
-        run_server(config, folder, provider, threads, host, port, applied)
+        served = f"{len(catalog)} models from {models_dir}" if catalog else str(folder)
+        click.echo(f"serving {served} on http://{_url_host(host)}:{port} (loading; Ctrl-C to stop)", err=True)
+        run_server(
+            config, folder, provider, threads, host, port, applied, catalog, max_loaded_models, embeddings, lora_dir
+        )
         return
     from .server.ray_serve import run_ray_server
 
+    if embeddings is not None or lora_dir is not None:
+        raise click.UsageError("--embeddings and --lora-dir serve locally only; not with --ray yet")
     click.echo(f"deploying {folder} on Ray Serve at http://{_url_host(host)}:{port} (loading replicas)", err=True)
     try:
         run_ray_server(config, folder, ray_options, provider, threads, host, port, applied)
     except USER_ERRORS as exc:
         raise user_error(exc) from None
+
+
+def check_models_dir(
+    models_dir: Path | None, model: Path | None, max_loaded: int, use_ray: bool, loras: tuple[str, ...]
+) -> None:
+    """The options that go with --models-dir: not -m, --ray or --lora; --max-loaded-models needs it."""
+    if models_dir is None:
+        if max_loaded != 1:
+            raise click.UsageError("--max-loaded-models needs --models-dir")
+        return
+    for given, name, why in (
+        (model is not None, "-m", "give one model folder or a folder of them"),
+        (use_ray, "--ray", "each Ray deployment serves one model: deploy one per -m"),
+        (bool(loras), "--lora", "a LoRA is fused into one model at load: serve that model with -m"),
+    ):
+        if given:
+            raise click.UsageError(f"--models-dir and {name} do not go together ({why})")
+
+
+def served_models(models_dir: Path) -> list[Any]:
+    """The models in --models-dir, each skipped folder warned about in one line; none servable: an error."""
+    from .server.models import discover
+
+    try:
+        entries, warnings = discover(models_dir)
+    except OSError as exc:
+        raise click.ClickException(f"{models_dir}: cannot list it ({exc.strerror or exc})") from None
+    for line in warnings:
+        click.echo(f"warning: {models_dir}: {line}", err=True)
+    if not entries:
+        raise click.ClickException(f"{models_dir}: no servable model folder (sd-export's, with {MANIFEST_NAME})")
+    return entries
 
 
 def ray_serve_options(

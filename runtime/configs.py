@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .echo import echo
+from .files import inside
 from .manifest import ManifestError, ModelConfig, read_json
 from .manifest_schema import check_model_config
 
@@ -31,18 +32,18 @@ def read_model_config(
     `text_width` stands in for the text encoder's hidden size where its config is missing (some ONNX
     folders); the UNet's `cross_attention_dim` is the next fallback."""
     folder = Path(folder)
-    unet = read_json(folder / "unet" / "config.json")
-    vae_config = read_json(folder / vae / "config.json")
+    unet = read_json(inside(folder, "unet/config.json", folder))
+    vae_config = read_json(inside(folder, f"{vae}/config.json", folder))
     text_path = folder / "text_encoder" / "config.json"
     if not text_path.is_file():  # an SDXL refiner: the second encoder sets the token length
         text_path = folder / "text_encoder_2" / "config.json"
-    text = read_json(text_path) if text_path.is_file() else {}
+    text = read_json(inside(folder, str(text_path.relative_to(folder)), folder)) if text_path.is_file() else {}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    scheduler = read_json(inside(folder, "scheduler/scheduler_config.json", folder)) if scheduler_path.is_file() else {}
     second_path = folder / "text_encoder_2" / "config.json"
-    second = read_json(second_path) if second_path.is_file() else None
+    second = read_json(inside(folder, "text_encoder_2/config.json", folder)) if second_path.is_file() else None
     index_path = folder / "model_index.json"
-    index = read_json(index_path) if index_path.is_file() else {}
+    index = read_json(inside(folder, "model_index.json", folder)) if index_path.is_file() else {}
     try:
         width = text.get("hidden_size") or text_width or unet.get("cross_attention_dim")
         pooled_dim = time_ids = None

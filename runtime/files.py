@@ -115,27 +115,31 @@ def parse_json(text: str | bytes, where: str, depth: int = MAX_JSON_DEPTH, finit
     return data
 
 
-def read_lines(path: Path, max_line: int, max_lines: int, what: str = "file") -> Iterator[tuple[int, str | None]]:
-    """(line number, text) for each line of a UTF-8 text file, read one bounded line at a time; a line longer
-    than `max_line` characters comes as (number, None) and is skipped to its end without being held."""
+def read_lines(path: Path, max_line: int, max_lines: int, what: str = "file") -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text, problem) for each line of a UTF-8 text file, read one bounded line at a time. A line
+    longer than `max_line` bytes, or not UTF-8, comes as (number, None, why) and is skipped to its end without
+    being held, so one bad line does not stop the others."""
     path = Path(path)
     regular_file(path, what)
     try:
-        with open(path, encoding="utf-8-sig", newline=None) as file:
+        with open(path, "rb") as file:
             for number in range(1, max_lines + 2):
-                line = file.readline(max_line + 1)
-                if not line:
+                raw = file.readline(max_line + 1)
+                if not raw:
                     return
                 if number > max_lines:
                     raise UntrustedFileError(f"{path}: more than {max_lines} lines")
-                if len(line.rstrip("\n")) > max_line:
-                    while line and not line.endswith("\n"):  # the rest of the long line, in bounded pieces
-                        line = file.readline(max_line + 1)
-                    yield number, None
-                else:
-                    yield number, line.rstrip("\n")
-    except UnicodeDecodeError as exc:
-        raise UntrustedFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+                if len(raw.rstrip(b"\r\n")) > max_line:
+                    while raw and not raw.endswith(b"\n"):  # the rest of the long line, in bounded pieces
+                        raw = file.readline(max_line + 1)
+                    yield number, None, f"line is longer than {max_line} characters"
+                    continue
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, None, f"not UTF-8 text (byte {exc.start})"
+                    continue
+                yield number, text.rstrip("\r\n"), ""
     except OSError as exc:
         raise UntrustedFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
 

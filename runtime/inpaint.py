@@ -8,6 +8,8 @@ next step's level, so only the masked part changes.
 
 With `padding_mask_crop` (A1111's "only masked") only a box around the mask, grown to the output's aspect ratio,
 is inpainted at the full output size and pasted back into the untouched original (diffusers' crop and overlay).
+Without it, `paste_back` lays the original back over the whole decoded picture outside the mask, as A1111 does in
+every inpainting mode (its apply_overlay); diffusers does not, so unmasked pixels keep the VAE's round trip.
 """
 
 from __future__ import annotations
@@ -100,13 +102,52 @@ class MaskCrop:
     def paste(self, result: Image.Image) -> Image.Image:
         """The inpainted box scaled back into the original; outside the mask the original's pixels stay."""
         left, top, right, bottom = self.box
-        width, height = self.original.size
-        keep = Image.new("RGBa", (width, height))
-        keep.paste(self.original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(self.mask.convert("L")))
-        merged = Image.new("RGBA", (width, height))
+        merged = Image.new("RGBA", self.original.size)
         merged.paste(resize_cover(result, right - left, bottom - top), (left, top))
-        merged.alpha_composite(keep.convert("RGBA"))
-        return merged.convert("RGB")
+        return overlay(merged, self.original, self.mask)
+
+
+def paste_back(
+    results: list[Image.Image], image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray, blur: int = 0
+) -> list[Image.Image]:
+    """Whole-picture inpainting's results with the original laid back over them outside the mask, as A1111's
+    img2img does (processing.py: `mask_for_overlay` and `apply_overlay`): the init image at the results' size
+    (resized with Lanczos, as for the encoder) through the mask blurred at its own size, resized, doubled and
+    inverted, so a hard mask keeps every unmasked pixel of the original and a blurred one blends toward it."""
+    width, height = results[0].size
+    original = original_picture(image, width, height)
+    soft = blurred(_mask_picture(mask), blur) if blur else _mask_picture(mask)
+    if soft.size != (width, height):
+        soft = soft.resize((width, height), Image.Resampling.LANCZOS)
+    doubled = Image.fromarray(np.clip(np.asarray(soft, np.float32) * 2, 0, 255).astype(np.uint8), "L")
+    return [overlay(result, original, doubled) for result in results]
+
+
+def overlay(result: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """`original` laid over `result` through the inverted `mask` (the original's size): its pixels exactly where
+    the mask is 0, the result's where it is 255, blended between (A1111's and diffusers' apply_overlay)."""
+    keep = Image.new("RGBa", original.size)
+    keep.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    merged = result.convert("RGBA")
+    merged.alpha_composite(keep.convert("RGBA"))
+    return merged.convert("RGB")
+
+
+def original_picture(image: Image.Image | np.ndarray, width: int, height: int) -> Image.Image:
+    """The init image as an RGB picture of the output's size: a PIL image resized as the encoder's input is,
+    (1, 3, H, W) pixels in [-1, 1] as they are."""
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = np.clip(np.asarray(image, np.float32)[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1)
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+def _mask_picture(mask: Image.Image | np.ndarray) -> Image.Image:
+    """A mask as a grayscale picture: a PIL image in "L", (1, 1, H, W) values in [0, 1] scaled to 0-255."""
+    if isinstance(mask, Image.Image):
+        return mask.convert("L")
+    return Image.fromarray((np.asarray(mask, np.float32)[0, 0] * 255).round().astype(np.uint8), "L")
 
 
 def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
@@ -186,4 +227,7 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return filled.convert("RGB")
 
 
-__all__ = ["MASKED_CONTENT", "Inpainting", "MaskCrop", "crop_region", "fill_masked", "latent_mask", "mask_pixels"]
+__all__ = [
+    "MASKED_CONTENT", "Inpainting", "MaskCrop", "crop_region", "fill_masked", "latent_mask", "mask_pixels", "overlay",
+    "paste_back",
+]  # fmt: skip

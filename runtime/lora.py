@@ -49,7 +49,8 @@ TARGETS_SCHEMA = Obj(
     {
         "modules": {str: [Obj({"tensor": str, "layout": str})]},
         "tensors": {str: Obj({"dtype": str, "shape": [int], "file": str, "offset": int})},
-    }
+    },
+    {"token_embedding": str},
 )
 
 
@@ -93,7 +94,7 @@ class Lora:
             component, module, part = _split_key(file, key)
             pair = lora.modules.setdefault(component, {}).setdefault(module, LowRank(alpha=alphas.get(component)))
             if part == "alpha":
-                pair.alpha = float(np.asarray(value, np.float64).reshape(-1)[0])
+                pair.alpha = _alpha(file, key, value)
             else:
                 setattr(pair, part, value.astype(np.float32))
         for pairs in lora.modules.values():
@@ -210,12 +211,21 @@ def _add(
     file: str,
     path: str,
 ) -> None:
-    """Add one module's scaled update to its initializer(s), reading each base weight on first use."""
+    """Add one module's scaled update to its initializer(s), reading each base weight on first use; the pair's
+    shape is checked against the weight's before any product is made (a tiny file can declare a huge one)."""
+    size = pair.up.shape[0] * int(np.prod(pair.down.shape[1:]))
+    for part in parts:
+        expected = int(np.prod(targets["tensors"][part["tensor"]]["shape"]))
+        if size != expected:
+            shape = [pair.up.shape[0], *pair.down.shape[1:]]
+            raise RequestError(
+                "loras", f"{file}: {path} is {shape} in this LoRA but has {expected} values in the model"
+            )
     delta = pair.delta() * np.float32(scale)
     for part in parts:
         name, layout = part["tensor"], part["layout"]
         if name not in updated:
-            updated[name] = _base_weight(folder, targets["tensors"][name])
+            updated[name] = base_weight(folder, targets["tensors"][name])
         weight = updated[name]
         if layout == "conv":
             change = delta.reshape(weight.shape) if delta.size == weight.size else delta
@@ -229,7 +239,7 @@ def _add(
         weight += change
 
 
-def _base_weight(folder: Path, where: dict[str, Any]) -> np.ndarray:
+def base_weight(folder: Path, where: dict[str, Any]) -> np.ndarray:
     """A float32 copy of an initializer's data, read from its file (inside the component's folder) at its
     recorded offset (updates are summed in float32 and cast back once, as fusing in PyTorch then converting
     would)."""
@@ -259,7 +269,13 @@ def _read_targets(folder: Path, lora: Lora) -> dict[str, Any]:
             "LoRA at load time (their weights are quantized) and older exports lack the map: fuse the LoRA at "
             "export (sd-export convert --lora) or re-export",
         )
+    return read_targets(folder)
+
+
+def read_targets(folder: Path) -> dict[str, Any]:
+    """A component's LoRA map (bounded, types checked); RequestError naming the file when it is unusable."""
     try:
+        path = inside(folder.parent, f"{folder.name}/{TARGETS_FILE}", folder.parent)
         targets = read_json(path, MAX_TARGETS_BYTES, "LoRA map")
         check(targets, TARGETS_SCHEMA, "", TARGETS_FILE)
         _check_targets(targets)
@@ -305,7 +321,12 @@ def _check_pair(file: Path, module: str, pair: LowRank) -> None:
     if pair.down is None or pair.up is None:
         missing = "down (lora_A)" if pair.down is None else "up (lora_B)"
         raise RequestError("loras", f"{file.name}: {module} has no {missing} weight")
-    if pair.down.ndim not in (2, 4) or pair.up.ndim != pair.down.ndim or pair.up.shape[1] != pair.down.shape[0]:
+    if (
+        pair.down.ndim not in (2, 4)
+        or pair.up.ndim != pair.down.ndim
+        or pair.up.shape[1] != pair.down.shape[0]
+        or not pair.down.shape[0]
+    ):
         raise RequestError(
             "loras",
             f"{file.name}: {module}: up {list(pair.up.shape)} and down {list(pair.down.shape)} are no low-rank pair",
@@ -314,11 +335,20 @@ def _check_pair(file: Path, module: str, pair: LowRank) -> None:
         raise RequestError("loras", f"{file.name}: {module} holds NaN or infinite values")
 
 
+def _alpha(file: Path, key: str, value: np.ndarray) -> float:
+    """A `.alpha` tensor's one finite value."""
+    values = np.asarray(value, np.float64).reshape(-1)
+    if values.size != 1 or not np.isfinite(values[0]):
+        raise RequestError("loras", f"{file.name}: {key} must be one finite number")
+    return float(values[0])
+
+
 def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
     """diffusers' `lora_adapter_metadata` (PEFT config per component): lora_alpha by component."""
     try:
         config = parse_json(metadata.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
-        return {key.split(".")[0]: float(value) for key, value in config.items() if key.endswith(".lora_alpha")}
+        alphas = {key.split(".")[0]: float(value) for key, value in config.items() if key.endswith(".lora_alpha")}
+        return {component: alpha for component, alpha in alphas.items() if np.isfinite(alpha)}
     except (ValueError, TypeError, AttributeError):
         return {}
 
@@ -342,10 +372,20 @@ def read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             check(header, SAFETENSORS_HEADER, "", "header")
             metadata = header.pop("__metadata__", None) or {}
             check(header, {str: TENSOR_SPEC}, "", "header")
+            _disjoint(header)
             tensors = {name: _tensor(f, 8 + length, size, spec) for name, spec in header.items()}
         except (SchemaError, ValueError) as exc:
             raise UntrustedFileError(f"{file.name}: not a readable .safetensors file ({exc})") from None
     return tensors, metadata
+
+
+def _disjoint(header: dict[str, Any]) -> None:
+    """Tensors may not share bytes (safetensors' rule): a file that names one range many times would be read,
+    and held, as many times."""
+    ranges = sorted(tuple(spec["data_offsets"]) for spec in header.values())
+    for (_, end), (begin, _) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise ValueError("tensors overlap")
 
 
 def _tensor(file: BinaryIO, start: int, size: int, spec: dict[str, Any]) -> np.ndarray:

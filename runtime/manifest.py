@@ -17,6 +17,8 @@ from .files import MAX_JSON_BYTES, UntrustedFileError, inside, regular_file
 from .files import read_json as read_untrusted_json
 
 MANIFEST_NAME = "sd_onnx.json"
+# A graph's weights file: FLUX's fp32 transformer is 48 GB; hashing a larger (or a sparse 1 TB) file would hang.
+MAX_MODEL_FILE_BYTES = 64 << 30
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
@@ -103,6 +105,9 @@ class ModelConfig:
     token_merging: bool = False
     # How many stage graphs the UNet is also cut into (`unet_stage_*`, run one at a time in low-memory mode); 0: none.
     unet_stages: int = 0
+    # Text encoder layers a request may skip (clip_skip): what the text encoder graph's outputs allow, set by the
+    # pipeline from them (0: the graph has the last layer's states only).
+    clip_skip_layers: int = 0
 
     @property
     def inpainting(self) -> bool:
@@ -176,9 +181,9 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
-        if not os.path.lexists(path):
+        if not os.path.lexists(Path(folder) / MANIFEST_NAME):
             raise ManifestError(f"{folder}: no {MANIFEST_NAME}; not an sd-onnx model folder")
+        path = inside(folder, MANIFEST_NAME, folder)  # a link out of the folder is not its manifest
         data = read_json(path, expect_object=False)  # the schema check names what is wrong with its shape
         try:
             return cls.from_dict(data, Path(folder))
@@ -194,7 +199,8 @@ class Manifest:
     def problems(self, folder: Path, components: tuple[str, ...] | None = None) -> list[str]:
         """Every missing or modified file of the named components, one line each (empty: all intact). Paths
         resolve inside `folder` (symlinks followed) or are refused; only regular files are hashed."""
-        found = []
+        found: list[str] = []
+        hashed: dict[Path, str] = {}  # a weights file several graphs share is read once
         for name in components or tuple(self.components):
             for rel, expected in self.components[name].files.items():
                 try:
@@ -202,11 +208,14 @@ class Manifest:
                     if not os.path.exists(path):
                         found.append(f"{name}: missing model file {path}")
                         continue
-                    regular_file(path, "model file")
+                    if regular_file(path, "model file").st_size > MAX_MODEL_FILE_BYTES:
+                        raise UntrustedFileError(f"{path}: larger than {MAX_MODEL_FILE_BYTES >> 30} GiB")
                 except UntrustedFileError as exc:
                     found.append(f"{name}: {exc}")
                     continue
-                if sha256_file(path) != expected:
+                if path not in hashed:
+                    hashed[path] = sha256_file(path)
+                if hashed[path] != expected:
                     found.append(f"{name}: sha256 mismatch for {path} (corrupt or modified file)")
         return found
 
@@ -231,7 +240,7 @@ def _size_multiple_from_unet_config(folder: Path | None, vae_scale_factor: int) 
 
     if folder is None or not (Path(folder) / "unet" / "config.json").is_file():
         raise ManifestError("config.size_multiple: missing, and no unet/config.json to compute it from")
-    return size_multiple(vae_scale_factor, read_json(Path(folder) / "unet" / "config.json"))
+    return size_multiple(vae_scale_factor, read_json(inside(folder, "unet/config.json", folder)))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -43,6 +43,7 @@ CONFIG = Obj(
         "deepcache_branch": Opt(int),
         "token_merging": bool,
         "unet_stages": int,
+        "clip_skip_layers": int,
     },
 )
 MANIFEST = Obj(
@@ -79,8 +80,6 @@ def check_manifest(data: Any) -> None:
     config = data["config"]
     if not 0 <= config.get("guidance_scale", 0) <= 100:
         raise ManifestError(f"config.guidance_scale: must be in 0..100, got {config['guidance_scale']}")
-    if config.get("shift_factor") is not None and abs(config["shift_factor"]) > 10:
-        raise ManifestError(f"config.shift_factor: must be in -10..10, got {config['shift_factor']}")
     name = data.get("name") or ""
     if len(name) > 200 or not name.isprintable():
         raise ManifestError("name: must be one printable line of at most 200 characters")
@@ -121,6 +120,8 @@ def _inside(rel: str) -> bool:
 # largest, its 512x512 RGB image, is 0.8 M; SDXL's 3.1 M.
 MAX_ELEMENTS = 1 << 26
 MAX_TOKENS = 4096  # CLIP reads 77, T5 512, Gemma 300
+# Latent scaling: SD 0.18215, SDXL 0.13025, SD3 1.5305, FLUX 0.3611; beyond these bounds latents overflow float32.
+MAX_SCALING, MAX_SHIFT = 100.0, 10.0
 
 
 def check_model_config(config: ModelConfig) -> None:
@@ -134,8 +135,10 @@ def check_model_config(config: ModelConfig) -> None:
         value = getattr(config, key)
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise ManifestError(f"config.{key}: must be a finite number, got {echo(value)}")
-    if config.scaling_factor <= 0:
-        raise ManifestError(f"config.scaling_factor: must be positive, got {config.scaling_factor}")
+    if not 0 < config.scaling_factor <= MAX_SCALING:
+        raise ManifestError(f"config.scaling_factor: must be in (0, {MAX_SCALING:g}], got {config.scaling_factor}")
+    if config.shift_factor is not None and abs(config.shift_factor) > MAX_SHIFT:
+        raise ManifestError(f"config.shift_factor: must be in -{MAX_SHIFT:g}..{MAX_SHIFT:g}, got {config.shift_factor}")
     side = config.sample_size * config.vae_scale_factor
     implied = {
         "sample_size": (side * side * 3, f"a default image of {side}x{side} pixels"),

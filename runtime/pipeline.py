@@ -12,9 +12,12 @@ public so calibration, benchmarks and tests drive the same code the pipeline run
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,13 +28,16 @@ from PIL import Image
 
 from .configs import read_model_config
 from .deepcache import SHALLOW, DeepCache
+from .embeddings import Embedding, gather, table_override, token_table, usable
 from .files import inside, regular_file
 from .hub import locate_model
 from .image import from_pil, to_pil
 from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
 from .lora import Lora, check_loras, read_loras, weight_overrides
+from .lora_tags import LoraLibrary, LoraTag, extract_tags
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
 from .openvino_engine import default_precision, openvino_version
+from .prompt_syntax import BREAK, emphasize, parse_attention
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import Generator, ImageGenerators, TorchGenerator
 from .scheduler_config import read_scheduler_config
@@ -50,7 +56,7 @@ from .session import (
 )
 from .shipped import shipped_model
 from .stages import StagedUnet
-from .tokenizer import tokenizer_for
+from .tokenizer import CLIPTokenizer, tokenizer_for
 from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
 
@@ -59,6 +65,7 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 
 LOG = logging.getLogger("sd_onnx")
 TOKEN_MERGING = "unet_tome"
+MAX_LORA_SETS = 2  # pipelines kept per LoRA set picked by <lora:...> tags (each holds its own UNet session)
 UNET_GRAPHS = ("unet", SHALLOW, TOKEN_MERGING)
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
@@ -90,6 +97,8 @@ class StableDiffusionPipeline:
         low_memory: bool = False,
         vae: str = "auto",
         loras: tuple[Lora, ...] = (),
+        embeddings: tuple[list[Embedding], dict[str, str]] = ([], {}),
+        lora_dir: str | Path | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -106,8 +115,13 @@ class StableDiffusionPipeline:
         has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
         tokens = config.max_token_length
         self.tokenizer = tokenizer_for(folder, "tokenizer", "text_encoder", tokens) if has_first else None
+        config.clip_skip_layers = _clip_skip_layers(manifest)
         check_loras(folder, list(loras), list(manifest.components) if manifest else None)
         self.loras = tuple(loras)
+        self.embeddings, self.skipped_embeddings = self._add_embeddings(*embeddings)
+        self.lora_library = LoraLibrary(lora_dir) if lora_dir is not None else None
+        self._variants: OrderedDict[tuple, StableDiffusionPipeline] = OrderedDict()  # by LoRA set (with_loras)
+        self._variants_lock = threading.Lock()
         self._models: dict[str, OnnxModel] = {}
         if not low_memory:
             for name in self.components_used:
@@ -129,6 +143,8 @@ class StableDiffusionPipeline:
         vae: str = "auto",
         loras: list[tuple[str | Path, float] | str | Path] | None = None,
         precision: str = "auto",
+        embeddings: str | Path | list | None = None,
+        lora_dir: str | Path | None = None,
     ) -> StableDiffusionPipeline:
         """Open an sd-onnx folder (checked against its manifest unless `verify=False`) or a plain
         Optimum/diffusers ONNX folder (sizes read from its configs); no path opens the shipped shapes model.
@@ -136,7 +152,10 @@ class StableDiffusionPipeline:
         fetched into the Hub's cache first (see hub.py). `vae`: "tiny" decodes (and encodes) with the tiny
         autoencoder exported beside the VAE (`sd-export convert --vae`), "full" with the model's own, "auto" the
         model's own. `loras`: LoRA files (or (file, scale) pairs) added to the weights as the sessions are
-        created, without PyTorch (see lora.py; fp32/fp16 exports only).
+        created, without PyTorch (see lora.py; fp32/fp16 exports only). `embeddings`: a folder of textual-inversion
+        embeddings, or a list of files (or (file, word) pairs); each file's name is its trigger word (see
+        embeddings.py). `lora_dir`: a folder of LoRA files that prompts in A1111's syntax pick with `<lora:NAME:W>`
+        (see lora_tags.py).
 
         `optimization` is onnxruntime's graph optimization level ("disabled", "basic", "extended", "all");
         `cache` keeps the optimized CPU graph in `cache_dir` (default: the user cache directory, see
@@ -153,7 +172,7 @@ class StableDiffusionPipeline:
         session_config = SessionConfig(
             providers, threads, optimization, cache, cache_root, not low_memory, precision, openvino_placement(provider)
         )
-        if (folder / MANIFEST_NAME).is_file():
+        if os.path.lexists(folder / MANIFEST_NAME):  # a manifest that is no regular file is refused, not skipped
             manifest = Manifest.load(folder)
             if verify:
                 manifest.verify(folder)
@@ -166,7 +185,18 @@ class StableDiffusionPipeline:
             cls = StableDiffusionXLPipeline
         elif cls is StableDiffusionPipeline and config.inpainting:
             cls = StableDiffusionInpaintPipeline
-        return cls(folder, manifest, config, scheduler, session_config, low_memory, vae, read_loras(loras))
+        return cls(
+            folder,
+            manifest,
+            config,
+            scheduler,
+            session_config,
+            low_memory,
+            vae,
+            read_loras(loras),
+            gather(embeddings),
+            lora_dir,
+        )
 
     @property
     def model_name(self) -> str:
@@ -191,12 +221,34 @@ class StableDiffusionPipeline:
         info = self.manifest.components.get(name) if self.manifest else None
         file = inside(self.folder, info.file if info else f"{name}/model.onnx", self.folder / MANIFEST_NAME)
         regular_file(file, f"{name} model file")
-        overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else None
+        overrides = weight_overrides(file.parent, list(self.loras)) if self.loras else {}
+        if name in self.text_encoders():
+            overrides.update(table_override(file.parent, self.embeddings))
         # Low-memory mode: the VAE's activations (0.4-1 GB at 512x512 for SD) go back as they die, not with the arena.
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
-        return open_model(file, info, self.session_config, overrides, arena=arena)
+        return open_model(file, info, self.session_config, overrides or None, arena=arena)
 
     components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
+
+    def text_encoders(self) -> dict[str, CLIPTokenizer]:
+        """Each text encoder this pipeline runs -> its tokenizer."""
+        tokenizers = {"text_encoder": self.tokenizer, "text_encoder_2": getattr(self, "tokenizer_2", None)}
+        return {name: t for name, t in tokenizers.items() if t is not None and name in self.components_used}
+
+    def _add_embeddings(
+        self, embeddings: list[Embedding], skipped: dict[str, str]
+    ) -> tuple[list[Embedding], dict[str, str]]:
+        """The embeddings that fit this model, their words added to the tokenizers (see embeddings.py), and why
+        the others were skipped."""
+        if not embeddings:
+            return [], dict(skipped)
+        tables = {name: token_table(self.folder / name) for name in self.text_encoders()}
+        fit, unfit = usable(embeddings, {name: width for name, (_, width) in tables.items()})
+        for name, tokenizer in self.text_encoders().items():
+            tokenizer.add_embeddings(fit, tables[name][0])
+        for name, reason in {**skipped, **unfit}.items():
+            LOG.warning("embedding %s skipped: %s", name, reason)
+        return fit, {**skipped, **unfit}
 
     @property
     def loaded_components(self) -> tuple[str, ...]:
@@ -212,7 +264,51 @@ class StableDiffusionPipeline:
     def prepare(self, request: GenerationRequest, limits: Limits | None = None) -> GenerationRequest:
         """`request` with this model's defaults filled in, checked against the model and `limits` (none: no
         limits, as diffusers); RequestError (a ValueError) naming the bad field."""
-        return request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
+        resolved = request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
+        self.lora_tags(resolved)
+        return resolved
+
+    def lora_tags(self, request: GenerationRequest) -> list[LoraTag]:
+        """The `<lora:...>` tags of the request's prompts (A1111's syntax only), each in the LoRA folder."""
+        if request.prompt_syntax != "a1111" or not any("<" in p for p in request.prompts):
+            return []
+        tags = [tag for prompt in request.prompts for tag in extract_tags(prompt)[1]]
+        if tags and self.lora_library is None:
+            raise RequestError("prompt", "<lora:...> tags need a LoRA folder (sd-run --lora-dir, lora_dir=)")
+        if tags:
+            self.lora_library.check(tags)
+        return tags
+
+    def with_loras(self, loras: tuple[Lora, ...]) -> StableDiffusionPipeline:
+        """This pipeline with `loras` added to its own: new sessions for the graphs they change, the others
+        shared. The last MAX_LORA_SETS such pipelines are kept, so a repeated set costs nothing."""
+        key = tuple((str(lora.file), lora.scale, tuple(sorted(lora.modules))) for lora in loras)
+        with self._variants_lock:
+            if key in self._variants:
+                self._variants.move_to_end(key)
+                return self._variants[key]
+            check_loras(self.folder, [*self.loras, *loras], list(self.manifest.components) if self.manifest else None)
+            touched = {component for lora in loras for component in lora.modules}
+            variant = copy.copy(self)
+            variant.loras = (*self.loras, *loras)
+            variant._models = {n: m for n, m in self._models.items() if not n.startswith(tuple(touched))}
+            variant._variants, variant._variants_lock = OrderedDict(), threading.Lock()
+            if not self.low_memory:
+                for name in variant.components_used:
+                    variant.component(name)
+            self._variants[key] = variant
+            while len(self._variants) > MAX_LORA_SETS:
+                self._variants.popitem(last=False)
+            return variant
+
+    def _generate_with_tags(self, request: GenerationRequest, tags: list[LoraTag], *args: Any) -> PipelineOutput:
+        """A request whose prompts pick LoRAs: run without the tags on the pipeline with those LoRAs; the
+        parameters keep the prompts as written and name the LoRAs, as A1111's infotext does."""
+        prompts = tuple(extract_tags(p)[0] for p in request.prompts)
+        clean = replace(request, prompt=prompts[0] if isinstance(request.prompt, str) else prompts)
+        out = self.with_loras(self.lora_library.resolve(tags)).generate(clean, *args)
+        names = ", ".join(dict.fromkeys(tag.name for tag in tags))
+        return replace(out, parameters={**self.parameters(request), "Lora": names}, request=request)
 
     def self_test(self) -> None:
         """Generate one image in one step at the model's defaults (its size, guidance and sampler; a gray image
@@ -335,9 +431,12 @@ class StableDiffusionPipeline:
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         request = self.prepare(request) if not request.resolved else request
+        tags = self.lora_tags(request)
+        if tags:
+            return self._generate_with_tags(request, tags, callback, output_type, latents, cancelled)
         if request.padding_mask_crop is not None:
             return self._inpaint_crop(request, callback, output_type, latents, cancelled)
-        self._warn_unknown_words(request.prompts)
+        self._warn_unknown_words(request.prompts, request.prompt_syntax)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = noise_source(request)
         # Distilled guidance (LCM) is an input of the UNet, not a second batch.
@@ -456,7 +555,9 @@ class StableDiffusionPipeline:
     def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """What the UNet is conditioned on: text embeddings (with guidance: unconditional then conditional) and
         the UNet's other inputs for every call (LCM: the guidance embedding as `timestep_cond`)."""
-        embeddings = self.encode_prompt(request.prompts, request.negative_prompts, request.batch, do_cfg)
+        embeddings = self.encode_prompt(
+            request.prompts, request.negative_prompts, request.batch, do_cfg, request.prompt_syntax, request.clip_skip
+        )
         self.release("text_encoder")
         conditions = {}
         if self.config.time_cond_proj_dim:
@@ -465,19 +566,31 @@ class StableDiffusionPipeline:
         return embeddings, conditions
 
     def encode_prompt(
-        self, prompts: list[str], negative: list[str] | None, per_prompt: int = 1, do_cfg: bool = True
+        self,
+        prompts: list[str],
+        negative: list[str] | None,
+        per_prompt: int = 1,
+        do_cfg: bool = True,
+        syntax: str = "plain",
+        clip_skip: int | None = None,
     ) -> np.ndarray:
-        """Text embeddings, repeated per image; with guidance, [unconditional; conditional] in one batch."""
-        encoder = self.component("text_encoder")
-        ids_type = encoder.input_dtype("input_ids", np.int32)
-        cond = encoder(input_ids=self.tokenizer(prompts).astype(ids_type))[0].repeat(per_prompt, axis=0)
-        if not do_cfg:
-            return cond
+        """Text embeddings, repeated per image; with guidance, [unconditional; conditional] in one batch.
+        `syntax` and `clip_skip` as GenerationRequest documents them."""
         negatives = negative if negative is not None else [""] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        uncond = encoder(input_ids=self.tokenizer(negatives).astype(ids_type))[0].repeat(per_prompt, axis=0)
-        return np.concatenate([uncond, cond])
+        texts = [*negatives, *prompts] if do_cfg else list(prompts)
+        encoder = self.component("text_encoder")
+        ids, weights = encode_inputs(self.tokenizer, texts, syntax)
+        outputs = dict(
+            zip(
+                encoder.output_names,
+                encoder(input_ids=ids.astype(encoder.input_dtype("input_ids", np.int32))),
+                strict=True,
+            )
+        )
+        states = outputs[f"clip_skip.{clip_skip}"] if clip_skip else outputs[encoder.output_names[0]]
+        return emphasized(states, weights, len(texts)).repeat(per_prompt, axis=0)
 
     def predict_noise(
         self,
@@ -666,11 +779,14 @@ class StableDiffusionPipeline:
         trained = int(self.scheduler_config.get("num_train_timesteps", 1000))
         return int(round(trained - fraction * trained))
 
-    def _warn_unknown_words(self, prompts: list[str]) -> None:
-        """Models that know their vocabulary (the shapes model) say which words they will ignore."""
+    def _warn_unknown_words(self, prompts: list[str], syntax: str = "plain") -> None:
+        """Models that know their vocabulary (the shapes model) say which words they will ignore (in A1111's
+        syntax, of the text itself: BREAK and weights are not words)."""
         vocabulary = self.manifest.vocabulary if self.manifest else None
         if not vocabulary:
             return
+        if syntax == "a1111":
+            prompts = [" ".join(text for text, w in parse_attention(p) if (text, w) != BREAK) for p in prompts]
         known = {w.lower() for w in vocabulary}
         unknown = sorted({w for p in prompts for w in re.findall(r"[^\W\d_]+", p.lower())} - known)
         if unknown:
@@ -685,6 +801,43 @@ def noise_source(request: GenerationRequest) -> Generator:
     if request.seed_per_image and request.image_count > 1:
         return ImageGenerators(request.image_seeds)
     return TorchGenerator(request.seed)
+
+
+def _clip_skip_layers(manifest: Manifest | None) -> int:
+    """How many layers a request may skip: SD 1.x/2.x encoders export `clip_skip.K` (the final layer norm on
+    the state K layers before the last), SDXL's every layer's `hidden_states.I` (the penultimate is the
+    default, so one fewer can be skipped)."""
+    info = manifest.components.get("text_encoder") or manifest.components.get("text_encoder_2") if manifest else None
+    names = [spec.name for spec in info.outputs] if info else []
+    skips = [int(n.split(".")[1]) for n in names if n.startswith("clip_skip.") and n.split(".")[1].isdigit()]
+    hidden = sum(n.startswith("hidden_states.") for n in names)
+    return max(skips, default=max(hidden - 2, 0))
+
+
+def encode_inputs(
+    tokenizer: CLIPTokenizer, texts: list[str], syntax: str, least: int = 1
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The text encoder's input ids for `texts` and, in A1111's syntax, each token's weight: every text cut
+    into the same number of chunks (the longest's; the others padded with empty chunks, as A1111 pads a batch
+    and its "pad prompt/negative prompt to the same length" option pads the two halves), chunk rows after
+    each other per text; at least `least` chunks (SDXL's second encoder may read other texts)."""
+    if syntax == "plain":
+        return tokenizer(texts), None
+    encoded = [tokenizer.chunks(text) for text in texts]
+    count = max(least, *(len(ids) for ids, _ in encoded))
+    empty_ids, empty_weights = tokenizer.empty_chunk()
+    ids = [np.concatenate([i, *[empty_ids] * (count - len(i))]) for i, _ in encoded]
+    weights = [np.concatenate([w, *[empty_weights] * (count - len(w))]) for _, w in encoded]
+    return np.concatenate(ids), np.concatenate(weights)
+
+
+def emphasized(states: np.ndarray, weights: np.ndarray | None, texts: int) -> np.ndarray:
+    """The encoder's states of chunked texts with A1111's emphasis applied per chunk, each text's chunks side by
+    side: (texts, chunks x tokens, width). Unchunked (`weights` None) states pass unchanged."""
+    if weights is None:
+        return states
+    chunks = np.stack([emphasize(chunk, w) for chunk, w in zip(states, weights, strict=True)])
+    return chunks.reshape(texts, -1, chunks.shape[-1])
 
 
 def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
@@ -707,7 +860,7 @@ def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
     if vae.tiny or not os.path.lexists(config):
         return None
     try:
-        return Tiling.from_vae_config(read_json(config))
+        return Tiling.from_vae_config(read_json(inside(folder, f"{vae.decoder}/config.json", folder)))
     except ManifestError:
         raise
     except ValueError as exc:

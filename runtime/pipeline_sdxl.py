@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .manifest import ManifestError
-from .pipeline import StableDiffusionPipeline
+from .pipeline import StableDiffusionPipeline, emphasized, encode_inputs
 from .request import GenerationRequest
 from .tokenizer import tokenizer_for
 
@@ -42,7 +42,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             negatives = request.negative_prompts or [""] * len(prompts)
             negatives_2 = _per_prompt(request.negative_prompt_2, len(prompts)) or negatives
             texts, texts_2 = negatives + texts, negatives_2 + texts_2
-        embeddings, pooled = self.encode_prompts(texts, texts_2)
+        embeddings, pooled = self.encode_prompts(texts, texts_2, request.prompt_syntax, request.clip_skip)
         if zeros:
             embeddings = np.concatenate([np.zeros_like(embeddings), embeddings])
             pooled = np.concatenate([np.zeros_like(pooled), pooled])
@@ -81,20 +81,28 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             return [*original, *crop, *target]
         return [*negative_original, *(request.negative_crops_coords_top_left or (0, 0)), *negative_target]
 
-    def encode_prompts(self, prompts: list[str], prompts_2: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Both encoders' penultimate hidden states, concatenated, and the second encoder's pooled projection."""
+    def encode_prompts(
+        self, prompts: list[str], prompts_2: list[str], syntax: str = "plain", clip_skip: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both encoders' penultimate hidden states (or `clip_skip` more layers before the last, as diffusers
+        counts), side by side, and the second encoder's pooled projection (of each text's first chunk, in
+        A1111's syntax)."""
         states = []
         encoders = (("text_encoder", self.tokenizer, prompts), ("text_encoder_2", self.tokenizer_2, prompts_2))
         if "text_encoder" not in self.components_used:  # a refiner: diffusers feeds the second encoder `prompt`
             encoders = (("text_encoder_2", self.tokenizer_2, prompts),)
+        chunks = max(len(t.chunks(text)[0]) for _, t, texts in encoders for text in texts) if syntax != "plain" else 1
         for name, tokenizer, texts in encoders:
             encoder = self.component(name)
-            ids = tokenizer(texts).astype(encoder.input_dtype("input_ids", np.int32))
+            ids, weights = encode_inputs(tokenizer, texts, syntax, chunks)
+            ids = ids.astype(encoder.input_dtype("input_ids", np.int32))
             outputs = dict(zip(encoder.output_names, encoder(input_ids=ids), strict=True))
             hidden = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
-            states.append(outputs[hidden[-2]])
+            states.append(emphasized(outputs[hidden[-2 - (clip_skip or 0)]], weights, len(texts)))
             self.release(name)
-        return np.concatenate(states, axis=-1), outputs["text_embeds"]
+        pooled = outputs["text_embeds"]
+        pooled = pooled if weights is None else pooled[:: len(pooled) // len(texts)]
+        return np.concatenate(states, axis=-1), pooled
 
 
 def _per_prompt(value: str | tuple[str, ...] | None, count: int) -> list[str] | None:

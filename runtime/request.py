@@ -20,6 +20,7 @@ from PIL import Image
 from .echo import echo
 from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
+from .prompt_syntax import SYNTAXES, parse_attention
 from .schedulers import make_scheduler, resolve_name
 
 DEFAULT_STEPS = 20
@@ -127,6 +128,12 @@ class GenerationRequest:
     # False: every image from one generator seeded `seed`, as diffusers' `generator=` (the Python API's meaning).
     # Last but `resolved`: front ends pass the fields above by position.
     seed_per_image: bool = False
+    # How the prompt is read (prompt_syntax.py): "plain" is diffusers' (brackets are text, 77 tokens, the rest
+    # cut), "a1111" is A1111's (emphasis, BREAK, any length in 75-token chunks; the A1111 routes and the CLI).
+    prompt_syntax: str = "plain"
+    # Text encoder layers skipped from the end, as diffusers counts (0: the last layer; A1111's "Clip skip" N
+    # is N - 1 here); needs a text encoder exported with its earlier layers' states.
+    clip_skip: int | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -170,10 +177,10 @@ class GenerationRequest:
         negative = None if negative is None else _prompts("negative_prompt", negative, limits.max_prompt_chars)
         if isinstance(negative, tuple) and len(negative) != len(_as_tuple(prompt)):
             raise RequestError("negative_prompt", f"has {len(negative)} entries for {len(_as_tuple(prompt))} prompts")
-        default_steps = min(config.default_steps or DEFAULT_STEPS, limits.max_steps)
+        trained = int(scheduler_config.get("num_train_timesteps", 1000))
+        default_steps = min(config.default_steps or DEFAULT_STEPS, limits.max_steps, trained)
         steps = _integer("steps", default_steps if self.steps is None else self.steps)
         _in_range("steps", steps, 1, limits.max_steps)
-        trained = int(scheduler_config.get("num_train_timesteps", 1000))
         if steps > trained:
             raise RequestError("steps", f"must be <= {trained}, the timesteps the model was trained on, got {steps}")
         guidance = config.guidance_scale if self.guidance_scale is None else self.guidance_scale
@@ -203,6 +210,8 @@ class GenerationRequest:
             height=height,
             seed=seed,
             seed_per_image=per_image,
+            prompt_syntax=_choice("prompt_syntax", self.prompt_syntax, SYNTAXES),
+            clip_skip=self._clip_skip(config),
             batch=batch,
             scheduler=scheduler,
             eta=eta,
@@ -214,6 +223,21 @@ class GenerationRequest:
             tome_ratio=self._tome(config),
             resolved=True,
         )
+
+    def _clip_skip(self, config: ModelConfig) -> int | None:
+        if self.clip_skip is None or self.clip_skip == 0:
+            return None
+        skip = _integer("clip_skip", self.clip_skip)
+        _in_range("clip_skip", skip, 0, None)
+        if skip > config.clip_skip_layers:
+            reason = (
+                f"this model's text encoder can skip at most {config.clip_skip_layers} layers"
+                if config.clip_skip_layers
+                else "this model's text encoder was exported without its earlier layers' states; re-export it "
+                "with this version of sd-export to use clip skip"
+            )
+            raise RequestError("clip_skip", f"{reason}, got {skip}")
+        return skip
 
     def _deepcache(self, config: ModelConfig) -> int | None:
         if self.deepcache_interval is None:
@@ -408,6 +432,11 @@ class GenerationRequest:
                 params["Masked area padding"] = self.padding_mask_crop
         if self.eta:
             params["Eta"] = self.eta
+        if self.clip_skip:
+            params["Clip skip"] = self.clip_skip + 1  # A1111 counts the last layer as 1
+        texts = [*self.prompts, *(self.negative_prompts or [])]
+        if self.prompt_syntax == "plain" and any(parse_attention(t) != [(t, 1.0)] for t in texts):
+            params["Prompt syntax"] = "plain"  # A1111 would read these brackets (or BREAK) as emphasis
         if self.guidance_interval is not None:
             params["Guidance interval"] = f"{self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
         if self.denoising_start is not None:
@@ -463,6 +492,12 @@ def _text(name: str, value: str, max_chars: int) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise RequestError(name, f"is not valid Unicode text (character {exc.start} is a lone surrogate)") from None
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise RequestError(name, f"must be one of {', '.join(choices)}, got {echo(value)}")
+    return value
 
 
 def _integer(name: str, value: Any) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .echo import echo
+from .files import inside
 from .manifest import ManifestError, read_json
 from .schema import Obj, SchemaError, check
 
@@ -42,7 +43,7 @@ RANGES = {
 def read_scheduler_config(folder: Path) -> dict[str, Any]:
     """The folder's scheduler config; ManifestError naming the file and the field when it cannot configure a
     scheduler. Null values mean "the default", as diffusers writes them."""
-    path = Path(folder) / CONFIG_FILE
+    path = inside(folder, CONFIG_FILE.as_posix(), folder)
     data = read_json(path, limit=MAX_CONFIG_BYTES)
     config = {key: value for key, value in data.items() if value is not None}
     try:

@@ -11,10 +11,13 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .echo import echo
-from .files import read_text
+from .embeddings import Embedding
+from .files import inside, read_text
 from .manifest import ManifestError, read_json
+from .prompt_syntax import Chunk, SpecialIds, chunk_prompt, empty_chunk, parse_attention
 
 LOG = logging.getLogger("sd_onnx")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 MAX_TOKENIZER_BYTES = 64 << 20  # CLIP's tokenizer.json is 3.6 MB, Gemma's 34 MB
 # A cut prompt is logged as a bounded excerpt of its own text: a 1 MB prompt must not become a 1 MB log line.
 EXCERPT_CHARS = 80
@@ -34,13 +37,63 @@ class CLIPTokenizer:
         # Only used to show the cut part of a long prompt; some exports lack a decoder that knows CLIP's </w>.
         self.tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
         self.max_length = max_length
+        self.words: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # embedding word's tokens -> its ids
         tokens = {key: _special_token(folder, key) for key in ("pad_token", "eos_token", "bos_token")}
         self.pad_id = self._id(folder, tokens["pad_token"] or "<|endoftext|>")
         self.eos_id = self._id(folder, tokens["eos_token"] or "<|endoftext|>")
         self.bos_id = self._id(folder, tokens["bos_token"] or "<|startoftext|>")
-        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        if vocab_size is not None and size > vocab_size:
-            raise ManifestError(f"{folder}: the tokenizer has {size} tokens, the text encoder only {vocab_size}")
+        largest = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=0)
+        if vocab_size is not None and largest >= vocab_size:
+            raise ManifestError(
+                f"{folder}: the tokenizer has ids up to {largest}, the text encoder only {vocab_size} tokens"
+            )
+
+    def chunks(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """A prompt in A1111's syntax (see prompt_syntax.py): int32 ids and float32 weights, each
+        (chunks, max_length), with nothing cut."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        runs = parse_attention(prompt)
+        chunks = chunk_prompt(runs, self._tokenize, self.special_ids, self.max_length - 2)
+        return _arrays(chunks)
+
+    def empty_chunk(self) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk A1111 encodes where a prompt has fewer chunks than the longest of its batch."""
+        return _arrays([empty_chunk(self.special_ids, self.max_length - 2)])
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        return SpecialIds(self.bos_id, self.eos_id, self.pad_id, self.tokenizer.token_to_id(",</w>"))
+
+    def _tokenize(self, text: str) -> list[int | tuple[int, ...]]:
+        return self._with_embeddings(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def add_embeddings(self, embeddings: list[Embedding], rows: int) -> None:
+        """Read each embedding's word as its vectors: the word's tokens become the ids `rows`, `rows + 1`, ... of
+        the encoder's token table once the embeddings' vectors are appended to its `rows` rows, in this order
+        (embeddings.table_override). Words are found by their tokens, as A1111 finds them, longest first."""
+        for embedding in embeddings:
+            word = tuple(self.tokenizer.encode(embedding.name, add_special_tokens=False).ids)
+            if word:
+                self.words.append((word, tuple(range(rows, rows + embedding.count))))
+            rows += embedding.count
+        self.words.sort(key=lambda entry: -len(entry[0]))
+
+    def _with_embeddings(self, ids: list[int]) -> list[int | tuple[int, ...]]:
+        """`ids` with each embedding word's tokens replaced by the tuple of its vectors' ids."""
+        if not self.words:
+            return list(ids)
+        found: list[int | tuple[int, ...]] = []
+        position = 0
+        while position < len(ids):
+            match = next((e for e in self.words if tuple(ids[position : position + len(e[0])]) == e[0]), None)
+            found.append(ids[position] if match is None else match[1])
+            position += 1 if match is None else len(match[0])
+        return found
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        """`ids` with each embedding word's tokens replaced by its vectors' ids."""
+        return [i for unit in self._with_embeddings(ids) for i in (unit if isinstance(unit, tuple) else (unit,))]
 
     def _id(self, folder: Path, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -56,10 +109,11 @@ class CLIPTokenizer:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         encoding = self.tokenizer.encode(prompt)
-        ids = encoding.ids
+        ids = self._expand(encoding.ids)
         if len(ids) > self.max_length:
             cut = len(ids) - self.max_length  # the last id is the end-of-text token, kept
-            start = encoding.offsets[self.max_length - 1][0]  # where the first cut token begins in the prompt
+            # Where the first cut token begins in the prompt (about, after an embedding's extra ids).
+            start = encoding.offsets[min(self.max_length, len(encoding.offsets)) - 1][0]
             excerpt = prompt[start : start + EXCERPT_CHARS]
             more = " ..." if len(prompt) - start > EXCERPT_CHARS else ""
             LOG.warning(
@@ -68,6 +122,10 @@ class CLIPTokenizer:
             )  # fmt: skip
             ids = ids[: self.max_length - 1] + [self.eos_id]
         return ids + [self.pad_id] * (self.max_length - len(ids))
+
+
+def _arrays(chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([c.tokens for c in chunks], np.int32), np.array([c.weights for c in chunks], np.float32)
 
 
 def _load(folder: Path) -> Tokenizer:
@@ -140,6 +198,8 @@ def tokenizer_for(folder: Path, name: str, encoder: str, max_length: int) -> CLI
     """The tokenizer in `folder/name` for the text encoder in `folder/encoder`, checked against that encoder's
     config when it has one: `max_length` tokens fit its position table and every id fits its vocabulary, so no
     prompt can fail inside the graph."""
+    for file in (*TOKENIZER_FILES, f"../{encoder}/config.json"):  # none may link out of the model folder
+        inside(folder, f"{name}/{file}", folder)
     path = Path(folder) / encoder / "config.json"
     config = read_json(path) if os.path.lexists(path) else {}
     limits = {key: config.get(key) for key in ("max_position_embeddings", "vocab_size")}

@@ -47,7 +47,7 @@ BROKEN = [
     (lambda m: edited(m, "config.size_multiple", None), "config.size_multiple: expected an integer, got null"),
     (lambda m: edited(m, "components.unet.validation", None), "components.unet.validation: expected an object"),
     (lambda m: edited(m, "config.max_token_length", 10**30), "config.max_token_length: must be in 1..65536"),
-    (lambda m: edited(m, "config.scaling_factor", 0), "config.scaling_factor: must be positive"),
+    (lambda m: edited(m, "config.scaling_factor", 0), "config.scaling_factor: must be in (0, 100], got 0"),
     (lambda m: edited(m, "config.guidance_scale", 1e308), "config.guidance_scale: must be in 0..100"),
     (lambda m: edited(m, "config.prediction_type", "x"), "config.prediction_type: must be one of epsilon"),
     (lambda m: edited(m, "config.shift_factor", 1e308), "config.shift_factor: must be in -10..10"),

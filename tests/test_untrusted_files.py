@@ -27,6 +27,7 @@ from sd_onnx.runtime.files import UntrustedFileError, inside, parse_json, read_b
 from sd_onnx.runtime.lora import Lora, read_safetensors
 from sd_onnx.runtime.manifest import MANIFEST_NAME, Manifest, ManifestError
 from sd_onnx.runtime.pipeline import DiffusionPipeline
+from sd_onnx.runtime.request import GenerationRequest
 from sd_onnx.runtime.scheduler_config import read_scheduler_config
 from sd_onnx.runtime.shipped import shipped_model
 from sd_onnx.runtime.tokenizer import CLIPTokenizer
@@ -272,8 +273,16 @@ def test_prompt_lines_are_read_one_bounded_line_at_a_time(tmp_path: Path) -> Non
     path = tmp_path / "p.jsonl"
     with open(path, "w") as f:
         f.write('{"prompt": "a"}\n' + "x" * 300_000 + "\n" + '{"prompt": "b"}\n')
+    with open(path, "ab") as f:
+        f.write(b'{"prompt": "\xff"}\n{"prompt": "c"}\n')
     items = read_items(path)
-    assert [i.error for i in items] == [None, "line is longer than 100000 characters", None]
+    assert [i.error for i in items] == [
+        None,
+        "line is longer than 20000 characters",
+        None,
+        "not UTF-8 text (byte 12)",
+        None,
+    ]
 
 
 # 5. Tokenizer files -------------------------------------------------------------------------------------------
@@ -289,7 +298,7 @@ def test_garbage_tokenizer_files_are_one_line(model: Path, content: str) -> None
 
 def test_tokenizer_ids_past_the_encoders_vocabulary_are_refused(model: Path) -> None:
     edit_json(model / "text_encoder" / "config.json", lambda c: c.update({"vocab_size": 1000}))
-    with pytest.raises(ManifestError, match="the tokenizer has 49408 tokens, the text encoder only 1000"):
+    with pytest.raises(ManifestError, match="the tokenizer has ids up to 49407, the text encoder only 1000 tokens"):
         DiffusionPipeline.from_pretrained(model, provider="cpu", verify=False)
 
 
@@ -409,3 +418,76 @@ def test_parse_json_limits() -> None:
     for text, message in (("[" * 65 + "]" * 65, "nested deeper than 64"), ("[NaN]", "NaN"), ("[1e999]", "range")):
         with pytest.raises(UntrustedFileError, match=message):
             parse_json(text, "x")
+
+
+# Found by a hostile trial ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relative", [MANIFEST_NAME, "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
+                                      "vae_decoder/config.json", "text_encoder/config.json"])  # fmt: skip
+def test_fixed_name_files_linked_out_of_the_folder_are_refused_unread(model: Path, tmp_path: Path, relative: str):
+    outside = tmp_path / "outside.json"
+    shutil.move(model / relative, outside)
+    (model / relative).symlink_to(outside)
+    with opened_files() as opened, pytest.raises(ValueError, match="is not a path inside"):
+        DiffusionPipeline.from_pretrained(model, provider="cpu")
+    assert str(outside) not in opened
+
+
+def test_a_manifest_that_is_no_regular_file_is_refused_not_skipped(model: Path) -> None:
+    (model / MANIFEST_NAME).unlink()
+    os.mkfifo(model / MANIFEST_NAME)
+    assert "is a device, FIFO or socket" in cli_error("prompt", "x", "-m", str(model), "-o", str(model / "x.png"))
+
+
+def test_tokenizer_ids_beyond_the_table_are_refused(model: Path) -> None:
+    path = model / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["model"]["vocab"] = {k: i + 100_000 if i < 49406 else i for k, i in tokenizer["model"]["vocab"].items()}
+    path.write_text(json.dumps(tokenizer))
+    assert "the tokenizer has ids up to" in cli_error("prompt", "a red circle", "-m", str(model))
+
+
+def test_a_tiny_lora_declaring_a_huge_update_is_refused_before_the_product(model: Path, tmp_path: Path) -> None:
+    lora_map(model, {"dtype": "float32", "shape": [4, 4], "file": "model.onnx", "offset": 0})
+    lora = lora_file(tmp_path / "big.safetensors", width=300_000)  # 2.4 MB; the update would be 335 GiB
+    with pytest.raises(ValueError, match=r"is \[300000, 300000\] in this LoRA but has 16 values in the model"):
+        DiffusionPipeline.from_pretrained(model, provider="cpu", loras=[lora])
+
+
+def test_safetensors_tensors_may_not_share_bytes(tmp_path: Path) -> None:
+    spec = {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]}
+    path = safetensors(tmp_path / "o.safetensors", {f"unet.m{i}.lora_A.weight": spec for i in range(50)}, bytes(16))
+    with pytest.raises(ValueError, match="tensors overlap"):
+        Lora.read(path)
+
+
+@pytest.mark.parametrize("alpha", [np.zeros(0, np.float32), np.array([np.nan], np.float32)])
+def test_lora_alphas_must_be_one_finite_number(tmp_path: Path, alpha: np.ndarray) -> None:
+    down, up = np.ones((1, 4), np.float32), np.ones((4, 1), np.float32)
+    header = {
+        "unet.m.lora_A.weight": {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]},
+        "unet.m.lora_B.weight": {"dtype": "F32", "shape": [4, 1], "data_offsets": [16, 32]},
+        "unet.m.alpha": {"dtype": "F32", "shape": list(alpha.shape), "data_offsets": [32, 32 + alpha.nbytes]},
+    }
+    path = safetensors(tmp_path / "a.safetensors", header, down.tobytes() + up.tobytes() + alpha.tobytes())
+    with pytest.raises(ValueError, match="unet.m.alpha must be one finite number"):
+        Lora.read(path)
+
+
+def test_default_steps_fit_a_schedule_shorter_than_them(model: Path) -> None:
+    edit_json(model / "scheduler" / "scheduler_config.json", lambda c: c.update({"num_train_timesteps": 10}))
+    pipe = DiffusionPipeline.from_pretrained(model, provider="cpu")
+    assert pipe.prepare(GenerationRequest("x")).steps == 10
+
+
+def test_resume_records_without_their_ids_file_are_not_done(tmp_path: Path) -> None:
+    from sd_onnx.runtime.batch import BatchOutput
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.png").write_bytes(b"x")
+    records = [{"id": "d", "status": "ok"}, {"id": "e", "status": "ok", "file": "c.png"}, {"id": "c", "status": "ok",
+               "file": "c.png"}]  # fmt: skip
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert BatchOutput(out).start(resume=True) == {"c"}

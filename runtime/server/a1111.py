@@ -18,6 +18,7 @@ from ..echo import echo
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import DEFAULT_STRENGTH, RANDOM_SEED, SEED_RANGE, GenerationRequest
 from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
+from .a1111_settings import Applied, apply
 from .schemas import Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
 
@@ -32,6 +33,7 @@ FIELD_NAMES = {
     "masked_content": "inpainting_fill",
     "mask_blur": "mask_blur",
     "padding_mask_crop": "inpaint_full_res_padding",
+    "clip_skip": "clip_skip",
 }
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # A1111's inpainting_fill 0..3
 # SD 1.x latent -> RGB approximation, for cheap progress previews of 4-channel latents.
@@ -63,6 +65,8 @@ def to_request(
         height=body.height,
         seed=body.seed,
         seed_per_image=True,  # A1111: image i from seed + i, so each image's PNG reproduces it alone
+        prompt_syntax="a1111",
+        clip_skip=body.clip_skip - 1 if isinstance(body.clip_skip, int) and body.clip_skip > 0 else body.clip_skip,
         batch=body.batch_size * body.n_iter,
         scheduler=body.sampler_name or None,
         eta=body.eta,
@@ -76,27 +80,29 @@ def to_request(
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:
-    async def run(body: Txt2ImgRequest, image: Image.Image | None, mask: Image.Image | None = None) -> dict[str, Any]:
+    async def run(applied: Applied, image: Image.Image | None, mask: Image.Image | None = None) -> dict[str, Any]:
+        """Generate on the model `applied` names; `info` says which model and which fields were ignored."""
+        body = applied.body
         if body.batch_size < 1 or body.n_iter < 1:
             bad = "batch_size" if body.batch_size < 1 else "n_iter"
             raise HTTPException(422, f"{bad}: must be >= 1")
         subseed = _subseed(body.subseed)
-        request = state.prepare(to_request(body, image, mask), FIELD_NAMES)
-        out = await state.generate(request)
+        request = state.prepare(to_request(body, image, mask), {**FIELD_NAMES, **applied.names}, applied.pipe)
+        out = await state.generate(request, applied.pipe)
         texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]
         images = [base64.b64encode(png_bytes(img, text)).decode() for img, text in zip(out.images, texts, strict=True)]
-        info = {**info_of(body, request, subseed), "infotexts": texts, **out.parameters}
-        parameters = body.model_dump(exclude={"init_images", "mask"})
+        info = {**info_of(body, request, subseed), "infotexts": texts, **out.parameters, **applied.info()}
+        parameters = body.model_dump(mode="json", exclude={"init_images", "mask"})  # json: NaN in extras -> null
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
-        return await run(body, None)
+        return await run(await apply(state, body), None)
 
     @api.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
-        pipe, _ = state.ready()
-        limit = state.config.limits.input_pixels(pipe.config)
+        applied = await apply(state, body)
+        limit = state.config.limits.input_pixels(applied.entry.config)
         try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
             image = await asyncio.to_thread(decode_base64_image, body.init_images[0], limit)
         except ImageError as exc:
@@ -109,27 +115,18 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 raise HTTPException(422, f"mask: {exc}") from None
             mask = ImageOps.invert(mask.convert("L")) if body.inpainting_mask_invert else mask.convert("L")
             mask = mask if mask.size == image.size else mask.resize(image.size)  # as A1111 does
-        return await run(body, image, mask)
+        return await run(applied, image, mask)
 
     @api.get("/sdapi/v1/samplers")
     def samplers() -> list[dict[str, Any]]:
-        """The samplers this model can run (a zero-terminal-SNR model refuses some)."""
-        pipe, _ = state.ready()
+        """The samplers the current model can run (a zero-terminal-SNR model refuses some)."""
+        scheduler_config = state.current_model().scheduler_config
         names = scheduler_names()
         return [
             {"name": key, "aliases": [n for n in names if n != key and resolve_name(n) == key], "options": {}}
             for key in SCHEDULERS
-            if _runs(key, pipe.scheduler_config)
+            if _runs(key, scheduler_config)
         ]
-
-    @api.get("/sdapi/v1/sd-models")
-    def sd_models() -> list[dict[str, Any]]:
-        pipe, _ = state.ready()
-        manifest = pipe.manifest
-        digest = manifest.components["unet"].files[manifest.components["unet"].file] if manifest else ""
-        name, family = pipe.model_name, manifest.model_family if manifest else None
-        return [{"title": name, "model_name": name, "hash": digest[:10], "sha256": digest, "filename": name,
-                 "config": None, "family": family}]  # fmt: skip
 
     @api.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -138,7 +135,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         fraction = job.step / job.total if job and job.total else 0.0
         elapsed = time.monotonic() - job.started if job and job.started else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        preview = None if skip_current_image or job is None or job.latents is None else _preview(pipe, job.latents)
+        shown = None if skip_current_image or job is None or job.latents is None else job.pipe or pipe  # its model's
+        preview = None if shown is None else _preview(shown, job.latents)
         return {
             "progress": fraction,
             "eta_relative": eta,

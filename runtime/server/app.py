@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
-from . import a1111, a1111_lists, a1111_pnginfo, a1111_settings, middleware, openai, page
+from . import a1111, a1111_lists, a1111_pnginfo, a1111_prompts, a1111_settings, middleware, openai, page
 from .extras import add_routes as add_extras_routes
 from .models import ModelCache, ModelEntry
 from .state import ServeConfig, ServerState
@@ -55,6 +55,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
     a1111_pnginfo.add_routes(api, state)
     openai.add_routes(api, state)
     add_extras_routes(api, state)
+    a1111_prompts.add_routes(api, state)
     a1111_lists.add_routes(api, state)  # last: its empty /embeddings and /loras give way to real ones
     _add_schema(api, app)
 
@@ -112,6 +113,8 @@ def run_server(
     loras: list[tuple[Path, float]] | None = None,
     models: list[ModelEntry] | None = None,
     max_loaded_models: int = 1,
+    embeddings: Path | None = None,
+    lora_dir: Path | None = None,
 ) -> None:
     """Serve `folder`, or with `models` (`--models-dir`) each of them, at most `max_loaded_models` loaded at
     once, until SIGTERM/SIGINT. The first signal stops taking work (new requests and /health: 503 "shutting
@@ -119,7 +122,9 @@ def run_server(
     and only then closes the listening socket; a second signal exits at once."""
 
     def load(path: Path) -> StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(path, provider=provider, threads=threads, loras=loras)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, provider=provider, threads=threads, loras=loras, embeddings=embeddings, lora_dir=lora_dir
+        )
         pipe.self_test()  # a folder whose first request would fail never gets ready, nor replaces a loaded one
         return pipe
 

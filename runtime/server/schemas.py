@@ -2,20 +2,25 @@
 
 Types only: ranges, defaults and limits are checked once, by `GenerationRequest.resolve`, and its errors are
 answered 422 naming the field as these bodies spell it. Non-finite numbers are refused here already.
+
+Unknown fields are dropped, except in A1111 bodies: A1111 clients send whole payloads, and the A1111 fields this
+server does not implement are kept (`model_extra`) so the answer can say which ones it ignored
+(a1111_fields.py); the OpenAI bodies drop theirs, as OpenAI's own API answers no such list.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # Strict types: `true` is not a number and "7" is not a float, as in the Python API.
 FINITE = ConfigDict(allow_inf_nan=False, strict=True)
+A1111_BODY = ConfigDict(allow_inf_nan=False, strict=True, extra="allow")
 
 
 class Txt2ImgRequest(BaseModel):
-    model_config = FINITE
+    model_config = A1111_BODY
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -32,9 +37,24 @@ class Txt2ImgRequest(BaseModel):
         "supported (strength 0), so it changes no pixel. -1 draws one.",
     )
     sampler_name: str | None = None
+    sampler_index: str | None = Field(None, description="A1111's older name of sampler_name, used without it.")
+    scheduler: str | None = Field(
+        None, description="A1111 1.9+ schedule type: Automatic (the sampler's own) or Karras (/sdapi/v1/schedulers)."
+    )
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings for this request (/sdapi/v1/options keys): sd_model_checkpoint, "
+        "CLIP_stop_at_last_layers, sd_vae; others are listed in info's ignored unless they equal the server's.",
+    )
+    override_settings_restore_afterwards: bool = Field(
+        True, description="false: the override_settings' model stays the current one afterwards, as in A1111."
+    )
     batch_size: int = 1
     n_iter: int = 1
     eta: float = 0.0
+    clip_skip: int | None = Field(
+        None, description="The text encoder's Nth layer from the end, as A1111 counts (1: the last; default 1)."
+    )
     # sd-onnx accelerators (off by default).
     guidance_interval: list[float] | None = Field(
         None,
