@@ -16,10 +16,12 @@ from typing import Any
 
 import click
 
+from .hires import HiresFix
+from .hires_upscalers import upscaler_names
 from .lora import check_loras, parse_lora_option, read_loras
 from .manifest import MANIFEST_NAME
 from .prompt_syntax import SYNTAXES
-from .request import DEFAULT_STEPS, GenerationRequest, Limits, RequestError
+from .request import DEFAULT_STEPS, DEFAULT_STRENGTH, GenerationRequest, Limits, RequestError
 from .schedulers import scheduler_names
 
 DEFAULT_MODEL_ENV = "SD_ONNX_MODEL"
@@ -49,6 +51,12 @@ OPTION_NAMES = {
     "masked_content": "--masked-content",
     "mask_blur": "--mask-blur",
     "padding_mask_crop": "--padding-mask-crop",
+    "paste_back": "--no-paste-back",
+    "hires": "--hires-scale",
+    "hires_scale": "--hires-scale",
+    "hires_upscaler": "--hires-upscaler",
+    "hires_steps": "--hires-steps",
+    "hires_denoising_strength": "--hires-denoise",
     "loras": "--lora",
     "lora_dir": "--lora-dir",
 }
@@ -89,6 +97,30 @@ LORA_OPTION = click.option(
     metavar="FILE[:SCALE]",
     help="LoRA .safetensors added to the weights at load time (fp32/fp16 models; repeatable; scale default 1).",
 )
+
+
+def hires_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--hires-scale/--hires-upscaler/--hires-steps/--hires-denoise: A1111's hires fix (see hires.py)."""
+    options = [
+        ("--hires-scale", float, "S", "Hires fix: upscale the picture S times, then denoise it again at that size "
+         "(any --hires-* option turns it on) [default: 2]."),
+        ("--hires-upscaler", str, "NAME", "Hires fix upscaler [default: Latent]: " + ", ".join(upscaler_names())),
+        ("--hires-steps", int, "N", "Steps of the hires second pass [default: --steps]."),
+        ("--hires-denoise", float, "D", f"Denoising strength of the hires second pass [default: {DEFAULT_STRENGTH}]."),
+    ]  # fmt: skip
+    for name, kind, metavar, help_text in reversed(options):
+        command = click.option(name, default=None, type=kind, metavar=metavar, help=help_text)(command)
+    return command
+
+
+def hires_settings(
+    scale: float | None, upscaler: str | None, steps: int | None, denoise: float | None
+) -> HiresFix | None:
+    """The HiresFix the --hires-* options ask for (checked with the rest of the request), or None."""
+    if scale is None and upscaler is None and steps is None and denoise is None:
+        return None
+    given = {"scale": scale, "upscaler": upscaler, "steps": steps, "denoising_strength": denoise}
+    return HiresFix(**{name: value for name, value in given.items() if value is not None})
 
 
 def default_model() -> Path:
@@ -194,6 +226,11 @@ def main() -> None:
     help="Inpaint only a box around the mask (with this much context) at full size, pasted back (only masked).",
 )
 @click.option(
+    "--no-paste-back",
+    is_flag=True,
+    help="Inpainting: keep the decoded pixels outside the mask (diffusers' way) instead of the original's (A1111's).",
+)
+@click.option(
     "--strength", default=None, type=float, help="img2img denoising strength in (0, 1] [default: 0.75; inpainting 1]."
 )
 @PROMPT_SYNTAX_OPTION
@@ -247,6 +284,7 @@ def main() -> None:
     metavar="R",
     help="Token merging: merge this fraction (0-0.75) of the outermost tokens before self-attention (0: off).",
 )
+@hires_options
 @limit_options
 def prompt(
     text: str,
@@ -265,6 +303,7 @@ def prompt(
     masked_content: str,
     mask_blur: int,
     padding_mask_crop: int | None,
+    no_paste_back: bool,
     strength: float | None,
     prompt_syntax: str,
     clip_skip: int | None,
@@ -282,6 +321,10 @@ def prompt(
     tile_vae: bool | None,
     deepcache: int | None,
     tome: float | None,
+    hires_scale: float | None,
+    hires_upscaler: str | None,
+    hires_steps: int | None,
+    hires_denoise: float | None,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -319,6 +362,8 @@ def prompt(
             masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
             vae_tiling=tile_vae, deepcache_interval=deepcache, tome_ratio=tome, prompt_syntax=prompt_syntax,
             clip_skip=None if clip_skip is None else clip_skip - 1,
+            paste_back=False if no_paste_back else True if mask_image else None,
+            hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:

@@ -30,9 +30,10 @@ from .configs import read_model_config
 from .deepcache import SHALLOW, DeepCache
 from .embeddings import Embedding, gather, table_override, token_table, usable
 from .files import inside, regular_file
+from .hires import hires_fix
 from .hub import locate_model
 from .image import from_pil, to_pil
-from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels
+from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels, paste_back
 from .lora import Lora, check_loras, read_loras, weight_overrides
 from .lora_tags import LoraLibrary, LoraTag, extract_tags
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
@@ -363,6 +364,7 @@ class StableDiffusionPipeline:
         vae_tiling: bool | None = None,
         deepcache_interval: int | None = None,
         tome_ratio: float | None = None,
+        paste_back: bool | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -375,7 +377,11 @@ class StableDiffusionPipeline:
         runs the full UNet every N steps and its shallow path on the cached deep features between (DeepCache;
         the model needs its DeepCache graphs, see `sd-export convert --deepcache-branch`); `tome_ratio=R` merges
         that fraction of the outermost level's tokens before self-attention (ToMe for SD; needs `--tome` at
-        export)."""
+        export).
+
+        `paste_back=True` (inpainting) lays the original back over the decoded picture outside the mask, as A1111
+        does; by default, as in diffusers, only a `padding_mask_crop` box is pasted back. The hires fix:
+        `hires.hires_fix`."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -409,6 +415,7 @@ class StableDiffusionPipeline:
             vae_tiling=vae_tiling,
             deepcache_interval=deepcache_interval,
             tome_ratio=tome_ratio,
+            paste_back=paste_back,
         )
         try:
             request = self.prepare(request)
@@ -434,8 +441,12 @@ class StableDiffusionPipeline:
         tags = self.lora_tags(request)
         if tags:
             return self._generate_with_tags(request, tags, callback, output_type, latents, cancelled)
+        if request.hires is not None:
+            return hires_fix(self, request, None, callback, output_type, latents, cancelled)
         if request.padding_mask_crop is not None:
             return self._inpaint_crop(request, callback, output_type, latents, cancelled)
+        if request.paste_back and output_type == "latent":
+            raise ValueError("output_type 'latent' cannot be pasted back into the image; paste_back needs pil or np")
         self._warn_unknown_words(request.prompts, request.prompt_syntax)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = noise_source(request)
@@ -480,6 +491,9 @@ class StableDiffusionPipeline:
             return PipelineOutput(latents, params, request)
         images = self.decode_latents(latents, cancelled, tiled=self.uses_tiling(request))
         self.release(self.vae.decoder)
+        if request.paste_back:  # whole-picture inpainting; a crop is pasted back by _inpaint_crop
+            pasted = paste_back(to_pil(images), request.image, request.mask_image, request.mask_blur)
+            return PipelineOutput(pasted if output_type == "pil" else _as_array(pasted), params, request)
         return PipelineOutput(to_pil(images) if output_type == "pil" else images, params, request)
 
     def _inpaint_crop(
@@ -510,12 +524,11 @@ class StableDiffusionPipeline:
             mask_image=crop.mask_image(request.width, request.height),
             mask_blur=0,
             padding_mask_crop=None,
+            paste_back=False,  # the box goes back into the original below, not into itself
         )
         out = self.generate(inner, callback, "pil", latents, cancelled)
         images = [crop.paste(image) for image in out.images]
-        if output_type == "np":
-            images = np.stack([np.asarray(image, np.float32) / 255.0 for image in images])
-        return PipelineOutput(images, self.parameters(request), request)
+        return PipelineOutput(images if output_type == "pil" else _as_array(images), self.parameters(request), request)
 
     def parameters(self, request: GenerationRequest) -> dict[str, Any]:
         """The generation parameters images carry: the request's, and the LoRAs applied at load time."""
@@ -887,6 +900,11 @@ def _stop_check(
         return cancelled is not None and cancelled()
 
     return should_stop
+
+
+def _as_array(images: list[Image.Image]) -> np.ndarray:
+    """Pictures as output_type "np" gives them: (N, H, W, 3) floats in [0, 1]."""
+    return np.stack([np.asarray(image, np.float32) / 255.0 for image in images])
 
 
 def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +22,9 @@ from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
 from .prompt_syntax import SYNTAXES, parse_attention
 from .schedulers import make_scheduler, resolve_name
+
+if TYPE_CHECKING:
+    from .hires import HiresFix
 
 DEFAULT_STEPS = 20
 DEFAULT_STRENGTH = 0.75
@@ -134,6 +137,12 @@ class GenerationRequest:
     # Text encoder layers skipped from the end, as diffusers counts (0: the last layer; A1111's "Clip skip" N
     # is N - 1 here); needs a text encoder exported with its earlier layers' states.
     clip_skip: int | None = None
+    # Inpainting: paste the original back outside the (blurred) mask after decoding, as A1111 does (its
+    # apply_overlay; the A1111 routes and the CLI); None: diffusers' way, which pastes back only a crop
+    # (padding_mask_crop) and otherwise keeps the decoded pixels, so even unmasked ones pass through the VAE.
+    paste_back: bool | None = None
+    # A1111's hires fix on a txt2img request (hires.py): upscale the result and denoise it again at that size.
+    hires: HiresFix | None = None
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -199,7 +208,7 @@ class GenerationRequest:
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps, config, images, (width, height))
         sdxl = self._sdxl_fields(config, prompt, limits)
-        return replace(
+        resolved = replace(
             self,
             **sdxl,
             prompt=prompt,
@@ -221,8 +230,30 @@ class GenerationRequest:
             vae_tiling=_optional_bool("vae_tiling", self.vae_tiling),
             deepcache_interval=self._deepcache(config),
             tome_ratio=self._tome(config),
+            paste_back=self._paste_back(),
             resolved=True,
         )
+        if self.hires is None:
+            return resolved
+        if not callable(getattr(self.hires, "resolve", None)):
+            raise RequestError("hires", f"must be a HiresFix (sd_onnx.runtime.hires), got {type(self.hires).__name__}")
+        hires = self.hires.resolve(resolved, config, scheduler_config, default_scheduler, limits)
+        return replace(resolved, hires=hires)
+
+    def _paste_back(self) -> bool:
+        """Whether the original is laid back over the result outside the mask; a crop is always pasted back."""
+        paste = _optional_bool("paste_back", self.paste_back)
+        if self.mask_image is None:
+            if paste:
+                raise RequestError("paste_back", "applies to inpainting only: give a mask_image too")
+            return False
+        if self.padding_mask_crop is not None:
+            if paste is False:
+                raise RequestError(
+                    "paste_back", "padding_mask_crop always pastes its box back through the mask; leave it on"
+                )
+            return True
+        return bool(paste)
 
     def _clip_skip(self, config: ModelConfig) -> int | None:
         if self.clip_skip is None or self.clip_skip == 0:
@@ -443,12 +474,20 @@ class GenerationRequest:
             params["Denoising start"] = self.denoising_start
         if self.denoising_end is not None:
             params["Denoising end"] = self.denoising_end
+        if self.paste_back and self.padding_mask_crop is None:
+            params["Paste back"] = True  # a crop is always pasted back; the whole picture only when asked
+        if self.hires is not None:
+            params.update(self.hires.parameters(self))
         return params
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as plain JSON-able values (no image)."""
         skipped = ("image", "mask_image", "resolved")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        hires = settings["hires"]
+        settings["hires"] = None if hires is None else {f.name: getattr(hires, f.name) for f in fields(hires)
+                                                        if f.name != "upscalers"}  # fmt: skip
+        return settings
 
 
 SIZE_FIELDS = (

@@ -123,6 +123,36 @@ def test_padding_mask_crop_matches_diffusers(unet: str, request: pytest.FixtureR
     assert as_array.shape == (1, 40, 56, 3) and np.allclose(as_array[0] * 255, np.asarray(got.images[0]))
 
 
+def test_paste_back_keeps_what_is_not_masked(tiny_export: Path) -> None:
+    """A1111's overlay on a 4-channel model at strength 1: outside a hard mask the original to the pixel, inside it
+    the decoded result; a blurred mask blends the two toward its edge. The default stays diffusers'."""
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    image, mask = picture(9), box_mask((32, 32), (0, 0, 16, 32))  # the left half repainted
+    settings = {"image": image, "mask_image": mask, "num_inference_steps": 4, "seed": 3}
+    plain = pipe(PROMPT, **settings)
+    pasted = pipe(PROMPT, paste_back=True, **settings)
+    original, result, got = np.asarray(image), np.asarray(plain.images[0]), np.asarray(pasted.images[0])
+    kept = np.asarray(mask) == 0
+    assert np.abs(result.astype(int) - original)[kept].mean() > 1  # diffusers: the VAE's round trip
+    assert np.array_equal(got[kept], original[kept]) and np.array_equal(got[~kept], result[~kept])
+    assert pasted.parameters["Paste back"] is True and "Paste back" not in plain.parameters
+    as_array = pipe(PROMPT, paste_back=True, output_type="np", **settings).images
+    assert np.array_equal(np.round(as_array[0] * 255).astype(np.uint8), got)
+    # Blurred: A1111's mask_for_overlay is the blurred mask doubled, so the result shows fully from half-way in.
+    from sd_onnx.runtime.inpaint import blurred
+
+    soft = np.asarray(blurred(mask, 3), np.float32) * 2
+    blended = pipe(PROMPT, paste_back=True, mask_blur=3, **settings)
+    plain_blurred = np.asarray(pipe(PROMPT, mask_blur=3, **settings).images[0]).astype(int)
+    got = np.asarray(blended.images[0]).astype(int)
+    assert np.array_equal(got[soft == 0], original[soft == 0]) and np.array_equal(got[soft >= 255], plain_blurred[
+        soft >= 255])  # fmt: skip
+    edge = (soft > 0) & (soft < 255)
+    low, high = np.minimum(original, plain_blurred)[edge], np.maximum(original, plain_blurred)[edge]
+    assert edge.sum() > 50 and ((got[edge] >= low - 1) & (got[edge] <= high + 1)).all()
+    assert (got[edge] != original[edge]).any() and (got[edge] != plain_blurred[edge]).any()
+
+
 def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_export: Path) -> None:
     inpaint = DiffusionPipeline.from_pretrained(tiny_inpaint[1], provider="cpu")
     plain = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
@@ -157,6 +187,14 @@ def test_inpainting_requests_are_checked(tiny_inpaint: tuple[Path, Path], tiny_e
             plain(PROMPT, **{**crop, **change})
     with pytest.raises(ValueError, match="output_type 'latent' cannot be pasted back"):
         plain(PROMPT, output_type="latent", **crop)
+    with pytest.raises(ValueError, match="paste_back: padding_mask_crop always pastes its box back"):
+        plain(PROMPT, paste_back=False, **crop)
+    with pytest.raises(ValueError, match="paste_back: applies to inpainting only"):
+        plain(PROMPT, paste_back=True, num_inference_steps=1)
+    with pytest.raises(ValueError, match="paste_back: must be true or false"):
+        plain(PROMPT, paste_back="yes", image=picture(0), mask_image=picture(0, "L"), num_inference_steps=1)
+    with pytest.raises(ValueError, match="output_type 'latent' cannot be pasted back.*paste_back needs pil or np"):
+        plain(PROMPT, image=picture(0), mask_image=picture(0, "L"), paste_back=True, output_type="latent")
 
 
 def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path], tmp_path: Path) -> None:
@@ -172,9 +210,16 @@ def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path]
     assert result.exit_code == 0, result.output
     made = Image.open(tmp_path / "o.png")
     assert "Inpaint: mask" in made.text["parameters"] and "Denoising strength: 1.0" in made.text["parameters"]
+    assert "Paste back: True" in made.text["parameters"]  # A1111's overlay, by default on the CLI
     pipe = DiffusionPipeline.from_pretrained(folder)
-    expected = pipe("x", image=picture(1), mask_image=picture(1, "L"), num_inference_steps=4, seed=2).images[0]
+    settings = {"image": picture(1), "mask_image": picture(1, "L"), "num_inference_steps": 4, "seed": 2}
+    expected = pipe("x", paste_back=True, **settings).images[0]
     assert np.array_equal(np.asarray(made), np.asarray(expected))
+    result = CliRunner().invoke(
+        main, [*args, "--mask", str(tmp_path / "mask.png"), "--no-paste-back", "-o", str(tmp_path / "n.png")]
+    )
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(pipe("x", **settings).images[0]))
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "p.png")])
     assert result.exit_code != 0 and "Error: --mask: this is an inpainting model" in result.output
     crop = [*args, "--mask", str(tmp_path / "mask.png"), "--padding-mask-crop", "2", "-o", str(tmp_path / "c.png")]
@@ -188,6 +233,8 @@ def test_inpainting_from_the_cli_matches_the_api(tiny_inpaint: tuple[Path, Path]
     )
     result = CliRunner().invoke(main, [*crop[:-2], "--padding-mask-crop", "-3", "-o", str(tmp_path / "d.png")])
     assert result.exit_code != 0 and "Error: --padding-mask-crop: must be >= 0" in result.output
+    result = CliRunner().invoke(main, [*crop[:-2], "--no-paste-back", "-o", str(tmp_path / "e.png")])
+    assert result.exit_code != 0 and "Error: --no-paste-back: padding_mask_crop always pastes" in result.output
     (tmp_path / "bad.png").write_bytes(b"not a png")
     result = CliRunner().invoke(main, [*args, "--mask", str(tmp_path / "bad.png"), "-o", str(tmp_path / "q.png")])
     assert result.exit_code != 0 and "--mask" in result.output and "not a readable image" in result.output
@@ -225,11 +272,20 @@ def test_a1111_inpainting_matches_the_api(server, tiny_export: Path) -> None:
     assert r.status_code == 200, r.text
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert "Masked content: latent_noise, Mask blur: 2" in got.text["parameters"]
+    assert "Paste back: True" in got.text["parameters"]  # A1111 lays the original back in every mode
     pipe = DiffusionPipeline.from_pretrained(tiny_export)
     mask = ImageOps.invert(picture(3, "L"))
     expected = pipe("x", image=picture(3), mask_image=mask, strength=0.7, num_inference_steps=4, seed=8,
-                    masked_content="latent_noise", mask_blur=2).images[0]  # fmt: skip
+                    masked_content="latent_noise", mask_blur=2, paste_back=True).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+    # A hard mask over the whole picture: every unmasked pixel is the original's.
+    hard = {**body, "mask": b64_png(box_mask((32, 32), (8, 0, 24, 32))), "mask_blur": 0, "inpainting_mask_invert": 0,
+            "denoising_strength": 1.0}  # fmt: skip
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", json=hard, timeout=60)
+    assert r.status_code == 200, r.text
+    got, kept = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))), np.ones((32, 32), bool)
+    kept[:, 8:24] = False
+    assert np.array_equal(got[kept], np.asarray(picture(3))[kept]) and not np.array_equal(got, np.asarray(picture(3)))
     # A1111's defaults: "fill" masked content, only the masked area (padding 0), the blurred mask pasting back.
     only_masked = {"prompt": "x", "init_images": [b64_png(picture(3, size=(48, 40)))], "steps": 4, "seed": 8,
                    "mask": b64_png(box_mask((48, 40), (20, 10, 30, 18)))}  # fmt: skip

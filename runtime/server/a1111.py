@@ -8,6 +8,7 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,14 @@ from fastapi import APIRouter, HTTPException
 from PIL import Image, ImageOps
 
 from ..echo import echo
+from ..hires import HiresFix
+from ..hires_upscalers import ImageResize
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import DEFAULT_STRENGTH, RANDOM_SEED, SEED_RANGE, GenerationRequest
 from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
+from ..upscale import image_resizers
 from .a1111_settings import Applied, apply
-from .schemas import Img2ImgRequest, Txt2ImgRequest
+from .schemas import HiresTxt2ImgRequest, Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
 
 # GenerationRequest field -> A1111 body field, so 422s name what the client sent.
@@ -33,6 +37,16 @@ FIELD_NAMES = {
     "masked_content": "inpainting_fill",
     "mask_blur": "mask_blur",
     "padding_mask_crop": "inpaint_full_res_padding",
+    "hires": "enable_hr",
+    "hires_scale": "hr_scale",
+    "hires_resize_x": "hr_resize_x",
+    "hires_resize_y": "hr_resize_y",
+    "hires_upscaler": "hr_upscaler",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_denoising_strength": "denoising_strength",
+    "hires_sampler": "hr_sampler_name",
+    "hires_prompt": "hr_prompt",
+    "hires_negative_prompt": "hr_negative_prompt",
     "clip_skip": "clip_skip",
 }
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # A1111's inpainting_fill 0..3
@@ -43,8 +57,12 @@ PREVIEW_FACTORS = np.array(
 
 
 def to_request(
-    body: Txt2ImgRequest, image: Image.Image | None = None, mask: Image.Image | None = None
+    body: Txt2ImgRequest,
+    image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    upscalers: Mapping[str, ImageResize] | None = None,
 ) -> GenerationRequest:
+    """The request an A1111 body asks for; `upscalers`: the model upscalers a hires fix may name."""
     inpainting = {}
     if mask is not None:  # A1111 defaults: strength 0.75, mask blur 4, only the masked area
         inpainting = {
@@ -53,6 +71,7 @@ def to_request(
             "mask_blur": body.mask_blur,
             # An empty mask has no box to crop around: A1111 then inpaints the whole picture.
             "padding_mask_crop": body.inpaint_full_res_padding if body.inpaint_full_res and mask.getbbox() else None,
+            "paste_back": True,  # A1111 lays the original back outside the (blurred) mask in every mode
         }
         if body.denoising_strength is None:
             inpainting["strength"] = DEFAULT_STRENGTH
@@ -75,8 +94,20 @@ def to_request(
         vae_tiling=body.vae_tiling,
         deepcache_interval=body.deepcache_interval,
         tome_ratio=body.tome_ratio,
-        **{"strength": getattr(body, "denoising_strength", None), **inpainting},
+        hires=hires_of(body, upscalers or {}) if image is None else None,
+        **{"strength": getattr(body, "denoising_strength", None) if image is not None else None, **inpainting},
     )
+
+
+def hires_of(body: Txt2ImgRequest, upscalers: Mapping[str, ImageResize]) -> HiresFix | None:
+    """A txt2img body's hires fix (A1111 ignores its fields without enable_hr; so does this)."""
+    if not getattr(body, "enable_hr", False):
+        return None
+    strength = DEFAULT_STRENGTH if body.denoising_strength is None else body.denoising_strength
+    return HiresFix(
+        body.hr_scale, body.hr_resize_x, body.hr_resize_y, body.hr_upscaler, body.hr_second_pass_steps, strength,
+        body.hr_sampler_name, body.hr_prompt, body.hr_negative_prompt, upscalers,
+    )  # fmt: skip
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:
@@ -87,7 +118,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
             bad = "batch_size" if body.batch_size < 1 else "n_iter"
             raise HTTPException(422, f"{bad}: must be >= 1")
         subseed = _subseed(body.subseed)
-        request = state.prepare(to_request(body, image, mask), {**FIELD_NAMES, **applied.names}, applied.pipe)
+        request = to_request(body, image, mask, image_resizers(state.upscalers))
+        request = state.prepare(request, {**FIELD_NAMES, **applied.names}, applied.pipe)
         out = await state.generate(request, applied.pipe)
         texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]
         images = [base64.b64encode(png_bytes(img, text)).decode() for img, text in zip(out.images, texts, strict=True)]
@@ -96,7 +128,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @api.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2ImgRequest) -> dict[str, Any]:
+    async def txt2img(body: HiresTxt2ImgRequest) -> dict[str, Any]:
         return await run(await apply(state, body), None)
 
     @api.post("/sdapi/v1/img2img")

@@ -71,6 +71,25 @@ class Txt2ImgRequest(BaseModel):
     )
 
 
+class HiresTxt2ImgRequest(Txt2ImgRequest):
+    """The txt2img body: the shared fields and A1111's hires fix, which its img2img does not have."""
+
+    enable_hr: bool = Field(False, description="Hires fix: upscale the picture, then denoise it again at that size.")
+    hr_scale: float = Field(2.0, description="Hires fix: the target is width and height times this...")
+    hr_resize_x: int = Field(0, description="...unless given here (0: from hr_resize_y keeping the aspect ratio).")
+    hr_resize_y: int = Field(0, description="Target height (0: from hr_resize_x keeping the aspect ratio).")
+    hr_upscaler: str | None = Field(
+        None,
+        description="Latent (the default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+        "Latent (nearest), Latent (nearest-exact), None, Lanczos or Nearest.",
+    )
+    hr_second_pass_steps: int = Field(0, description="Steps of the second pass (0: steps).")
+    denoising_strength: float | None = Field(None, description="Hires fix: the second pass's strength (0.75).")
+    hr_sampler_name: str | None = Field(None, description="The second pass's sampler (default: sampler_name).")
+    hr_prompt: str = Field("", description="The second pass's prompt (default: prompt).")
+    hr_negative_prompt: str = Field("", description="The second pass's negative prompt (default: negative_prompt).")
+
+
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(..., min_length=1, max_length=1, description="One base64 image or data URL.")
     denoising_strength: float | None = Field(None, description="Default: 0.75.")
