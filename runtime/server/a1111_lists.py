@@ -2,14 +2,11 @@
 models.py), /sdapi/v1/schedulers (A1111 1.9+ schedule types, see a1111_schedules.py) and /sdapi/v1/sd-vae
 (empty: each model decodes with its own VAE, `sd_vae` "Automatic" or "None"; there are no separate VAE files).
 
-/sdapi/v1/embeddings and /sdapi/v1/loras belong to the features that load them; until one registers its route,
-these answer A1111's empty shapes so clients show empty choices, not errors. `add_routes` must therefore run
-after every other router's: a fallback is only added where no route answers its path yet.
+/sdapi/v1/embeddings and /sdapi/v1/loras: see a1111_prompts.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -32,15 +29,3 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     def sd_vae() -> list[dict[str, Any]]:
         state.ready()
         return []
-
-    for path, empty in (("/sdapi/v1/embeddings", {"loaded": {}, "skipped": {}}), ("/sdapi/v1/loras", [])):
-        if not any(getattr(route, "path", None) == path for route in api.routes):
-            api.add_api_route(path, _empty(state, empty), methods=["GET"])
-
-
-def _empty(state: ServerState, answer: Any) -> Callable[[], Any]:
-    def empty() -> Any:
-        state.ready()
-        return answer
-
-    return empty

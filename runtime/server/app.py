@@ -56,7 +56,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
     openai.add_routes(api, state)
     add_extras_routes(api, state)
     a1111_prompts.add_routes(api, state)
-    a1111_lists.add_routes(api, state)  # last: its empty /embeddings and /loras give way to real ones
+    a1111_lists.add_routes(api, state)
     _add_schema(api, app)
 
     @api.get("/metrics")
