@@ -99,6 +99,13 @@ LORA_OPTION = click.option(
 )
 
 
+def with_syntax(items: list[Any], syntax: str) -> list[Any]:
+    """Batch items with `--prompt-syntax` where a line does not say its own `prompt_syntax`."""
+    from dataclasses import replace
+
+    return [replace(i, fields={"prompt_syntax": syntax, **i.fields}) if i.fields is not None else i for i in items]
+
+
 def hires_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--hires-scale/--hires-upscaler/--hires-steps/--hires-denoise: A1111's hires fix (see hires.py)."""
     options = [
@@ -702,6 +709,7 @@ def ray_serve_options(
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0))
 @click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads (local).")
+@PROMPT_SYNTAX_OPTION
 @limit_options
 def batch(
     prompts: Path,
@@ -715,6 +723,7 @@ def batch(
     gpus_per_worker: float,
     provider: str,
     threads: int | None,
+    prompt_syntax: str,
     max_steps: int,
     max_pixels: int | None,
     max_batch: int,
@@ -733,7 +742,7 @@ def batch(
     folder = model_folder(model)
     try:
         resolve_providers(provider)
-        items = read_items(prompts)
+        items = with_syntax(read_items(prompts), prompt_syntax)
         output = BatchOutput(outdir)
         done = output.start(resume)  # before the model loads: a folder that needs --resume fails at once
         from .pipeline import StableDiffusionPipeline

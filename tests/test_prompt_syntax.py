@@ -9,6 +9,7 @@ clip skip against diffusers' `clip_skip` end to end. diffusers' own long-prompt 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,17 @@ def test_tokenizer_chunks_use_the_models_ids(tiny_export: Path) -> None:
     ids, weights = tokenizer.chunks("(a:2), b")
     assert ids[0, 0] == tokenizer.bos_id and weights[0, 1] == 2.0 and ids.dtype == np.int32
     assert tokenizer.special_ids.comma == tokenizer.tokenizer.token_to_id(",</w>")
+
+
+def test_batch_lines_default_to_the_commands_syntax(tiny_export: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    line = {"prompt": "a (red) circle", "steps": 1, "seed": 1}
+    lines = [{"id": "a", **line}, {"id": "b", **line, "prompt_syntax": "a1111"}]
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for syntax in ("a1111", "plain"):
+        out = tmp_path / syntax
+        args = ["batch", str(prompts), str(out), "-m", str(tiny_export), "--prompt-syntax", syntax]
+        assert CliRunner().invoke(main, args).exit_code == 0
+    read = {(s, i): Image.open(tmp_path / s / f"{i}.png").text["parameters"] for s in ("a1111", "plain") for i in "ab"}
+    assert "Prompt syntax: plain" in read["plain", "a"]
+    assert all("Prompt syntax" not in read[key] for key in (("a1111", "a"), ("a1111", "b"), ("plain", "b")))
