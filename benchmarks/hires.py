@@ -47,7 +47,7 @@ def main() -> None:
     folder, out = Path(sys.argv[1]), Path(sys.argv[2])
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "versions": versions(),
+        "versions": versions(("onnxruntime", "openvino", "numpy")),
         "model": str(folder.name),
         "settings": {
             "steps": STEPS,

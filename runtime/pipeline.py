@@ -800,7 +800,7 @@ class StableDiffusionPipeline:
             return
         if syntax == "a1111":
             prompts = [" ".join(text for text, w in parse_attention(p) if (text, w) != BREAK) for p in prompts]
-        known = {w.lower() for w in vocabulary}
+        known = {w.lower() for w in vocabulary} | {e.name.lower() for e in self.embeddings}
         unknown = sorted({w for p in prompts for w in re.findall(r"[^\W\d_]+", p.lower())} - known)
         if unknown:
             shown = [w if len(w) <= MAX_WORD_CHARS else w[:MAX_WORD_CHARS] + "..." for w in unknown[:MAX_WORDS_NAMED]]

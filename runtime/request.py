@@ -261,13 +261,15 @@ class GenerationRequest:
         skip = _integer("clip_skip", self.clip_skip)
         _in_range("clip_skip", skip, 0, None)
         if skip > config.clip_skip_layers:
+            most = config.clip_skip_layers
             reason = (
-                f"this model's text encoder can skip at most {config.clip_skip_layers} layers"
-                if config.clip_skip_layers
+                f"this model's text encoder can skip at most {most} layers (A1111's clip skip {most + 1}; "
+                f"asked: {skip} skipped, clip skip {skip + 1})"
+                if most
                 else "this model's text encoder was exported without its earlier layers' states; re-export it "
                 "with this version of sd-export to use clip skip"
             )
-            raise RequestError("clip_skip", f"{reason}, got {skip}")
+            raise RequestError("clip_skip", reason)
         return skip
 
     def _deepcache(self, config: ModelConfig) -> int | None:
@@ -314,8 +316,11 @@ class GenerationRequest:
             sides.append(value)
         width, height = sides
         if width * height > limits.pixels(config):
+            native = config.default_resolution
             raise RequestError(
-                "width", f"{echo(width)}x{echo(height)} exceeds the limit max_pixels={limits.pixels(config)}"
+                "width",
+                f"{echo(width)}x{echo(height)} exceeds the limit max_pixels={limits.pixels(config)} (this model makes "
+                f"{native}x{native}; a larger limit is --max-pixels)",
             )
         return width, height
 
