@@ -121,10 +121,7 @@ def table_override(component_dir: Path, embeddings: list[Embedding]) -> dict[str
     empty without embeddings."""
     if not embeddings:
         return {}
-    token_table(component_dir)  # refuses an export that does not record it
-    targets = read_targets(component_dir)
-    name = targets["token_embedding"]
-    where = targets["tensors"][name]
+    name, where = _table_entry(component_dir)
     rows = [e.vectors[component_dir.name] for e in embeddings]
     return {name: np.concatenate([base_weight(component_dir, where), *rows]).astype(where["dtype"])}
 
@@ -141,16 +138,23 @@ def describe(embeddings: list[Embedding], skipped: dict[str, str]) -> dict[str, 
 
 def token_table(component_dir: Path) -> tuple[int, int]:
     """(rows, width) of an encoder's token table, from its LoRA map; RequestError when it is not recorded."""
+    rows, width = _table_entry(component_dir)[1]["shape"]
+    return rows, width
+
+
+def _table_entry(component_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The token table's initializer name and where its data is (LoRA map entry); RequestError when the
+    export does not record a 2-D table."""
     targets = read_targets(component_dir) if (component_dir / TARGETS_FILE).is_file() else {}
     name = targets.get("token_embedding")
-    shape = targets.get("tensors", {}).get(name, {}).get("shape") if isinstance(name, str) else None
-    if not shape or len(shape) != 2:
+    where = targets.get("tensors", {}).get(name) if isinstance(name, str) else None
+    if not where or len(where["shape"]) != 2:
         raise RequestError(
             "embeddings",
             f"{component_dir.name}: this export does not record its token table; re-export it with this version "
             "of sd-export to use embeddings",
         )
-    return shape[0], shape[1]
+    return name, where
 
 
 def gather(source: str | Path | list | tuple | None) -> tuple[list[Embedding], dict[str, str]]:

@@ -26,7 +26,7 @@ from ..echo import echo
 from ..image import ImageError, decode_base64_image
 from ..upscale import RESAMPLERS, UpscaleCancelled, plan, postprocessed_png, upscale_image
 from .extras_schemas import ExtrasBatchImagesRequest, ExtrasRequest, ExtrasSingleImageRequest
-from .state import CLIENT_GONE, ClientGone, ServerState
+from .state import ClientGone, ServerState, unless_client_gone
 
 OUTPUT_FACTOR = 16  # an image the server may generate, upscaled 4x
 BUILT_IN_SCALE = 4  # what A1111 reports for its resamplers (UpscalerData's default)
@@ -61,7 +61,7 @@ class ExtrasWork:
         future: Future = self.executor.submit(lambda: None if stop.is_set() else work(cancelled))
         future.add_done_callback(lambda _: self._done())
         try:
-            return await asyncio.wait_for(_unless_client_gone(asyncio.wrap_future(future)), self.state.config.timeout_s)
+            return await asyncio.wait_for(unless_client_gone(asyncio.wrap_future(future)), self.state.config.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             stop.set()
             raise HTTPException(
@@ -76,22 +76,6 @@ class ExtrasWork:
     def _done(self) -> None:
         with self.lock:
             self.pending -= 1
-
-
-async def _unless_client_gone(waiter: asyncio.Future) -> Any:
-    """The work's result, or ClientGone as soon as the request's client hangs up (see state.CLIENT_GONE)."""
-    client_gone = CLIENT_GONE.get()
-    if client_gone is None:
-        return await asyncio.shield(waiter)
-    gone = asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not waiter.done():
-        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
-        raise ClientGone
-    return waiter.result()
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:

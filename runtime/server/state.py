@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException
@@ -203,7 +204,7 @@ class ServerState:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         waiter = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wait_for(_unless_client_gone(waiter), self.config.timeout_s)
+            return await asyncio.wait_for(unless_client_gone(waiter), self.config.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
             _abandon(job, waiter)
             raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
@@ -230,9 +231,10 @@ class ServerState:
         return f"{self.config.public_url}/v1/images/files/{self.store_image(png)}.png"
 
 
-async def _unless_client_gone(waiter: asyncio.Future) -> PipelineOutput:
-    """The job's result, or ClientGone as soon as the request's client hangs up (watched through CLIENT_GONE;
-    without it, as in a plain ASGI call, just the result). The job itself is left to the caller."""
+async def unless_client_gone(waiter: asyncio.Future) -> Any:
+    """The work's result, or ClientGone as soon as the request's client hangs up (watched through CLIENT_GONE;
+    without it, as in a plain ASGI call, just the result). The work itself is left to the caller; its later
+    error, if any, is nobody's to log."""
     client_gone = CLIENT_GONE.get()
     if client_gone is None:
         return await asyncio.shield(waiter)
@@ -242,6 +244,7 @@ async def _unless_client_gone(waiter: asyncio.Future) -> PipelineOutput:
     finally:
         gone.cancel()
     if not waiter.done():
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         raise ClientGone
     return waiter.result()
 
