@@ -2,6 +2,12 @@
 
 Names accepted: our short names ("dpmpp_2m_karras"), diffusers class names ("DPMSolverMultistepScheduler")
 and A1111 sampler names ("DPM++ 2M Karras", "Euler a"), case-insensitively.
+
+Flow-matching models (SD3, FLUX, SANA-Sprint) have their own samplers, in `FLOW_SCHEDULERS`: "flow_euler" and
+"scm". A1111 Forge and ComfyUI call FLUX's sampler "Euler" (schedule "Simple"), a name that stays the DDPM
+Euler here; the flow one answers to "Euler flow", "euler_flow", "FlowMatchEuler" and its diffusers class name,
+and a model's config decides which kind runs (`is_flow_matching`): any other pairing is refused with the
+samplers that can.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from .ddpm import DDPMScheduler
 from .dpmpp_2m import DPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
+from .flow_match_euler import FlowMatchEulerScheduler, calculate_shift
 from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .scm import SCMScheduler
 
 KARRAS = {"use_karras_sigmas": True}
 
@@ -34,7 +42,28 @@ SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...]]] =
     "lcm": (LCMScheduler, {}, ("LCMScheduler", "LCM")),
     "ddpm": (DDPMScheduler, {}, ("DDPMScheduler", "DDPM")),
 }
-_BY_NAME = {alias.lower(): key for key, (_, _, aliases) in SCHEDULERS.items() for alias in (key, *aliases)}
+# The samplers of flow-matching models, apart: `SCHEDULERS` and `scheduler_names()` list the DDPM-family ones.
+FLOW_SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...]]] = {
+    "flow_euler": (
+        FlowMatchEulerScheduler,
+        {},
+        ("FlowMatchEulerDiscreteScheduler", "FlowMatchEuler", "Euler flow", "euler_flow"),
+    ),
+    "scm": (SCMScheduler, {}, ("SCMScheduler", "sCM")),
+}
+_ALL = {**SCHEDULERS, **FLOW_SCHEDULERS}
+_BY_NAME = {alias.lower(): key for key, (_, _, aliases) in _ALL.items() for alias in (key, *aliases)}
+
+# diffusers' flow-matching scheduler classes; a config of any other class (or with a beta schedule) is DDPM-style.
+FLOW_CLASSES = frozenset(
+    {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "SCMScheduler"}
+)
+BETA_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+FAMILY_NAMES = {
+    "ddpm": "DDPM-style (beta schedule)",
+    "flow": "rectified-flow (FlowMatch)",
+    "trigflow": "TrigFlow (sCM)",
+}
 
 
 def scheduler_names() -> list[str]:
@@ -46,16 +75,35 @@ def resolve_name(name: str) -> str:
     """Short name for any accepted spelling; ValueError naming the choices otherwise."""
     key = _BY_NAME.get(str(name).strip().lower())
     if key is None:
-        raise ValueError(
-            f"unknown scheduler {echo(name)} (known: {', '.join(SCHEDULERS)}, or their diffusers/A1111 names)"
-        )
+        raise ValueError(f"unknown scheduler {echo(name)} (known: {', '.join(_ALL)}, or their diffusers/A1111 names)")
     return key
+
+
+def model_family(config: dict[str, Any]) -> str | None:
+    """What a scheduler config says the model is: "flow" (rectified flow: a FlowMatch class, or
+    `prediction_type` "flow_prediction" / `use_flow_sigmas` as SANA's DPM-Solver config), "trigflow" (sCM),
+    "ddpm" (another class, or beta-schedule keys), or None when it says nothing (each sampler's defaults)."""
+    class_name = str(config.get("_class_name") or "")
+    if class_name == "SCMScheduler" or config.get("prediction_type") == "trigflow":
+        return "trigflow"
+    flow = class_name.startswith("FlowMatch") or class_name in FLOW_CLASSES
+    if flow or config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
+        return "flow"
+    if class_name or any(k in config for k in BETA_KEYS):
+        return "ddpm"
+    return None
+
+
+def is_flow_matching(config: dict[str, Any]) -> bool:
+    """Whether a scheduler config belongs to a flow-matching model (rectified flow or TrigFlow), which only the
+    samplers in `FLOW_SCHEDULERS` can sample."""
+    return model_family(config) in ("flow", "trigflow")
 
 
 def follows_zero_snr(key: str) -> bool:
     """Whether a sampler can run a zero-terminal-SNR schedule (its diffusers counterpart offers
     `rescale_betas_zero_snr`); the others would silently run another noise schedule than the model's."""
-    cls, _, _ = SCHEDULERS[key]
+    cls, _, _ = _ALL[key]
     return "rescale_betas_zero_snr" in cls.defaults
 
 
@@ -64,7 +112,12 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
     stochasticity of the samplers that take one (DDIM). One rule for every sampler: a schedule it cannot
     follow is a ValueError saying why, never a silent substitute."""
     key = resolve_name(name)
-    cls, overrides, _ = SCHEDULERS[key]
+    cls, overrides, _ = _ALL[key]
+    family = model_family(config)
+    if family is not None and family != cls.family:
+        able = ", ".join(k for k, (c, _, _) in _ALL.items() if c.family == family)
+        kind = "flow-matching" if family != "ddpm" and cls.family == "ddpm" else FAMILY_NAMES[family]
+        raise ValueError(f"{key} cannot sample a {kind} model; samplers that can: {able}")
     if config.get("rescale_betas_zero_snr"):
         able = ", ".join(k for k in SCHEDULERS if follows_zero_snr(k) and not SCHEDULERS[k][1].get("use_karras_sigmas"))
         if not follows_zero_snr(key):
@@ -82,4 +135,17 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
     return cls(**{**config, **overrides}, eta=eta)
 
 
-__all__ = ["NoiseSource", "Scheduler", "make_scheduler", "resolve_name", "scheduler_names", "SCHEDULERS"]
+__all__ = [
+    "FLOW_SCHEDULERS",
+    "SCHEDULERS",
+    "FlowMatchEulerScheduler",
+    "NoiseSource",
+    "SCMScheduler",
+    "Scheduler",
+    "calculate_shift",
+    "is_flow_matching",
+    "make_scheduler",
+    "model_family",
+    "resolve_name",
+    "scheduler_names",
+]

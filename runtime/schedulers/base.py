@@ -41,6 +41,8 @@ class Scheduler:
     order: ClassVar[int] = 1
     # Samplers in sigma space need a finite first sigma on a zero-terminal-SNR schedule.
     uses_sigmas: ClassVar[bool] = False
+    # The kind of model it samples: "ddpm" (a beta schedule), "flow" (rectified flow), "trigflow" (sCM).
+    family: ClassVar[str] = "ddpm"
 
     def __init__(self, **config: Any) -> None:
         self.config = {**COMMON_DEFAULTS, **self.defaults}
