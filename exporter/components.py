@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sd_onnx.runtime.manifest import ModelConfig
+from sd_onnx.runtime.manifest import TRANSFORMER_FAMILIES, ModelConfig
 
 from .source import PipelineSource
 
@@ -164,7 +164,7 @@ def _unet_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Input
     sample = torch.randn(batch, config.unet_in_channels or config.latent_channels, side, side, generator=gen)
     timestep = torch.tensor([981.0])
     context = torch.randn(batch, config.max_token_length, config.embedding_dim, generator=gen)
-    if config.pooled_dim:
+    if config.sdxl:
         side_px = float(side * config.vae_scale_factor)
         time_ids = torch.tensor([[side_px, side_px, 0.0, 0.0, side_px, side_px][: config.time_ids_count]] * batch)
         return sample, timestep, context, torch.randn(batch, config.pooled_dim, generator=gen), time_ids
@@ -295,18 +295,25 @@ def _clip_skip_spec(src: PipelineSource) -> ComponentSpec:
 
 
 def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
-    """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet, tiny VAEs differ)."""
+    """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet, tiny VAEs differ; SD3's
+    and FLUX's own graphs are in components_transformers.py)."""
     if name == "tiny_vae_decoder":
         return replace(SPECS["vae_decoder"], name=name, load=lambda folder: VaeDecoder(load_tiny_vae(src.tiny_vae)))
     if name == "tiny_vae_encoder":
         return replace(TINY_VAE_ENCODER, name=name, load=lambda folder: TinyVaeEncoder(load_tiny_vae(src.tiny_vae)))
     if name == "vae_encoder" and src.config.vae_kind == "tiny":
         return TINY_VAE_ENCODER
-    if name.startswith("text_encoder") and src.config.pooled_dim:
+    if src.config.family in TRANSFORMER_FAMILIES:
+        from .components_transformers import transformer_component_spec
+
+        spec = transformer_component_spec(name, src)
+        if spec is not None:
+            return spec
+    if name.startswith("text_encoder") and src.config.sdxl:
         return _text_encoder_spec(name, src)
     if name == "text_encoder":
         return _clip_skip_spec(src)
-    if name == "unet" and src.config.pooled_dim:
+    if name == "unet" and src.config.sdxl:
         return UNET_SDXL
     if name == "unet" and src.config.time_cond_proj_dim:
         return UNET_WITH_GUIDANCE_EMBEDDING

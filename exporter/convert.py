@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from sd_onnx.runtime.manifest import COMPONENTS, TINY_VAE_COMPONENTS, ComponentInfo, Manifest, read_json, sha256_file
+from sd_onnx.runtime.manifest import (
+    COMPONENTS,
+    TINY_VAE_COMPONENTS,
+    TRANSFORMER_FAMILIES,
+    ComponentInfo,
+    Manifest,
+    read_json,
+    sha256_file,
+)
 
 from .atomic import publish, staging_folder
 from .components import component_spec
@@ -31,7 +39,7 @@ from .quantize import RECIPES
 from .source import PipelineSource, inspect_folder, resolve_source
 from .stages import add_stages
 from .tome import add_token_merging
-from .trace import pack_graph, trace_component
+from .trace import fix_static_dims, pack_graph, trace_component
 from .validate import compare_outputs, open_session, signature
 
 DEFAULT_OPSET = 17
@@ -39,6 +47,7 @@ DEFAULT_ATOL = 1e-3
 PRECISIONS = ("fp32", "fp16", "int8")
 TRACE_SEED, VALIDATION_SEED = 0, 1
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # what LoRAs change
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 Log = Callable[[str], None]
 
 
@@ -110,6 +119,15 @@ def convert(
         absent = set(components) - set(src.components)
         if absent:
             raise ExportError(f"{src.name} has no {', '.join(sorted(absent))} (it has {', '.join(src.components)})")
+        unet_only = {
+            "--deepcache-branch": deepcache_branch is not None,
+            "--tome": tome,
+            "--unet-stages": unet_stages,
+            "--precision int8": precision == "int8",  # its calibration runs the UNet pipeline
+        }
+        if src.config.family in TRANSFORMER_FAMILIES and any(unet_only.values()):
+            given = ", ".join(option for option, used in unet_only.items() if used)
+            raise ExportError(f"{given}: for UNet models; {src.name} is {src.config.family} (a transformer)")
         if deepcache_branch is not None:
             check_branch(read_json(src.folder / "unet" / "config.json"), deepcache_branch)
         if guidance_scale is not None:
@@ -171,10 +189,12 @@ def export_component(
         reference = module(*check_inputs)
     reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
     traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
-    weights = weight_candidates(module.model) if name in LORA_COMPONENTS else {}
+    lora_mapped = name in LORA_COMPONENTS and src.config.family not in TRANSFORMER_FAMILIES  # load-time LoRAs: UNets
+    weights = weight_candidates(module.model) if lora_mapped else {}
     del module
     gc.collect()
     pack_graph(traced, out_file)
+    fix_static_dims(out_file, spec, [r.shape for r in reference])
     optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
     lora_map = map_weights(weights, out_file) if weights else {}
     if half:
@@ -204,7 +224,7 @@ def _halves(src: PipelineSource, component: str) -> bool:
     """Whether fp16 applies: an SDXL VAE whose config says `force_upcast` (it overflows in fp16) stays fp32, as
     diffusers' SDXL pipelines keep it; its manifest entry then says precision fp32 among fp16 components.
     (diffusers' SD 1.x/2.x pipelines ignore the flag, so their VAEs are halved.)"""
-    if not component.startswith("vae") or not src.config.pooled_dim:
+    if not component.startswith("vae") or not src.config.sdxl:
         return True
     config = json.loads((src.folder / "vae" / "config.json").read_text())
     return not config.get("force_upcast", False)
@@ -226,10 +246,9 @@ def _package(
     vocabulary: list[str] | None = None,
     loras: list[dict] | None = None,
 ) -> Manifest:
-    if "text_encoder" in infos:
-        copy_tokenizer(src.folder, staging)
-    if "text_encoder_2" in infos:
-        copy_tokenizer(src.folder, staging, "tokenizer_2")
+    for encoder, tokenizer in TOKENIZERS.items():  # SD3's T5 reads tokenizer_3, FLUX's tokenizer_2
+        if encoder in infos:
+            copy_tokenizer(src.folder, staging, tokenizer)
     copy_scheduler(src.folder, staging, src.scheduler)
     copy_component_configs(src.folder, staging, list(infos), src.tiny_vae)
     write_model_index(src.folder, staging, list(infos))

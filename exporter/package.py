@@ -52,7 +52,9 @@ def copy_scheduler(source: Path, out: Path, class_name: str | None = None) -> No
 CONFIG_SOURCES = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
     "unet": "unet",
+    "transformer": "transformer",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
 }
@@ -79,7 +81,11 @@ def write_model_index(source: Path, out: Path, components: list[str]) -> None:
         "scheduler": index["scheduler"],
         "tokenizer": index["tokenizer"],
     }
-    for key in ("tokenizer_2", "force_zeros_for_empty_prompt", "requires_aesthetics_score"):  # SDXL
+    if "transformer" in components:  # SD3 and FLUX pipelines have no safety checker slots
+        for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
+            del onnx_index[key]
+    # SDXL's second tokenizer and flags; SD3's CLIP-G and T5 tokenizers, FLUX's T5 tokenizer.
+    for key in ("tokenizer_2", "tokenizer_3", "force_zeros_for_empty_prompt", "requires_aesthetics_score"):
         if key in index:
             onnx_index[key] = index[key]
     # Optimum's and diffusers' pipelines know the standard components only; a tiny VAE beside is ours.

@@ -24,11 +24,21 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    *configs.PIPELINE_FAMILIES,  # SD3 and FLUX: a transformer instead of a UNet (see runtime/configs.py)
 }
 # SDXL: the second encoder always; the first is absent from refiners (model_index.json says null).
 SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
 LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE = 4, 8.5
 REQUIRED_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# SD3: CLIP-L, CLIP-G and (optional, as in diffusers) T5 as text_encoder_3; FLUX: CLIP-L and T5 as text_encoder_2.
+TRANSFORMER_SUBFOLDERS = (
+    "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae", "scheduler",
+)  # fmt: skip
+T5_FOLDERS = {"sd3": ("text_encoder_3", "tokenizer_3"), "flux": ("text_encoder_2", "tokenizer_2")}
+TRANSFORMER_COMPONENTS = (
+    "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder",
+)  # fmt: skip
+TRANSFORMER_ONLY = ("text_encoder_3", "transformer")  # never in a UNet pipeline's components
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 OPEN_CLIP_EMBEDDER = "conditioner.embedders.{}.model.transformer.resblocks."
 
@@ -54,6 +64,7 @@ class PipelineSource:
     config: ModelConfig
     tokens: TokenIds
     components: tuple[str, ...]  # what it can export
+    t5_tokens: TokenIds | None = None  # SD3/FLUX: the T5 encoder's (sample inputs for text_encoder_3 / FLUX's _2)
     tiny_vae: Path | None = None  # a tiny autoencoder to export beside the VAE (tiny_vae_* components)
     scheduler: str | None = None  # a diffusers scheduler class to record instead of the pipeline's own
 
@@ -109,6 +120,9 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if pipeline_class not in SUPPORTED_PIPELINES:
         supported = ", ".join(sorted(SUPPORTED_PIPELINES))
         raise ExportError(f"{folder}: unsupported model family {pipeline_class} (supported: {supported})")
+    family = configs.PIPELINE_FAMILIES.get(pipeline_class)
+    if family is not None:
+        return _inspect_transformer_folder(folder, index, pipeline_class, family, name)
     required = REQUIRED_SUBFOLDERS
     if pipeline_class.startswith("StableDiffusionXL"):
         first = (index.get("text_encoder") or [None])[0] is not None
@@ -120,9 +134,54 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
     if pipeline_class == "LatentConsistencyModelPipeline":  # diffusers' defaults for this pipeline
         config.default_steps, config.guidance_scale = LCM_DEFAULT_STEPS, LCM_DEFAULT_GUIDANCE
     tokens = read_token_ids(folder, config.max_token_length)
-    present = {"text_encoder": (folder / "text_encoder").is_dir(), "text_encoder_2": bool(config.pooled_dim)}
-    components = tuple(c for c in COMPONENTS if present.get(c, True))
+    present = {"text_encoder": (folder / "text_encoder").is_dir(), "text_encoder_2": config.sdxl}
+    components = tuple(c for c in COMPONENTS if c not in TRANSFORMER_ONLY and present.get(c, True))
     return PipelineSource(folder, name or str(folder), pipeline_class, _family(config), config, tokens, components)
+
+
+def _inspect_transformer_folder(
+    folder: Path, index: dict, pipeline_class: str, family: str, name: str | None
+) -> PipelineSource:
+    """An SD3 or FLUX pipeline folder: its sizes, its CLIP and T5 tokenizers' ids, the graphs it has (SD3's T5 is
+    optional, as in diffusers: model_index.json then names none)."""
+    t5, t5_tokenizer = T5_FOLDERS[family]
+    required = TRANSFORMER_SUBFOLDERS
+    if family == "sd3" and (index.get(t5) or [None])[0] is not None:
+        required += (t5, t5_tokenizer)
+    missing = [s for s in required if not (folder / s).is_dir()]
+    if missing:
+        raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
+    for part in required:  # a missing or corrupt config is named as such, not as a reading error
+        if not part.startswith(("tokenizer", "scheduler")):
+            _read_json(folder / part / "config.json")
+    _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        config = configs.read_model_config(folder)
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
+    tokens = read_token_ids(folder, config.max_token_length)
+    t5_tokens = read_t5_token_ids(folder / t5, folder / t5_tokenizer) if (folder / t5).is_dir() else None
+    components = tuple(c for c in TRANSFORMER_COMPONENTS if not c.startswith("text_encoder") or (folder / c).is_dir())
+    return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components, t5_tokens)
+
+
+def read_t5_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:
+    """A T5 tokenizer's end and padding ids (T5 has no start token), checked against its encoder's vocabulary."""
+    from transformers import AutoTokenizer
+
+    vocab_size = _read_json(encoder / "config.json").get("vocab_size")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
+        raise ExportError(f"{tokenizer_folder}: unreadable tokenizer ({exc})") from None
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ExportError(f"{encoder}: config.json has no vocab_size")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None or pad is None or len(tokenizer) > vocab_size:
+        raise ExportError(
+            f"{tokenizer_folder}: no end/padding token, or more than the {vocab_size} tokens {encoder} knows"
+        )
+    return TokenIds(vocab_size, None, eos, pad)
 
 
 def read_token_ids(folder: Path, max_length: int) -> TokenIds:
@@ -170,7 +229,7 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 
 def _family(config: ModelConfig) -> str:
-    if config.pooled_dim:
+    if config.sdxl:
         return "sdxl"
     return {768: "sd1", 1024: "sd2"}.get(config.embedding_dim, "sd-custom")
 

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -30,6 +31,7 @@ ALIGNMENT = 4096  # page-aligned tensors let onnxruntime memory-map them
 def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs, scratch: Path, opset: int) -> Path:
     """Export `module` into the empty folder `scratch`; returns the traced file (weights may lie beside it)."""
     scratch.mkdir(parents=True, exist_ok=True)
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 9)
     traced = scratch / "model.onnx"
     with torch.no_grad(), warnings.catch_warnings(), _as_export_error(spec.name):
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes are expected
@@ -45,6 +47,24 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
             do_constant_folding=True,
         )
     return traced
+
+
+def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """aten::rms_norm (torch.nn.RMSNorm, FLUX's query/key norms), which the TorchScript exporter has no symbolic for
+    (ONNX has RMSNormalization from opset 23 only): x / sqrt(mean(x^2 over the normalized dims) + eps) x weight."""
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper as helper
+
+    axes = [-1 - i for i in range(len(helper._get_const(normalized_shape, "is", "normalized_shape")))]
+    epsilon = None if helper._is_none(eps) else helper._get_const(eps, "f", "eps")
+    epsilon = torch.finfo(torch.float32).eps if epsilon is None else epsilon  # torch's default: the dtype's eps
+    square = g.op("Mul", x, x)
+    if g.opset >= 18:  # ReduceMean's axes became an input
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    scale = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(epsilon, dtype=torch.float32))))
+    normed = g.op("Div", x, scale)
+    return normed if helper._is_none(weight) else g.op("Mul", normed, weight)
 
 
 @contextmanager
@@ -78,6 +98,21 @@ def pack_graph(traced: Path, out_file: Path) -> None:
                 point_to(tensor, data_name, offset, len(payload))
         onnx.save_model(model, str(out_file))
     shutil.rmtree(scratch)
+
+
+def fix_static_dims(model_file: Path, spec: ComponentSpec, shapes: list[tuple[int, ...]]) -> None:
+    """Give every output dimension that is not one of the spec's dynamic axes its size (from the reference run's
+    `shapes`, one per output) where the tracer left it a made-up name: SD3's transformer returns its channels
+    through diffusers' unpatchify einsum, which shape inference cannot follow."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    changed = False
+    for output, shape in zip(model.graph.output, shapes, strict=True):
+        dynamic = spec.dynamic_axes.get(output.name, {})
+        for axis, dim in enumerate(output.type.tensor_type.shape.dim):
+            if axis not in dynamic and dim.WhichOneof("value") != "dim_value":
+                dim.dim_value, changed = shape[axis], True
+    if changed:
+        onnx.save_model(model, str(model_file))
 
 
 def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

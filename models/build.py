@@ -1,8 +1,9 @@
 """Build diffusers Stable Diffusion pipelines with seeded random weights, entirely offline.
 
-`tiny`, `tiny-sdxl` and `tiny-sdxl-refiner` are small enough for unit tests (seconds to build, export and
-run); `sd15`, `sd21` and `sdxl` have those models' exact architectures (UNets of 860M, 866M and 2.6B
-parameters) for speed and memory measurements. All use the real CLIP tokenizer.
+`tiny`, `tiny-sdxl`, `tiny-sdxl-refiner` and the transformer pipelines `tiny-sd3`, `tiny-sd35`, `tiny-flux` and
+`tiny-flux-dev` are small enough for unit tests (seconds to build, export and run); `sd15`, `sd21` and `sdxl`
+have those models' exact architectures (UNets of 860M, 866M and 2.6B parameters) for speed and memory
+measurements. All use the real CLIP tokenizer (SD3's and FLUX's T5 a small offline one, see t5_vocab.py).
 
     python -m sd_onnx.models.build tiny <out>/tiny-sd
 """
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .build_transformers import TRANSFORMER_PIPELINES
 from .clip_vocab import write_clip_tokenizer_files
 
 SD15_SCHEDULER = {
@@ -156,6 +158,49 @@ TINY_SDXL_INPAINT = {
     "pipeline": "StableDiffusionXLInpaintPipeline",
 }
 
+# Transformer pipelines at test size (built by build_transformers.py). SD3: CLIP-L and CLIP-G with projections
+# (their penultimate states side by side, padded to T5's width; their pooled projections concatenated), T5, an
+# MMDiT over 2x2 patches of 16-channel latents; widths differ per encoder so that a mixed-up one shows.
+TINY_T5 = {"d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
+           "relative_attention_max_distance": 16, "feed_forward_proj": "gated-gelu"}  # fmt: skip
+TINY_SD3 = {
+    "pipeline": "StableDiffusion3Pipeline",
+    "text_encoder": {**TINY["text_encoder"], "projection_dim": 32},
+    "text_encoder_2": {"hidden_size": 48, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
+                       "projection_dim": 48},
+    "text_encoder_3": {**TINY_T5, "d_model": 96},
+    "transformer": {"sample_size": 32, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
+                    "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 96,
+                    "caption_projection_dim": 16, "pooled_projection_dim": 32 + 48, "pos_embed_max_size": 64},
+    "vae": {**TINY["vae"], "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
+}  # fmt: skip
+# SD3.5's MMDiT: RMS-normed queries and keys, and a second (self-)attention in the first blocks (Medium).
+TINY_SD35 = {**TINY_SD3, "transformer": {**TINY_SD3["transformer"], "qk_norm": "rms_norm",
+                                         "dual_attention_layers": (0,)}}  # fmt: skip
+# FLUX.1 schnell: CLIP-L's pooled output and T5's states condition a transformer over 2x2-packed 16-channel
+# latents (64 features per token) with rotary positions from the token ids (axes_dims_rope sums to a head's
+# width); its scheduler config is schnell's (fixed shift 1). Dev adds the distilled guidance embedding and
+# resolution-dependent shifting.
+TINY_FLUX = {
+    "pipeline": "FluxPipeline",
+    "text_encoder": TINY["text_encoder"],
+    "text_encoder_2": {**TINY_T5, "d_model": 48},
+    "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1,
+                    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 48,
+                    "pooled_projection_dim": 32, "guidance_embeds": False, "axes_dims_rope": (4, 6, 6)},
+    "vae": {**TINY["vae"], "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "scheduler": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+}  # fmt: skip
+TINY_FLUX_DEV = {
+    **TINY_FLUX,
+    "transformer": {**TINY_FLUX["transformer"], "guidance_embeds": True},
+    "scheduler": {**TINY_FLUX["scheduler"], "shift": 3.0, "use_dynamic_shifting": True},
+}  # fmt: skip
+
 RECIPES = {
     "tiny": TINY,
     "sd15": SD15,
@@ -165,6 +210,10 @@ RECIPES = {
     "tiny-sdxl-refiner": TINY_SDXL_REFINER,
     "tiny-inpaint": TINY_INPAINT,
     "tiny-sdxl-inpaint": TINY_SDXL_INPAINT,
+    "tiny-sd3": TINY_SD3,
+    "tiny-sd35": TINY_SD35,
+    "tiny-flux": TINY_FLUX,
+    "tiny-flux-dev": TINY_FLUX_DEV,
 }
 
 
@@ -174,6 +223,10 @@ def build_pipeline(recipe: dict[str, dict[str, Any]], out: Path, seed: int = 0) 
     import torch
 
     torch.manual_seed(seed)
+    if recipe.get("pipeline") in TRANSFORMER_PIPELINES:  # SD3 and FLUX: a transformer instead of a UNet
+        from .build_transformers import save_transformer_pipeline
+
+        return save_transformer_pipeline(recipe, Path(out))
     if "text_encoder_2" in recipe:  # SDXL: a base with both encoders, a refiner with the second only
         return save_sdxl_pipeline(recipe, Path(out))
     return save_pipeline(

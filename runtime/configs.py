@@ -4,6 +4,7 @@ folders: `vae/`) and the runtime (ONNX folders without a manifest: `vae_decoder/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,20 @@ from .manifest import ManifestError, ModelConfig, read_json
 from .manifest_schema import check_model_config
 
 __all__ = ["read_json", "read_model_config", "size_multiple"]
+
+# SD3/FLUX: the family of a pipeline class (model_index.json) or, where that is missing, of its transformer class.
+PIPELINE_FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+# diffusers' call defaults: SD3 28 steps at CFG 7; FLUX.1-dev 28 steps with an embedded guidance of 3.5, FLUX.1
+# schnell (no guidance embedding) 4 steps and no CFG; T5 prompt lengths SD3 256, FLUX 512.
+SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE = 28, 7.0, 256
+FLUX_DEV_STEPS, FLUX_DEV_GUIDANCE, FLUX_SCHNELL_STEPS, FLUX_SEQUENCE = 28, 3.5, 4, 512
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with FLUX's 8x VAE
+FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent patches into one token (its transformer's patch_size is 1)
 
 
 def size_multiple(vae_scale_factor: int, unet: dict[str, Any]) -> int:
@@ -27,11 +42,17 @@ def size_multiple(vae_scale_factor: int, unet: dict[str, Any]) -> int:
 def read_model_config(
     folder: Path, vae: str = "vae", text_width: int | None = None, guidance_scale: float | None = None
 ) -> ModelConfig:
-    """Sizes, token length and prediction type from `text_encoder/`, `unet/`, `<vae>/` and `scheduler/` configs.
+    """Sizes, token length and prediction type from `text_encoder/`, `unet/`, `<vae>/` and `scheduler/` configs
+    (SD3 and FLUX folders, which have a `transformer/` instead of a `unet/`: see _transformer_model_config).
 
     `text_width` stands in for the text encoder's hidden size where its config is missing (some ONNX
     folders); the UNet's `cross_attention_dim` is the next fallback."""
     folder = Path(folder)
+    if not os.path.lexists(folder / "unet") and os.path.lexists(folder / "transformer"):
+        config = _transformer_model_config(folder, vae)
+        if guidance_scale is not None:
+            config.guidance_scale = guidance_scale
+        return config
     unet = read_json(inside(folder, "unet/config.json", folder))
     vae_config = read_json(inside(folder, f"{vae}/config.json", folder))
     text_path = folder / "text_encoder" / "config.json"
@@ -68,6 +89,7 @@ def read_model_config(
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
             unet_in_channels=_inpainting_channels(unet, vae_config),
             vae_kind="tiny" if vae_config.get("_class_name") == "AutoencoderTiny" else "full",
+            family="sdxl" if second is not None else "sd",
         )
         check_model_config(config)
     except ManifestError as exc:
@@ -77,6 +99,71 @@ def read_model_config(
     if guidance_scale is not None:
         config.guidance_scale = guidance_scale
     return config
+
+
+def _transformer_model_config(folder: Path, vae: str) -> ModelConfig:
+    """SD3's and FLUX's sizes and defaults from `transformer/`, `<vae>/`, CLIP's config and the T5 tokenizer's
+    (SD3: `tokenizer_3`, FLUX: `tokenizer_2`), the family from model_index.json's pipeline class."""
+    transformer = read_json(inside(folder, "transformer/config.json", folder))
+    vae_config = read_json(inside(folder, f"{vae}/config.json", folder))
+    index = _optional_json(folder, "model_index.json")
+    family = PIPELINE_FAMILIES.get(index.get("_class_name")) or TRANSFORMER_FAMILIES.get(transformer.get("_class_name"))
+    if family is None:
+        raise ManifestError(f"{folder}: unsupported transformer {echo(transformer.get('_class_name'))}")
+    clip = _optional_json(folder, "text_encoder/config.json")
+    t5 = "3" if family == "sd3" else "2"
+    t5_tokenizer = _optional_json(folder, f"tokenizer_{t5}/tokenizer_config.json")
+    try:
+        latent = int(vae_config.get("latent_channels", 16))
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        embeds = bool(transformer.get("guidance_embeds", False))
+        if family == "sd3":
+            patch, sample_size, channels = int(transformer["patch_size"]), int(transformer["sample_size"]), latent
+            steps, guidance, sequence = SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE
+        else:
+            patch, sample_size, channels = FLUX_PACKING, FLUX_SAMPLE_SIZE, latent * FLUX_PACKING**2
+            steps = FLUX_DEV_STEPS if embeds else FLUX_SCHNELL_STEPS
+            guidance, sequence = (FLUX_DEV_GUIDANCE if embeds else 0.0), FLUX_SEQUENCE
+        if transformer.get("in_channels") != channels:
+            raise ManifestError(
+                f"the transformer takes {echo(transformer.get('in_channels'))} channels, not the {channels} "
+                f"that {latent}-channel latents make"
+            )
+        tokenizer_limit = t5_tokenizer.get("model_max_length")
+        if isinstance(tokenizer_limit, int) and tokenizer_limit > 0:
+            sequence = min(sequence, tokenizer_limit)
+        clip_length = int(clip.get("max_position_embeddings", 77))
+        if not os.path.lexists(folder / f"text_encoder_{t5}"):  # SD3 without T5: diffusers' zeros of CLIP's length
+            sequence = clip_length
+        config = ModelConfig(
+            embedding_dim=int(transformer["joint_attention_dim"]),
+            latent_channels=latent,
+            vae_scale_factor=factor,
+            scaling_factor=float(vae_config.get("scaling_factor", 1.0)),
+            sample_size=sample_size,
+            max_token_length=clip_length,
+            prediction_type="flow",
+            shift_factor=vae_config.get("shift_factor"),
+            guidance_scale=guidance,
+            size_multiple=factor * patch,
+            default_steps=steps,
+            pooled_dim=int(transformer["pooled_projection_dim"]),
+            family=family,
+            max_sequence_length=sequence,
+            patch_size=patch,
+            guidance_embeds=embeds,
+        )
+        check_model_config(config)
+    except ManifestError as exc:
+        raise ManifestError(f"{folder}: {exc}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    return config
+
+
+def _optional_json(folder: Path, rel: str) -> dict[str, Any]:
+    """A config inside `folder` that may be absent: {} then."""
+    return read_json(inside(folder, rel, folder)) if os.path.lexists(folder / rel) else {}
 
 
 def _inpainting_channels(unet: dict[str, Any], vae: dict[str, Any]) -> int | None:

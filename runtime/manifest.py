@@ -20,7 +20,12 @@ MANIFEST_NAME = "sd_onnx.json"
 # A graph's weights file: FLUX's fp32 transformer is 48 GB; hashing a larger (or a sparse 1 TB) file would hang.
 MAX_MODEL_FILE_BYTES = 64 << 30
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# SD3's and FLUX's denoiser is a `transformer`; SD3's third text encoder (T5) is `text_encoder_3`, FLUX's T5 is
+# its `text_encoder_2` (diffusers' names).
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
+# Families whose denoiser is a transformer over latent patches (config.family); the others have a `unet`.
+TRANSFORMER_FAMILIES = ("sd3", "flux")
+FAMILIES = ("", "sd", "sdxl", *TRANSFORMER_FAMILIES)
 # A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
 TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
 # DeepCache's shallow UNet, cut from the UNet graph and sharing its weights (`sd-export convert --deepcache-branch`).
@@ -69,7 +74,11 @@ class ComponentInfo:
 
 @dataclass
 class ModelConfig:
-    """Sizes read from the source model's own configs; nothing in the runtime assumes SD 1.5's."""
+    """Sizes read from the source model's own configs; nothing in the runtime assumes SD 1.5's.
+
+    For SD3/FLUX: `embedding_dim` is the transformer's `joint_attention_dim` (T5's width), `sample_size` the
+    default latent side (SD3: the transformer's; FLUX: diffusers' default_sample_size 128), `max_token_length`
+    CLIP's, and `prediction_type` "flow" (the transformer predicts the flow-matching velocity)."""
 
     embedding_dim: int
     latent_channels: int
@@ -87,8 +96,9 @@ class ModelConfig:
     time_cond_proj_dim: int | None = None
     # Denoising steps the model was made for (LCM: 4, Turbo: 1); None: request.DEFAULT_STEPS.
     default_steps: int | None = None
-    # SDXL: width of the second text encoder's pooled projection and the number of size/crop "time ids" the
-    # UNet takes beside it (6 for a base model); None for single-encoder models.
+    # Width of the pooled text vector the denoiser takes (SDXL: the second encoder's pooled projection; SD3: both
+    # CLIP projections side by side; FLUX: CLIP-L's pooled output), and SDXL's number of size/crop "time ids"
+    # the UNet takes beside it (6 for a base model); None for SD 1.x/2.x.
     pooled_dim: int | None = None
     time_ids_count: int | None = None
     # SDXL: an absent negative prompt is zeros rather than the encoding of "" (model_index.json's flag).
@@ -108,6 +118,30 @@ class ModelConfig:
     # Text encoder layers a request may skip (clip_skip): what the text encoder graph's outputs allow, set by the
     # pipeline from them (0: the graph has the last layer's states only).
     clip_skip_layers: int = 0
+    # The architecture: "sd" (SD 1.x/2.x UNets), "sdxl", "sd3" (SD3/3.5: MMDiT `transformer`, CLIP-L + CLIP-G + T5),
+    # "flux" (FLUX.1: `transformer`, CLIP-L + T5). "" in manifests written before this field: a UNet model, SDXL
+    # when `pooled_dim` is set (see `sdxl`).
+    family: str = ""
+    # SD3/FLUX: the T5 prompt length the pipeline encodes by default (diffusers: SD3 256, FLUX 512, at most the T5
+    # tokenizer's model_max_length); an SD3 folder without T5: CLIP's length, that of the zeros diffusers puts in
+    # T5's place. None: no SD3/FLUX model.
+    max_sequence_length: int | None = None
+    # SD3: the transformer's patch side (2). FLUX: the 2x2 packing of latents into tokens that the pipeline does
+    # before the transformer (whose own patch_size is 1), so 2 as well. Latent sides must be multiples of it.
+    patch_size: int | None = None
+    # FLUX.1-dev: the transformer takes the (distilled) guidance scale as an input, `guidance`; no CFG.
+    guidance_embeds: bool = False
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether this is an SDXL UNet model (base, refiner or inpainting): by family, or, in manifests that
+        predate `family`, by the second encoder's pooled projection."""
+        return self.family == "sdxl" or (not self.family and bool(self.pooled_dim))
+
+    @property
+    def denoiser(self) -> str:
+        """The denoising graph's component name: `transformer` for SD3/FLUX, `unet` otherwise."""
+        return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
 
     @property
     def inpainting(self) -> bool:

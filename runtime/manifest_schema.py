@@ -8,7 +8,7 @@ import posixpath
 from typing import Any
 
 from .echo import echo
-from .manifest import ALL_COMPONENTS, STAGE_COMPONENTS, ManifestError, ModelConfig
+from .manifest import ALL_COMPONENTS, FAMILIES, STAGE_COMPONENTS, TRANSFORMER_FAMILIES, ManifestError, ModelConfig
 from .schema import Obj, Opt, SchemaError, check
 
 DIM = (int, str)
@@ -44,6 +44,10 @@ CONFIG = Obj(
         "token_merging": bool,
         "unet_stages": int,
         "clip_skip_layers": int,
+        "family": str,
+        "max_sequence_length": Opt(int),
+        "patch_size": Opt(int),
+        "guidance_embeds": bool,
     },
 )
 MANIFEST = Obj(
@@ -65,10 +69,12 @@ MANIFEST = Obj(
 # Sizes: positive and below what any model uses by far (an absurd value would fail later, deep in a library).
 SIZES = (
     "embedding_dim", "latent_channels", "vae_scale_factor", "sample_size", "max_token_length", "size_multiple",
-    "time_cond_proj_dim", "default_steps", "pooled_dim", "time_ids_count", "unet_in_channels",
+    "time_cond_proj_dim", "default_steps", "pooled_dim", "time_ids_count", "unet_in_channels", "max_sequence_length",
+    "patch_size",
 )  # fmt: skip
 MAX_SIZE = 1 << 16
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: flow matching's velocity (SD3, FLUX)
+MAX_PATCH = 16  # SD3's patches and FLUX's packing are 2x2
 
 
 def check_manifest(data: Any) -> None:
@@ -89,8 +95,11 @@ def check_manifest(data: Any) -> None:
         raise ManifestError(f"config.deepcache_branch: must be in 0..{MAX_SIZE}, got {config['deepcache_branch']}")
     if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
         raise ManifestError(f"config.prediction_type: must be one of {', '.join(PREDICTION_TYPES)}")
-    if "unet" not in data["components"]:
-        raise ManifestError("components: no unet")
+    family = config.get("family", "")
+    _check_family(family)
+    denoiser = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    if denoiser not in data["components"]:
+        raise ManifestError(f"components: no {denoiser}")
     if ("unet_shallow" in data["components"]) != (config.get("deepcache_branch") is not None):
         raise ManifestError("components.unet_shallow: present exactly when config.deepcache_branch is set")
     if ("unet_tome" in data["components"]) != bool(config.get("token_merging")):
@@ -110,6 +119,11 @@ def check_manifest(data: Any) -> None:
                 raise ManifestError(f"components.{name}.files: {rel!r} is not a path inside the model folder")
 
 
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ManifestError(f"config.family: must be one of {', '.join(repr(f) for f in FAMILIES)}, got {echo(family)}")
+
+
 def _inside(rel: str) -> bool:
     norm = posixpath.normpath(rel.replace("\\", "/"))
     return bool(rel) and not norm.startswith(("/", "../")) and norm != ".." and ":" not in norm.split("/")[0]
@@ -126,7 +140,8 @@ MAX_SCALING, MAX_SHIFT = 100.0, 10.0
 
 def check_model_config(config: ModelConfig) -> None:
     """ManifestError naming the first field whose value the model cannot run with: sizes whose default request
-    implies arrays beyond MAX_ELEMENTS, a default size that is not a size the UNet takes."""
+    implies arrays beyond MAX_ELEMENTS, a default size that is not a size the denoiser takes, a family's
+    fields out of place."""
     for key in SIZES:
         value = getattr(config, key)
         if value is not None and not (isinstance(value, int) and 0 < value <= MAX_SIZE):
@@ -139,7 +154,9 @@ def check_model_config(config: ModelConfig) -> None:
         raise ManifestError(f"config.scaling_factor: must be in (0, {MAX_SCALING:g}], got {config.scaling_factor}")
     if config.shift_factor is not None and abs(config.shift_factor) > MAX_SHIFT:
         raise ManifestError(f"config.shift_factor: must be in -{MAX_SHIFT:g}..{MAX_SHIFT:g}, got {config.shift_factor}")
+    _check_family(config.family)
     side = config.sample_size * config.vae_scale_factor
+    prompt_tokens = config.max_token_length + (config.max_sequence_length or 0)  # SD3: CLIP's and T5's in a row
     implied = {
         "sample_size": (side * side * 3, f"a default image of {side}x{side} pixels"),
         "latent_channels": (
@@ -147,15 +164,29 @@ def check_model_config(config: ModelConfig) -> None:
             f"default latents of {config.latent_channels}x{config.sample_size}x{config.sample_size}",
         ),
         "embedding_dim": (
-            config.max_token_length * config.embedding_dim,
-            f"prompt embeddings of {config.max_token_length}x{config.embedding_dim}",
+            prompt_tokens * config.embedding_dim,
+            f"prompt embeddings of {prompt_tokens}x{config.embedding_dim}",
         ),
     }
     for name, (elements, what) in implied.items():
         if elements > MAX_ELEMENTS:
             raise ManifestError(f"config.{name}: {what} ({elements:,} values), more than {MAX_ELEMENTS:,} per array")
-    if config.max_token_length > MAX_TOKENS:
-        raise ManifestError(f"config.max_token_length: {config.max_token_length} tokens, at most {MAX_TOKENS}")
+    for key in ("max_token_length", "max_sequence_length"):
+        tokens = getattr(config, key)
+        if tokens is not None and tokens > MAX_TOKENS:
+            raise ManifestError(f"config.{key}: {tokens} tokens, at most {MAX_TOKENS}")
+    if config.patch_size is not None and config.patch_size > MAX_PATCH:
+        raise ManifestError(f"config.patch_size: must be in 1..{MAX_PATCH}, got {config.patch_size}")
+    for key in ("patch_size", "max_sequence_length"):
+        if config.family in TRANSFORMER_FAMILIES and getattr(config, key) is None:
+            raise ManifestError(f"config.{key}: a {config.family} model needs one")
+    if config.patch_size and config.size_multiple % (config.vae_scale_factor * config.patch_size):
+        raise ManifestError(
+            f"config.size_multiple: {config.size_multiple} is no multiple of vae_scale_factor x patch_size "
+            f"({config.vae_scale_factor} x {config.patch_size})"
+        )
+    if config.guidance_embeds and config.family != "flux":
+        raise ManifestError("config.guidance_embeds: only FLUX transformers take a guidance input")
     if config.size_multiple and side % config.size_multiple:
         raise ManifestError(
             f"config.sample_size: the default size {side} (sample_size x vae_scale_factor) is no multiple of "

@@ -94,3 +94,53 @@ def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 def tiny_inpaint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny SD inpainting pipeline (9-channel UNet): its diffusers folder and its export."""
     return build_and_export("tiny-inpaint", tmp_path_factory.mktemp("inpaint"))
+
+
+# SD3 and FLUX.1 at test size (models/build.py's tiny-sd3, tiny-flux (schnell) and tiny-flux-dev): each diffusers
+# folder and its fp32 export, built once per session.
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    return build_pipeline(RECIPES["tiny-sd3"], tmp_path_factory.mktemp("sd3") / "tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_export(tiny_sd3_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("sd3-export") / "tiny-sd3-onnx"
+    convert(str(tiny_sd3_pipeline), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    return build_pipeline(RECIPES["tiny-flux"], tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_export(tiny_flux_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("flux-export") / "tiny-flux-onnx"
+    convert(str(tiny_flux_pipeline), out, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    return build_pipeline(RECIPES["tiny-flux-dev"], tmp_path_factory.mktemp("flux-dev") / "tiny-flux-dev", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev_export(tiny_flux_dev_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("flux-dev-export") / "tiny-flux-dev-onnx"
+    convert(str(tiny_flux_dev_pipeline), out, log=lambda line: None)
+    return out

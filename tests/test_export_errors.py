@@ -49,8 +49,9 @@ def test_folder_that_is_not_a_pipeline(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("pipeline_class", "message"),
     [
-        ("FluxPipeline", "unsupported model family FluxPipeline"),
+        ("PixArtAlphaPipeline", "unsupported model family PixArtAlphaPipeline"),
         ("StableDiffusionXLPipeline", "incomplete pipeline, missing text_encoder_2, tokenizer_2"),
+        ("FluxPipeline", "incomplete pipeline, missing text_encoder_2, tokenizer_2, transformer"),
     ],
 )
 def test_unsupported_or_incomplete_model_family(

@@ -1,0 +1,61 @@
+"""Build diffusers' transformer pipelines (Stable Diffusion 3/3.5 and FLUX.1) with seeded random weights, offline.
+
+Like build.py's UNet pipelines: the recipe gives each component's constructor arguments (recipes live in
+build.py's RECIPES); CLIP tokenizers use the real CLIP vocabulary, the T5 tokenizer is t5_vocab.py's small
+Unigram one, sized to the T5 encoder's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+TRANSFORMER_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def save_transformer_pipeline(recipe: dict[str, Any], out: Path) -> Path:
+    """A StableDiffusion3Pipeline (CLIP-L and CLIP-G with projections, T5, SD3Transformer2DModel) or FluxPipeline
+    (CLIP-L, T5, FluxTransformer2DModel) folder from the recipe, initialised from torch's random state."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .build import _clip_config, _nest_clip_weights, clip_tokenizer
+    from .t5_vocab import t5_tokenizer
+
+    sd3 = recipe["pipeline"] == "StableDiffusion3Pipeline"
+    t5_name, t5_tokenizer_name = ("text_encoder_3", "tokenizer_3") if sd3 else ("text_encoder_2", "tokenizer_2")
+    clip_names = ("text_encoder", "text_encoder_2") if sd3 else ("text_encoder",)
+    t5_config = T5Config(**{"vocab_size": 1024, "is_encoder_decoder": False, **recipe[t5_name]})
+    modules: dict[str, Any] = {
+        "vae": AutoencoderKL(in_channels=3, out_channels=3, **recipe["vae"]),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**recipe["scheduler"]),
+        t5_name: T5EncoderModel(t5_config),
+        t5_tokenizer_name: t5_tokenizer(size=t5_config.vocab_size),
+        "tokenizer": clip_tokenizer(out / "_tokenizer_src"),
+    }
+    if sd3:
+        modules["transformer"] = diffusers.SD3Transformer2DModel(**recipe["transformer"])
+        modules["text_encoder"] = CLIPTextModelWithProjection(_clip_config(recipe["text_encoder"]))
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(_clip_config(recipe["text_encoder_2"]))
+        modules["tokenizer_2"] = clip_tokenizer(out / "_tokenizer_src", pad_token="!")  # CLIP-G pads with "!"
+    else:
+        modules["transformer"] = diffusers.FluxTransformer2DModel(**recipe["transformer"])
+        modules["text_encoder"] = CLIPTextModel(_clip_config(recipe["text_encoder"]))
+    pipe = getattr(diffusers, recipe["pipeline"])(**modules)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # transformers 5's T5Tokenizer is the fast one; the published SD3/FLUX folders name it T5TokenizerFast, which
+    # both transformers 4.x (whose T5Tokenizer needs a SentencePiece model) and 5.x load from tokenizer.json.
+    index = json.loads((out / "model_index.json").read_text())
+    index[t5_tokenizer_name] = ["transformers", "T5TokenizerFast"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name in clip_names:
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        for file in ("vocab.json", "merges.txt"):  # slow-tokenizer files for transformers 4.x (Optimum's pin)
+            shutil.copy2(out / "_tokenizer_src" / file, out / tokenizer / file)
+        for weights in sorted((out / name).glob("*.safetensors")):
+            _nest_clip_weights(weights)
+    shutil.rmtree(out / "_tokenizer_src")
+    return out
