@@ -9,8 +9,8 @@ from .pipeline import (
     PipelineOutput,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
-from .pipeline_sdxl import StableDiffusionXLPipeline
 from .request import GenerationRequest, Limits, RequestError
 
 __all__ = [

@@ -6,8 +6,11 @@ reproduces diffusers' `torch.Generator("cpu").manual_seed(seed)`, and img2img th
 Every call becomes a `GenerationRequest` (request.py), the one place settings are defaulted and checked;
 front ends build the request themselves and call `generate`.
 
-The component seams (`component`, `encode_prompt`, `predict_noise`, `decode_latents`, `encode_image`) are
-public so calibration, benchmarks and tests drive the same code the pipeline runs.
+What differs between model families (their text encoders, the denoiser's inputs, the schedule) lives in
+one small module per family (families/); this class runs any of them: loading, requests, the sampler loop
+(sampling.py) with its guidance (guidance.py), img2img and inpainting latents, and decoding. The component
+seams (`component`, `conditioning`, `predict_noise`, `decode_latents`, `encode_image`) are public so
+calibration, benchmarks and tests drive the same code the pipeline runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from PIL import Image
 from .configs import read_model_config
 from .deepcache import SHALLOW, DeepCache
 from .embeddings import Embedding, gather, table_override, token_table, usable
+from .families import Conditioning, Family, family_for
+from .families.clip import clip_skip_layers
 from .files import inside, regular_file
+from .guidance import Guidance
 from .hires import hires_fix
 from .hub import locate_model
 from .image import from_pil, to_pil
@@ -38,9 +44,10 @@ from .lora import Lora, check_loras, read_loras, weight_overrides
 from .lora_tags import LoraLibrary, LoraTag, extract_tags
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
 from .openvino_engine import default_precision, openvino_version
-from .prompt_syntax import BREAK, emphasize, parse_attention
+from .prompt_syntax import BREAK, parse_attention
 from .request import GenerationRequest, Limits, RequestError, is_latent_image
 from .rng import Generator, ImageGenerators, TorchGenerator
+from .sampling import GenerationCancelled, sample
 from .scheduler_config import read_scheduler_config
 from .schedulers import Scheduler, make_scheduler, resolve_name
 from .session import (
@@ -57,7 +64,7 @@ from .session import (
 )
 from .shipped import shipped_model
 from .stages import StagedUnet
-from .tokenizer import CLIPTokenizer, tokenizer_for
+from .tokenizer import CLIPTokenizer
 from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
 
@@ -74,10 +81,6 @@ ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_promp
 OUTPUT_TYPES = ("pil", "np", "latent")  # latent: the denoised latents, not decoded
 
 
-class GenerationCancelled(Exception):
-    """The step callback (or the `cancelled` check) asked to stop."""
-
-
 @dataclass
 class PipelineOutput:
     images: list[Image.Image] | np.ndarray
@@ -86,7 +89,8 @@ class PipelineOutput:
 
 
 class StableDiffusionPipeline:
-    """Load an exported folder once, then generate as often as needed."""
+    """Load an exported folder once, then generate as often as needed: any family's (see families/);
+    `from_pretrained` returns the class diffusers names for it."""
 
     def __init__(
         self,
@@ -108,15 +112,12 @@ class StableDiffusionPipeline:
         self.low_memory = low_memory
         self.vae = choose_vae(vae, config, folder)
         self.tiling = _vae_tiling(folder, self.vae)
-        self.components_used = tuple(self.vae.decoder if c == "vae_decoder" else c for c in self.components_used)
+        self.family: Family = family_for(config)(folder, config, manifest)
+        self.components_used = (*self.family.components, self.vae.decoder)
         self.scheduler_config = read_scheduler_config(folder)
         self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
         make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
-        # An SDXL refiner has no first tokenizer (nor text encoder); its pipeline uses the second.
-        has_first = (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir()
-        tokens = config.max_token_length
-        self.tokenizer = tokenizer_for(folder, "tokenizer", "text_encoder", tokens) if has_first else None
-        config.clip_skip_layers = _clip_skip_layers(manifest)
+        config.clip_skip_layers = clip_skip_layers(manifest)
         check_loras(folder, list(loras), list(manifest.components) if manifest else None)
         self.loras = tuple(loras)
         self.embeddings, self.skipped_embeddings = self._add_embeddings(*embeddings)
@@ -180,12 +181,8 @@ class StableDiffusionPipeline:
             config = manifest.config
         else:
             manifest, config = None, _config_from_plain_folder(folder)
-        if cls is StableDiffusionPipeline and config.pooled_dim:  # an SDXL folder: its own pipeline
-            from .pipeline_sdxl import StableDiffusionXLPipeline
-
-            cls = StableDiffusionXLPipeline
-        elif cls is StableDiffusionPipeline and config.inpainting:
-            cls = StableDiffusionInpaintPipeline
+        if cls is StableDiffusionPipeline:  # the class diffusers names for the folder's family
+            cls = pipeline_class(config)
         return cls(
             folder,
             manifest,
@@ -206,9 +203,18 @@ class StableDiffusionPipeline:
 
     # Components -------------------------------------------------------------------------------------------
 
+    @property
+    def tokenizer(self) -> CLIPTokenizer | None:
+        """The first text encoder's tokenizer (None for an SDXL refiner, which has the second only)."""
+        return self.family.tokenizers.get("text_encoder")
+
+    @property
+    def tokenizer_2(self) -> CLIPTokenizer | None:
+        return self.family.tokenizers.get("text_encoder_2")
+
     def component(self, name: str) -> OnnxModel | StagedUnet:
-        """The onnxruntime session of `name` ("text_encoder", "unet", "vae_decoder", "vae_encoder"), loaded once.
-        In low-memory mode a model with UNet stages gets a StagedUnet for "unet", which loads them in turn."""
+        """The onnxruntime session of `name` ("text_encoder", "unet", "transformer", "vae_decoder", ...), loaded
+        once. In low-memory mode a model with UNet stages gets a StagedUnet for "unet", which loads them in turn."""
         if name not in self._models:
             if name == "unet" and self.low_memory and self.config.unet_stages and not self.loras:
                 unet = self.manifest.components["unet"]
@@ -229,12 +235,9 @@ class StableDiffusionPipeline:
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
         return open_model(file, info, self.session_config, overrides or None, arena=arena)
 
-    components_used: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")  # for txt2img
-
     def text_encoders(self) -> dict[str, CLIPTokenizer]:
         """Each text encoder this pipeline runs -> its tokenizer."""
-        tokenizers = {"text_encoder": self.tokenizer, "text_encoder_2": getattr(self, "tokenizer_2", None)}
-        return {name: t for name, t in tokenizers.items() if t is not None and name in self.components_used}
+        return dict(self.family.tokenizers)
 
     def _add_embeddings(
         self, embeddings: list[Embedding], skipped: dict[str, str]
@@ -450,11 +453,10 @@ class StableDiffusionPipeline:
         self._warn_unknown_words(request.prompts, request.prompt_syntax)
         sched = make_scheduler(request.scheduler, self.scheduler_config, eta=request.eta)
         generator = noise_source(request)
-        # Distilled guidance (LCM) is an input of the UNet, not a second batch.
-        do_cfg = request.guidance_scale > 1.0 and not self.config.time_cond_proj_dim
-        embeddings, conditions = self.conditioning(request, do_cfg)
+        do_cfg = self.family.uses_cfg(request.guidance_scale)
+        cond = self.conditioning(request, do_cfg)
         shape = self.latent_shape(request)
-        sched.set_timesteps(request.steps)
+        self.family.set_timesteps(sched, request)
         timesteps = sched.timesteps
         inpainting = None
         if request.image is not None:
@@ -465,26 +467,21 @@ class StableDiffusionPipeline:
             latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
         if request.denoising_end is not None:
             timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
-        should_stop = _stop_check(callback, cancelled)
-        unguided = _conditional_half(embeddings, conditions) if do_cfg and request.guidance_interval else None
-        guided = _inside(request.guidance_interval, sched.sigma_at(timesteps)) if unguided is not None else None
+        guidance = Guidance.plan(request.guidance_scale, do_cfg, request.guidance_interval, sched.sigma_at(timesteps))
+        unguided = guidance.unguided(cond)
         cache = DeepCache(request.deepcache_interval) if (request.deepcache_interval or 1) > 1 else None
-        for i, t in enumerate(timesteps):
-            model_input = sched.scale_model_input(latents, t)
+
+        def predict(model_input: np.ndarray, i: int, t: float) -> np.ndarray:
             if inpainting is not None:
                 model_input = inpainting.unet_input(model_input)
-            step_embeddings, step_conditions = embeddings, conditions
-            if unguided is not None and not guided[i]:
-                step_embeddings, step_conditions = unguided
-            noise_pred = self.predict_noise(
-                model_input, t, step_embeddings, request.guidance_scale, step_conditions, cache, request.tome_ratio
-            )
-            latents = sched.step(noise_pred, t, latents, noise=generator)
-            if inpainting is not None:
-                latents = inpainting.after_step(latents, sched, timesteps, i)
-            if should_stop(i, len(timesteps), latents):
-                raise GenerationCancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
-        for name in UNET_GRAPHS:
+            step_cond = guidance.conditioning_at(i, cond, unguided)
+            return self.predict_noise(model_input, t, step_cond, guidance, cache, request.tome_ratio)
+
+        after_step = None
+        if inpainting is not None:
+            after_step = lambda x, i: inpainting.after_step(x, sched, timesteps, i)  # noqa: E731
+        latents = sample(predict, sched, latents, timesteps, generator, after_step, _stop_check(callback, cancelled))
+        for name in (*UNET_GRAPHS, self.family.denoiser):
             self.release(name)
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
@@ -565,82 +562,39 @@ class StableDiffusionPipeline:
 
     # Steps --------------------------------------------------------------------------------------------------
 
-    def conditioning(self, request: GenerationRequest, do_cfg: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """What the UNet is conditioned on: text embeddings (with guidance: unconditional then conditional) and
-        the UNet's other inputs for every call (LCM: the guidance embedding as `timestep_cond`)."""
-        embeddings = self.encode_prompt(
-            request.prompts, request.negative_prompts, request.batch, do_cfg, request.prompt_syntax, request.clip_skip
-        )
-        self.release("text_encoder")
-        conditions = {}
-        if self.config.time_cond_proj_dim:
-            w = np.full(request.image_count, request.guidance_scale - 1.0, np.float32)
-            conditions["timestep_cond"] = guidance_embedding(w, self.config.time_cond_proj_dim)
-        return embeddings, conditions
-
-    def encode_prompt(
-        self,
-        prompts: list[str],
-        negative: list[str] | None,
-        per_prompt: int = 1,
-        do_cfg: bool = True,
-        syntax: str = "plain",
-        clip_skip: int | None = None,
-    ) -> np.ndarray:
-        """Text embeddings, repeated per image; with guidance, [unconditional; conditional] in one batch.
-        `syntax` and `clip_skip` as GenerationRequest documents them."""
-        negatives = negative if negative is not None else [""] * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        texts = [*negatives, *prompts] if do_cfg else list(prompts)
-        encoder = self.component("text_encoder")
-        ids, weights = encode_inputs(self.tokenizer, texts, syntax)
-        outputs = dict(
-            zip(
-                encoder.output_names,
-                encoder(input_ids=ids.astype(encoder.input_dtype("input_ids", np.int32))),
-                strict=True,
-            )
-        )
-        states = outputs[f"clip_skip.{clip_skip}"] if clip_skip else outputs[encoder.output_names[0]]
-        return emphasized(states, weights, len(texts)).repeat(per_prompt, axis=0)
+    def conditioning(self, request: GenerationRequest, do_cfg: bool) -> Conditioning:
+        """What the denoiser is conditioned on for `request` (the family's text encoders and extra inputs;
+        with guidance, unconditional then conditional rows)."""
+        return self.family.conditioning(self, request, do_cfg)
 
     def predict_noise(
         self,
         model_input: np.ndarray,
         t: float,
-        embeddings: np.ndarray,
-        guidance_scale: float,
-        conditions: dict[str, np.ndarray] | None = None,
+        cond: Conditioning,
+        guidance: Guidance,
         cache: DeepCache | None = None,
         tome_ratio: float | None = None,
     ) -> np.ndarray:
-        """One guided UNet call on scaled latents: with guidance (embeddings twice the latents' batch) the
-        unconditional and conditional halves run as one batch and are combined. `conditions`: the UNet's
-        other inputs, batched like the embeddings (see `conditioning`). `cache`: DeepCache's state for this
-        generation, which picks the full or the shallow UNet (see deepcache.py); `tome_ratio` > 0 runs the
-        token-merging UNet at that ratio."""
-        do_cfg = len(embeddings) == 2 * len(model_input)
-        batch = np.concatenate([model_input] * 2) if do_cfg else model_input
-        name = TOKEN_MERGING if tome_ratio else "unet"
-        if cache is not None and cache.reuses(len(batch)):
-            name = SHALLOW
-        for other in set(UNET_GRAPHS) - {name}:  # low-memory mode: one UNet graph at a time
-            self.release(other)
-        unet = self.component(name)
-        timestep_type = unet.input_dtype("timestep")
-        if unet.input_rank("timestep") == 0:  # Optimum's recent exports take a 0-d timestep
-            timestep = np.array(t, timestep_type)
-        else:
-            timestep = np.full(len(batch), t, timestep_type)
-        feeds = {"sample": batch, "timestep": timestep, "encoder_hidden_states": embeddings, **(conditions or {})}
+        """One guided denoiser call on scaled latents: with classifier-free guidance (conditioning twice the
+        latents' rows) the unconditional and conditional halves run as one batch and are combined. `cache`:
+        DeepCache's state for this generation, which picks the full or the shallow UNet (see deepcache.py);
+        `tome_ratio` > 0 runs the token-merging UNet at that ratio."""
+        rows = len(cond.text) // len(model_input)
+        batch = np.concatenate([model_input] * rows) if rows > 1 else model_input
+        name = self.family.denoiser
+        if name == "unet":
+            name = TOKEN_MERGING if tome_ratio else "unet"
+            if cache is not None and cache.reuses(len(batch)):
+                name = SHALLOW
+            for other in set(UNET_GRAPHS) - {name}:  # low-memory mode: one UNet graph at a time
+                self.release(other)
+        denoiser = self.component(name)
+        feeds = self.family.denoiser_feeds(denoiser, batch, t, cond)
         if tome_ratio:
             feeds["tome_ratio"] = np.array(tome_ratio, np.float64)
-        noise_pred = unet(**feeds)[0] if cache is None else cache.run(unet, unet, feeds)  # the graph it picks
-        if not do_cfg:
-            return noise_pred
-        uncond, cond = np.split(noise_pred, 2)
-        return uncond + np.float32(guidance_scale) * (cond - uncond)
+        output = denoiser(**feeds)[0] if cache is None else cache.run(denoiser, denoiser, feeds)  # the graph it picks
+        return guidance.combine(self.family.denoiser_output(output, batch), rows)
 
     def decode_latents(
         self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None, tiled: bool = False
@@ -697,7 +651,10 @@ class StableDiffusionPipeline:
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         if isinstance(generator, ImageGenerators):  # a posterior sample per image, each from its own seed
             mean, std = (np.concatenate([a] * (len(generator) // len(a))) for a in (mean, std))
-        return (mean + std * generator.randn(mean.shape)) * np.float32(self.vae.scaling_factor)
+        latents = mean + std * generator.randn(mean.shape)
+        if self.vae.shift_factor:  # SD3, FLUX: latents are shifted before they are scaled
+            latents = latents - np.float32(self.vae.shift_factor)
+        return latents * np.float32(self.vae.scaling_factor)
 
     def _img2img_latents(
         self,
@@ -782,8 +739,7 @@ class StableDiffusionPipeline:
                 remaining += 1
             start = len(sched.timesteps) - remaining
         else:
-            n = sched.num_inference_steps
-            start = n - min(int(n * request.strength), n)
+            start = self.family.first_step(sched.num_inference_steps, request.strength)
         sched.set_begin_index(start)
         return sched.timesteps[start:]
 
@@ -816,56 +772,6 @@ def noise_source(request: GenerationRequest) -> Generator:
     return TorchGenerator(request.seed)
 
 
-def _clip_skip_layers(manifest: Manifest | None) -> int:
-    """How many layers a request may skip: SD 1.x/2.x encoders export `clip_skip.K` (the final layer norm on
-    the state K layers before the last), SDXL's every layer's `hidden_states.I` (the penultimate is the
-    default, so one fewer can be skipped)."""
-    info = manifest.components.get("text_encoder") or manifest.components.get("text_encoder_2") if manifest else None
-    names = [spec.name for spec in info.outputs] if info else []
-    skips = [int(n.split(".")[1]) for n in names if n.startswith("clip_skip.") and n.split(".")[1].isdigit()]
-    hidden = sum(n.startswith("hidden_states.") for n in names)
-    return max(skips, default=max(hidden - 2, 0))
-
-
-def encode_inputs(
-    tokenizer: CLIPTokenizer, texts: list[str], syntax: str, least: int = 1
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The text encoder's input ids for `texts` and, in A1111's syntax, each token's weight: every text cut
-    into the same number of chunks (the longest's; the others padded with empty chunks, as A1111 pads a batch
-    and its "pad prompt/negative prompt to the same length" option pads the two halves), chunk rows after
-    each other per text; at least `least` chunks (SDXL's second encoder may read other texts)."""
-    if syntax == "plain":
-        return tokenizer(texts), None
-    encoded = [tokenizer.chunks(text) for text in texts]
-    count = max(least, *(len(ids) for ids, _ in encoded))
-    empty_ids, empty_weights = tokenizer.empty_chunk()
-    ids = [np.concatenate([i, *[empty_ids] * (count - len(i))]) for i, _ in encoded]
-    weights = [np.concatenate([w, *[empty_weights] * (count - len(w))]) for _, w in encoded]
-    return np.concatenate(ids), np.concatenate(weights)
-
-
-def emphasized(states: np.ndarray, weights: np.ndarray | None, texts: int) -> np.ndarray:
-    """The encoder's states of chunked texts with A1111's emphasis applied per chunk, each text's chunks side by
-    side: (texts, chunks x tokens, width). Unchunked (`weights` None) states pass unchanged."""
-    if weights is None:
-        return states
-    chunks = np.stack([emphasize(chunk, w) for chunk, w in zip(states, weights, strict=True)])
-    return chunks.reshape(texts, -1, chunks.shape[-1])
-
-
-def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
-    """Sinusoidal embedding of guidance values `w` (guidance - 1) for UNets distilled with one (LCM), as
-    diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding computes it, in float32."""
-    half = dim // 2
-    scale = np.float32(np.log(np.float32(10000.0)) / np.float32(half - 1))
-    frequencies = np.exp(np.arange(half, dtype=np.float32) * -scale)
-    angles = (w.astype(np.float32) * np.float32(1000.0))[:, None] * frequencies[None, :]
-    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    if dim % 2:
-        embedding = np.pad(embedding, ((0, 0), (0, 1)))
-    return embedding.astype(np.float32)
-
-
 def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
     """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny autoencoder
     (cheap enough whole) or a folder without that config."""
@@ -878,17 +784,6 @@ def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
         raise
     except ValueError as exc:
         raise ManifestError(f"{config}: {exc}") from None
-
-
-def _inside(interval: tuple[float, float], sigmas: np.ndarray) -> np.ndarray:
-    return (interval[0] < sigmas) & (sigmas <= interval[1])
-
-
-def _conditional_half(
-    embeddings: np.ndarray, conditions: dict[str, np.ndarray]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The UNet inputs of the conditional half alone (guided ones are batched unconditional, conditional)."""
-    return embeddings[len(embeddings) // 2 :], {name: value[len(value) // 2 :] for name, value in conditions.items()}
 
 
 def _stop_check(
@@ -936,10 +831,30 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     too, given a mask, the way diffusers does with an ordinary UNet (see inpaint.py)."""
 
 
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    """SDXL base or refiner (families/sdxl.py): txt2img, img2img and inpainting; `prompt_2` defaults to the
+    prompt. A refiner is meant for img2img on a base model's output, as diffusers'
+    StableDiffusionXLImg2ImgPipeline runs it."""
+
+
+# The class `from_pretrained` returns for each family's pipeline_class (an inpainting UNet: its own name).
+PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+
+
+def pipeline_class(config: ModelConfig) -> type[StableDiffusionPipeline]:
+    """The pipeline class diffusers names for a model with `config`."""
+    if config.inpainting and family_for(config).name == "sd":
+        return StableDiffusionInpaintPipeline
+    return PIPELINE_CLASSES.get(family_for(config).pipeline_class, StableDiffusionPipeline)
+
+
 class DiffusionPipeline:
     """diffusers' entry point: `DiffusionPipeline.from_pretrained(folder)` returns the pipeline the folder's
     manifest (or configs) calls for: `StableDiffusionPipeline` (SD 1.x/2.x, LCM, Turbo),
-    `StableDiffusionInpaintPipeline` or `StableDiffusionXLPipeline`."""
+    `StableDiffusionInpaintPipeline`, `StableDiffusionXLPipeline`, ... (see families/)."""
 
     @staticmethod
     def from_pretrained(path: str | Path | None = None, **options: Any) -> StableDiffusionPipeline:
@@ -953,6 +868,7 @@ class AutoPipelineForInpainting(DiffusionPipeline):
 __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
     "DiffusionPipeline",
     "AutoPipelineForInpainting",
     "PipelineOutput",

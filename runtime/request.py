@@ -326,9 +326,13 @@ class GenerationRequest:
 
     def _sdxl_fields(self, config: ModelConfig, prompt: str | tuple[str, ...], limits: Limits) -> dict[str, Any]:
         """The SDXL-only fields checked (refused on other models rather than silently ignored)."""
+        from .families import FAMILIES, family_for
+
         given = {name: getattr(self, name) for name in SDXL_FIELDS if getattr(self, name) is not None}
-        if given and not config.pooled_dim:
-            raise RequestError(next(iter(given)), "applies to SDXL models only")
+        refused = next((name for name in given if name not in family_for(config).request_fields), None)
+        if refused is not None:
+            takers = [family.label for family in reversed(FAMILIES) if refused in family.request_fields]
+            raise RequestError(refused, f"applies to {', '.join(takers)} models only")
         checked: dict[str, Any] = {}
         for name in ("prompt_2", "negative_prompt_2"):
             if name in given:

@@ -31,14 +31,14 @@ class CLIPTokenizer:
         config gives it, is checked against the tokenizer's ids so that no prompt can index past the encoder's
         embedding table. ManifestError naming the file for anything unusable."""
         folder = Path(folder)
-        self.tokenizer = _load(folder)
+        self.tokenizer = load_tokenizer_file(folder)
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         # Only used to show the cut part of a long prompt; some exports lack a decoder that knows CLIP's </w>.
         self.tokenizer.decoder = decoders.BPEDecoder(suffix="</w>")
         self.max_length = max_length
         self.words: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # embedding word's tokens -> its ids
-        tokens = {key: _special_token(folder, key) for key in ("pad_token", "eos_token", "bos_token")}
+        tokens = {key: special_token(folder, key) for key in ("pad_token", "eos_token", "bos_token")}
         self.pad_id = self._id(folder, tokens["pad_token"] or "<|endoftext|>")
         self.eos_id = self._id(folder, tokens["eos_token"] or "<|endoftext|>")
         self.bos_id = self._id(folder, tokens["bos_token"] or "<|startoftext|>")
@@ -128,7 +128,7 @@ def _arrays(chunks: list[Chunk]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([c.tokens for c in chunks], np.int32), np.array([c.weights for c in chunks], np.float32)
 
 
-def _load(folder: Path) -> Tokenizer:
+def load_tokenizer_file(folder: Path) -> Tokenizer:
     """tokenizer.json, else CLIP's vocab.json + merges.txt, read within bounds; the tokenizers library's own
     errors become one line naming the file."""
     if os.path.lexists(folder / "tokenizer.json"):
@@ -145,7 +145,7 @@ def _load(folder: Path) -> Tokenizer:
     raise ManifestError(f"{folder}: no tokenizer.json (nor vocab.json + merges.txt)")
 
 
-def _special_token(folder: Path, key: str) -> str | None:
+def special_token(folder: Path, key: str) -> str | None:
     """A special token from tokenizer_config.json or special_tokens_map.json (string or AddedToken dict)."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name

@@ -16,7 +16,8 @@ from PIL import Image
 
 from sd_onnx.runtime.cli import main
 from sd_onnx.runtime.embeddings import read_embeddings
-from sd_onnx.runtime.pipeline import DiffusionPipeline, encode_inputs
+from sd_onnx.runtime.families.clip import encode_inputs
+from sd_onnx.runtime.pipeline import DiffusionPipeline
 from sd_onnx.runtime.request import GenerationRequest
 
 PROMPT = "a photo of mycat on a square"

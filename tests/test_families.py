@@ -230,7 +230,7 @@ def test_sdxl_second_prompts_and_size_conditioning_match_diffusers(sdxl) -> None
 
 def test_sdxl_fields_are_refused_on_other_models(tiny_export: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
-    with pytest.raises(ValueError, match="prompt_2: applies to SDXL models only"):
+    with pytest.raises(ValueError, match="prompt_2: applies to SDXL, FLUX, SD3 models only"):
         pipe(PROMPT, prompt_2="x", num_inference_steps=1)
 
 

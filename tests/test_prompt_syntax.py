@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sd_onnx.runtime.cli import main
-from sd_onnx.runtime.pipeline import DiffusionPipeline, encode_inputs
+from sd_onnx.runtime.families.clip import encode_inputs
+from sd_onnx.runtime.pipeline import DiffusionPipeline
 from sd_onnx.runtime.prompt_syntax import SpecialIds, chunk_prompt, emphasize, parse_attention
 from sd_onnx.runtime.request import GenerationRequest
 from sd_onnx.runtime.tokenizer import CLIPTokenizer
@@ -125,7 +126,7 @@ def test_long_prompts_encode_chunk_by_chunk_as_a1111_does(tiny_pipeline: Path, t
         and np.isclose(weights, 1.21).any()
         and weights.min() == pytest.approx(1 / 1.1)
     )
-    ours = pipe.encode_prompt([LONG], None, do_cfg=False, syntax="a1111")
+    ours = pipe.family.encode_prompt(pipe, [LONG], None, do_cfg=False, syntax="a1111")
     assert ours.shape == (1, 3 * 77, pipe.config.embedding_dim)
     model = CLIPTextModel.from_pretrained(tiny_pipeline / "text_encoder").eval()
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_long_prompts_encode_chunk_by_chunk_as_a1111_does(tiny_pipeline: Path, t
         scaled = state * weight[:, None]  # the weights per token; the mean-restoring factor is one scalar
         factor = float(chunk.ravel() @ scaled.ravel() / (scaled.ravel() @ scaled.ravel()))
         np.testing.assert_allclose(chunk, factor * scaled, atol=1e-4 * max(1.0, abs(factor)))
-    unweighted = pipe.encode_prompt(["a red circle, " * 10], None, do_cfg=False, syntax="a1111")
+    unweighted = pipe.family.encode_prompt(pipe, ["a red circle, " * 10], None, do_cfg=False, syntax="a1111")
     ids, _ = encode_inputs(pipe.tokenizer, ["a red circle, " * 10], "a1111")
     with torch.no_grad():
         reference = np.concatenate([model(torch.tensor(i[None], dtype=torch.long)).last_hidden_state[0] for i in ids])
@@ -159,9 +160,9 @@ def test_negative_and_positive_of_different_lengths(tiny_export: Path) -> None:
 
 def test_sdxl_reads_a1111_syntax_with_both_encoders(tiny_sdxl: tuple[Path, Path]) -> None:
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl[1], provider="cpu")
-    embeddings, pooled = pipe.encode_prompts([LONG, "x"], [LONG, "x"], "a1111")
+    embeddings, pooled = pipe.family.encode_prompts(pipe, [LONG, "x"], [LONG, "x"], "a1111")
     assert embeddings.shape[:2] == (2, 3 * 77) and pooled.shape[0] == 2
-    first_chunk, _ = pipe.encode_prompts(["a (red:1.3) circle on a [blue] square,"], ["x"], "a1111")
+    first_chunk, _ = pipe.family.encode_prompts(pipe, ["a (red:1.3) circle on a [blue] square,"], ["x"], "a1111")
     assert first_chunk.shape[1] == 77
     out = pipe.generate(GenerationRequest(LONG, steps=2, seed=1, prompt_syntax="a1111"))
     assert len(out.images) == 1

@@ -42,7 +42,7 @@ SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...]]] =
     "lcm": (LCMScheduler, {}, ("LCMScheduler", "LCM")),
     "ddpm": (DDPMScheduler, {}, ("DDPMScheduler", "DDPM")),
 }
-# The samplers of flow-matching models, apart: `SCHEDULERS` and `scheduler_names()` list the DDPM-family ones.
+# The samplers of flow-matching models, apart (`SCHEDULERS` are the DDPM-family ones); `ALL_SCHEDULERS` both.
 FLOW_SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...]]] = {
     "flow_euler": (
         FlowMatchEulerScheduler,
@@ -51,8 +51,8 @@ FLOW_SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...
     ),
     "scm": (SCMScheduler, {}, ("SCMScheduler", "sCM")),
 }
-_ALL = {**SCHEDULERS, **FLOW_SCHEDULERS}
-_BY_NAME = {alias.lower(): key for key, (_, _, aliases) in _ALL.items() for alias in (key, *aliases)}
+ALL_SCHEDULERS = {**SCHEDULERS, **FLOW_SCHEDULERS}
+_BY_NAME = {alias.lower(): key for key, (_, _, aliases) in ALL_SCHEDULERS.items() for alias in (key, *aliases)}
 
 # diffusers' flow-matching scheduler classes; a config of any other class (or with a beta schedule) is DDPM-style.
 FLOW_CLASSES = frozenset(
@@ -68,14 +68,16 @@ FAMILY_NAMES = {
 
 def scheduler_names() -> list[str]:
     """Every accepted name, for help texts and the A1111 samplers endpoint."""
-    return [name for key, (_, _, aliases) in SCHEDULERS.items() for name in (key, *aliases)]
+    return [name for key, (_, _, aliases) in ALL_SCHEDULERS.items() for name in (key, *aliases)]
 
 
 def resolve_name(name: str) -> str:
     """Short name for any accepted spelling; ValueError naming the choices otherwise."""
     key = _BY_NAME.get(str(name).strip().lower())
     if key is None:
-        raise ValueError(f"unknown scheduler {echo(name)} (known: {', '.join(_ALL)}, or their diffusers/A1111 names)")
+        raise ValueError(
+            f"unknown scheduler {echo(name)} (known: {', '.join(ALL_SCHEDULERS)}, or their diffusers/A1111 names)"
+        )
     return key
 
 
@@ -103,7 +105,7 @@ def is_flow_matching(config: dict[str, Any]) -> bool:
 def follows_zero_snr(key: str) -> bool:
     """Whether a sampler can run a zero-terminal-SNR schedule (its diffusers counterpart offers
     `rescale_betas_zero_snr`); the others would silently run another noise schedule than the model's."""
-    cls, _, _ = _ALL[key]
+    cls, _, _ = ALL_SCHEDULERS[key]
     return "rescale_betas_zero_snr" in cls.defaults
 
 
@@ -112,10 +114,10 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
     stochasticity of the samplers that take one (DDIM). One rule for every sampler: a schedule it cannot
     follow is a ValueError saying why, never a silent substitute."""
     key = resolve_name(name)
-    cls, overrides, _ = _ALL[key]
+    cls, overrides, _ = ALL_SCHEDULERS[key]
     family = model_family(config)
     if family is not None and family != cls.family:
-        able = ", ".join(k for k, (c, _, _) in _ALL.items() if c.family == family)
+        able = ", ".join(k for k, (c, _, _) in ALL_SCHEDULERS.items() if c.family == family)
         kind = "flow-matching" if family != "ddpm" and cls.family == "ddpm" else FAMILY_NAMES[family]
         raise ValueError(f"{key} cannot sample a {kind} model; samplers that can: {able}")
     if config.get("rescale_betas_zero_snr"):
@@ -136,6 +138,7 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
 
 
 __all__ = [
+    "ALL_SCHEDULERS",
     "FLOW_SCHEDULERS",
     "SCHEDULERS",
     "FlowMatchEulerScheduler",

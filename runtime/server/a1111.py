@@ -20,7 +20,7 @@ from ..hires import HiresFix
 from ..hires_upscalers import ImageResize
 from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import DEFAULT_STRENGTH, RANDOM_SEED, SEED_RANGE, GenerationRequest
-from ..schedulers import SCHEDULERS, make_scheduler, resolve_name, scheduler_names
+from ..schedulers import ALL_SCHEDULERS, make_scheduler, resolve_name, scheduler_names
 from ..upscale import image_resizers
 from .a1111_settings import Applied, apply
 from .schemas import HiresTxt2ImgRequest, Img2ImgRequest, Txt2ImgRequest
@@ -156,7 +156,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         names = scheduler_names()
         return [
             {"name": key, "aliases": [n for n in names if n != key and resolve_name(n) == key], "options": {}}
-            for key in SCHEDULERS
+            for key in ALL_SCHEDULERS
             if _runs(key, scheduler_config)
         ]
 
