@@ -837,10 +837,19 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     StableDiffusionXLImg2ImgPipeline runs it."""
 
 
+class StableDiffusion3Pipeline(StableDiffusionPipeline):
+    """Stable Diffusion 3 / 3.5 (families/sd3.py): txt2img and img2img; `prompt_2` goes to CLIP-G."""
+
+
+class FluxPipeline(StableDiffusionPipeline):
+    """FLUX.1 schnell and dev (families/flux.py): txt2img and img2img; `guidance_scale` is dev's embedded
+    guidance (no classifier-free guidance, no negative prompt)."""
+
+
 # The class `from_pretrained` returns for each family's pipeline_class (an inpainting UNet: its own name).
 PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
-    "StableDiffusionPipeline": StableDiffusionPipeline,
-    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    cls.__name__: cls
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
 }
 
 
@@ -869,6 +878,8 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
     "DiffusionPipeline",
     "AutoPipelineForInpainting",
     "PipelineOutput",

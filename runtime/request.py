@@ -369,6 +369,8 @@ class GenerationRequest:
             sampler = make_scheduler(name, scheduler_config)
         except ValueError as exc:
             raise RequestError("scheduler", str(exc)) from None
+        if sampler.family != "ddpm":  # flow samplers' timesteps are sigmas x 1000: they start at the last one
+            return name
         sampler.set_timesteps(steps)
         if len(sampler.timesteps) and float(np.max(sampler.timesteps)) >= trained:
             raise RequestError("steps", f"{steps} steps reach past the model's {trained} timesteps with {name}")

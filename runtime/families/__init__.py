@@ -4,7 +4,7 @@ folder's config belongs to and runs that family's pieces in the shared loop (see
 from __future__ import annotations
 
 from ..manifest import ManifestError, ModelConfig
-from .base import Conditioning, Family, declared
+from .base import Conditioning, Family
 from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -20,7 +20,7 @@ def family_for(config: ModelConfig) -> type[Family]:
         if family.recognizes(config):
             return family
     known = ", ".join(f.name for f in FAMILIES)
-    raise ManifestError(f"model family {declared(config)!r} is not supported by this runtime (known: {known})")
+    raise ManifestError(f"model family {config.family!r} is not supported by this runtime (known: {known})")
 
 
 __all__ = ["FAMILIES", "Conditioning", "Family", "family_for"]

@@ -41,11 +41,6 @@ class Conditioning:
         return Conditioning(self.text[half:], {k: v[len(v) // 2 :] for k, v in self.extra.items()}, self.shared)
 
 
-def declared(config: ModelConfig) -> str:
-    """The family an exported folder's manifest names ("" for folders exported before families were named)."""
-    return getattr(config, "family", "") or ""
-
-
 def texts_or(value: str | tuple[str, ...] | None, fallback: list[str]) -> list[str]:
     """A second prompt field (`prompt_2`) as one text per row of `fallback`, or `fallback` where it is absent."""
     if value is None:
@@ -74,7 +69,7 @@ class Family:
     @classmethod
     def recognizes(cls, config: ModelConfig) -> bool:
         """Whether a model with `config` belongs to this family (an exported folder names its family)."""
-        return declared(config) == cls.name
+        return config.family == cls.name
 
     def load_tokenizers(self) -> dict[str, CLIPTokenizer]:
         from ..tokenizer import tokenizer_for
@@ -122,7 +117,7 @@ class FlowMatching(Family):
 
     @classmethod
     def recognizes(cls, config: ModelConfig) -> bool:
-        return declared(config) == cls.name
+        return config.family == cls.name
 
     def first_step(self, steps: int, strength: float) -> int:
         """diffusers' flow-matching img2img pipelines round the steps skipped down instead."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..guidance import guidance_embedding
 from ..request import GenerationRequest
-from .base import Conditioning, Family, declared
+from .base import Conditioning, Family
 from .clip import emphasized, encode_inputs, run_encoder
 
 
@@ -23,7 +23,7 @@ class StableDiffusion(Family):
 
     @classmethod
     def recognizes(cls, config: Any) -> bool:
-        return declared(config) in ("sd", "sd1", "sd2") or (not declared(config) and not config.pooled_dim)
+        return config.family == "sd" or (not config.family and not config.sdxl)
 
     def conditioning(self, pipe: Any, request: GenerationRequest, do_cfg: bool) -> Conditioning:
         """Text states (with guidance: unconditional then conditional) and, for LCM, the guidance embedding

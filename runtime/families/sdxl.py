@@ -12,7 +12,7 @@ import numpy as np
 
 from ..manifest import ManifestError
 from ..request import SDXL_FIELDS, GenerationRequest
-from .base import Conditioning, declared
+from .base import Conditioning
 from .clip import emphasized, encode_inputs, penultimate, run_encoder
 from .sd import StableDiffusion
 
@@ -29,7 +29,7 @@ class StableDiffusionXL(StableDiffusion):
 
     @classmethod
     def recognizes(cls, config: Any) -> bool:
-        return declared(config) == "sdxl" or (not declared(config) and bool(config.pooled_dim))
+        return config.sdxl
 
     def load_tokenizers(self) -> dict:
         if self.config.time_ids_count not in (BASE_TIME_IDS, REFINER_TIME_IDS):
