@@ -46,7 +46,7 @@ DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
 PRECISIONS = ("fp32", "fp16", "int8")
 TRACE_SEED, VALIDATION_SEED = 0, 1
-LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # what LoRAs change
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer")  # what LoRAs change
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 Log = Callable[[str], None]
 
@@ -189,8 +189,7 @@ def export_component(
         reference = module(*check_inputs)
     reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
     traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
-    lora_mapped = name in LORA_COMPONENTS and src.config.family not in TRANSFORMER_FAMILIES  # load-time LoRAs: UNets
-    weights = weight_candidates(module.model) if lora_mapped else {}
+    weights = weight_candidates(module.model) if name in LORA_COMPONENTS else {}
     del module
     gc.collect()
     pack_graph(traced, out_file)

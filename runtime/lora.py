@@ -3,10 +3,11 @@
 
 Which initializer holds which module's weight, in which layout, and where its bytes are, the exporter records
 per component in TARGETS_FILE (exporter/lora_targets.py). LoRA files are read in the layouts training tools
-write: diffusers/PEFT (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, older
-`.lora.down.weight`), and kohya/A1111 (`lora_unet_<module with _>.lora_down.weight`, `lora_te_*`, `.alpha`).
-Formats that are not a plain low-rank pair (LoHa, LoKr, DoRA) and kohya SDXL files named after the original
-checkpoint's blocks are refused: fuse those at export (`sd-export convert --lora`).
+write: diffusers/PEFT (`unet.<module>.lora_A.weight`, `transformer.<module>.lora_A.weight` for SD3/FLUX,
+`text_encoder.<module>.lora_B.weight`, older `.lora.down.weight`), and kohya/A1111
+(`lora_unet_<module with _>.lora_down.weight`, `lora_te_*`, `.alpha`). Formats that are not a plain low-rank
+pair (LoHa, LoKr, DoRA) and kohya SDXL, SD3 and FLUX files named after the original checkpoint's blocks are
+refused: fuse those at export (`sd-export convert --lora`, where diffusers converts them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TARGETS_FILE = "lora_targets.json"
 # Key prefix -> component; longer prefixes first (text_encoder_2 before text_encoder).
 PREFIXES = (
     ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"), ("unet.", "unet"),
+    ("transformer.", "transformer"),
     ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
     ("lora_unet_", "unet"),
 )  # fmt: skip
@@ -193,6 +195,12 @@ def check_loras(folder: Path, loras: list[Lora], components: list[str] | None = 
         )
     for lora in loras:
         absent = sorted(set(lora.modules) - set(components))
+        if absent == ["unet"] and "transformer" in components:  # kohya's lora_unet_* names of a DiT's blocks
+            raise RequestError(
+                "loras",
+                f"{lora.file.name}: names the transformer's modules as the original checkpoint does (kohya); "
+                "load-time LoRAs take diffusers/PEFT names (transformer.*): fuse it with sd-export convert --lora",
+            )
         if absent:
             raise RequestError(
                 "loras", f"{lora.file.name}: targets {', '.join(absent)}, which this model does not have"
