@@ -539,7 +539,7 @@ class StableDiffusionPipeline:
             params["ToMe ratio"] = request.tome_ratio
         if self.uses_tiling(request):
             params["Tiled VAE"] = True  # tiles move pixels a little: part of what reproduces the image
-        if self.session_config.providers[0] == OPENVINO:
+        if self.engine.startswith("OpenVINO"):
             params["Engine"] = self.engine  # so do OpenVINO's kernels and bf16
         return params
 
@@ -548,13 +548,15 @@ class StableDiffusionPipeline:
         """What runs the graphs: "onnxruntime 1.32.0 CPUExecutionProvider", "OpenVINO 2026.4.1 bf16", or with
         `auto`'s placement "OpenVINO 2026.4.1 bf16 for unet, onnxruntime 1.32.0 CPUExecutionProvider for the rest"."""
         config = self.session_config
-        if config.providers[0] != OPENVINO:
-            return f"onnxruntime {ort_version()} {config.providers[0]}"
+        placed = config.openvino_components
+        placed = placed if placed is None else [name for name in placed if name in self.components_used]
+        if config.providers[0] != OPENVINO or placed == []:  # `auto` may place nothing this family runs
+            return f"onnxruntime {ort_version()} {config.providers[0] if placed is None else CPU}"
         precision = default_precision() if config.precision == "auto" else config.precision
         openvino = f"OpenVINO {openvino_version()} {precision}"
-        if config.openvino_components is None:
+        if placed is None:
             return openvino
-        return f"{openvino} for {', '.join(config.openvino_components)}, onnxruntime {ort_version()} {CPU} for the rest"
+        return f"{openvino} for {', '.join(placed)}, onnxruntime {ort_version()} {CPU} for the rest"
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         factor = self.config.vae_scale_factor

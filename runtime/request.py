@@ -21,7 +21,7 @@ from .echo import echo
 from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
 from .prompt_syntax import SYNTAXES, parse_attention
-from .schedulers import make_scheduler, resolve_name
+from .schedulers import is_flow_matching, make_scheduler, resolve_name
 
 if TYPE_CHECKING:
     from .hires import HiresFix
@@ -366,6 +366,8 @@ class GenerationRequest:
             raise RequestError("scheduler", f"must be a string, got {type(name).__name__}")
         try:
             name = resolve_name(name)
+            if name == "euler" and is_flow_matching(scheduler_config):  # Euler on flow sigmas is the flow Euler
+                name = "flow_euler"  # (as A1111 Forge's "Euler" samples FLUX)
             sampler = make_scheduler(name, scheduler_config)
         except ValueError as exc:
             raise RequestError("scheduler", str(exc)) from None

@@ -140,6 +140,7 @@ def test_flow_models_refuse_ddpm_samplers_and_sdxl_fields(sd3, flux) -> None:
     ours, _ = sd3
     with pytest.raises(RequestError, match="scheduler: euler_a cannot sample a flow-matching model.*flow_euler"):
         ours.prepare(GenerationRequest(PROMPT, scheduler="Euler a"))
+    assert ours.prepare(GenerationRequest(PROMPT, scheduler="Euler")).scheduler == "flow_euler"  # as Forge reads it
     with pytest.raises(RequestError, match="original_size: applies to SDXL models only"):
         ours.prepare(GenerationRequest(PROMPT, original_size=(64, 64)))
     flux_pipe, _ = flux
@@ -154,3 +155,33 @@ def test_a1111_syntax_reaches_t5_as_plain_text(flux) -> None:
     marked = ours.generate(GenerationRequest("a (red:1.3) circle", prompt_syntax="a1111", **settings), output_type="np")
     plain = ours.generate(GenerationRequest("a red circle", **settings), output_type="np")
     assert np.array_equal(marked.images, plain.images)
+
+
+def test_flux_through_the_server_with_a1111_and_openai_requests(tiny_flux_export: Path) -> None:
+    """The server takes a transformer family with no change: A1111's txt2img as webuiapi sends it ("Euler",
+    a negative prompt, CFG 7), the samplers list, and the OpenAI images route."""
+    import json
+
+    import httpx
+
+    from .test_server import Server, png_of
+
+    server = Server(tiny_flux_export)
+    try:
+        samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", timeout=30).json()
+        assert [s["name"] for s in samplers] == ["flow_euler"]
+        body = {"prompt": PROMPT, "negative_prompt": "", "steps": 2, "seed": 11, "sampler_name": "Euler",
+                "cfg_scale": 7, "width": 128, "height": 64, "batch_size": 1}  # fmt: skip
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        image = png_of(r.json()["images"][0])
+        assert image.size == (128, 64)
+        assert "Sampler: flow_euler" in image.text["parameters"] and json.loads(r.json()["info"])["seed"] == 11
+        bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "sampler_name": "DPM++ 2M"}, timeout=60)
+        assert bad.status_code == 422 and "flow_euler" in bad.text
+        openai = {"prompt": PROMPT, "size": "64x64", "response_format": "b64_json"}
+        r = httpx.post(f"{server.url}/v1/images/generations", json=openai, timeout=120)
+        assert r.status_code == 200, r.text
+        assert png_of(r.json()["data"][0]["b64_json"]).size == (64, 64)
+    finally:
+        server.stop()

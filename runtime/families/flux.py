@@ -5,6 +5,7 @@ guidance: FLUX.1-dev takes the guidance scale as an input (distilled), schnell i
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from ..sequence_tokenizer import sequence_tokenizer_for
 from .base import Conditioning, FlowMatching, texts_or
 from .clip import plain_texts, run_encoder
 
+LOG = logging.getLogger("sd_onnx")
 PACK = 2  # latents enter the transformer as 2x2 patches
 
 
@@ -39,6 +41,8 @@ class Flux(FlowMatching):
 
     def conditioning(self, pipe: Any, request: GenerationRequest, do_cfg: bool) -> Conditioning:
         """T5's states (the text), CLIP's pooled output, and for dev the guidance scale, per image."""
+        if any(request.negative_prompts or ()):
+            LOG.warning("FLUX.1 has no classifier-free guidance: the negative prompt is not used")
         prompts = plain_texts(request.prompts, request.prompt_syntax)
         prompts_2 = plain_texts(texts_or(request.prompt_2, prompts), request.prompt_syntax)
         clip = run_encoder(pipe.component("text_encoder"), self.tokenizers["text_encoder"](prompts))
