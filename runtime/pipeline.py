@@ -269,6 +269,7 @@ class StableDiffusionPipeline:
         """`request` with this model's defaults filled in, checked against the model and `limits` (none: no
         limits, as diffusers); RequestError (a ValueError) naming the bad field."""
         resolved = request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
+        self.family.check_request(resolved)
         self.lora_tags(resolved)
         return resolved
 

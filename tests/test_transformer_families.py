@@ -185,3 +185,42 @@ def test_flux_through_the_server_with_a1111_and_openai_requests(tiny_flux_export
         assert png_of(r.json()["data"][0]["b64_json"]).size == (64, 64)
     finally:
         server.stop()
+
+
+def test_sd3_refuses_sizes_past_its_position_embedding(sd3) -> None:
+    import json
+
+    ours, _ = sd3
+    config = json.loads((ours.folder / "transformer" / "config.json").read_text())
+    side = config["pos_embed_max_size"] * config["patch_size"] * ours.config.vae_scale_factor
+    assert ours.prepare(GenerationRequest(PROMPT, width=side, height=side)).width == side
+    with pytest.raises(
+        RequestError, match=f"width: {side + ours.config.size_multiple} is larger than this model's {side} px"
+    ):
+        ours.prepare(GenerationRequest(PROMPT, width=side + ours.config.size_multiple, height=side))
+
+
+def test_sd3_without_t5_matches_diffusers(tiny_sd3_pipeline: Path, tmp_path: Path) -> None:
+    """diffusers runs SD3 with `text_encoder_3=None` (zeros in T5's place): an export of that folder too."""
+    import json
+    import shutil
+
+    from sd_onnx.exporter.convert import convert
+
+    source = tmp_path / "no-t5"
+    shutil.copytree(tiny_sd3_pipeline, source)
+    shutil.rmtree(source / "text_encoder_3")
+    shutil.rmtree(source / "tokenizer_3")
+    index = json.loads((source / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (source / "model_index.json").write_text(json.dumps(index))
+    convert(str(source), tmp_path / "onnx", log=lambda line: None)
+    ours = DiffusionPipeline.from_pretrained(tmp_path / "onnx", provider="cpu")
+    assert "text_encoder_3" not in ours.components_used
+    from diffusers import StableDiffusion3Pipeline
+
+    theirs = StableDiffusion3Pipeline.from_pretrained(source, text_encoder_3=None, tokenizer_3=None)
+    settings = {"num_inference_steps": 2, "guidance_scale": 4.0}
+    got = ours(PROMPT, seed=6, output_type="np", **settings).images
+    want = diffusers_images(theirs, 6, prompt=PROMPT, **settings)
+    assert mean_abs(got, want) <= TOLERANCE

@@ -92,6 +92,9 @@ class Family:
     def conditioning(self, pipe: Any, request: GenerationRequest, do_cfg: bool) -> Conditioning:
         raise NotImplementedError
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """RequestError for a resolved request this family's graphs cannot run (beyond the shared checks)."""
+
     def set_timesteps(self, sched: Scheduler, request: GenerationRequest) -> None:
         """The schedule this request samples (FLUX shifts it by the image's size)."""
         sched.set_timesteps(request.steps)

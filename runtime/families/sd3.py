@@ -5,11 +5,15 @@ sequence by T5's states (zeros when the folder has no T5, as diffusers does with
 
 from __future__ import annotations
 
+import os
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from ..request import GenerationRequest
+from ..files import inside
+from ..manifest import read_json
+from ..request import GenerationRequest, RequestError
 from ..sequence_tokenizer import sequence_tokenizer_for
 from .base import Conditioning, FlowMatching, texts_or
 from .clip import penultimate, plain_texts, run_encoder
@@ -21,6 +25,26 @@ class StableDiffusion3(FlowMatching):
     label = "SD3"
     request_fields = frozenset({"prompt_2", "negative_prompt_2"})
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """SD3's position embedding covers `pos_embed_max_size` patches a side: larger images cannot run (the
+        graph would read past its table)."""
+        side = self.max_side
+        for field, value in (("width", request.width), ("height", request.height)):
+            if side is not None and value > side:
+                raise RequestError(field, f"{value} is larger than this model's {side} px (its position embedding)")
+
+    @cached_property
+    def max_side(self) -> int | None:
+        """The largest image side in pixels, from the transformer's config beside its graph (None: not given)."""
+        path = self.folder / "transformer" / "config.json"
+        if not os.path.lexists(path):
+            return None
+        config = read_json(inside(self.folder, "transformer/config.json", self.folder))
+        patches = config.get("pos_embed_max_size")
+        if not isinstance(patches, int) or isinstance(patches, bool) or patches < 1:
+            return None
+        return patches * (self.config.patch_size or 1) * self.config.vae_scale_factor
 
     def load_tokenizers(self) -> dict:
         from ..tokenizer import tokenizer_for
