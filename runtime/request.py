@@ -398,7 +398,10 @@ class GenerationRequest:
         strength = _number("strength", default if self.strength is None else self.strength)
         if not 0.0 < strength <= 1.0:
             raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
-        if int(steps * strength) < 1 and self.denoising_start is None:  # denoising_start overrides strength
+        from .families import family_for
+
+        taken = steps - family_for(config).first_step(steps, strength)  # the family's rounding
+        if taken < 1 and self.denoising_start is None:  # denoising_start overrides strength
             raise RequestError(
                 "strength", f"{strength:g} x {steps} steps leaves no denoising step; raise steps or strength"
             )

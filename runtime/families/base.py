@@ -89,6 +89,11 @@ class Family:
         guidance); a model distilled with guidance as an input (LCM) never does."""
         return guidance_scale > 1.0 and not self.config.time_cond_proj_dim
 
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """The weight w of the shared guidance, uncond + w (cond - uncond), that a request's `guidance_scale` means
+        (Z-Image's g is cond + g (cond - uncond): w = 1 + g)."""
+        return guidance_scale
+
     def conditioning(self, pipe: Any, request: GenerationRequest, do_cfg: bool) -> Conditioning:
         raise NotImplementedError
 
@@ -99,7 +104,8 @@ class Family:
         """The schedule this request samples (FLUX shifts it by the image's size)."""
         sched.set_timesteps(request.steps)
 
-    def first_step(self, steps: int, strength: float) -> int:
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
         """Where img2img at `strength` enters a schedule of `steps` (diffusers' UNet pipelines round the steps
         taken down)."""
         return steps - min(int(steps * strength), steps)
@@ -112,6 +118,17 @@ class Family:
         """The denoiser's prediction in the latents' layout (packing families unpack here)."""
         return output
 
+    def sampler_prediction(
+        self, sched: Scheduler, prediction: np.ndarray, model_input: np.ndarray, t: float
+    ) -> np.ndarray:
+        """The (guided) prediction for `model_input` at `t` as the sampler's `step` takes it: the prediction itself
+        (SANA-Sprint turns its flow velocity into the TrigFlow velocity that sCM steps on)."""
+        return prediction
+
+    def final_latents(self, sched: Scheduler, latents: np.ndarray) -> np.ndarray:
+        """The sampled latents as the decoder takes them: themselves (SANA-Sprint divides by sCM's sigma_data)."""
+        return latents
+
 
 class FlowMatching(Family):
     """Transformer families sampled by flow matching (SD3, FLUX, ...): what they share."""
@@ -122,6 +139,7 @@ class FlowMatching(Family):
     def recognizes(cls, config: ModelConfig) -> bool:
         return config.family == cls.name
 
-    def first_step(self, steps: int, strength: float) -> int:
+    @staticmethod
+    def first_step(steps: int, strength: float) -> int:
         """diffusers' flow-matching img2img pipelines round the steps skipped down instead."""
         return int(max(steps - min(steps * strength, steps), 0))
