@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sd_onnx.runtime import configs
 from sd_onnx.runtime.hub import fetch_model, is_hub_id, split_revision
-from sd_onnx.runtime.manifest import COMPONENTS, TINY_VAE_COMPONENTS, ManifestError, ModelConfig
+from sd_onnx.runtime.manifest import COMPONENTS, LLM_FAMILIES, TINY_VAE_COMPONENTS, ManifestError, ModelConfig
 
 from .errors import ExportError
 
@@ -144,6 +144,8 @@ def _inspect_transformer_folder(
 ) -> PipelineSource:
     """An SD3 or FLUX pipeline folder: its sizes, its CLIP and T5 tokenizers' ids, the graphs it has (SD3's T5 is
     optional, as in diffusers: model_index.json then names none)."""
+    if family in LLM_FAMILIES:
+        return _inspect_llm_folder(folder, pipeline_class, family, name)
     t5, t5_tokenizer = T5_FOLDERS[family]
     required = TRANSFORMER_SUBFOLDERS
     if family == "sd3" and (index.get(t5) or [None])[0] is not None:
@@ -163,6 +165,24 @@ def _inspect_transformer_folder(
     t5_tokens = read_t5_token_ids(folder / t5, folder / t5_tokenizer) if (folder / t5).is_dir() else None
     components = tuple(c for c in TRANSFORMER_COMPONENTS if not c.startswith("text_encoder") or (folder / c).is_dir())
     return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components, t5_tokens)
+
+
+def _inspect_llm_folder(folder: Path, pipeline_class: str, family: str, name: str | None) -> PipelineSource:
+    """A Z-Image or FLUX.2 [klein] folder: one LLM text encoder (Qwen3) with its tokenizer, a transformer, a VAE."""
+    required = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+    missing = [s for s in required if not (folder / s).is_dir()]
+    if missing:
+        raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
+    for part in ("text_encoder", "transformer", "vae"):
+        _read_json(folder / part / "config.json")
+    _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        config = configs.read_model_config(folder)
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
+    tokens = read_t5_token_ids(folder / "text_encoder", folder / "tokenizer")  # end and padding ids, as T5's
+    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components)
 
 
 def read_t5_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:

@@ -201,6 +201,23 @@ TINY_FLUX_DEV = {
     "scheduler": {**TINY_FLUX["scheduler"], "shift": 3.0, "use_dynamic_shifting": True},
 }  # fmt: skip
 
+# Z-Image (Turbo) at test size: a Qwen3 text encoder (Z-Image conditions on its penultimate hidden states, the
+# valid tokens of each prompt only), a single-stream DiT over 2x2 patches of 16-channel latents with 3-axis rotary
+# positions (a head's width is the sum of axes_dims), FLUX.1's VAE layout and Z-Image-Turbo's published scheduler
+# (fixed shift 3, no dynamic shifting).
+TINY_QWEN3 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 1024, "rope_theta": 1000000.0,
+              "tie_word_embeddings": True}  # fmt: skip
+TINY_Z_IMAGE = {
+    "pipeline": "ZImagePipeline",
+    "text_encoder": TINY_QWEN3,
+    "transformer": {"all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 64, "n_layers": 2,
+                    "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32,
+                    "axes_dims": (8, 12, 12), "axes_lens": (1024, 512, 512)},
+    "vae": TINY_FLUX["vae"],
+    "scheduler": {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0},
+}  # fmt: skip
+
 RECIPES = {
     "tiny": TINY,
     "sd15": SD15,
@@ -214,6 +231,7 @@ RECIPES = {
     "tiny-sd35": TINY_SD35,
     "tiny-flux": TINY_FLUX,
     "tiny-flux-dev": TINY_FLUX_DEV,
+    "tiny-z-image": TINY_Z_IMAGE,
 }
 
 

@@ -12,12 +12,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TRANSFORMER_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+TRANSFORMER_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline", "Flux2KleinPipeline")
+# Pipelines conditioned on an LLM (Qwen3) alone: one text encoder, its tokenizer a Qwen2 one (qwen_vocab.py).
+LLM_PIPELINES = ("ZImagePipeline", "Flux2KleinPipeline")
 
 
 def save_transformer_pipeline(recipe: dict[str, Any], out: Path) -> Path:
     """A StableDiffusion3Pipeline (CLIP-L and CLIP-G with projections, T5, SD3Transformer2DModel) or FluxPipeline
     (CLIP-L, T5, FluxTransformer2DModel) folder from the recipe, initialised from torch's random state."""
+    if recipe["pipeline"] in LLM_PIPELINES:
+        return save_llm_pipeline(recipe, out)
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -58,4 +62,34 @@ def save_transformer_pipeline(recipe: dict[str, Any], out: Path) -> Path:
         for weights in sorted((out / name).glob("*.safetensors")):
             _nest_clip_weights(weights)
     shutil.rmtree(out / "_tokenizer_src")
+    return out
+
+
+def save_llm_pipeline(recipe: dict[str, Any], out: Path) -> Path:
+    """A ZImagePipeline (Qwen3Model, ZImageTransformer2DModel, the FLUX.1 AutoencoderKL) or Flux2KleinPipeline
+    (Qwen3ForCausalLM, Flux2Transformer2DModel, AutoencoderKLFlux2) folder from the recipe, initialised from torch's
+    random state; the tokenizer is qwen_vocab.py's, the Qwen3 config's vocabulary sized to it."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    from .qwen_vocab import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    text_config = Qwen3Config(**{"vocab_size": len(tokenizer), **recipe["text_encoder"]})
+    z_image = recipe["pipeline"] == "ZImagePipeline"
+    modules: dict[str, Any] = {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**recipe["scheduler"]),
+        "tokenizer": tokenizer,
+        "text_encoder": (Qwen3Model if z_image else Qwen3ForCausalLM)(text_config),
+    }
+    if z_image:
+        modules["transformer"] = diffusers.ZImageTransformer2DModel(**recipe["transformer"])
+        modules["vae"] = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **recipe["vae"])
+    else:
+        modules["transformer"] = diffusers.Flux2Transformer2DModel(**recipe["transformer"])
+        modules["vae"] = diffusers.AutoencoderKLFlux2(**recipe["vae"])
+    options = {"is_distilled": recipe.get("is_distilled", False)} if not z_image else {}
+    pipe = getattr(diffusers, recipe["pipeline"])(**modules, **options)
+    pipe.save_pretrained(out, safe_serialization=True)
     return out

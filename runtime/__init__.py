@@ -12,6 +12,7 @@ from .pipeline import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 from .request import GenerationRequest, Limits, RequestError
 
@@ -23,6 +24,7 @@ __all__ = [
     "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline",
     "FluxPipeline",
+    "ZImagePipeline",
     "GenerationRequest",
     "HiresFix",
     "hires_fix",

@@ -10,7 +10,7 @@ from typing import Any
 
 from .echo import echo
 from .files import inside
-from .manifest import ManifestError, ModelConfig, read_json
+from .manifest import LLM_FAMILIES, ManifestError, ModelConfig, read_json
 from .manifest_schema import check_model_config
 
 __all__ = ["read_json", "read_model_config", "size_multiple"]
@@ -20,8 +20,13 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "FluxPipeline": "flux",
+    **{name: "z_image" for name in ("ZImagePipeline", "ZImageImg2ImgPipeline")},
 }
-TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+TRANSFORMER_FAMILIES = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "ZImageTransformer2DModel": "z_image",
+}
 # diffusers' call defaults: SD3 28 steps at CFG 7; FLUX.1-dev 28 steps with an embedded guidance of 3.5, FLUX.1
 # schnell (no guidance embedding) 4 steps and no CFG; T5 prompt lengths SD3 256, FLUX 512.
 SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE = 28, 7.0, 256
@@ -110,6 +115,10 @@ def _transformer_model_config(folder: Path, vae: str) -> ModelConfig:
     family = PIPELINE_FAMILIES.get(index.get("_class_name")) or TRANSFORMER_FAMILIES.get(transformer.get("_class_name"))
     if family is None:
         raise ManifestError(f"{folder}: unsupported transformer {echo(transformer.get('_class_name'))}")
+    if family in LLM_FAMILIES:  # Z-Image, FLUX.2 [klein]: configs_llm.py
+        from .configs_llm import llm_model_config
+
+        return llm_model_config(folder, family, transformer, vae_config)
     clip = _optional_json(folder, "text_encoder/config.json")
     t5 = "3" if family == "sd3" else "2"
     t5_tokenizer = _optional_json(folder, f"tokenizer_{t5}/tokenizer_config.json")

@@ -468,7 +468,8 @@ class StableDiffusionPipeline:
             latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
         if request.denoising_end is not None:
             timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
-        guidance = Guidance.plan(request.guidance_scale, do_cfg, request.guidance_interval, sched.sigma_at(timesteps))
+        scale = self.family.cfg_scale(request.guidance_scale)
+        guidance = Guidance.plan(scale, do_cfg, request.guidance_interval, sched.sigma_at(timesteps))
         unguided = guidance.unguided(cond)
         cache = DeepCache(request.deepcache_interval) if (request.deepcache_interval or 1) > 1 else None
 
@@ -849,10 +850,21 @@ class FluxPipeline(StableDiffusionPipeline):
     guidance (no classifier-free guidance, no negative prompt)."""
 
 
+class ZImagePipeline(StableDiffusionPipeline):
+    """Z-Image and Z-Image-Turbo (families/z_image.py): txt2img and img2img; guidance as diffusers' ZImagePipeline
+    defines it (classifier-free above 0; the Turbo's default is 0, none)."""
+
+
 # The class `from_pretrained` returns for each family's pipeline_class (an inpainting UNet: its own name).
 PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
     cls.__name__: cls
-    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
+    for cls in (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        StableDiffusion3Pipeline,
+        FluxPipeline,
+        ZImagePipeline,
+    )
 }
 
 
@@ -883,6 +895,7 @@ __all__ = [
     "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline",
     "FluxPipeline",
+    "ZImagePipeline",
     "DiffusionPipeline",
     "AutoPipelineForInpainting",
     "PipelineOutput",

@@ -144,3 +144,20 @@ def tiny_flux_dev_export(tiny_flux_dev_pipeline: Path, tmp_path_factory: pytest.
     out = tmp_path_factory.mktemp("flux-dev-export") / "tiny-flux-dev-onnx"
     convert(str(tiny_flux_dev_pipeline), out, log=lambda line: None)
     return out
+
+
+# Z-Image at test size (models/build.py's tiny-z-image): its diffusers folder and fp32 export, built once per session.
+@pytest.fixture(scope="session")
+def tiny_z_image_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    return build_pipeline(RECIPES["tiny-z-image"], tmp_path_factory.mktemp("z-image") / "tiny-z-image", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_export(tiny_z_image_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("z-image-export") / "tiny-z-image-onnx"
+    convert(str(tiny_z_image_pipeline), out, log=lambda line: None)
+    return out

@@ -9,9 +9,10 @@ from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
+from .z_image import ZImage
 
 # Most specific first: a config is the first family's that recognizes it.
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion3, Flux, StableDiffusionXL, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion3, Flux, ZImage, StableDiffusionXL, StableDiffusion)
 
 
 def family_for(config: ModelConfig) -> type[Family]:
