@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from sd_onnx.runtime.configs import SANA_FAMILIES
 from sd_onnx.runtime.manifest import LLM_FAMILIES
 
 from .components import IMAGE_AXES, SPECS, ComponentSpec, Inputs, TextEncoder, _hidden_state_names, _latent_side
@@ -278,6 +279,10 @@ def _clip_with_projection_spec(name: str, src: PipelineSource) -> ComponentSpec:
 def transformer_component_spec(name: str, src: PipelineSource) -> ComponentSpec | None:
     """The spec of SD3's or FLUX's component `name`; None for the ones they share with UNet pipelines (VAE)."""
     family = src.config.family
+    if family in SANA_FAMILIES:  # SANA, SANA-Sprint: components_sana.py
+        from .components_sana import sana_component_spec
+
+        return sana_component_spec(name, src)
     if family in LLM_FAMILIES:  # Z-Image, FLUX.2 [klein]: components_llm.py
         from .components_llm import llm_component_spec
 

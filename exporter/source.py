@@ -121,6 +121,8 @@ def inspect_folder(folder: Path, name: str | None = None) -> PipelineSource:
         supported = ", ".join(sorted(SUPPORTED_PIPELINES))
         raise ExportError(f"{folder}: unsupported model family {pipeline_class} (supported: {supported})")
     family = configs.PIPELINE_FAMILIES.get(pipeline_class)
+    if family in configs.SANA_FAMILIES:
+        return _inspect_sana_folder(folder, pipeline_class, family, name)
     if family is not None:
         return _inspect_transformer_folder(folder, index, pipeline_class, family, name)
     required = REQUIRED_SUBFOLDERS
@@ -246,6 +248,48 @@ def read_model_config(folder: Path) -> ModelConfig:
         return configs.read_model_config(folder)
     except ManifestError as exc:
         raise ExportError(str(exc)) from None
+
+
+def _inspect_sana_folder(folder: Path, pipeline_class: str, family: str, name: str | None) -> PipelineSource:
+    """A SANA or SANA-Sprint folder: Gemma-2 with its tokenizer, the transformer, the DC-AE. SANA's published
+    scheduler, DPM-Solver in flow mode, is recorded as FlowMatchEuler (the runtime's flow sampler, which keeps the
+    config's `flow_shift`)."""
+    required = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+    missing = [s for s in required if not (folder / s).is_dir()]
+    if missing:
+        raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
+    for part in ("text_encoder", "transformer", "vae"):
+        _read_json(folder / part / "config.json")
+    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        config = configs.read_model_config(folder)
+    except ManifestError as exc:
+        raise ExportError(str(exc)) from None
+    tokens = read_gemma_token_ids(folder / "text_encoder", folder / "tokenizer")
+    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    source = PipelineSource(folder, name or str(folder), pipeline_class, config.family, config, tokens, components)
+    if scheduler.get("_class_name") == "DPMSolverMultistepScheduler" and scheduler.get("use_flow_sigmas"):
+        source.scheduler = "FlowMatchEulerDiscreteScheduler"
+    return source
+
+
+def read_gemma_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:
+    """A Gemma tokenizer's start, end and padding ids, checked against its encoder's vocabulary."""
+    from transformers import AutoTokenizer
+
+    vocab_size = _read_json(encoder / "config.json").get("vocab_size")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
+        raise ExportError(f"{tokenizer_folder}: unreadable tokenizer ({exc})") from None
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ExportError(f"{encoder}: config.json has no vocab_size")
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None or pad is None or len(tokenizer) > vocab_size:
+        raise ExportError(
+            f"{tokenizer_folder}: no end/padding token, or more than the {vocab_size} tokens {encoder} knows"
+        )
+    return TokenIds(vocab_size, bos, eos, pad)
 
 
 def _family(config: ModelConfig) -> str:

@@ -46,7 +46,23 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
             dynamic_axes=spec.dynamic_axes,
             do_constant_folding=True,
         )
+    _positive_perms(traced)
     return traced
+
+
+def _positive_perms(model_file: Path) -> None:
+    """Count each Transpose's negative axes from the end: the tracer writes `movedim(-1, 1)` (DC-AE's norms and
+    attention) as perm [0, -1, 1, 2], which ONNX does not allow."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    changed = False
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Transpose" and attribute.name == "perm" and min(attribute.ints, default=0) < 0:
+                rank = len(attribute.ints)
+                attribute.ints[:] = [axis % rank for axis in attribute.ints]
+                changed = True
+    if changed:
+        onnx.save_model(model, str(model_file))
 
 
 def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:

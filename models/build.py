@@ -218,6 +218,38 @@ TINY_Z_IMAGE = {
     "scheduler": {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0},
 }  # fmt: skip
 
+# SANA and SANA-Sprint at test size (built by build_transformers.py): a tiny Gemma-2 (Gemma's layout: grouped
+# key/value heads, soft-capped attention; a small offline tokenizer, see gemma_vocab.py) whose states condition a
+# linear-attention DiT on 32-channel DC-AE latents (3 levels: 4x down-sampling, the last one attention). SANA's
+# published scheduler is DPM-Solver in flow mode (flow_shift 3), which the runtime samples as flow_euler: the tiny
+# one is FlowMatchEuler with that shift. Sprint adds the guidance embedding and RMS-normed queries and keys, and
+# samples with sCM (TrigFlow).
+TINY_GEMMA2 = {"vocab_size": 1024, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+               "query_pre_attn_scalar": 16}  # fmt: skip
+TINY_DC_AE = {"latent_channels": 32, "attention_head_dim": 8, "scaling_factor": 0.41407,
+              "encoder_block_types": ("ResBlock", "ResBlock", "EfficientViTBlock"),
+              "decoder_block_types": ("ResBlock", "ResBlock", "EfficientViTBlock"),
+              "encoder_block_out_channels": (16, 32, 32), "decoder_block_out_channels": (16, 32, 32),
+              "encoder_layers_per_block": (1, 1, 1), "decoder_layers_per_block": (1, 1, 1),
+              "encoder_qkv_multiscales": ((), (), (5,)), "decoder_qkv_multiscales": ((), (), (5,)),
+              "downsample_block_type": "conv", "upsample_block_type": "interpolate"}  # fmt: skip
+TINY_SANA = {
+    "pipeline": "SanaPipeline",
+    "text_encoder": TINY_GEMMA2,
+    "transformer": {"in_channels": 32, "out_channels": 32, "num_attention_heads": 2, "attention_head_dim": 8,
+                    "num_layers": 2, "num_cross_attention_heads": 2, "cross_attention_head_dim": 8,
+                    "cross_attention_dim": 16, "caption_channels": 32, "sample_size": 8, "patch_size": 1},
+    "vae": TINY_DC_AE,
+    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
+}  # fmt: skip
+TINY_SANA_SPRINT = {
+    **TINY_SANA,
+    "pipeline": "SanaSprintPipeline",
+    "transformer": {**TINY_SANA["transformer"], "guidance_embeds": True, "qk_norm": "rms_norm_across_heads"},
+    "scheduler": {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5},
+}  # fmt: skip
+
 RECIPES = {
     "tiny": TINY,
     "sd15": SD15,
@@ -232,6 +264,8 @@ RECIPES = {
     "tiny-flux": TINY_FLUX,
     "tiny-flux-dev": TINY_FLUX_DEV,
     "tiny-z-image": TINY_Z_IMAGE,
+    "tiny-sana": TINY_SANA,
+    "tiny-sana-sprint": TINY_SANA_SPRINT,
 }
 
 

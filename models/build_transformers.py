@@ -1,8 +1,9 @@
-"""Build diffusers' transformer pipelines (Stable Diffusion 3/3.5 and FLUX.1) with seeded random weights, offline.
+"""Build diffusers' transformer pipelines (Stable Diffusion 3/3.5, FLUX.1, SANA and SANA-Sprint) with seeded random
+weights, offline.
 
 Like build.py's UNet pipelines: the recipe gives each component's constructor arguments (recipes live in
 build.py's RECIPES); CLIP tokenizers use the real CLIP vocabulary, the T5 tokenizer is t5_vocab.py's small
-Unigram one, sized to the T5 encoder's vocabulary.
+Unigram one and SANA's Gemma tokenizer gemma_vocab.py's small BPE one, each sized to its encoder's vocabulary.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 TRANSFORMER_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline", "Flux2KleinPipeline")
 # Pipelines conditioned on an LLM (Qwen3) alone: one text encoder, its tokenizer a Qwen2 one (qwen_vocab.py).
 LLM_PIPELINES = ("ZImagePipeline", "Flux2KleinPipeline")
+# SANA and SANA-Sprint: Gemma-2, a linear-attention DiT and a DC-AE (save_sana_pipeline).
+SANA_PIPELINES = ("SanaPipeline", "SanaSprintPipeline")
+TRANSFORMER_PIPELINES = (*TRANSFORMER_PIPELINES, *SANA_PIPELINES)
 
 
 def save_transformer_pipeline(recipe: dict[str, Any], out: Path) -> Path:
@@ -22,6 +26,8 @@ def save_transformer_pipeline(recipe: dict[str, Any], out: Path) -> Path:
     (CLIP-L, T5, FluxTransformer2DModel) folder from the recipe, initialised from torch's random state."""
     if recipe["pipeline"] in LLM_PIPELINES:
         return save_llm_pipeline(recipe, out)
+    if recipe["pipeline"] in SANA_PIPELINES:
+        return save_sana_pipeline(recipe, out)
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -91,5 +97,29 @@ def save_llm_pipeline(recipe: dict[str, Any], out: Path) -> Path:
         modules["vae"] = diffusers.AutoencoderKLFlux2(**recipe["vae"])
     options = {"is_distilled": recipe.get("is_distilled", False)} if not z_image else {}
     pipe = getattr(diffusers, recipe["pipeline"])(**modules, **options)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def save_sana_pipeline(recipe: dict[str, Any], out: Path) -> Path:
+    """A SanaPipeline (FlowMatchEuler) or SanaSprintPipeline (SCMScheduler) folder from the recipe: a Gemma-2
+    text encoder (`Gemma2Model`, as diffusers' SANA pipelines take it) with gemma_vocab.py's tokenizer, a
+    SanaTransformer2DModel and an AutoencoderDC, initialised from torch's random state."""
+    import diffusers
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    from .gemma_vocab import gemma_tokenizer
+
+    sprint = recipe["pipeline"] == "SanaSprintPipeline"
+    config = Gemma2Config(**recipe["text_encoder"])
+    scheduler = (SCMScheduler if sprint else FlowMatchEulerDiscreteScheduler)(**recipe["scheduler"])
+    pipe = getattr(diffusers, recipe["pipeline"])(
+        tokenizer=gemma_tokenizer(size=config.vocab_size),
+        text_encoder=Gemma2Model(config),
+        vae=AutoencoderDC(in_channels=3, **recipe["vae"]),
+        transformer=SanaTransformer2DModel(**recipe["transformer"]),
+        scheduler=scheduler,
+    )
     pipe.save_pretrained(out, safe_serialization=True)
     return out

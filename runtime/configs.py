@@ -20,11 +20,15 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "FluxPipeline": "flux",
+    "SanaPipeline": "sana",
+    "SanaSprintPipeline": "sana_sprint",
+    "SanaSprintImg2ImgPipeline": "sana_sprint",
     **{name: "z_image" for name in ("ZImagePipeline", "ZImageImg2ImgPipeline")},
 }
 TRANSFORMER_FAMILIES = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    "SanaTransformer2DModel": "sana",  # SANA-Sprint's when it embeds the guidance
     "ZImageTransformer2DModel": "z_image",
 }
 # diffusers' call defaults: SD3 28 steps at CFG 7; FLUX.1-dev 28 steps with an embedded guidance of 3.5, FLUX.1
@@ -33,6 +37,10 @@ SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE = 28, 7.0, 256
 FLUX_DEV_STEPS, FLUX_DEV_GUIDANCE, FLUX_SCHNELL_STEPS, FLUX_SEQUENCE = 28, 3.5, 4, 512
 FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with FLUX's 8x VAE
 FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent patches into one token (its transformer's patch_size is 1)
+# diffusers' SanaPipeline: 20 steps at CFG 4.5; SanaSprintPipeline: 2 steps with the guidance scale 4.5 embedded;
+# both read 300 Gemma tokens and take sides that are multiples of 32 (check_inputs).
+SANA_STEPS, SANA_SPRINT_STEPS, SANA_GUIDANCE, SANA_SEQUENCE, SANA_SIDES = 20, 2, 4.5, 300, 32
+SANA_FAMILIES = ("sana", "sana_sprint")
 
 
 def size_multiple(vae_scale_factor: int, unet: dict[str, Any]) -> int:
@@ -115,6 +123,8 @@ def _transformer_model_config(folder: Path, vae: str) -> ModelConfig:
     family = PIPELINE_FAMILIES.get(index.get("_class_name")) or TRANSFORMER_FAMILIES.get(transformer.get("_class_name"))
     if family is None:
         raise ManifestError(f"{folder}: unsupported transformer {echo(transformer.get('_class_name'))}")
+    if family in SANA_FAMILIES:
+        return _sana_model_config(folder, transformer, vae_config, family)
     if family in LLM_FAMILIES:  # Z-Image, FLUX.2 [klein]: configs_llm.py
         from .configs_llm import llm_model_config
 
@@ -161,6 +171,48 @@ def _transformer_model_config(folder: Path, vae: str) -> ModelConfig:
             max_sequence_length=sequence,
             patch_size=patch,
             guidance_embeds=embeds,
+        )
+        check_model_config(config)
+    except ManifestError as exc:
+        raise ManifestError(f"{folder}: {exc}") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    return config
+
+
+def _sana_model_config(folder: Path, transformer: dict[str, Any], vae: dict[str, Any], family: str) -> ModelConfig:
+    """SANA's and SANA-Sprint's sizes and defaults from `transformer/` and the DC-AE's config (its factor from the
+    encoder's levels, as the pipelines compute vae_scale_factor); a transformer that embeds the guidance is
+    Sprint's."""
+    try:
+        embeds = bool(transformer.get("guidance_embeds", False))
+        family = "sana_sprint" if embeds else family
+        latent = int(vae.get("latent_channels", 32))
+        factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)
+        patch = int(transformer.get("patch_size", 1))
+        if transformer.get("in_channels") != latent:
+            raise ManifestError(
+                f"the transformer takes {echo(transformer.get('in_channels'))} channels, the DC-AE makes {latent}"
+            )
+        sprint = family == "sana_sprint"
+        config = ModelConfig(
+            embedding_dim=int(transformer["caption_channels"]),
+            latent_channels=latent,
+            vae_scale_factor=factor,
+            scaling_factor=float(vae.get("scaling_factor", 1.0)),
+            sample_size=int(transformer["sample_size"]),
+            max_token_length=SANA_SEQUENCE,
+            prediction_type="flow",
+            guidance_scale=SANA_GUIDANCE,
+            size_multiple=max(SANA_SIDES, factor * patch),
+            default_steps=SANA_SPRINT_STEPS if sprint else SANA_STEPS,
+            vae_kind="dc",
+            family=family,
+            max_sequence_length=SANA_SEQUENCE,
+            patch_size=patch,
+            guidance_embeds=embeds,
+            timestep_scale=float(transformer.get("timestep_scale", 1.0)),
+            guidance_embeds_scale=float(transformer.get("guidance_embeds_scale", 0.1)) if embeds else 1.0,
         )
         check_model_config(config)
     except ManifestError as exc:

@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 # its `text_encoder_2` (diffusers' names).
 COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
 # Families whose denoiser is a transformer over latent patches (config.family); the others have a `unet`.
-TRANSFORMER_FAMILIES = ("sd3", "flux", "z_image")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "sana", "sana_sprint", "z_image")
 # Transformer families conditioned on one LLM text encoder (Qwen3) alone: Z-Image.
 LLM_FAMILIES = ("z_image",)
 FAMILIES = ("", "sd", "sdxl", *TRANSFORMER_FAMILIES)
@@ -80,7 +80,9 @@ class ModelConfig:
 
     For SD3/FLUX: `embedding_dim` is the transformer's `joint_attention_dim` (T5's width), `sample_size` the
     default latent side (SD3: the transformer's; FLUX: diffusers' default_sample_size 128), `max_token_length`
-    CLIP's, and `prediction_type` "flow" (the transformer predicts the flow-matching velocity)."""
+    CLIP's, and `prediction_type` "flow" (the transformer predicts the flow-matching velocity). SANA: `embedding_dim`
+    is Gemma's width (the transformer's `caption_channels`), `sample_size` the transformer's, `max_token_length`
+    the Gemma tokens the transformer reads (as `max_sequence_length`)."""
 
     embedding_dim: int
     latent_channels: int
@@ -107,7 +109,8 @@ class ModelConfig:
     force_zeros_for_empty_prompt: bool = False
     # Input channels of an inpainting UNet (latents, mask, masked image's latents: 9 for SD); None: the latents'.
     unet_in_channels: int | None = None
-    # "tiny" when the model's own VAE is a tiny autoencoder (TAESD: deterministic encoder, no posterior).
+    # "tiny" when the model's own VAE is a tiny autoencoder (TAESD: deterministic encoder, no posterior); "dc" for a
+    # deep-compression autoencoder (SANA's DC-AE: its encoder returns the latents too, no posterior).
     vae_kind: str = "full"
     # Scaling factor of the tiny autoencoder exported beside the VAE; None: there is none.
     tiny_vae_scaling_factor: float | None = None
@@ -121,18 +124,24 @@ class ModelConfig:
     # pipeline from them (0: the graph has the last layer's states only).
     clip_skip_layers: int = 0
     # The architecture: "sd" (SD 1.x/2.x UNets), "sdxl", "sd3" (SD3/3.5: MMDiT `transformer`, CLIP-L + CLIP-G + T5),
-    # "flux" (FLUX.1: `transformer`, CLIP-L + T5). "" in manifests written before this field: a UNet model, SDXL
+    # "flux" (FLUX.1: `transformer`, CLIP-L + T5), "sana" / "sana_sprint" (SANA, SANA-Sprint: linear-attention DiT
+    # `transformer` on DC-AE latents, Gemma-2). "" in manifests written before this field: a UNet model, SDXL
     # when `pooled_dim` is set (see `sdxl`).
     family: str = ""
     # SD3/FLUX: the T5 prompt length the pipeline encodes by default (diffusers: SD3 256, FLUX 512, at most the T5
     # tokenizer's model_max_length); an SD3 folder without T5: CLIP's length, that of the zeros diffusers puts in
-    # T5's place. None: no SD3/FLUX model.
+    # T5's place. SANA: the Gemma tokens the transformer reads (300). None: no transformer model.
     max_sequence_length: int | None = None
     # SD3: the transformer's patch side (2). FLUX: the 2x2 packing of latents into tokens that the pipeline does
     # before the transformer (whose own patch_size is 1), so 2 as well. Latent sides must be multiples of it.
     patch_size: int | None = None
-    # FLUX.1-dev: the transformer takes the (distilled) guidance scale as an input, `guidance`; no CFG.
+    # FLUX.1-dev, SANA-Sprint: the transformer takes the (distilled) guidance scale as an input, `guidance`; no CFG.
     guidance_embeds: bool = False
+    # SANA: what diffusers' SanaPipeline multiplies the sampler's timesteps by for the transformer (its config's
+    # `timestep_scale`). SANA-Sprint: what the guidance scale is multiplied by for `guidance` (its
+    # `guidance_embeds_scale`, 0.1). 1 for the other families.
+    timestep_scale: float = 1.0
+    guidance_embeds_scale: float = 1.0
 
     @property
     def sdxl(self) -> bool:

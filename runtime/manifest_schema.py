@@ -48,6 +48,8 @@ CONFIG = Obj(
         "max_sequence_length": Opt(int),
         "patch_size": Opt(int),
         "guidance_embeds": bool,
+        "timestep_scale": float,
+        "guidance_embeds_scale": float,
     },
 )
 MANIFEST = Obj(
@@ -75,6 +77,10 @@ SIZES = (
 MAX_SIZE = 1 << 16
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: flow matching's velocity (SD3, FLUX)
 MAX_PATCH = 16  # SD3's patches and FLUX's packing are 2x2
+VAE_KINDS = ("full", "tiny", "dc")  # KL (a posterior), TAESD, SANA's DC-AE (both return latents)
+# Families whose transformer takes the guidance scale as an input (FLUX.1-dev, SANA-Sprint).
+GUIDANCE_EMBEDDING_FAMILIES = ("flux", "sana_sprint")
+MAX_TIMESTEP_SCALE = 1e4  # SANA's transformers take the timestep x 1 (x 1000 at most, were it in 0..1)
 
 
 def check_manifest(data: Any) -> None:
@@ -89,8 +95,8 @@ def check_manifest(data: Any) -> None:
     name = data.get("name") or ""
     if len(name) > 200 or not name.isprintable():
         raise ManifestError("name: must be one printable line of at most 200 characters")
-    if config.get("vae_kind", "full") not in ("full", "tiny"):
-        raise ManifestError(f"config.vae_kind: must be full or tiny, got {config['vae_kind']!r}")
+    if config.get("vae_kind", "full") not in VAE_KINDS:
+        raise ManifestError(f"config.vae_kind: must be one of {', '.join(VAE_KINDS)}, got {echo(config['vae_kind'])}")
     if not 0 <= (config.get("deepcache_branch") or 0) <= MAX_SIZE:
         raise ManifestError(f"config.deepcache_branch: must be in 0..{MAX_SIZE}, got {config['deepcache_branch']}")
     if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
@@ -185,8 +191,12 @@ def check_model_config(config: ModelConfig) -> None:
             f"config.size_multiple: {config.size_multiple} is no multiple of vae_scale_factor x patch_size "
             f"({config.vae_scale_factor} x {config.patch_size})"
         )
-    if config.guidance_embeds and config.family != "flux":
-        raise ManifestError("config.guidance_embeds: only FLUX transformers take a guidance input")
+    if config.guidance_embeds and config.family not in GUIDANCE_EMBEDDING_FAMILIES:
+        raise ManifestError("config.guidance_embeds: only FLUX and SANA-Sprint transformers take a guidance input")
+    for key in ("timestep_scale", "guidance_embeds_scale"):
+        value = getattr(config, key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_TIMESTEP_SCALE):
+            raise ManifestError(f"config.{key}: must be in (0, {MAX_TIMESTEP_SCALE:g}], got {echo(value)}")
     if config.size_multiple and side % config.size_multiple:
         raise ManifestError(
             f"config.sample_size: the default size {side} (sample_size x vae_scale_factor) is no multiple of "

@@ -474,15 +474,16 @@ class StableDiffusionPipeline:
         cache = DeepCache(request.deepcache_interval) if (request.deepcache_interval or 1) > 1 else None
 
         def predict(model_input: np.ndarray, i: int, t: float) -> np.ndarray:
-            if inpainting is not None:
-                model_input = inpainting.unet_input(model_input)
+            denoiser_input = inpainting.unet_input(model_input) if inpainting is not None else model_input
             step_cond = guidance.conditioning_at(i, cond, unguided)
-            return self.predict_noise(model_input, t, step_cond, guidance, cache, request.tome_ratio)
+            prediction = self.predict_noise(denoiser_input, t, step_cond, guidance, cache, request.tome_ratio)
+            return self.family.sampler_prediction(sched, prediction, model_input, t)
 
         after_step = None
         if inpainting is not None:
             after_step = lambda x, i: inpainting.after_step(x, sched, timesteps, i)  # noqa: E731
         latents = sample(predict, sched, latents, timesteps, generator, after_step, _stop_check(callback, cancelled))
+        latents = self.family.final_latents(sched, latents)
         for name in (*UNET_GRAPHS, self.family.denoiser):
             self.release(name)
         params = self.parameters(request)
@@ -643,13 +644,13 @@ class StableDiffusionPipeline:
 
     def encode_image(self, pixels: np.ndarray, generator: Generator, tiled: bool = False) -> np.ndarray:
         """(1, 3, H, W) pixels in [-1, 1] -> scaled latents, sampled from the VAE posterior with `generator`
-        (a tiny autoencoder's are deterministic and draw nothing; per-image generators sample one latent per
-        image, as a batch of one with each seed would); `tiled`: in tiles (see `tiling`)."""
+        (a tiny autoencoder's and a DC-AE's are deterministic and draw nothing; per-image generators sample one
+        latent per image, as a batch of one with each seed would); `tiled`: in tiles (see `tiling`)."""
         encoder = self.component(self.vae.encoder)
         tiling = self.tiling if tiled else None
         encoded = tiling.encode(lambda x: encoder(sample=x)[0], pixels) if tiling else encoder(sample=pixels)[0]
         self.release(self.vae.encoder)
-        if self.vae.tiny:
+        if self.vae.deterministic:
             return (encoded * np.float32(self.vae.scaling_factor)).astype(np.float32)
         mean, logvar = np.split(encoded, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
@@ -778,9 +779,9 @@ def noise_source(request: GenerationRequest) -> Generator:
 
 def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
     """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny autoencoder
-    (cheap enough whole) or a folder without that config."""
+    (cheap enough whole), a DC-AE (whose tiles this does not know) or a folder without that config."""
     config = folder / vae.decoder / "config.json"
-    if vae.tiny or not os.path.lexists(config):
+    if vae.deterministic or not os.path.lexists(config):
         return None
     try:
         return Tiling.from_vae_config(read_json(inside(folder, f"{vae.decoder}/config.json", folder)))
@@ -855,6 +856,15 @@ class ZImagePipeline(StableDiffusionPipeline):
     defines it (classifier-free above 0; the Turbo's default is 0, none)."""
 
 
+class SanaPipeline(StableDiffusionPipeline):
+    """SANA (families/sana.py): txt2img and img2img; prompts read behind SANA's complex human instruction."""
+
+
+class SanaSprintPipeline(StableDiffusionPipeline):
+    """SANA-Sprint (families/sana.py): txt2img and img2img in 1-4 sCM steps; `guidance_scale` is embedded (no
+    classifier-free guidance, no negative prompt)."""
+
+
 # The class `from_pretrained` returns for each family's pipeline_class (an inpainting UNet: its own name).
 PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
     cls.__name__: cls
@@ -864,6 +874,8 @@ PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
         StableDiffusion3Pipeline,
         FluxPipeline,
         ZImagePipeline,
+        SanaPipeline,
+        SanaSprintPipeline,
     )
 }
 
@@ -896,6 +908,8 @@ __all__ = [
     "StableDiffusion3Pipeline",
     "FluxPipeline",
     "ZImagePipeline",
+    "SanaPipeline",
+    "SanaSprintPipeline",
     "DiffusionPipeline",
     "AutoPipelineForInpainting",
     "PipelineOutput",

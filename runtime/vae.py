@@ -1,5 +1,5 @@
-"""Which autoencoder a pipeline decodes (and encodes) with: the model's own VAE, or a tiny autoencoder (TAESD)
-exported beside it or as the model's own, each with its own latent scaling.
+"""Which autoencoder a pipeline decodes (and encodes) with: the model's own VAE (a KL autoencoder, or SANA's DC-AE),
+or a tiny autoencoder (TAESD) exported beside it or as the model's own, each with its own latent scaling.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ class VaeChoice:
     scaling_factor: float
     shift_factor: float | None
     tiny: bool
+    # Whether the encoder returns the latents themselves (a tiny autoencoder, SANA's DC-AE), not a posterior's
+    # mean and log-variance to sample them from.
+    deterministic: bool = False
 
 
 VAE_OPTIONS = ("auto", "full", "tiny")
@@ -29,9 +32,10 @@ def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
     model's own if that is tiny); ManifestError when the folder has no such VAE."""
     if vae not in VAE_OPTIONS:
         raise ValueError(f"vae must be one of {', '.join(VAE_OPTIONS)}, got {vae!r}")
-    own = VaeChoice("vae_decoder", "vae_encoder", config.scaling_factor, config.shift_factor, config.vae_kind == "tiny")
+    kind, scaling = config.vae_kind, config.scaling_factor
+    own = VaeChoice("vae_decoder", "vae_encoder", scaling, config.shift_factor, kind == "tiny", kind in ("tiny", "dc"))
     if vae == "tiny" and config.tiny_vae_scaling_factor is not None:
-        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True)
+        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True, True)
     if vae == "tiny" and not own.tiny:
         raise ManifestError(f"{folder}: has no tiny autoencoder (export one with sd-export convert --vae TAESD_FOLDER)")
     if vae == "full" and own.tiny:

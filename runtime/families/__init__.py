@@ -6,13 +6,22 @@ from __future__ import annotations
 from ..manifest import ManifestError, ModelConfig
 from .base import Conditioning, Family
 from .flux import Flux
+from .sana import Sana, SanaSprint
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 from .z_image import ZImage
 
 # Most specific first: a config is the first family's that recognizes it.
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion3, Flux, ZImage, StableDiffusionXL, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (
+    StableDiffusion3,
+    Flux,
+    ZImage,
+    SanaSprint,
+    Sana,
+    StableDiffusionXL,
+    StableDiffusion,
+)
 
 
 def family_for(config: ModelConfig) -> type[Family]:
