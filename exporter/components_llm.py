@@ -9,16 +9,26 @@
   (batch, sequence), 1 for a prompt's tokens) -> `out_hidden_states`, the model's raw output (the pipeline negates
   it). diffusers' ZImageTransformer2DModel takes a list of prompt states of each prompt's own length; this graph
   is its batched form, exactly equivalent: each prompt's valid tokens first, the rest masked (see ZImageTransformer).
+- FLUX.2 [klein]'s `transformer`: (`hidden_states` (batch, tokens, 4 x latent channels): the 2x2-patchified latents
+  one token per position, `encoder_hidden_states` (batch, sequence, 3 x the LLM's width), `timestep` (batch,) as the
+  pipeline passes it (t / 1000), `txt_ids` (sequence, 4), `img_ids` (tokens, 4): rotary positions (t, h, w, l) as
+  2-D tensors, as FLUX.1's) -> `out_hidden_states`, FLUX.1's names.
+- FLUX.2 [klein]'s `vae_decoder`: `latent_sample` is what the pipeline samples, the patchified latents normalized by
+  the VAE's batch-norm statistics (batch, 4 x latent channels, height / 16, width / 16); the graph un-normalizes and
+  unpatchifies them, as Flux2KleinPipeline does before vae.decode. No `vae_encoder`: the pipeline has no img2img
+  (its `image` is a reference to edit from, which this runtime does not offer).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .components import IMAGE_AXES, ComponentSpec, Inputs, _latent_side
+from .components import IMAGE_AXES, SPECS, ComponentSpec, Inputs, _latent_side
+from .components_transformers import _apply_rotary_emb
 from .source import PipelineSource
 
 TEXT_AXES = {0: "batch", 1: "sequence"}
@@ -238,6 +248,113 @@ Z_IMAGE_TRANSFORMER = ComponentSpec(
 )
 
 
+class Flux2Transformer(torch.nn.Module):
+    """FLUX.2's transformer without a guidance input (klein's), with FLUX.1's traceable rotary embedding."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        txt_ids: torch.Tensor,
+        img_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        from diffusers.models.transformers import transformer_flux2
+
+        original = transformer_flux2.apply_rotary_emb
+        transformer_flux2.apply_rotary_emb = _apply_rotary_emb  # see components_transformers.traceable_rotary
+        try:
+            return self.model(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=None,
+                return_dict=False,
+            )[0]
+        finally:
+            transformer_flux2.apply_rotary_emb = original
+
+
+class Flux2VaeDecoder(torch.nn.Module):
+    """AutoencoderKLFlux2's decoder on the pipeline's latents: un-normalized with the VAE's batch-norm running
+    statistics, unpatchified (2x2 from channels), decoded, as Flux2KleinPipeline does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        bn = self.model.bn
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.model.config.batch_norm_eps)
+        latents = latent_sample * std + bn.running_mean.view(1, -1, 1, 1)
+        batch, channels, height, width = latents.shape
+        latents = latents.reshape(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
+        return self.model.decode(latents.reshape(batch, channels // 4, height * 2, width * 2), return_dict=False)[0]
+
+
+def _load_flux2(folder: Path) -> torch.nn.Module:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer(Flux2Transformer2DModel.from_pretrained(folder / "transformer"))
+
+
+def _load_flux2_decoder(folder: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKLFlux2
+
+    return Flux2VaeDecoder(AutoencoderKLFlux2.from_pretrained(folder / "vae"))
+
+
+def flux2_ids(rows: int, columns: int) -> torch.Tensor:
+    """Flux2KleinPipeline's latent ids: (rows x columns, 4) of (0, row, column, 0)."""
+    ids = torch.zeros(rows, columns, 4)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(columns)[None, :]
+    return ids.reshape(rows * columns, 4)
+
+
+def flux2_text_ids(length: int) -> torch.Tensor:
+    """Flux2KleinPipeline's text ids: (length, 4) of (0, 0, 0, index)."""
+    ids = torch.zeros(length, 4)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def _flux2_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
+    config = src.config
+    side = min(_latent_side(config), 8)
+    return (
+        torch.randn(batch, side * side, config.latent_channels, generator=gen),
+        torch.randn(batch, SAMPLE_TOKENS, config.embedding_dim, generator=gen),
+        torch.rand(batch, generator=gen),
+        flux2_text_ids(SAMPLE_TOKENS),
+        flux2_ids(side, side),
+    )
+
+
+IMAGE_TOKENS = {0: "batch", 1: "image_sequence"}
+FLUX2_TRANSFORMER = ComponentSpec(
+    "transformer",
+    ("hidden_states", "encoder_hidden_states", "timestep", "txt_ids", "img_ids"),
+    ("out_hidden_states",),
+    {
+        "hidden_states": IMAGE_TOKENS,
+        "encoder_hidden_states": TEXT_AXES,
+        "timestep": {0: "batch"},
+        "txt_ids": {0: "sequence"},
+        "img_ids": {0: "image_sequence"},
+        "out_hidden_states": IMAGE_TOKENS,
+    },
+    _load_flux2,
+    _flux2_inputs,
+)
+
+
 def _llm_spec(src: PipelineSource) -> ComponentSpec:
     outputs = tuple(f"hidden_states.{k}" for k in text_layers(src))
     axes = {"input_ids": TEXT_AXES, "attention_mask": TEXT_AXES, **{name: TEXT_AXES for name in outputs}}
@@ -248,6 +365,8 @@ def llm_component_spec(name: str, src: PipelineSource) -> ComponentSpec | None:
     """The spec of Z-Image's or FLUX.2 [klein]'s component `name`; None for the VAE graphs it shares."""
     if name == "text_encoder":
         return _llm_spec(src)
-    if name == "transformer" and src.config.family == "z_image":
-        return Z_IMAGE_TRANSFORMER
+    if name == "transformer":
+        return Z_IMAGE_TRANSFORMER if src.config.family == "z_image" else FLUX2_TRANSFORMER
+    if name == "vae_decoder" and src.config.family == "flux2":
+        return replace(SPECS["vae_decoder"], load=_load_flux2_decoder)
     return None

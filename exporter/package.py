@@ -84,8 +84,10 @@ def write_model_index(source: Path, out: Path, components: list[str]) -> None:
     if "transformer" in components:  # SD3 and FLUX pipelines have no safety checker slots
         for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
             del onnx_index[key]
-    # SDXL's second tokenizer and flags; SD3's CLIP-G and T5 tokenizers, FLUX's T5 tokenizer.
-    for key in ("tokenizer_2", "tokenizer_3", "force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+    # SDXL's second tokenizer and flags; SD3's CLIP-G and T5 tokenizers, FLUX's T5 tokenizer; FLUX.2 [klein]'s
+    # step-distilled flag (no classifier-free guidance).
+    keys = ("tokenizer_2", "tokenizer_3", "force_zeros_for_empty_prompt", "requires_aesthetics_score", "is_distilled")
+    for key in keys:
         if key in index:
             onnx_index[key] = index[key]
     # Optimum's and diffusers' pipelines know the standard components only; a tiny VAE beside is ours.

@@ -183,7 +183,9 @@ def _inspect_llm_folder(folder: Path, pipeline_class: str, family: str, name: st
     except ManifestError as exc:
         raise ExportError(str(exc)) from None
     tokens = read_t5_token_ids(folder / "text_encoder", folder / "tokenizer")  # end and padding ids, as T5's
-    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    components = ("text_encoder", "transformer", "vae_decoder")
+    if family != "flux2":  # FLUX.2 [klein] has no img2img (its `image` is a reference to edit from)
+        components += ("vae_encoder",)
     return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components)
 
 

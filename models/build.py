@@ -217,6 +217,24 @@ TINY_Z_IMAGE = {
     "vae": TINY_FLUX["vae"],
     "scheduler": {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0},
 }  # fmt: skip
+# FLUX.2 [klein] at test size: a Qwen3 causal LM deep enough for the three layers the pipeline stacks (9, 18, 27), a
+# FLUX.2 transformer over 2x2-patchified 32-channel latents (128 features per token, 4-axis rotary positions
+# summing to a head's width), AutoencoderKLFlux2 (its batch-norm statistics randomized in the builder, so that
+# un-normalizing the latents shows) and FLUX.2's dynamically shifted scheduler. The base model (not distilled):
+# classifier-free guidance above 1.
+TINY_FLUX2_KLEIN = {
+    "pipeline": "Flux2KleinPipeline",
+    "is_distilled": False,
+    "text_encoder": {**TINY_QWEN3, "num_hidden_layers": 27},
+    "transformer": {"patch_size": 1, "in_channels": 128, "num_layers": 1, "num_single_layers": 1,
+                    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 3 * 32,
+                    "axes_dims_rope": (4, 4, 4, 4), "guidance_embeds": False},
+    "vae": {"block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1, "latent_channels": 32,
+            "norm_num_groups": 8, "sample_size": 32},
+    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+}  # fmt: skip
 
 # SANA and SANA-Sprint at test size (built by build_transformers.py): a tiny Gemma-2 (Gemma's layout: grouped
 # key/value heads, soft-capped attention; a small offline tokenizer, see gemma_vocab.py) whose states condition a
@@ -264,6 +282,7 @@ RECIPES = {
     "tiny-flux": TINY_FLUX,
     "tiny-flux-dev": TINY_FLUX_DEV,
     "tiny-z-image": TINY_Z_IMAGE,
+    "tiny-flux2-klein": TINY_FLUX2_KLEIN,
     "tiny-sana": TINY_SANA,
     "tiny-sana-sprint": TINY_SANA_SPRINT,
 }

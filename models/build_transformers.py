@@ -94,7 +94,9 @@ def save_llm_pipeline(recipe: dict[str, Any], out: Path) -> Path:
         modules["vae"] = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **recipe["vae"])
     else:
         modules["transformer"] = diffusers.Flux2Transformer2DModel(**recipe["transformer"])
-        modules["vae"] = diffusers.AutoencoderKLFlux2(**recipe["vae"])
+        modules["vae"] = vae = diffusers.AutoencoderKLFlux2(**recipe["vae"])
+        vae.bn.running_mean.normal_(0.0, 0.5)  # trained statistics, not the identity a new BatchNorm starts as
+        vae.bn.running_var.uniform_(0.5, 2.0)
     options = {"is_distilled": recipe.get("is_distilled", False)} if not z_image else {}
     pipe = getattr(diffusers, recipe["pipeline"])(**modules, **options)
     pipe.save_pretrained(out, safe_serialization=True)

@@ -5,6 +5,7 @@ from .manifest import Manifest, ManifestError
 from .pipeline import (
     AutoPipelineForInpainting,
     DiffusionPipeline,
+    Flux2KleinPipeline,
     FluxPipeline,
     GenerationCancelled,
     PipelineOutput,
@@ -29,6 +30,7 @@ __all__ = [
     "SanaPipeline",
     "SanaSprintPipeline",
     "ZImagePipeline",
+    "Flux2KleinPipeline",
     "GenerationRequest",
     "HiresFix",
     "hires_fix",

@@ -24,6 +24,7 @@ PIPELINE_FAMILIES = {
     "SanaSprintPipeline": "sana_sprint",
     "SanaSprintImg2ImgPipeline": "sana_sprint",
     **{name: "z_image" for name in ("ZImagePipeline", "ZImageImg2ImgPipeline")},
+    "Flux2KleinPipeline": "flux2",  # not Flux2Pipeline (FLUX.2 [dev]: a Mistral encoder), though the same transformer
 }
 TRANSFORMER_FAMILIES = {
     "SD3Transformer2DModel": "sd3",

@@ -17,10 +17,18 @@ from .manifest_schema import check_model_config
 # nothing in its configs tells it from the base model: the Turbo's are recorded (sd-export convert
 # --default-steps/--guidance-scale record others).
 Z_IMAGE_SIDE, Z_IMAGE_SEQUENCE, Z_IMAGE_STEPS, Z_IMAGE_GUIDANCE = 1024, 512, 9, 0.0
+# Flux2KleinPipeline: default_sample_size 128 (1024 px with the 8x VAE), 512 Qwen tokens; 50 steps at CFG 4 for the
+# base models, 4 steps without guidance (1.0) for the step-distilled ones (model_index.json's is_distilled, as the
+# published FLUX.2 [klein] 4B/9B model cards run them).
+FLUX2_SAMPLE_SIZE, FLUX2_SEQUENCE = 128, 512
+FLUX2_STEPS, FLUX2_GUIDANCE, FLUX2_DISTILLED_STEPS, FLUX2_DISTILLED_GUIDANCE = 50, 4.0, 4, 1.0
+FLUX2_PATCH = 2  # the pipeline patchifies 2x2 latent pixels into channels before the transformer
 
 
 def llm_model_config(folder: Path, family: str, transformer: dict[str, Any], vae: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Z-Image or FLUX.2 [klein] folder."""
+    if family == "flux2":
+        return _flux2_config(folder, transformer, vae)
     tokenizer = _optional_json(folder, "tokenizer/tokenizer_config.json")
     try:
         latent = int(vae.get("latent_channels", 16))
@@ -49,6 +57,54 @@ def llm_model_config(folder: Path, family: str, transformer: dict[str, Any], vae
             family=family,
             max_sequence_length=sequence,
             patch_size=patch,
+        )
+        check_model_config(config)
+    except ManifestError as exc:
+        raise ManifestError(f"{folder}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    return config
+
+
+def _flux2_config(folder: Path, transformer: dict[str, Any], vae: dict[str, Any]) -> ModelConfig:
+    """FLUX.2 [klein]: its latents are the VAE's patchified 2x2 into channels (4 x latent_channels) and
+    normalized by the VAE's batch-norm statistics, so `latent_channels` and `vae_scale_factor` are those of the
+    latents the sampler sees (the vae_decoder graph un-normalizes and unpatchifies them); one token per latent pixel
+    (patch_size 1)."""
+    tokenizer = _optional_json(folder, "tokenizer/tokenizer_config.json")
+    index = _optional_json(folder, "model_index.json")
+    try:
+        distilled = bool(index.get("is_distilled", False))
+        patch = tuple(vae.get("patch_size", (FLUX2_PATCH, FLUX2_PATCH)))
+        if patch != (FLUX2_PATCH, FLUX2_PATCH):
+            raise ManifestError(f"the VAE patchifies {echo(list(patch))}, the pipeline 2x2")
+        channels = int(vae.get("latent_channels", 32)) * FLUX2_PATCH**2
+        if transformer.get("in_channels") != channels or transformer.get("patch_size", 1) != 1:
+            raise ManifestError(
+                f"the transformer takes {echo(transformer.get('in_channels'))} channels in patches of "
+                f"{echo(transformer.get('patch_size'))}, not the {channels} of the VAE's patchified latents one by one"
+            )
+        if transformer.get("guidance_embeds"):
+            raise ManifestError("the transformer embeds a guidance scale, which Flux2KleinPipeline does not give")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1) * FLUX2_PATCH
+        sequence = FLUX2_SEQUENCE
+        limit = tokenizer.get("model_max_length")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            sequence = min(sequence, limit)
+        config = ModelConfig(
+            embedding_dim=int(transformer["joint_attention_dim"]),
+            latent_channels=channels,
+            vae_scale_factor=factor,
+            scaling_factor=1.0,
+            sample_size=FLUX2_SAMPLE_SIZE // FLUX2_PATCH,
+            max_token_length=sequence,
+            prediction_type="flow",
+            guidance_scale=FLUX2_DISTILLED_GUIDANCE if distilled else FLUX2_GUIDANCE,
+            size_multiple=factor,
+            default_steps=FLUX2_DISTILLED_STEPS if distilled else FLUX2_STEPS,
+            family="flux2",
+            max_sequence_length=sequence,
+            patch_size=1,
         )
         check_model_config(config)
     except ManifestError as exc:

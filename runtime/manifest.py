@@ -24,9 +24,9 @@ FORMAT_VERSION = 1
 # its `text_encoder_2` (diffusers' names).
 COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
 # Families whose denoiser is a transformer over latent patches (config.family); the others have a `unet`.
-TRANSFORMER_FAMILIES = ("sd3", "flux", "sana", "sana_sprint", "z_image")
-# Transformer families conditioned on one LLM text encoder (Qwen3) alone: Z-Image.
-LLM_FAMILIES = ("z_image",)
+TRANSFORMER_FAMILIES = ("sd3", "flux", "sana", "sana_sprint", "z_image", "flux2")
+# Transformer families conditioned on one LLM text encoder (Qwen3) alone: Z-Image, FLUX.2 [klein].
+LLM_FAMILIES = ("z_image", "flux2")
 FAMILIES = ("", "sd", "sdxl", *TRANSFORMER_FAMILIES)
 # A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
 TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")

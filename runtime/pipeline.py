@@ -111,7 +111,7 @@ class StableDiffusionPipeline:
         self.session_config = session_config
         self.low_memory = low_memory
         self.vae = choose_vae(vae, config, folder)
-        self.tiling = _vae_tiling(folder, self.vae)
+        self.tiling = _vae_tiling(folder, self.vae, config.vae_scale_factor)
         self.family: Family = family_for(config)(folder, config, manifest)
         self.components_used = (*self.family.components, self.vae.decoder)
         self.scheduler_config = read_scheduler_config(folder)
@@ -777,14 +777,17 @@ def noise_source(request: GenerationRequest) -> Generator:
     return TorchGenerator(request.seed)
 
 
-def _vae_tiling(folder: Path, vae: VaeChoice) -> Tiling | None:
-    """Tile sizes of the full VAE, from its diffusers config beside the graph; None for a tiny autoencoder
-    (cheap enough whole), a DC-AE (whose tiles this does not know) or a folder without that config."""
+def _vae_tiling(folder: Path, vae: VaeChoice, factor: int) -> Tiling | None:
+    """Tile sizes of the full VAE, from its diffusers config beside the graph, its latent tile in the graph's
+    latents (`factor` times smaller than pixels: the VAE's own, or FLUX.2's patchified ones, half those); None for
+    a tiny autoencoder (cheap enough whole), a DC-AE (whose tiles this does not know) or a folder without that
+    config."""
     config = folder / vae.decoder / "config.json"
     if vae.deterministic or not os.path.lexists(config):
         return None
     try:
-        return Tiling.from_vae_config(read_json(inside(folder, f"{vae.decoder}/config.json", folder)))
+        tiling = Tiling.from_vae_config(read_json(inside(folder, f"{vae.decoder}/config.json", folder)))
+        return Tiling(tiling.sample, tiling.sample // factor)
     except ManifestError:
         raise
     except ValueError as exc:
@@ -856,6 +859,12 @@ class ZImagePipeline(StableDiffusionPipeline):
     defines it (classifier-free above 0; the Turbo's default is 0, none)."""
 
 
+class Flux2KleinPipeline(StableDiffusionPipeline):
+    """FLUX.2 [klein] (families/flux2.py): txt2img; classifier-free guidance above 1 for the base models, none for
+    the step-distilled ones. output_type="latent" gives the sampler's latents (patchified and normalized), which
+    the vae_decoder graph takes."""
+
+
 class SanaPipeline(StableDiffusionPipeline):
     """SANA (families/sana.py): txt2img and img2img; prompts read behind SANA's complex human instruction."""
 
@@ -874,6 +883,7 @@ PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
         StableDiffusion3Pipeline,
         FluxPipeline,
         ZImagePipeline,
+        Flux2KleinPipeline,
         SanaPipeline,
         SanaSprintPipeline,
     )
@@ -908,6 +918,7 @@ __all__ = [
     "StableDiffusion3Pipeline",
     "FluxPipeline",
     "ZImagePipeline",
+    "Flux2KleinPipeline",
     "SanaPipeline",
     "SanaSprintPipeline",
     "DiffusionPipeline",

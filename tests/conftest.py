@@ -161,3 +161,20 @@ def tiny_z_image_export(tiny_z_image_pipeline: Path, tmp_path_factory: pytest.Te
     out = tmp_path_factory.mktemp("z-image-export") / "tiny-z-image-onnx"
     convert(str(tiny_z_image_pipeline), out, log=lambda line: None)
     return out
+
+
+# FLUX.2 [klein] at test size (models/build.py's tiny-flux2-klein, a base model): its diffusers folder and export.
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.models.build import RECIPES, build_pipeline
+
+    return build_pipeline(RECIPES["tiny-flux2-klein"], tmp_path_factory.mktemp("flux2") / "tiny-flux2-klein", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_export(tiny_flux2_klein_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path_factory.mktemp("flux2-export") / "tiny-flux2-klein-onnx"
+    convert(str(tiny_flux2_klein_pipeline), out, log=lambda line: None)
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..manifest import ManifestError, ModelConfig
 from .base import Conditioning, Family
 from .flux import Flux
+from .flux2 import Flux2
 from .sana import Sana, SanaSprint
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -17,6 +18,7 @@ FAMILIES: tuple[type[Family], ...] = (
     StableDiffusion3,
     Flux,
     ZImage,
+    Flux2,
     SanaSprint,
     Sana,
     StableDiffusionXL,

@@ -23,6 +23,7 @@ from ..chat_template import ChatPrompts
 from ..request import GenerationRequest
 from .base import Conditioning, FlowMatching
 from .clip import plain_texts
+from .llm import encode_outputs
 
 SEQ_MULTI_OF = 32  # the transformer pads each prompt's tokens to a multiple of 32
 
@@ -48,7 +49,8 @@ class ZImage(FlowMatching):
         texts = plain_texts(request.prompts, request.prompt_syntax)
         if do_cfg:
             texts = plain_texts(request.negative_prompts or [""] * len(texts), request.prompt_syntax) + texts
-        states, mask = encode_prompts(pipe, self.tokenizers["text_encoder"], texts)
+        outputs, mask = encode_outputs(pipe, self.tokenizers["text_encoder"], texts)
+        states = next(iter(outputs.values()))  # the one layer the graph returns (hidden_states[-2])
         length = max(1, -(-int(mask.sum(axis=1).max()) // SEQ_MULTI_OF)) * SEQ_MULTI_OF
         mask = mask_of(mask, length)
         states = np.pad(states[:, :length], ((0, 0), (0, length - min(length, states.shape[1])), (0, 0)))
@@ -80,19 +82,6 @@ class ZImage(FlowMatching):
 
     def denoiser_output(self, output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         return -output
-
-
-def encode_prompts(pipe: Any, prompts: ChatPrompts, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The LLM encoder's one output (the hidden states the family conditions on) and the attention mask, for
-    `texts` as chat turns."""
-    ids, mask = prompts.encode(texts)
-    encoder = pipe.component("text_encoder")
-    outputs = encoder(
-        input_ids=ids.astype(encoder.input_dtype("input_ids", np.int32)),
-        attention_mask=mask.astype(encoder.input_dtype("attention_mask", np.int32)),
-    )
-    pipe.release("text_encoder")
-    return np.asarray(outputs[0], np.float32), mask
 
 
 def mask_of(mask: np.ndarray, length: int) -> np.ndarray:

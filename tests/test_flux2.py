@@ -1,0 +1,172 @@
+"""FLUX.2 [klein] end to end on the tiny seeded model (models/build.py's tiny-flux2-klein, a base model): the
+export's graphs and manifest, the transformer and text encoder graphs against PyTorch at shapes they were not
+traced at, the chat-template tokenizer (thinking off, padded to 512) against transformers', and the torch-free
+pipeline in parity with diffusers' Flux2KleinPipeline (same weights, seed and settings: mean absolute pixel
+difference <= 1/255), with and without classifier-free guidance, tiled or not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from sd_onnx.runtime import DiffusionPipeline, GenerationRequest, RequestError
+from sd_onnx.runtime.configs import read_model_config
+from sd_onnx.runtime.manifest import Manifest
+
+PROMPT = "a red circle on a blue square"
+TOLERANCE = 1 / 255
+LAYERS = (9, 18, 27)
+
+
+@pytest.fixture(scope="module")
+def flux2(tiny_flux2_klein_pipeline: Path, tiny_flux2_klein_export: Path):
+    from diffusers import Flux2KleinPipeline
+
+    theirs = Flux2KleinPipeline.from_pretrained(tiny_flux2_klein_pipeline)
+    theirs.set_progress_bar_config(disable=True)
+    return DiffusionPipeline.from_pretrained(tiny_flux2_klein_export, provider="cpu"), theirs
+
+
+def diffusers_images(pipe, seed: int, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+
+
+def mean_abs(ours: np.ndarray, theirs: np.ndarray) -> float:
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float(np.abs(np.asarray(ours, np.float64) - theirs).mean())
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_signatures_config_and_validation(tiny_flux2_klein_export: Path) -> None:
+    manifest = Manifest.load(tiny_flux2_klein_export)
+    manifest.verify(tiny_flux2_klein_export)
+    assert manifest.pipeline_class == "Flux2KleinPipeline" and manifest.model_family == "flux2"
+    signatures = {
+        name: ({t.name: (t.dtype, t.shape) for t in info.inputs}, {t.name: (t.dtype, t.shape) for t in info.outputs})
+        for name, info in manifest.components.items()
+    }
+    text = ["batch", "sequence"]
+    assert signatures["text_encoder"] == (
+        {"input_ids": ("int32", text), "attention_mask": ("int32", text)},
+        {f"hidden_states.{k}": ("float32", [*text, 32]) for k in LAYERS},
+    )
+    tokens = ["batch", "image_sequence", 128]
+    assert signatures["transformer"] == (
+        {
+            "hidden_states": ("float32", tokens),
+            "encoder_hidden_states": ("float32", [*text, 3 * 32]),
+            "timestep": ("float32", ["batch"]),
+            "txt_ids": ("float32", ["sequence", 4]),
+            "img_ids": ("float32", ["image_sequence", 4]),
+        },
+        {"out_hidden_states": ("float32", tokens)},
+    )
+    assert signatures["vae_decoder"] == (
+        {"latent_sample": ("float32", ["batch", 128, "height", "width"])},
+        {"sample": ("float32", ["batch", 3, "height", "width"])},
+    )
+    assert set(signatures) == {"text_encoder", "transformer", "vae_decoder"}  # no img2img: no encoder
+    for info in manifest.components.values():
+        assert info.validation["max_abs_diff"] <= info.validation["atol"]
+    config = manifest.config
+    assert (config.family, config.max_sequence_length, config.patch_size, config.embedding_dim) == ("flux2", 512, 1, 96)
+    assert (config.latent_channels, config.vae_scale_factor, config.size_multiple) == (128, 4, 4)
+    assert (config.default_steps, config.guidance_scale, config.default_resolution) == (50, 4.0, 256)
+    assert (config.scaling_factor, config.shift_factor) == (1.0, None)
+
+
+def test_distilled_models_default_to_four_unguided_steps(tiny_flux2_klein_pipeline: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "distilled"
+    for part in ("transformer", "vae", "tokenizer"):
+        (folder / part).mkdir(parents=True)
+        for file in (tiny_flux2_klein_pipeline / part).glob("*.json"):
+            shutil.copy2(file, folder / part / file.name)
+    index = json.loads((tiny_flux2_klein_pipeline / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    config = read_model_config(folder)
+    assert (config.default_steps, config.guidance_scale, config.family) == (4, 1.0, "flux2")
+
+
+def test_graphs_match_pytorch_at_other_shapes(tiny_flux2_klein_pipeline: Path, tiny_flux2_klein_export: Path) -> None:
+    """The transformer at a batch, image size and prompt length it was not traced at, against diffusers' forward
+    with the pipeline's 3-D ids; the text encoder's three layers against transformers' hidden_states."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    model = Flux2Transformer2DModel.from_pretrained(tiny_flux2_klein_pipeline / "transformer").eval()
+    gen = torch.Generator().manual_seed(0)
+    rows, columns, length = 6, 10, 512
+    hidden = torch.randn(3, rows * columns, 128, generator=gen)
+    text = torch.randn(3, length, 96, generator=gen)
+    t = torch.rand(3, generator=gen)
+    img_ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(3, 128, rows, columns))
+    txt_ids = Flux2KleinPipeline._prepare_text_ids(text)
+    with torch.no_grad():
+        want = model(hidden, text, t, img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+    feeds = {"hidden_states": hidden.numpy(), "encoder_hidden_states": text.numpy(), "timestep": t.numpy()}
+    feeds.update(txt_ids=txt_ids[0].float().numpy(), img_ids=img_ids[0].float().numpy())
+    got = session(tiny_flux2_klein_export / "transformer" / "model.onnx").run(None, feeds)[0]
+    assert np.abs(got - want.numpy()).max() < 1e-5
+
+    encoder = Qwen3ForCausalLM.from_pretrained(tiny_flux2_klein_pipeline / "text_encoder").eval()
+    ids = torch.randint(0, encoder.config.vocab_size, (2, 100), generator=gen)
+    mask = torch.ones(2, 100, dtype=torch.int64)
+    mask[1, 40:] = 0
+    with torch.no_grad():
+        states = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    got = session(tiny_flux2_klein_export / "text_encoder" / "model.onnx").run(
+        None, {"input_ids": ids.numpy().astype(np.int32), "attention_mask": mask.numpy().astype(np.int32)}
+    )
+    for k, layer in zip(LAYERS, got, strict=True):
+        assert np.abs(layer - states[k].numpy()).max() < 1e-4
+
+
+def test_prompts_tokenize_as_the_pipeline(flux2) -> None:
+    """Chat turns with thinking off, padded to 512 with their mask: what Flux2KleinPipeline's tokenizer call makes."""
+    ours, theirs = flux2
+    prompts = [PROMPT, "", "word " * 600]
+    ids, mask = ours.family.tokenizers["text_encoder"].encode(prompts)
+    for prompt, row, valid in zip(prompts, ids, mask, strict=True):
+        message = [{"role": "user", "content": prompt}]
+        text = theirs.tokenizer.apply_chat_template(
+            message, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        want = theirs.tokenizer(text, padding="max_length", truncation=True, max_length=512)
+        assert row.tolist() == want.input_ids and valid.tolist() == want.attention_mask
+
+
+def test_loads_as_its_family_and_refuses_init_images(flux2) -> None:
+    ours, _ = flux2
+    assert type(ours).__name__ == "Flux2KleinPipeline" and ours.family.name == "flux2"
+    assert ours.components_used == ("text_encoder", "transformer", "vae_decoder")
+    assert ours.family.uses_cfg(4.0) and not ours.family.uses_cfg(1.0)
+    with pytest.raises(RequestError, match="image: FLUX.2 \\[klein\\] takes no init image"):
+        ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (64, 64))))
+
+
+def test_txt2img_matches_diffusers(flux2) -> None:
+    """No guidance (1.0), then classifier-free guidance on a batch of two prompts, two images each, non-square;
+    the second also decoded in tiles, as diffusers' vae.enable_tiling() does."""
+    ours, theirs = flux2
+    settings = {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
+    got = ours(PROMPT, seed=1, output_type="np", **settings).images
+    assert mean_abs(got, diffusers_images(theirs, 1, prompt=PROMPT, **settings)) <= TOLERANCE
+    prompts = [PROMPT, "a green cat sitting on a long wooden table"]
+    settings = {"num_inference_steps": 2, "guidance_scale": 3.5, "height": 64, "width": 96, "num_images_per_prompt": 2}
+    got = ours(prompts, seed=2, output_type="np", vae_tiling=True, **settings).images
+    theirs.vae.enable_tiling()
+    try:
+        assert mean_abs(got, diffusers_images(theirs, 2, prompt=prompts, **settings)) <= TOLERANCE
+    finally:
+        theirs.vae.disable_tiling()
