@@ -115,7 +115,7 @@ def convert(
             src.add_tiny_vae(vae)
         components = components or src.components
         if "tiny_vae_decoder" not in components:  # the manifest offers a tiny VAE only when it has its decoder
-            src.config.tiny_vae_scaling_factor = None
+            src.config.tiny_vae_scaling_factor = src.config.tiny_vae_shift_factor = None
         absent = set(components) - set(src.components)
         if absent:
             raise ExportError(f"{src.name} has no {', '.join(sorted(absent))} (it has {', '.join(src.components)})")

@@ -85,6 +85,8 @@ class PipelineSource:
             )
         self.tiny_vae = folder
         self.config.tiny_vae_scaling_factor = float(config.get("scaling_factor", 1.0))
+        shift = config.get("shift_factor")
+        self.config.tiny_vae_shift_factor = float(shift) if shift else None
         self.components = (*self.components, *TINY_VAE_COMPONENTS)
 
 

@@ -114,6 +114,8 @@ class ModelConfig:
     vae_kind: str = "full"
     # Scaling factor of the tiny autoencoder exported beside the VAE; None: there is none.
     tiny_vae_scaling_factor: float | None = None
+    # Its shift factor (TAESD3, TAEF1: the latents are shifted before they are scaled, as the model's own VAE's).
+    tiny_vae_shift_factor: float | None = None
     # DeepCache: the branch whose feature the UNet also returns and the shallow UNet takes; None: not exported.
     deepcache_branch: int | None = None
     # Whether the folder has the token-merging UNet (`unet_tome`).

@@ -40,6 +40,7 @@ CONFIG = Obj(
         "unet_in_channels": Opt(int),
         "vae_kind": str,
         "tiny_vae_scaling_factor": Opt(float),
+        "tiny_vae_shift_factor": Opt(float),
         "deepcache_branch": Opt(int),
         "token_merging": bool,
         "unet_stages": int,

@@ -639,7 +639,8 @@ class StableDiffusionPipeline:
         if not self.has_tiny_vae:
             raise ValueError(f"{self.folder}: has no tiny autoencoder to preview with")
         tiny = choose_vae("tiny", self.config, self.folder)
-        pixels = self.component(tiny.decoder)(latent_sample=latents[:1] / np.float32(tiny.scaling_factor))[0]
+        scaled = latents[:1] / np.float32(tiny.scaling_factor) + np.float32(tiny.shift_factor or 0.0)
+        pixels = self.component(tiny.decoder)(latent_sample=scaled)[0]
         return to_pil(np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))[0]
 
     def encode_image(self, pixels: np.ndarray, generator: Generator, tiled: bool = False) -> np.ndarray:
@@ -651,15 +652,16 @@ class StableDiffusionPipeline:
         encoded = tiling.encode(lambda x: encoder(sample=x)[0], pixels) if tiling else encoder(sample=pixels)[0]
         self.release(self.vae.encoder)
         if self.vae.deterministic:
-            return (encoded * np.float32(self.vae.scaling_factor)).astype(np.float32)
-        mean, logvar = np.split(encoded, 2, axis=1)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-        if isinstance(generator, ImageGenerators):  # a posterior sample per image, each from its own seed
-            mean, std = (np.concatenate([a] * (len(generator) // len(a))) for a in (mean, std))
-        latents = mean + std * generator.randn(mean.shape)
+            latents = encoded
+        else:
+            mean, logvar = np.split(encoded, 2, axis=1)
+            std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+            if isinstance(generator, ImageGenerators):  # a posterior sample per image, each from its own seed
+                mean, std = (np.concatenate([a] * (len(generator) // len(a))) for a in (mean, std))
+            latents = mean + std * generator.randn(mean.shape)
         if self.vae.shift_factor:  # SD3, FLUX: latents are shifted before they are scaled
             latents = latents - np.float32(self.vae.shift_factor)
-        return latents * np.float32(self.vae.scaling_factor)
+        return (latents * np.float32(self.vae.scaling_factor)).astype(np.float32)
 
     def _img2img_latents(
         self,

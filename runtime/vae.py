@@ -35,7 +35,8 @@ def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
     kind, scaling = config.vae_kind, config.scaling_factor
     own = VaeChoice("vae_decoder", "vae_encoder", scaling, config.shift_factor, kind == "tiny", kind in ("tiny", "dc"))
     if vae == "tiny" and config.tiny_vae_scaling_factor is not None:
-        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", config.tiny_vae_scaling_factor, None, True, True)
+        scaling, shift = config.tiny_vae_scaling_factor, config.tiny_vae_shift_factor
+        return VaeChoice("tiny_vae_decoder", "tiny_vae_encoder", scaling, shift, True, True)
     if vae == "tiny" and not own.tiny:
         raise ManifestError(f"{folder}: has no tiny autoencoder (export one with sd-export convert --vae TAESD_FOLDER)")
     if vae == "full" and own.tiny:

@@ -255,3 +255,43 @@ def test_inpainting_matches_diffusers(name: str, request) -> None:
     want = diffusers_images(inpaint, 8, "latent", prompt=PROMPT, image=image, mask_image=mask, **settings)
     want = want if name == "sd3" else unpack(want, got.shape)  # FLUX returns its latents packed
     assert mean_abs(got, want) <= TOLERANCE * float(np.abs(got).mean())
+
+
+def tiny_autoencoder(out: Path, scaling: float, shift: float) -> Path:
+    """A TAESD3/TAEF1-class AutoencoderTiny (16 latent channels, with a scaling and a shift factor) at the tiny
+    models' 1/2 scale, seeded."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    blocks = {"encoder_block_out_channels": (8, 8), "decoder_block_out_channels": (8, 8)}
+    counts = {"num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1)}
+    AutoencoderTiny(latent_channels=16, scaling_factor=scaling, shift_factor=shift, **blocks, **counts).save_pretrained(
+        out
+    )
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_tiny_autoencoder_matches_diffusers(name: str, request, tmp_path: Path) -> None:
+    """TAESD3 / TAEF1 exported beside the VAE (`--vae`): decoding and img2img encoding with its own scaling and
+    shift, as diffusers' pipelines do with an AutoencoderTiny as their `vae`."""
+    from diffusers import AutoencoderTiny
+
+    from sd_onnx.exporter.convert import convert
+
+    source = request.getfixturevalue(f"tiny_{name}_pipeline")
+    cls = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+    tiny = tiny_autoencoder(tmp_path / "tiny-vae", 1.5, 0.1)
+    convert(str(source), tmp_path / "onnx", vae=str(tiny), log=lambda line: None)
+    ours = DiffusionPipeline.from_pretrained(tmp_path / "onnx", provider="cpu", vae="tiny")
+    theirs = reference(source, cls)
+    theirs.vae = AutoencoderTiny.from_pretrained(tiny)
+    settings = {"num_inference_steps": 2} | ({"guidance_scale": 3.0} if name == "sd3" else {})
+    got = ours(PROMPT, seed=4, output_type="np", **settings).images
+    assert mean_abs(got, diffusers_images(theirs, 4, prompt=PROMPT, **settings)) <= TOLERANCE
+    image = init_image(ours.config.default_resolution)
+    got = ours(PROMPT, image=image, strength=0.6, seed=4, output_type="np", **settings).images
+    img2img = getattr(__import__("diffusers"), cls.replace("Pipeline", "Img2ImgPipeline"))(**theirs.components)
+    img2img.set_progress_bar_config(disable=True)
+    want = diffusers_images(img2img, 4, prompt=PROMPT, image=image, strength=0.6, **settings)
+    assert mean_abs(got, want) <= TOLERANCE
