@@ -246,10 +246,15 @@ class StableDiffusionPipeline:
         the others were skipped."""
         if not embeddings:
             return [], dict(skipped)
-        tables = {name: token_table(self.folder / name) for name in self.text_encoders()}
-        fit, unfit = usable(embeddings, {name: width for name, (_, width) in tables.items()})
-        for name, tokenizer in self.text_encoders().items():
-            tokenizer.add_embeddings(fit, tables[name][0])
+        fit, unfit = [], {}
+        if self.family.name not in ("sd", "sdxl"):  # CLIP-only conditioning is what the files are trained for
+            reason = f"textual-inversion embeddings apply to SD 1.x/2.x and SDXL, not {self.family.label}"
+            unfit = {embedding.name: reason for embedding in embeddings}
+        else:
+            tables = {name: token_table(self.folder / name) for name in self.text_encoders()}
+            fit, unfit = usable(embeddings, {name: width for name, (_, width) in tables.items()})
+            for name, tokenizer in self.text_encoders().items():
+                tokenizer.add_embeddings(fit, tables[name][0])
         for name, reason in {**skipped, **unfit}.items():
             LOG.warning("embedding %s skipped: %s", name, reason)
         return fit, {**skipped, **unfit}
@@ -270,6 +275,8 @@ class StableDiffusionPipeline:
         limits, as diffusers); RequestError (a ValueError) naming the bad field."""
         resolved = request.resolve(self.config, self.scheduler_config, self.scheduler_name, limits or Limits.none())
         self.family.check_request(resolved)
+        if resolved.vae_tiling and self.tiling is None:
+            raise RequestError("vae_tiling", f"this model's autoencoder ({self.vae.decoder}) has no tiled decoding")
         self.lora_tags(resolved)
         return resolved
 

@@ -289,9 +289,20 @@ def test_tiny_autoencoder_matches_diffusers(name: str, request, tmp_path: Path) 
     settings = {"num_inference_steps": 2} | ({"guidance_scale": 3.0} if name == "sd3" else {})
     got = ours(PROMPT, seed=4, output_type="np", **settings).images
     assert mean_abs(got, diffusers_images(theirs, 4, prompt=PROMPT, **settings)) <= TOLERANCE
+    with pytest.raises(RequestError, match="vae_tiling: this model's autoencoder .tiny_vae_decoder. has no tiled"):
+        ours(PROMPT, vae_tiling=True)
     image = init_image(ours.config.default_resolution)
     got = ours(PROMPT, image=image, strength=0.6, seed=4, output_type="np", **settings).images
     img2img = getattr(__import__("diffusers"), cls.replace("Pipeline", "Img2ImgPipeline"))(**theirs.components)
     img2img.set_progress_bar_config(disable=True)
     want = diffusers_images(img2img, 4, prompt=PROMPT, image=image, strength=0.6, **settings)
     assert mean_abs(got, want) <= TOLERANCE
+
+
+def test_textual_inversion_files_are_skipped_with_a_reason_on_transformer_families(tiny_flux_export, tmp_path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(tmp_path / "myword.safetensors"))
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_export, provider="cpu", embeddings=tmp_path)
+    assert pipe.embeddings == []
+    assert pipe.skipped_embeddings == {"myword": "textual-inversion embeddings apply to SD 1.x/2.x and SDXL, not FLUX"}
