@@ -37,11 +37,13 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
+    type=click.Choice(["fp32", "fp16", "int8", "int4"]),
     default="fp32",
     show_default=True,
     help="fp16: half-precision graphs for GPU providers; int8: static QDQ quantization of UNet and VAE, "
-    "calibrated on real trajectories (for CPUs).",
+    "calibrated on real trajectories (for CPUs); for transformer models (SD3, FLUX, ...) int8 and int4 quantize "
+    "the weights of the transformer and T5/LLM text encoders, no calibration (int8: dynamic per-channel, the "
+    "faster; int4: MatMulNBits, the smaller).",
 )
 @click.option(
     "--optimize/--no-optimize",
@@ -173,7 +175,8 @@ def convert(
 @click.option(
     "--components",
     default=None,
-    help="Components to make int8 [default: every one with a recipe: unet, vae_decoder, vae_encoder].",
+    help="Components to quantize [default: unet, vae_decoder, vae_encoder; transformer models: the transformer "
+    "and T5/LLM text encoders].",
 )
 @click.option("--calibration-steps", default=10, show_default=True, type=click.IntRange(1), help="Steps per prompt.")
 @click.option(
@@ -181,6 +184,13 @@ def convert(
 )
 @click.option("--prompts", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Calibration prompts, one per line (default: a built-in varied set of 8).")  # fmt: skip
+@click.option(
+    "--precision",
+    type=click.Choice(["int8", "int4"]),
+    default="int8",
+    show_default=True,
+    help="int4: transformer models only (weight-only MatMulNBits; their int8 is weight-only too).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def quantize(
     source: Path,
@@ -189,9 +199,11 @@ def quantize(
     calibration_steps: int,
     calibration_size: int | None,
     prompts: Path | None,
+    precision: str,
     overwrite: bool,
 ) -> None:
-    """Quantize the fp32 export SOURCE to int8 (static QDQ, calibrated on real trajectories) into OUTPUT."""
+    """Quantize the fp32 export SOURCE into OUTPUT: a UNet model to int8 (static QDQ, calibrated on real
+    trajectories), a transformer model's transformer and T5 encoder to weight-only int8 or int4 (no calibration)."""
     from sd_onnx.runtime.manifest import ManifestError
 
     from .quantize_folder import quantize_folder
@@ -204,7 +216,7 @@ def quantize(
     if prompts is not None:
         options["prompts"] = tuple(line.strip() for line in prompts.read_text().splitlines() if line.strip())
     try:
-        quantize_folder(source, output, overwrite=overwrite, log=lambda line: click.echo(line, err=True), **options)
+        quantize_folder(source, output, overwrite=overwrite, precision=precision, log=echo, **options)
     except (ExportError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

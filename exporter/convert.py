@@ -44,7 +44,7 @@ from .validate import compare_outputs, open_session, signature
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TRACE_SEED, VALIDATION_SEED = 0, 1
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer")  # what LoRAs change
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
@@ -77,7 +77,8 @@ def convert(
     """Export `source` to an ONNX model folder at `output` and return its manifest.
 
     precision "fp16" converts every graph to half precision for GPU providers (see half.py); "int8" quantizes
-    the UNet and VAE after export (see quantize.py for the recipes); `optimize`
+    the UNet and VAE after export (see quantize.py for the recipes), or for transformer models (SD3, FLUX) the
+    weights of the transformer and T5/LLM text encoders, as "int4" does (see quantize_weights.py); `optimize`
     fuses attention into onnxruntime's MultiHeadAttention and splits GEGLU projections (see optimize.py)
     before the graphs are validated;
     `guidance_scale` and `default_steps` record the guidance and steps the model was made for (the runtime's
@@ -123,11 +124,13 @@ def convert(
             "--deepcache-branch": deepcache_branch is not None,
             "--tome": tome,
             "--unet-stages": unet_stages,
-            "--precision int8": precision == "int8",  # its calibration runs the UNet pipeline
         }
-        if src.config.family in TRANSFORMER_FAMILIES and any(unet_only.values()):
+        weight_only = src.config.family in TRANSFORMER_FAMILIES  # int8/int4 without calibration (transformers)
+        if weight_only and any(unet_only.values()):
             given = ", ".join(option for option, used in unet_only.items() if used)
             raise ExportError(f"{given}: for UNet models; {src.name} is {src.config.family} (a transformer)")
+        if precision == "int4" and not weight_only:
+            raise ExportError(f"--precision int4: for transformer models (SD3, FLUX); {src.name} has a UNet")
         if deepcache_branch is not None:
             check_branch(read_json(src.folder / "unet" / "config.json"), deepcache_branch)
         if guidance_scale is not None:
@@ -156,7 +159,11 @@ def convert(
             manifest = add_deepcache(staging, manifest, deepcache_branch, log)
         if tome:
             manifest = add_token_merging(staging, manifest, log)
-        if precision == "int8":
+        if precision in ("int8", "int4") and weight_only:
+            from .quantize_weights_folder import quantize_weights_in_place
+
+            manifest = quantize_weights_in_place(staging, precision, log=log)
+        elif precision == "int8":
             from .quantize_folder import quantize_in_place
 
             quantizable = tuple(c for c in components if c in RECIPES)

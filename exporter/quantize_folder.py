@@ -1,5 +1,6 @@
 """`sd-export quantize` and `convert --precision int8`: calibrate on real trajectories, quantize each
-component by its recipe, measure fidelity against fp32, and record every decision in the manifest."""
+component by its recipe, measure fidelity against fp32, and record every decision in the manifest. Transformer
+models (SD3, FLUX) take weight-only int8/int4 instead (quantize_weights_folder.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sd_onnx.runtime.manifest import Manifest
+from sd_onnx.runtime.manifest import TRANSFORMER_FAMILIES, Manifest
 
 from .atomic import publish, staging_folder
 from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
@@ -80,17 +81,33 @@ def quantize_in_place(
 
 
 def quantize_folder(
-    source: Path, output: Path, *, overwrite: bool = False, log: Log = print, **options: object
+    source: Path,
+    output: Path,
+    *,
+    overwrite: bool = False,
+    precision: str = "int8",
+    log: Log = print,
+    **options: object,
 ) -> Manifest:
-    """Quantize an existing fp32 export into a new folder, atomically."""
+    """Quantize an existing fp32 export into a new folder, atomically: a UNet model's UNet and VAE to static int8
+    (calibrated, `options` as quantize_in_place takes them), a transformer model's transformer and T5/LLM encoders
+    weight-only to `precision` int8 or int4 (quantize_weights_folder.py; `components` is the one option it takes)."""
     source, output = Path(source).expanduser().resolve(), Path(output).expanduser().resolve()
-    Manifest.load(source)
+    weight_only = Manifest.load(source).config.family in TRANSFORMER_FAMILIES
+    if precision not in ("int8", "int4") or (precision == "int4" and not weight_only):
+        raise ExportError(f"{precision}: UNet models quantize to int8; transformer models (SD3, FLUX) to int8 or int4")
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     with staging_folder(output) as staging:
         # A copy, not hard links: onnx refuses external weights with several links (a hard-link attack guard).
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        manifest = quantize_in_place(staging, log=log, **options)
+        if weight_only:
+            from .quantize_weights_folder import quantize_weights_in_place
+
+            components = options.get("components")
+            manifest = quantize_weights_in_place(staging, precision, components, log)  # type: ignore[arg-type]
+        else:
+            manifest = quantize_in_place(staging, log=log, **options)
         publish(staging, output)
     log(f"wrote {output}")
     return manifest

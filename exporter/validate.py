@@ -23,9 +23,14 @@ ORT_TYPES = {
 }
 
 
+LARGE_GRAPH = 4 * 2**30  # above this, weights are not prepacked: prepacking copies every one (a full-size model twice)
+
+
 def open_session(model_file: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if sum(p.stat().st_size for p in Path(model_file).parent.iterdir() if p.is_file()) > LARGE_GRAPH:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 

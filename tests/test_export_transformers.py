@@ -251,8 +251,8 @@ def test_sd3_without_t5(tiny_sd3_pipeline: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "given"), [({"tome": True}, "--tome"), ({"precision": "int8"}, "--precision int8")]
-)
+    ("options", "given"), [({"tome": True}, "--tome"), ({"unet_stages": True}, "--unet-stages")]
+)  # --precision int8/int4 quantize a transformer's weights instead (tests/test_transformer_quantize.py)
 def test_unet_options_refused_for_transformers(tiny_flux_pipeline: Path, tmp_path: Path, options, given) -> None:
     with pytest.raises(ExportError, match=f"{given}: for UNet models"):
         convert(str(tiny_flux_pipeline), tmp_path / "out", **options, log=lambda line: None)
