@@ -105,6 +105,15 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     is_flag=True,
     help="Also cut the UNet into stage graphs that --low-memory runs one at a time (weights stored once).",
 )
+@click.option(
+    "--trace-dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Load and trace the transformer and T5 in this dtype: bf16 halves the memory for full-size models "
+    "(SD3.5, FLUX, T5-XXL); the graphs are still fp32, validated against an fp32 computation, with the weights "
+    "as bf16 holds them (exact for the bf16/fp16 checkpoints these models ship as).",
+)
 def convert(
     source: str,
     output: Path,
@@ -125,6 +134,7 @@ def convert(
     deepcache_branch: int | None,
     tome: bool,
     unet_stages: bool,
+    trace_dtype: str,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -157,6 +167,7 @@ def convert(
             deepcache_branch=deepcache_branch,
             tome=tome,
             unet_stages=unet_stages,
+            trace_dtype=trace_dtype,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

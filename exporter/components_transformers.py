@@ -31,6 +31,7 @@ from sd_onnx.runtime.configs import SANA_FAMILIES
 from sd_onnx.runtime.manifest import LLM_FAMILIES
 
 from .components import IMAGE_AXES, SPECS, ComponentSpec, Inputs, TextEncoder, _hidden_state_names, _latent_side
+from .lean import load_dtype
 from .source import PipelineSource
 
 FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent pixels into one token
@@ -135,9 +136,10 @@ class T5Encoder(torch.nn.Module):
 def _load_transformer(folder: Path) -> torch.nn.Module:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+    dtype = load_dtype()  # bf16 for the memory-lean export (lean.py)
     if _config_class(folder / "transformer") == "FluxTransformer2DModel":
-        return FluxTransformer(FluxTransformer2DModel.from_pretrained(folder / "transformer"))
-    return SD3Transformer(SD3Transformer2DModel.from_pretrained(folder / "transformer"))
+        return FluxTransformer(FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype))
+    return SD3Transformer(SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype))
 
 
 def _config_class(folder: Path) -> str:
@@ -148,7 +150,7 @@ def _load_t5(name: str) -> Callable[[Path], torch.nn.Module]:
     def load(folder: Path) -> torch.nn.Module:
         from transformers import T5EncoderModel
 
-        return T5Encoder(T5EncoderModel.from_pretrained(folder / name))
+        return T5Encoder(T5EncoderModel.from_pretrained(folder / name, dtype=load_dtype()))
 
     return load
 

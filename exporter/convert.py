@@ -28,10 +28,11 @@ from sd_onnx.runtime.manifest import (
 )
 
 from .atomic import publish, staging_folder
-from .components import component_spec
+from .components import ComponentSpec, Inputs, component_spec
 from .deepcache import add_deepcache, check_branch
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
+from .lean import TRACE_DTYPES, float32_compute, load_in, widen_graph
 from .lora_targets import map_weights, weight_candidates, write_targets
 from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
@@ -72,6 +73,7 @@ def convert(
     deepcache_branch: int | None = None,
     tome: bool = False,
     unet_stages: bool = False,
+    trace_dtype: str = "fp32",
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -90,13 +92,16 @@ def convert(
     graphs, caching at that branch (see deepcache.py); `tome` the UNet graph that merges tokens before
     self-attention, its ratio an input (see tome.py); `unet_stages` the UNet cut into the stage graphs that
     low-memory mode runs one at a time (see stages.py). All are cut or grown from the final UNet graph, so they
-    follow its precision and share its weights."""
+    follow its precision and share its weights. `trace_dtype` "bf16" (or "fp16") loads and traces each module in
+    that dtype, half the memory of fp32, for full-size models; the graphs are fp32 all the same (see lean.py)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if trace_dtype not in TRACE_DTYPES:
+        raise ExportError(f"unknown trace dtype {trace_dtype!r} (known: {', '.join(TRACE_DTYPES)})")
     exportable = COMPONENTS + TINY_VAE_COMPONENTS
     unknown = set(components or ()) - set(exportable)
     if unknown:
@@ -142,7 +147,14 @@ def convert(
         for i, component in enumerate(components, 1):
             started = time.perf_counter()
             infos[component] = export_component(
-                src, component, staging, opset, atol, optimize, half=precision == "fp16" and _halves(src, component)
+                src,
+                component,
+                staging,
+                opset,
+                atol,
+                optimize,
+                half=precision == "fp16" and _halves(src, component),
+                trace_dtype=trace_dtype,
             )
             size_mb = sum((staging / f).stat().st_size for f in infos[component].files) / 1e6
             max_diff = infos[component].validation["max_abs_diff"]
@@ -183,23 +195,53 @@ def export_component(
     atol: float,
     optimize: bool = True,
     half: bool = False,
+    trace_dtype: str = "fp32",
 ) -> ComponentInfo:
     """Trace one component, optimize it (and make it fp16 if `half`), validate it against PyTorch and describe
-    it for the manifest."""
+    it for the manifest. `trace_dtype` "bf16"/"fp16" loads and traces the module in that dtype, for half the
+    memory, and still writes and validates the fp32 graph (see lean.py)."""
     spec = component_spec(name, src)
-    out_file = folder / name / "model.onnx"
-    out_file.parent.mkdir(parents=True)
-    module = _load(spec.load, src.folder, name).eval()
+    dtype = TRACE_DTYPES[trace_dtype]
+
+    def load() -> torch.nn.Module:
+        with load_in(dtype):
+            return _load(spec.load, src.folder, name).eval()  # in `dtype` if its loader reads lean.load_dtype()
+
     trace_inputs = spec.sample_inputs(src, 1, torch.Generator().manual_seed(TRACE_SEED))
     check_inputs = spec.sample_inputs(src, 2, torch.Generator().manual_seed(VALIDATION_SEED))
-    with torch.no_grad():
+    return export_module(load, spec, trace_inputs, check_inputs, folder, opset, atol, optimize, half,
+                         lora=name in LORA_COMPONENTS)  # fmt: skip
+
+
+def export_module(
+    load: Callable[[], torch.nn.Module],
+    spec: ComponentSpec,
+    trace_inputs: Inputs,
+    check_inputs: Inputs,
+    folder: Path,
+    opset: int,
+    atol: float,
+    optimize: bool = True,
+    half: bool = False,
+    lora: bool = False,
+) -> ComponentInfo:
+    """export_component's work on the module `load` returns (fp32, or bf16/fp16 for the memory-lean path):
+    reference run in fp32, trace, the module freed (this function holds its only reference), then the graph
+    written, optimized and validated."""
+    name = spec.name
+    out_file = folder / name / "model.onnx"
+    out_file.parent.mkdir(parents=True)
+    module = load()
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    with torch.no_grad(), float32_compute(module):
         reference = module(*check_inputs)
-    reference = [t.numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
-    traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
-    weights = weight_candidates(module.model) if name in LORA_COMPONENTS else {}
+    reference = [t.float().numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
+    with float32_compute(module):  # a bf16/fp16 module traced as the fp32 computation it stands for
+        traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
+    weights = weight_candidates(module.model) if lora else {}
     del module
     gc.collect()
-    pack_graph(traced, out_file)
+    (pack_graph if dtype == torch.float32 else widen_graph)(traced, out_file)
     fix_static_dims(out_file, spec, [r.shape for r in reference])
     optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
     lora_map = map_weights(weights, out_file) if weights else {}
