@@ -60,15 +60,17 @@ def test_load_time_lora_matches_diffusers(family) -> None:
     assert mean_abs(got, without) > 4 * TOLERANCE  # the LoRA changed the picture
 
 
-def test_export_time_fusion_matches_diffusers(family, tmp_path: Path) -> None:
+def test_export_time_fusion_matches_diffusers(tiny_flux_pipeline: Path, tmp_path: Path) -> None:
+    """Fused by diffusers before export (FLUX; SD3 takes the same path: the fusion is diffusers' own)."""
     from sd_onnx.exporter.convert import convert
 
-    source, export, lora, theirs = family
-    fused = tmp_path / "fused"
-    convert(str(source), fused, loras=[(lora, 1.0)], log=lambda line: None)
-    ours = DiffusionPipeline.from_pretrained(fused, provider="cpu")
-    got = ours(PROMPT, seed=2, output_type="np", **settings(export)).images
-    want = diffusers_images(theirs, 2, prompt=PROMPT, **settings(export))
+    lora = write_transformer_lora(tiny_flux_pipeline, "FluxPipeline", tmp_path / "lora.safetensors")
+    theirs = reference(tiny_flux_pipeline, "FluxPipeline")
+    theirs.load_lora_weights(str(lora))
+    convert(str(tiny_flux_pipeline), tmp_path / "fused", loras=[(lora, 1.0)], log=lambda line: None)
+    ours = DiffusionPipeline.from_pretrained(tmp_path / "fused", provider="cpu")
+    got = ours(PROMPT, seed=2, output_type="np", num_inference_steps=2).images
+    want = diffusers_images(theirs, 2, prompt=PROMPT, num_inference_steps=2)
     assert mean_abs(got, want) <= TOLERANCE
 
 
