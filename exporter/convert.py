@@ -237,7 +237,7 @@ def export_module(
         reference = module(*check_inputs)
     reference = [t.float().numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
     with float32_compute(module):  # a bf16/fp16 module traced as the fp32 computation it stands for
-        traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset)
+        traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset, dtype == torch.float32)
     weights = weight_candidates(module.model) if lora else {}
     del module
     gc.collect()

@@ -4,14 +4,15 @@ traced in bf16 (or fp16), half the memory of fp32, and the graph that comes out 
 - Loading: component loaders that read `load_dtype()` (the dtype `load_in` sets; SD3's and FLUX's transformer
   and T5) ask diffusers/transformers for it, so a 4.7B-parameter T5-XXL is 9.5 GB in memory instead of 19 GB and
   never held in fp32 whole. The others (CLIP, VAE: small) load and trace in fp32 as before.
-- Reference outputs: computed in fp32 by `float32_compute`, which widens each module's own weights for its forward
-  only and narrows them back after (lossless: they were bf16 values), so validation compares the fp32 graph with
-  an fp32 computation at the usual tolerance, while memory holds one module's fp32 weights at a time.
-- Trace: torch.onnx records that same fp32 computation (inside `float32_compute`: every operation, constant and
-  folded scale in fp32; tracing the bf16 module instead left bf16-rounded constants such as attention scales, 1e-4
-  off); only the weights it writes are the stored bf16 ones. `widen_graph` then makes them fp32 as it moves them
-  into the output's `_data` file, one tensor at a time (each bf16 scratch file deleted once copied, so disk
-  holds the fp32 graph and one tensor more), and any bf16 type left in the graph float.
+- Reference outputs: computed in fp32 inside `float32_compute`, where every bf16 weight is read through a
+  parametrization that widens it at its use, so validation compares the fp32 graph with an fp32 computation at the
+  usual tolerance while memory holds the bf16 weights and one fp32 weight at a time.
+- Trace: torch.onnx records that same fp32 computation (every operation and constant in fp32; tracing the bf16
+  module instead left bf16-rounded constants such as GELU's, 1e-4 off), the stored bf16 weights each followed by a
+  Cast. torch's constant folding is off: it would fold every Cast and Transpose of a weight into a new fp32 tensor,
+  all held at once (measured: 3x the bf16 module). `widen_graph` folds them instead, one tensor at a time, as it
+  moves the weights into the output's `_data` file (each bf16 scratch file deleted once its last use is written,
+  so disk holds the fp32 graph and one tensor more); onnxruntime folds the shape arithmetic left at load.
 
 Real SD3/FLUX/T5 checkpoints are published in bf16 or fp16, so their weights are exactly what the fp32 graph
 holds. Random weights built in bf16 are bf16 values too.
@@ -19,11 +20,12 @@ holds. Random weights built in bf16 are bf16 values too.
 
 from __future__ import annotations
 
-import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -31,7 +33,7 @@ import onnx.numpy_helper
 import torch
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, TWO_GB, point_to
+from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, point_to
 
 TRACE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NARROW = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
@@ -53,44 +55,34 @@ def load_dtype() -> torch.dtype:
     return _load_dtype[-1]
 
 
+class _Widen(torch.nn.Module):
+    """A parametrization: the stored bf16/fp16 tensor, read as fp32."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
 @contextmanager
 def float32_compute(module: torch.nn.Module) -> Iterator[None]:
-    """Run `module` in fp32 although its weights are stored narrower: the weights of each block (a child of a
-    ModuleList: a transformer or T5 layer) are widened before its forward and narrowed back after, and so are the
-    own weights of any module outside the blocks. A block is widened whole because layers look at their children's
-    dtype (T5's feed-forward casts its input to its output Linear's). Nothing to do for an fp32 module."""
-    blocks = [child for m in module.modules() if isinstance(m, torch.nn.ModuleList) for child in m]
-    inside = {id(m) for block in blocks for m in block.modules()}
-    units = [(b, [t for m in b.modules() for t in _own_tensors(m)]) for b in blocks]
-    units += [(m, _own_tensors(m)) for m in module.modules() if id(m) not in inside and _own_tensors(m)]
-    units = [(m, tensors) for m, tensors in units if any(_is_narrow(t) for t in tensors)]
-    dtypes: dict[int, torch.dtype] = {}
-    handles = []
-    for unit, tensors in units:
+    """Run (and trace) `module` in fp32 although its weights are stored narrower: every narrow parameter and
+    buffer is read through a parametrization that widens it where it is used, so each exists in fp32 only while an
+    operation needs it, the code sees fp32 weights (T5 casts activations to its Linears' dtype), and a trace
+    records the stored bf16 tensor and a Cast. Nothing to do for an fp32 module."""
+    from torch.nn.utils import parametrize
 
-        def widen(m: torch.nn.Module, args: object, tensors: list[torch.Tensor] = tensors) -> None:
-            for tensor in tensors:
-                if _is_narrow(tensor):
-                    dtypes[id(tensor)] = tensor.dtype
-                    tensor.data = tensor.data.float()
-
-        def narrow_back(
-            m: torch.nn.Module, args: object, output: object, tensors: list[torch.Tensor] = tensors
-        ) -> None:
-            for tensor in tensors:
-                if id(tensor) in dtypes:
-                    tensor.data = tensor.data.to(dtypes.pop(id(tensor)))
-
-        handles += [unit.register_forward_pre_hook(widen), unit.register_forward_hook(narrow_back)]
+    narrow = [(m, name) for m in module.modules() for name, t in _own_tensors(m) if _is_narrow(t)]
+    for owner, name in narrow:
+        parametrize.register_parametrization(owner, name, _Widen(), unsafe=True)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for owner, name in narrow:
+            parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
 
 
-def _own_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(recurse=False), *(b for b in module.buffers(recurse=False) if b is not None)]
+def _own_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    buffers = [(name, b) for name, b in module.named_buffers(recurse=False) if b is not None]
+    return [*module.named_parameters(recurse=False), *buffers]
 
 
 def _is_narrow(tensor: torch.Tensor) -> bool:
@@ -98,47 +90,114 @@ def _is_narrow(tensor: torch.Tensor) -> bool:
 
 
 def widen_graph(traced: Path, out_file: Path) -> None:
-    """Move the graph traced from a bf16/fp16 module to `out_file` as an fp32 graph: every narrow float type made
-    float, weights widened one tensor at a time into `<name>_data` (scratch files deleted as they are copied);
-    the scratch folder is removed."""
+    """Move the graph traced from a bf16/fp16 module (without constant folding) to `out_file` as an fp32 graph:
+    the Cast and Transpose nodes between each weight and its use folded into the weight, weights widened one
+    tensor at a time into `<name>_data` (each scratch file deleted once its last use is written), every other
+    narrow float type made float; the scratch folder is removed."""
     scratch = traced.parent
     model = onnx.load(str(traced), load_external_data=False)
-    _widen_types(model.graph)
+    graph = model.graph
+    _widen_types(graph)
+    folded = _fold_weight_chains(graph)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    sources = {t.name: t for t in graph.initializer}
+    written = [(name, source, perm) for name, (source, perm) in folded.items() if name in used]
+    written += [(t.name, t.name, None) for t in graph.initializer if t.name in used]
+    uses = Counter(source for _, source, _ in written)
+    constants = [a.t for n in graph.node for a in n.attribute if a.HasField("t")]
     data_name = out_file.name + EXTERNAL_DATA_SUFFIX
-    widened = sum(_size(t) * (2 if t.data_type in NARROW else 1) for t in model.graph.initializer)
-    external = widened > TWO_GB // 2 or any(uses_external_data(t) for t in model.graph.initializer)
-    with open(out_file.parent / data_name, "wb") if external else contextlib.nullcontext() as data:
-        for tensor in model.graph.initializer:
-            if not uses_external_data(tensor):
-                _widen_tensor(tensor)
-                if data is None or _size(tensor) < 1 << 20:
-                    continue
-                payload = tensor.raw_data or onnx.numpy_helper.to_array(tensor).tobytes()
-                tensor.ClearField("raw_data")
-            else:
-                info = ExternalDataInfo(tensor)
-                source = scratch / info.location
-                with open(source, "rb") as f:
-                    f.seek(info.offset or 0)
-                    payload = _widen_bytes(f.read(info.length) if info.length else f.read(), tensor.data_type)
-                if not info.offset and info.length in (None, 0, os.path.getsize(source)):
-                    source.unlink()  # torch writes one file per tensor: gone once copied
-                if tensor.data_type in NARROW:
-                    tensor.data_type = onnx.TensorProto.FLOAT
-            data.write(b"\0" * (-data.tell() % ALIGNMENT))
-            offset = data.tell()
-            data.write(payload)
-            point_to(tensor, data_name, offset, len(payload))
+    initializers = []
+    with open(out_file.parent / data_name, "wb") as data:
+        for name, source, perm in written:
+            tensor = sources[source]
+            array = _read(tensor, scratch)
+            uses[source] -= 1
+            if not uses[source] and uses_external_data(tensor):
+                _release(tensor, scratch)
+            array = np.ascontiguousarray(array.transpose(perm or None)) if perm is not None else array
+            stored = onnx.helper.make_tensor(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
+                                             array.tobytes(), raw=True)  # fmt: skip
+            if array.nbytes >= 1024:
+                _append(data, stored, data_name)
+            initializers.append(stored)
+        for tensor in constants:  # torch also writes large Constant values outside the graph
+            if uses_external_data(tensor):
+                array = _read(tensor, scratch)
+                _release(tensor, scratch)
+                tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+                _append(data, tensor, data_name)
+    graph.ClearField("initializer")
+    graph.initializer.extend(initializers)
     onnx.save_model(model, str(out_file))
+    if not (out_file.parent / data_name).stat().st_size:
+        (out_file.parent / data_name).unlink()
     for leftover in scratch.iterdir():
         leftover.unlink()
     scratch.rmdir()
 
 
-def _size(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's values."""
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+def _fold_weight_chains(graph: onnx.GraphProto) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """Remove the nodes that only cast an initializer to float, transpose it or pass it on (what tracing a widened
+    weight without constant folding leaves: Cast, then Transpose for a MatMul); returns each removed output as
+    (the initializer it comes from, the permutation to apply)."""
+    initializers = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    folded: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    kept = []
+    for node in graph.node:
+        source = node.input[0] if len(node.input) == 1 else None
+        foldable = node.op_type in ("Cast", "Transpose", "Identity") and node.output[0] not in outputs
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Cast" and attributes.get("to") != onnx.TensorProto.FLOAT:
+            foldable = False
+        if not foldable or (source not in initializers and source not in folded):
+            kept.append(node)
+            continue
+        base, perm = folded.get(source, (source, None))
+        if node.op_type == "Transpose":  # () stands for the default, all axes reversed
+            step = tuple(attributes.get("perm", ()))
+            perm = step if perm is None else (tuple(perm[axis] for axis in step) if step else tuple(reversed(perm)))
+        folded[node.output[0]] = (base, perm)
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    return folded
+
+
+def _read(tensor: onnx.TensorProto, scratch: Path) -> np.ndarray:
+    """A tensor's values, widened to float32 if narrow, from the scratch folder or the graph."""
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        with open(scratch / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            payload = f.read(info.length) if info.length else f.read()
+    elif tensor.raw_data:
+        payload = tensor.raw_data
+    elif tensor.data_type in NARROW:  # onnx keeps bf16/fp16 values as their 16 bits in int32_data
+        payload = np.asarray(tensor.int32_data, dtype=np.uint16).tobytes()
+    else:
+        return onnx.numpy_helper.to_array(tensor)
+    if tensor.data_type in NARROW:
+        return np.frombuffer(_widen_bytes(payload, tensor.data_type), np.float32).reshape(tuple(tensor.dims))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(payload, dtype).reshape(tuple(tensor.dims))
+
+
+def _release(tensor: onnx.TensorProto, scratch: Path) -> None:
+    """Delete a tensor's scratch file once read, if it holds that tensor alone (torch writes one per tensor)."""
+    info = ExternalDataInfo(tensor)
+    path = scratch / info.location
+    if path.exists() and not info.offset and info.length in (None, 0, os.path.getsize(path)):
+        path.unlink()
+
+
+def _append(data: BinaryIO, tensor: onnx.TensorProto, location: str) -> None:
+    """Move a tensor's bytes to the end of the data file (page-aligned) and point it there."""
+    payload = tensor.raw_data
+    data.write(b"\0" * (-data.tell() % ALIGNMENT))
+    offset = data.tell()
+    data.write(payload)
+    tensor.ClearField("raw_data")
+    point_to(tensor, location, offset, len(payload))
 
 
 def _widen_types(graph: onnx.GraphProto) -> None:

@@ -112,6 +112,10 @@ def quantize_weights(src: Path, dst: Path, scheme: WeightScheme) -> dict[str, An
                     parameters["float"] += int(np.prod(tensor.dims, dtype=np.int64))
                 tensor = sink.put(tensor, source) if uses_external_data(tensor) else tensor
             graph.initializer.append(tensor)
+        for node in graph.node:  # Constant values torch wrote outside the graph move with the weights
+            for attribute in node.attribute:
+                if attribute.HasField("t") and uses_external_data(attribute.t):
+                    attribute.t.CopyFrom(sink.put(attribute.t, source))
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         onnx.save_model(model, str(dst))

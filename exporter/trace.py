@@ -28,8 +28,12 @@ TWO_GB = 2**31
 ALIGNMENT = 4096  # page-aligned tensors let onnxruntime memory-map them
 
 
-def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs, scratch: Path, opset: int) -> Path:
-    """Export `module` into the empty folder `scratch`; returns the traced file (weights may lie beside it)."""
+def trace_component(
+    module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs, scratch: Path, opset: int, fold_constants: bool = True
+) -> Path:
+    """Export `module` into the empty folder `scratch`; returns the traced file (weights may lie beside it).
+    `fold_constants` False leaves weight casts and transposes as nodes (the memory-lean path folds them itself,
+    lean.widen_graph: torch's folding would hold an fp32 copy of every weight)."""
     scratch.mkdir(parents=True, exist_ok=True)
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 9)
     traced = scratch / "model.onnx"
@@ -44,7 +48,7 @@ def trace_component(module: torch.nn.Module, spec: ComponentSpec, inputs: Inputs
             input_names=list(spec.input_names),
             output_names=list(spec.output_names),
             dynamic_axes=spec.dynamic_axes,
-            do_constant_folding=True,
+            do_constant_folding=fold_constants,
         )
     _positive_perms(traced)
     return traced
