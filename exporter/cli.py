@@ -111,8 +111,8 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     default="fp32",
     show_default=True,
     help="Load and trace the transformer and T5 in this dtype: bf16 halves the memory for full-size models "
-    "(SD3.5, FLUX, T5-XXL); the graphs are still fp32, validated against an fp32 computation, with the weights "
-    "as bf16 holds them (exact for the bf16/fp16 checkpoints these models ship as).",
+    "(SD3.5, FLUX, T5-XXL); the graphs still compute in fp32, validated against an fp32 computation, their weights "
+    "stored as bf16 (half the disk; exact for the bf16/fp16 checkpoints these models ship as).",
 )
 def convert(
     source: str,

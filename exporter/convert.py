@@ -241,7 +241,10 @@ def export_module(
     weights = weight_candidates(module.model) if lora else {}
     del module
     gc.collect()
-    (pack_graph if dtype == torch.float32 else widen_graph)(traced, out_file)
+    if dtype == torch.float32:
+        pack_graph(traced, out_file)
+    else:  # weights stay bf16/fp16 behind a Cast (half the disk), except for fp16 graphs
+        widen_graph(traced, out_file, keep_narrow=not half)
     fix_static_dims(out_file, spec, [r.shape for r in reference])
     optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
     lora_map = map_weights(weights, out_file) if weights else {}

@@ -11,8 +11,12 @@ traced in bf16 (or fp16), half the memory of fp32, and the graph that comes out 
   module instead left bf16-rounded constants such as GELU's, 1e-4 off), the stored bf16 weights each followed by a
   Cast. torch's constant folding is off: it would fold every Cast and Transpose of a weight into a new fp32 tensor,
   all held at once (measured: 3x the bf16 module). `widen_graph` folds them instead, one tensor at a time, as it
-  moves the weights into the output's `_data` file (each bf16 scratch file deleted once its last use is written,
-  so disk holds the fp32 graph and one tensor more); onnxruntime folds the shape arithmetic left at load.
+  moves the weights into the output's `_data` file (each scratch file deleted once its last use is written);
+  onnxruntime folds the shape arithmetic left at load.
+- Storage: the weights stay the bf16 tensors they are, each widened by one Cast to float placed before its first
+  use: the fp32 graph in half the disk (T5-XXL 9.5 GB instead of 19). onnxruntime folds the Casts at load (an fp32
+  graph's memory); validate.open_session runs large graphs without folding, each Cast just before its use, so a
+  full-size graph validates in about its bf16 size. Weight-only quantization reads the weights through the Casts.
 
 Real SD3/FLUX/T5 checkpoints are published in bf16 or fp16, so their weights are exactly what the fp32 graph
 holds. Random weights built in bf16 are bf16 values too.
@@ -89,11 +93,14 @@ def _is_narrow(tensor: torch.Tensor) -> bool:
     return tensor.dtype in (torch.bfloat16, torch.float16)
 
 
-def widen_graph(traced: Path, out_file: Path) -> None:
-    """Move the graph traced from a bf16/fp16 module (without constant folding) to `out_file` as an fp32 graph:
-    the Cast and Transpose nodes between each weight and its use folded into the weight, weights widened one
-    tensor at a time into `<name>_data` (each scratch file deleted once its last use is written), every other
-    narrow float type made float; the scratch folder is removed."""
+def widen_graph(traced: Path, out_file: Path, keep_narrow: bool = True) -> None:
+    """Move the graph traced from a bf16/fp16 module (without constant folding) to `out_file` as an fp32 graph, one
+    tensor at a time into `<name>_data` (each scratch file deleted once its last use is written): the Cast and
+    Transpose nodes between each weight and its use are folded into the weight, which is stored widened, or with
+    `keep_narrow` as the bf16/fp16 tensor it is (transposed as used) followed by one Cast to float placed just
+    before its first use (half the disk; onnxruntime folds the Casts at load, or with the session options of
+    validate.open_session runs each where it is needed). Every other narrow float type is made float; the scratch
+    folder is removed."""
     scratch = traced.parent
     model = onnx.load(str(traced), load_external_data=False)
     graph = model.graph
@@ -106,26 +113,39 @@ def widen_graph(traced: Path, out_file: Path) -> None:
     uses = Counter(source for _, source, _ in written)
     constants = [a.t for n in graph.node for a in n.attribute if a.HasField("t")]
     data_name = out_file.name + EXTERNAL_DATA_SUFFIX
-    initializers = []
+    initializers, casts = [], {}
     with open(out_file.parent / data_name, "wb") as data:
         for name, source, perm in written:
             tensor = sources[source]
-            array = _read(tensor, scratch)
+            narrow = keep_narrow and tensor.data_type in NARROW and len(tensor.dims) > 1
+            array = _read(tensor, scratch, widen=not narrow)
             uses[source] -= 1
             if not uses[source] and uses_external_data(tensor):
                 _release(tensor, scratch)
             array = np.ascontiguousarray(array.transpose(perm or None)) if perm is not None else array
-            stored = onnx.helper.make_tensor(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
-                                             array.tobytes(), raw=True)  # fmt: skip
+            stored = onnx.TensorProto(name=name + "_stored" if narrow else name, dims=array.shape)
+            stored.data_type = tensor.data_type if narrow else onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
             if array.nbytes >= 1024:
-                _append(data, stored, data_name)
+                _append(data, stored, array, data_name)
+            else:
+                stored.raw_data = array.tobytes()
             initializers.append(stored)
+            if narrow:
+                casts[name] = onnx.helper.make_node("Cast", [stored.name], [name], name=f"{name}_widen",
+                                                    to=onnx.TensorProto.FLOAT)  # fmt: skip
         for tensor in constants:  # torch also writes large Constant values outside the graph
             if uses_external_data(tensor):
                 array = _read(tensor, scratch)
                 _release(tensor, scratch)
-                tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-                _append(data, tensor, data_name)
+                if tensor.data_type in NARROW:
+                    tensor.data_type = onnx.TensorProto.FLOAT
+                _append(data, tensor, array, data_name)
+    nodes = []
+    for node in graph.node:  # each Cast just before the first node that reads its weight
+        nodes += [casts.pop(name) for name in node.input if name in casts]
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes + list(casts.values()))
     graph.ClearField("initializer")
     graph.initializer.extend(initializers)
     onnx.save_model(model, str(out_file))
@@ -163,8 +183,9 @@ def _fold_weight_chains(graph: onnx.GraphProto) -> dict[str, tuple[str, tuple[in
     return folded
 
 
-def _read(tensor: onnx.TensorProto, scratch: Path) -> np.ndarray:
-    """A tensor's values, widened to float32 if narrow, from the scratch folder or the graph."""
+def _read(tensor: onnx.TensorProto, scratch: Path, widen: bool = True) -> np.ndarray:
+    """A tensor's values from the scratch folder or the graph: narrow floats widened to float32, or with `widen`
+    False as their 16 bits (uint16)."""
     if uses_external_data(tensor):
         info = ExternalDataInfo(tensor)
         with open(scratch / info.location, "rb") as f:
@@ -177,7 +198,8 @@ def _read(tensor: onnx.TensorProto, scratch: Path) -> np.ndarray:
     else:
         return onnx.numpy_helper.to_array(tensor)
     if tensor.data_type in NARROW:
-        return np.frombuffer(_widen_bytes(payload, tensor.data_type), np.float32).reshape(tuple(tensor.dims))
+        bits = np.frombuffer(payload, np.uint16).reshape(tuple(tensor.dims))
+        return widen_array(bits, tensor.data_type) if widen else bits
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return np.frombuffer(payload, dtype).reshape(tuple(tensor.dims))
 
@@ -190,14 +212,19 @@ def _release(tensor: onnx.TensorProto, scratch: Path) -> None:
         path.unlink()
 
 
-def _append(data: BinaryIO, tensor: onnx.TensorProto, location: str) -> None:
-    """Move a tensor's bytes to the end of the data file (page-aligned) and point it there."""
-    payload = tensor.raw_data
+def _append(data: BinaryIO, tensor: onnx.TensorProto, array: np.ndarray, location: str) -> None:
+    """Write `array` at the end of the data file (page-aligned) as `tensor`'s bytes."""
     data.write(b"\0" * (-data.tell() % ALIGNMENT))
     offset = data.tell()
-    data.write(payload)
-    tensor.ClearField("raw_data")
-    point_to(tensor, location, offset, len(payload))
+    data.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    point_to(tensor, location, offset, array.nbytes)
+
+
+def widen_array(bits: np.ndarray, data_type: int) -> np.ndarray:
+    """bf16/fp16 values given as their 16 bits (uint16), as float32: bf16 is the upper half of a float32."""
+    if data_type == onnx.TensorProto.BFLOAT16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
 
 
 def _widen_types(graph: onnx.GraphProto) -> None:
@@ -226,17 +253,9 @@ def _widen_tensor(tensor: onnx.TensorProto) -> None:
     if tensor.data_type not in NARROW or uses_external_data(tensor):
         return
     if tensor.raw_data:
-        tensor.raw_data = _widen_bytes(tensor.raw_data, tensor.data_type)
+        bits = np.frombuffer(tensor.raw_data, np.uint16)
     else:  # onnx keeps bf16/fp16 values as their 16 bits in int32_data
-        bits = np.asarray(tensor.int32_data, dtype=np.uint16).tobytes()
+        bits = np.asarray(tensor.int32_data, dtype=np.uint16)
         tensor.ClearField("int32_data")
-        tensor.raw_data = _widen_bytes(bits, tensor.data_type)
+    tensor.raw_data = widen_array(bits, tensor.data_type).tobytes()
     tensor.data_type = onnx.TensorProto.FLOAT
-
-
-def _widen_bytes(payload: bytes, data_type: int) -> bytes:
-    if data_type == onnx.TensorProto.BFLOAT16:  # bf16 is the upper half of a float32
-        return (np.frombuffer(payload, np.uint16).astype(np.uint32) << 16).tobytes()
-    if data_type == onnx.TensorProto.FLOAT16:
-        return np.frombuffer(payload, np.float16).astype(np.float32).tobytes()
-    return payload

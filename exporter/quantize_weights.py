@@ -40,9 +40,11 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from .errors import ExportError
+from .lean import widen_array
 from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, point_to
 
 MS_DOMAIN = "com.microsoft"
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,13 @@ def quantize_weights(src: Path, dst: Path, scheme: WeightScheme) -> dict[str, An
             counts[node.op_type] += 1
             parameters["quantized"] += array.size
         graph.ClearField("node")
-        graph.node.extend(nodes)
+        graph.node.extend(_without_unused_casts(nodes, graph))
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         kept = [t for t in graph.initializer if t.name in used]
         graph.ClearField("initializer")
         for tensor in kept:
             if tensor.name not in written:
-                if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(tensor.dims) >= 2:
+                if tensor.data_type in FLOATS and len(tensor.dims) >= 2:
                     parameters["float"] += int(np.prod(tensor.dims, dtype=np.int64))
                 tensor = sink.put(tensor, source) if uses_external_data(tensor) else tensor
             graph.initializer.append(tensor)
@@ -219,32 +221,49 @@ def _weight_matmul(
     return matmul, weight, transpose, add
 
 
+def _attribute(node: onnx.NodeProto, name: str) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _without_unused_casts(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Drop the Casts that widened weights now quantized (their output no longer read)."""
+    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
+    return [n for n in nodes if n.op_type != "Cast" or any(o in read for o in n.output)]
+
+
 class _Weights:
     """The source graph's float weights, read from disk one at a time."""
 
     def __init__(self, folder: Path, graph: onnx.GraphProto) -> None:
         self.folder = folder
         self.tensors = {t.name: t for t in graph.initializer}
-        self.identities = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+        widening = [n for n in graph.node if n.op_type == "Cast" and _attribute(n, "to") == onnx.TensorProto.FLOAT]
+        self.passes = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+        self.passes |= {n.output[0]: n.input[0] for n in widening if n.input[0] in self.tensors}
 
     def resolve(self, name: str) -> str | None:
-        """The initializer a MatMul input is (through Identity nodes), if it is a 2-D float32 weight."""
-        while name in self.identities:
-            name = self.identities[name]
+        """The initializer a MatMul input is (through Identity nodes, and the Cast of a weight stored bf16/fp16:
+        lean.py), if it is a 2-D float weight."""
+        while name in self.passes:
+            name = self.passes[name]
         tensor = self.tensors.get(name)
-        if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
+        if tensor is None or tensor.data_type not in FLOATS or len(tensor.dims) != 2:
             return None
         return name
 
     def array(self, name: str) -> np.ndarray:
+        """The weight's values as float32."""
         tensor = self.tensors[name]
         if not uses_external_data(tensor):
-            return numpy_helper.to_array(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            array = numpy_helper.to_array(tensor)
+            return array if array.dtype == np.float32 else array.astype(np.float32)
+        narrow = tensor.data_type != onnx.TensorProto.FLOAT
+        dtype = np.uint16 if narrow else np.float32
         count = int(np.prod(tensor.dims, dtype=np.int64))
         with open(self.location(tensor), "rb") as f:
             f.seek(int(ExternalDataInfo(tensor).offset or 0))
-            return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+            array = np.fromfile(f, dtype=dtype, count=count).reshape(tuple(tensor.dims))
+        return widen_array(array, tensor.data_type) if narrow else array
 
     def raw(self, tensor: onnx.TensorProto) -> bytes:
         info = ExternalDataInfo(tensor)

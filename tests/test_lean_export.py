@@ -14,6 +14,8 @@ import torch
 from sd_onnx.exporter.convert import convert
 from sd_onnx.exporter.errors import ExportError
 from sd_onnx.exporter.lean import float32_compute
+from sd_onnx.exporter.quantize_folder import quantize_folder
+from sd_onnx.exporter.quantize_weights_folder import MIN_COSINE
 from sd_onnx.runtime.manifest import Manifest
 
 
@@ -56,29 +58,48 @@ def bf16_flux(tiny_flux_pipeline: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.parametrize("name", ["transformer", "text_encoder_2"])
 def test_bf16_trace_writes_the_fp32_graph_of_the_bf16_weights(bf16_flux: Path, tiny_flux_export: Path, name: str):
+    """Weights stored as the bf16 tensors they are (transposed as used), each widened by one Cast to float; the
+    graph computes in fp32 and matches the fp32 export of the same model up to the weights' bf16 rounding."""
     manifest = Manifest.load(bf16_flux)
     info = manifest.components[name]
     assert info.precision == "fp32" and info.validation["max_abs_diff"] < 1e-4  # an fp32 computation, not bf16's
     model = onnx.load(str(bf16_flux / info.file))
-    assert {t.data_type for t in model.graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
-    narrow = [n.name for n in model.graph.node for a in n.attribute
-              if a.name == "to" and a.i in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)]  # fmt: skip
-    assert not narrow
-    for tensor in model.graph.initializer:  # every weight a bf16 value: its low 16 bits are zero
-        if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2:
-            bits = onnx.numpy_helper.to_array(tensor).view(np.uint32)
-            assert not (bits & 0xFFFF).any(), tensor.name
+    stored = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+    matrices = [t for t in model.graph.initializer if len(t.dims) == 2]
+    assert matrices and all(t.name in stored for t in matrices)
+    casts = {n.input[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    assert all(name in casts and casts[name].attribute[0].i == onnx.TensorProto.FLOAT for name in stored)
+    order = [n.name for n in model.graph.node]
+    for node in model.graph.node:  # each Cast right before its weight's first reader
+        if node.op_type == "Cast" and node.input[0] in stored:
+            assert node.output[0] in model.graph.node[order.index(node.name) + 1].input
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in casts]
     feeds = {}
     rng = np.random.default_rng(0)
     for spec in info.inputs:
         shape = info.validation["input_shapes"][spec.name]
-        feeds[spec.name] = (rng.integers(0, 100, shape) if spec.dtype.startswith("int") else rng.random(shape)).astype(
-            spec.dtype
-        )
+        value = rng.integers(0, 100, shape) if spec.dtype.startswith("int") else rng.random(shape)
+        feeds[spec.name] = value.astype(spec.dtype)
     run = lambda f: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
     lean, full = run(bf16_flux / info.file), run(tiny_flux_export / info.file)
     cosine = float((lean * full).sum() / np.linalg.norm(lean) / np.linalg.norm(full))
     assert cosine > 0.999  # the same model, its weights rounded to bf16
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_bf16_stored_weights_quantize(bf16_flux: Path, tmp_path: Path, precision: str) -> None:
+    out = tmp_path / precision
+    quantize_folder(bf16_flux, out, precision=precision, log=lambda line: None)
+    manifest = Manifest.load(out)
+    for name in ("transformer", "text_encoder_2"):
+        info = manifest.components[name]
+        model = onnx.load(str(out / info.file))
+        assert info.precision == precision and info.validation["cosine_min"] >= MIN_COSINE[precision]
+        assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1].endswith("_T")]
+        matrices = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+        widened = {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in matrices}
+        readers = {n.op_type for n in model.graph.node if set(n.input) & widened}
+        assert readers <= {"Gather"}, readers  # T5's token and position-bias tables; every MatMul weight quantized
 
 
 def test_unknown_trace_dtype_refused(tiny_flux_pipeline: Path, tmp_path: Path) -> None:
