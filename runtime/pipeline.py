@@ -38,18 +38,18 @@ from .files import inside, regular_file
 from .guidance import Guidance
 from .hires import hires_fix
 from .hub import locate_model
-from .image import from_pil, to_pil
-from .inpaint import Inpainting, MaskCrop, fill_masked, latent_mask, mask_pixels, paste_back
+from .image import to_pil
+from .inpaint import MaskCrop, paste_back
 from .lora import Lora, check_loras, read_loras, weight_overrides
 from .lora_tags import LoraLibrary, LoraTag, extract_tags
 from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
 from .openvino_engine import default_precision, openvino_version
 from .prompt_syntax import BREAK, parse_attention
-from .request import GenerationRequest, Limits, RequestError, is_latent_image
+from .request import GenerationRequest, Limits, RequestError
 from .rng import Generator, ImageGenerators, TorchGenerator
 from .sampling import GenerationCancelled, sample
 from .scheduler_config import read_scheduler_config
-from .schedulers import Scheduler, make_scheduler, resolve_name
+from .schedulers import make_scheduler, resolve_name
 from .session import (
     CPU,
     OPENVINO,
@@ -64,6 +64,7 @@ from .session import (
 )
 from .shipped import shipped_model
 from .stages import StagedUnet
+from .start_latents import start_latents
 from .tokenizer import CLIPTokenizer
 from .vae import VaeChoice, choose_vae
 from .vae_tiling import Tiling
@@ -465,16 +466,7 @@ class StableDiffusionPipeline:
         cond = self.conditioning(request, do_cfg)
         shape = self.latent_shape(request)
         self.family.set_timesteps(sched, request)
-        timesteps = sched.timesteps
-        inpainting = None
-        if request.image is not None:
-            latents, timesteps, inpainting = self._img2img_latents(request, sched, shape, generator)
-        elif latents is None:
-            latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)
-        else:
-            latents = _checked_latents(latents, shape) * np.float32(sched.init_noise_sigma)
-        if request.denoising_end is not None:
-            timesteps = timesteps[timesteps >= self._timestep_cutoff(request.denoising_end)]
+        latents, timesteps, inpainting = start_latents(self, request, sched, shape, generator, latents)
         scale = self.family.cfg_scale(request.guidance_scale)
         guidance = Guidance.plan(scale, do_cfg, request.guidance_interval, sched.sigma_at(timesteps))
         unguided = guidance.unguided(cond)
@@ -670,98 +662,6 @@ class StableDiffusionPipeline:
             latents = latents - np.float32(self.vae.shift_factor)
         return (latents * np.float32(self.vae.scaling_factor)).astype(np.float32)
 
-    def _img2img_latents(
-        self,
-        request: GenerationRequest,
-        sched: Scheduler,
-        shape: tuple[int, ...],
-        generator: Generator,
-    ) -> tuple[np.ndarray, np.ndarray, Inpainting | None]:
-        """Encode the init image (latents are taken as they are) and noise it to the start timestep, as diffusers'
-        img2img pipelines; with `denoising_start` the schedule starts there and no noise is added. With a mask,
-        the inpainting state too (see inpaint.py)."""
-        timesteps = self._start(request, sched)
-        image = request.image
-        if request.mask_image is not None:
-            return self._inpaint_latents(request, sched, timesteps, shape, generator)
-        if is_latent_image(image, self.config):
-            init = np.asarray(image, np.float32)
-        elif isinstance(image, Image.Image):
-            init = self.encode_image(
-                from_pil(image, request.width, request.height), generator, self.uses_tiling(request)
-            )
-        else:
-            init = self.encode_image(np.asarray(image, np.float32), generator, self.uses_tiling(request))
-        init = np.concatenate([init] * (shape[0] // init.shape[0]))
-        if request.denoising_start is not None:
-            return init, timesteps, None
-        return sched.add_noise(init, generator.randn(shape), timesteps[0]), timesteps, None
-
-    def _inpaint_latents(
-        self,
-        request: GenerationRequest,
-        sched: Scheduler,
-        timesteps: np.ndarray,
-        shape: tuple[int, ...],
-        generator: Generator,
-    ) -> tuple[np.ndarray, np.ndarray, Inpainting]:
-        """Start latents and inpainting state, drawing from `generator` in diffusers' order: the image's
-        latents (when needed), the noise, then the masked image's latents."""
-        image = request.image
-        pixels = from_pil(image, request.width, request.height) if isinstance(image, Image.Image) else image
-        pixels = np.asarray(pixels, np.float32)
-        mask = mask_pixels(request.mask_image, request.width, request.height, request.mask_blur)
-        full = request.strength == 1.0
-        image_latents = None
-        if not self.config.inpainting or not full:
-            start = pixels
-            if request.masked_content == "fill":
-                start = from_pil(fill_masked(image, request.mask_image), request.width, request.height)
-            image_latents = self.encode_image(start, generator, self.uses_tiling(request))
-            image_latents = np.concatenate([image_latents] * (shape[0] // len(image_latents)))
-            image_latents = self._masked_content(request, image_latents, mask, generator)
-        noise = generator.randn(shape)
-        if full:
-            latents = noise * np.float32(sched.init_noise_sigma)
-        else:
-            latents = sched.add_noise(image_latents, noise, timesteps[0])
-        masked = self.encode_image(pixels * (mask < 0.5), generator, self.uses_tiling(request))
-        state = Inpainting(
-            mask=latent_mask(mask, self.config.vae_scale_factor, shape[0]),
-            masked_latents=np.concatenate([masked] * (shape[0] // len(masked))),
-            image_latents=image_latents,
-            noise=noise,
-            unet_takes_mask=self.config.inpainting,
-        )
-        return latents, timesteps, state
-
-    def _masked_content(
-        self, request: GenerationRequest, latents: np.ndarray, mask: np.ndarray, generator: Generator
-    ) -> np.ndarray:
-        """The original's latents with the masked part replaced by noise or zeros (A1111's latent modes)."""
-        if request.masked_content not in ("latent_noise", "latent_nothing"):
-            return latents
-        small = latent_mask(mask, self.config.vae_scale_factor, len(latents))
-        fresh = generator.randn(latents.shape) if request.masked_content == "latent_noise" else 0.0
-        return (latents * (1 - small) + fresh * small).astype(np.float32)
-
-    def _start(self, request: GenerationRequest, sched: Scheduler) -> np.ndarray:
-        """The timesteps an img2img run takes: from `denoising_start`, else the last `strength` of them."""
-        if request.denoising_start is not None:
-            remaining = int(np.sum(sched.timesteps < self._timestep_cutoff(request.denoising_start)))
-            if sched.order == 2 and remaining % 2 == 0:  # never stop between a second-order step's two halves
-                remaining += 1
-            start = len(sched.timesteps) - remaining
-        else:
-            start = self.family.first_step(sched.num_inference_steps, request.strength)
-        sched.set_begin_index(start)
-        return sched.timesteps[start:]
-
-    def _timestep_cutoff(self, fraction: float) -> int:
-        """The training timestep a fraction of the denoising lies at (diffusers' discrete_timestep_cutoff)."""
-        trained = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        return int(round(trained - fraction * trained))
-
     def _warn_unknown_words(self, prompts: list[str], syntax: str = "plain") -> None:
         """Models that know their vocabulary (the shapes model) say which words they will ignore (in A1111's
         syntax, of the text itself: BREAK and weights are not words)."""
@@ -817,15 +717,6 @@ def _stop_check(
 def _as_array(images: list[Image.Image]) -> np.ndarray:
     """Pictures as output_type "np" gives them: (N, H, W, 3) floats in [0, 1]."""
     return np.stack([np.asarray(image, np.float32) / 255.0 for image in images])
-
-
-def _checked_latents(latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    latents = np.asarray(latents, dtype=np.float32)
-    if latents.shape != shape:
-        raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
-    if not np.isfinite(latents).all():
-        raise ValueError("latents has non-finite values")
-    return latents
 
 
 def _config_from_plain_folder(folder: Path) -> ModelConfig:
