@@ -25,6 +25,11 @@ SCHEMA = Obj(
         "rescale_betas_zero_snr": bool, "use_karras_sigmas": bool, "skip_prk_steps": bool, "variance_type": str,
         "original_inference_steps": int, "timestep_scaling": float, "lower_order_final": bool,
         "euler_at_final": bool, "final_sigmas_type": str, "algorithm_type": str, "solver_order": int,
+        # Flow matching (FlowMatchEulerDiscreteScheduler, SANA's flow_shift, SCMScheduler's sigma_data).
+        "shift": float, "flow_shift": float, "use_dynamic_shifting": bool, "base_shift": float, "max_shift": float,
+        "base_image_seq_len": int, "max_image_seq_len": int, "invert_sigmas": bool, "shift_terminal": float,
+        "use_exponential_sigmas": bool, "use_beta_sigmas": bool, "use_flow_sigmas": bool,
+        "time_shift_type": str, "stochastic_sampling": bool, "sigma_data": float,
     },
 )  # fmt: skip
 # field -> (lowest, highest) allowed; None: num_train_timesteps.
@@ -37,7 +42,17 @@ RANGES = {
     "solver_order": (1, 3),
     "clip_sample_range": (0.0, 1e6),
     "timestep_scaling": (0.0, 1e6),
+    "shift_terminal": (0.0, 0.999),
+    # The dynamic shift's line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): its mu
+    # is exponentiated, so the shifts stay where e^mu is a float32 for any image's token count.
+    "base_shift": (-10.0, 10.0),
+    "max_shift": (-10.0, 10.0),
+    "base_image_seq_len": (1, 1 << 24),
+    "max_image_seq_len": (1, 1 << 24),
 }
+# Fields that must be positive: a zero shift or sigma_data makes a schedule (or its image) of zeros and NaNs.
+POSITIVE = ("shift", "flow_shift", "sigma_data")
+MAX_POSITIVE = 1_000_000
 
 
 def read_scheduler_config(folder: Path) -> dict[str, Any]:
@@ -61,6 +76,13 @@ def _check_ranges(config: dict[str, Any]) -> None:
         high = trained if high is None else high
         if value is not None and not low <= value <= high:
             raise SchemaError(f"{name}: must be in {low}..{high}, got {echo(value)}")
+    for name in POSITIVE:
+        value = config.get(name)
+        if value is not None and not 0 < value <= MAX_POSITIVE:
+            raise SchemaError(f"{name}: must be > 0 and <= {MAX_POSITIVE}, got {echo(value)}")
+    lengths = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)  # diffusers' defaults
+    if lengths[0] >= lengths[1]:
+        raise SchemaError(f"base_image_seq_len {lengths[0]} must be below max_image_seq_len {lengths[1]}")
     betas = config.get("trained_betas")
     if betas is not None and (len(betas) != trained or not all(0 < beta < 1 for beta in betas)):
         raise SchemaError(f"trained_betas: must be {trained} numbers in (0, 1), one per training timestep")

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .echo import ECHO_CHARS, echo
+
 
 class SchemaError(ValueError):
     """A JSON value does not have the shape its schema asks for; the message names the field."""
@@ -78,6 +80,10 @@ def _is(value: Any, kind: type) -> bool:
 
 
 def _join(path: str, key: str) -> str:
+    """`path.key`; a key from the file that is not plain text (a newline, spaces, megabytes) as its short repr, so
+    that a message stays one readable line."""
+    if not (0 < len(key) <= ECHO_CHARS and key.isprintable() and not any(c.isspace() for c in key)):
+        key = echo(key)
     return f"{path}.{key}" if path else key
 
 

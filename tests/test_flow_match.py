@@ -231,6 +231,19 @@ def test_unsupported_flow_options_are_refused() -> None:
         make_scheduler("flow_euler", {**SD3, "shift_terminal": 0.1}).set_timesteps(1)
 
 
+def test_a_dynamic_shift_past_float32_is_refused_in_one_line() -> None:
+    """A config's shift line can make e^mu overflow (or 0/0) for some image size: a ValueError naming the config,
+    not an OverflowError or a schedule of NaN that draws a black image."""
+    steep = {**FLUX, "base_image_seq_len": 1, "max_image_seq_len": 2, "base_shift": -10.0, "max_shift": 10.0}
+    with pytest.raises(ValueError, match="shifts the schedule by e\\^.*past a float32"):
+        make_scheduler("flow_euler", steep).set_timesteps(4, mu=calculate_shift(4096, steep))
+    with pytest.raises(ValueError, match="past a float32"):
+        make_scheduler("flow_euler", FLUX).set_timesteps(4, mu=float("nan"))
+    falling = {**steep, "base_shift": 10.0, "max_shift": -10.0}
+    with pytest.raises(ValueError, match="schedule that is not finite"):
+        make_scheduler("flow_euler", falling).set_timesteps(4, mu=calculate_shift(4096, falling))
+
+
 def test_sanas_flow_dpm_config_keeps_its_shift() -> None:
     """SANA's DPM-Solver config with flow sigmas is a flow model: flow_euler runs it with its flow_shift."""
     sana = {"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "flow_prediction", "flow_shift": 3.0}

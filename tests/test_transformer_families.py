@@ -202,6 +202,22 @@ def test_sd3_refuses_sizes_past_its_position_embedding(sd3) -> None:
         ours.prepare(GenerationRequest(PROMPT, width=side + ours.config.size_multiple, height=side))
 
 
+@pytest.mark.parametrize("value", ["big", -1, 1.5, True])
+def test_sd3_refuses_a_damaged_position_embedding_size_at_load(tiny_sd3_export: Path, tmp_path: Path, value) -> None:
+    """A `pos_embed_max_size` that is not a positive integer is refused when the folder loads, in one line naming
+    it, instead of being taken as absent (which let any size reach the graph and fail there)."""
+    import json
+    import shutil
+
+    from sd_onnx.runtime.manifest import ManifestError
+
+    folder = Path(shutil.copytree(tiny_sd3_export, tmp_path / "sd3"))
+    path = folder / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pos_embed_max_size": value}))
+    with pytest.raises(ManifestError, match="transformer/config.json: pos_embed_max_size: must be an integer"):
+        DiffusionPipeline.from_pretrained(folder, provider="cpu")
+
+
 def test_sd3_without_t5_matches_diffusers(tiny_sd3_pipeline: Path, tmp_path: Path) -> None:
     """diffusers runs SD3 with `text_encoder_3=None` (zeros in T5's place): an export of that folder too."""
     import json

@@ -219,6 +219,14 @@ def test_manifest_sizes_that_cannot_run_are_refused_at_load(model: Path, field: 
         ({"trained_betas": [0.5] * 3}, "trained_betas: must be 1000 numbers"),
         ({"steps_offset": 5000}, "steps_offset: must be in 0..1000"),
         ({"solver_order": 40}, "solver_order: must be in 1..3"),
+        # Flow-matching fields (SD3, FLUX, SANA, Z-Image, FLUX.2; sCM's sigma_data)
+        ({"shift": "x"}, "shift: expected a number, got a string"),
+        ({"use_dynamic_shifting": "maybe"}, "use_dynamic_shifting: expected a boolean, got a string"),
+        ({"shift": 0}, "shift: must be > 0 and <= 1000000, got 0"),
+        ({"sigma_data": 0}, "sigma_data: must be > 0 and <= 1000000, got 0"),
+        ({"base_image_seq_len": 256, "max_image_seq_len": 256}, "base_image_seq_len 256 must be below"),
+        ({"max_shift": 1e9}, "max_shift: must be in -10.0..10.0"),
+        ({"shift_terminal": 1.0}, "shift_terminal: must be in 0.0..0.999"),
     ],
 )
 def test_scheduler_configs_are_checked_before_any_array(model: Path, change: dict, message: str) -> None:
@@ -376,6 +384,19 @@ def test_fuzz_safetensors_header(tmp_path: Path, header: bytes) -> None:
     path = safetensors(tmp_path / "f.safetensors", header, b"\0" * 64)
     one_line_or_success(lambda: read_safetensors(path), "f.safetensors", tmp_path)
     one_line_or_success(lambda: Lora.read(path), "f.safetensors", tmp_path)
+
+
+def test_keys_that_are_not_plain_text_are_echoed_in_one_line() -> None:
+    """A file's own key (a newline in it, or megabytes) appears in a schema message as its short repr (a newline in a
+    lora_targets.json key made a two-line error; found by test_fuzz_lora_map)."""
+    from sd_onnx.runtime.schema import Obj, SchemaError, check
+
+    for key, shown in (("\n", "'\\n'"), ("a b", "'a b'"), ("k" * 5000, "(+4.8k characters)")):
+        with pytest.raises(SchemaError) as info:
+            check({"modules": {key: None}}, Obj({"modules": {"": [str]}}), root="lora_targets.json")
+        assert "\n" not in str(info.value) and shown in str(info.value) and len(str(info.value)) < 200
+    with pytest.raises(SchemaError, match=r"^modules\.to_q: expected a list, got null$"):
+        check({"modules": {"to_q": None}}, Obj({"modules": {"": [str]}}))
 
 
 @FUZZ

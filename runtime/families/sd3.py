@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from ..echo import echo
 from ..files import inside
-from ..manifest import read_json
+from ..manifest import ManifestError, read_json
 from ..request import GenerationRequest, RequestError
 from ..sequence_tokenizer import sequence_tokenizer_for
 from .base import Conditioning, FlowMatching, texts_or
@@ -36,18 +37,23 @@ class StableDiffusion3(FlowMatching):
 
     @cached_property
     def max_side(self) -> int | None:
-        """The largest image side in pixels, from the transformer's config beside its graph (None: not given)."""
+        """The largest image side in pixels, from the transformer's config beside its graph (None: not given);
+        ManifestError for a value that is not a positive integer (which would let any size reach the graph)."""
         path = self.folder / "transformer" / "config.json"
         if not os.path.lexists(path):
             return None
         config = read_json(inside(self.folder, "transformer/config.json", self.folder))
         patches = config.get("pos_embed_max_size")
-        if not isinstance(patches, int) or isinstance(patches, bool) or patches < 1:
+        if patches is None:
             return None
+        if not isinstance(patches, int) or isinstance(patches, bool) or not 1 <= patches <= 65536:
+            raise ManifestError(f"{path}: pos_embed_max_size: must be an integer in 1..65536, got {echo(patches)}")
         return patches * (self.config.patch_size or 1) * self.config.vae_scale_factor
 
     def load_tokenizers(self) -> dict:
         from ..tokenizer import tokenizer_for
+
+        _ = self.max_side  # a damaged transformer config fails at load, not at the first request
 
         tokenizers: dict[str, Any] = {
             name: tokenizer_for(self.folder, self.tokenizer_folders[name], name, self.config.max_token_length)

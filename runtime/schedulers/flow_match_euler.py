@@ -88,8 +88,12 @@ class FlowMatchEulerScheduler(Scheduler):
 
     def _time_shift(self, mu: float, sigmas: np.ndarray) -> np.ndarray:
         """Resolution-dependent shift by `mu` (exponential: e^mu, linear: mu), as diffusers' time_shift."""
-        scale = math.exp(mu) if self.config["time_shift_type"] == "exponential" else mu
-        return scale / (scale + (1 / sigmas - 1) ** 1.0)
+        exponential = self.config["time_shift_type"] == "exponential"
+        if not math.isfinite(mu) or (exponential and mu > math.log(np.finfo(np.float32).max)):
+            raise ValueError(f"this model's scheduler config shifts the schedule by e^{echo(mu)}, past a float32")
+        scale = math.exp(mu) if exponential else mu
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return scale / (scale + (1 / sigmas - 1) ** 1.0)
 
     def set_timesteps(
         self, num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None, mu: float | None = None
@@ -129,7 +133,10 @@ class FlowMatchEulerScheduler(Scheduler):
                 schedule = (hi ** (1 / 7.0) + ramp * (lo ** (1 / 7.0) - hi ** (1 / 7.0))) ** 7.0
             else:
                 schedule = np.exp(np.linspace(math.log(hi), math.log(lo), num_inference_steps))
-        sigmas32 = np.asarray(schedule).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sigmas32 = np.asarray(schedule).astype(np.float32)
+        if not np.isfinite(sigmas32).all():
+            raise ValueError("this model's scheduler config makes a schedule that is not finite")
         self.timesteps = sigmas32 * np.float32(n_train)
         self.sigmas = np.concatenate([sigmas32, np.zeros(1, np.float32)])
         self.num_inference_steps = num_inference_steps
