@@ -23,9 +23,11 @@ from .manifest import MANIFEST_NAME
 from .prompt_syntax import SYNTAXES
 from .request import DEFAULT_STEPS, DEFAULT_STRENGTH, GenerationRequest, Limits, RequestError
 from .schedulers import scheduler_names
+from .session import GraphRunError
 
 DEFAULT_MODEL_ENV = "SD_ONNX_MODEL"
-USER_ERRORS = (ValueError, OSError)
+# GraphRunError: a graph that fails while running (out of memory at a large size), said in one line too.
+USER_ERRORS = (ValueError, OSError, GraphRunError)
 # GenerationRequest field -> the option that sets it, so errors name what the user typed.
 OPTION_NAMES = {
     "prompt": "TEXT",

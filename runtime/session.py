@@ -10,6 +10,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .echo import echo
 from .graph import GraphModel
 from .manifest import ComponentInfo
 from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
@@ -237,6 +239,28 @@ def _openvino_cache(config: SessionConfig) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+# A failing run is raised as GraphRunError, its message in one line: onnxruntime's own log of it is not printed too.
+QUIET_RUN = ort.RunOptions()
+QUIET_RUN.log_severity_level = 4
+
+
+class GraphRunError(RuntimeError):
+    """A graph that loaded failed while running (most often memory for a large size): one line saying which."""
+
+
+def run_failure(exc: Exception) -> str:
+    """onnxruntime's run error in short: the node and its status message, without the source location and C++
+    signature it carries ("... Status Message: /onnxruntime_src/...cc:360 void* ...(size_t, ...) Failed to ...")."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    _, _, status = text.partition("Status Message: ")
+    status = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ (?:[^()]*\([^()]*\)\S* )?", "", status) or text
+    if "Failed to allocate memory" in status:
+        status += ": out of memory (a smaller size or batch needs less)"
+    where = f"{node.group(1)} node {node.group(2)}: " if node else ""
+    return echo(where + status, 300).strip("'\"")
+
+
 class OnnxModel(GraphModel):
     """One component's onnxruntime session; checks feeds against the manifest's signature before running."""
 
@@ -310,7 +334,10 @@ class OnnxModel(GraphModel):
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
         self.checked(feeds)
-        return self.session.run(None, feeds)
+        try:
+            return self.session.run(None, feeds, QUIET_RUN)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (Fail, RuntimeException, ...)
+            raise GraphRunError(f"{self.name}: onnxruntime could not run the graph ({run_failure(exc)})") from exc
 
     @property
     def provider(self) -> str:

@@ -224,3 +224,27 @@ def test_output_link_loop_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
     code, output = run("prompt", "x", "-o", str(tmp_path / "loop.png"), "--steps", "1")
     assert code != 0 and len(errors_of(output)) == 1 and "-o" in errors_of(output)[0], output
+
+
+ORT_OOM = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul node. Name:'/attn/MatMul' "
+    "Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* "
+    "onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for "
+    "requested buffer of size 34359738368"
+)
+
+
+def test_a_graph_that_fails_while_running_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime failing inside a run (memory, most often: a tiny Z-Image at its 1024 px default asked for 34 GB)
+    ends in one `Error:` line naming the graph and the node, not a traceback."""
+    import onnxruntime as ort
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError(ORT_OOM)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", fail)
+    code, output = run("prompt", "a red circle", "-o", str(tmp_path / "a.png"), "--steps", "1")
+    assert code != 0 and "Traceback" not in output and len(errors_of(output)) == 1, output
+    assert errors_of(output)[0].startswith("Error: text_encoder: onnxruntime could not run the graph (MatMul node "
+                                           "/attn/MatMul: Failed to allocate memory for requested buffer of size "
+                                           "34359738368: out of memory"), output  # fmt: skip
