@@ -377,6 +377,8 @@ class StableDiffusionPipeline:
         deepcache_interval: int | None = None,
         tome_ratio: float | None = None,
         paste_back: bool | None = None,
+        clip_skip: int | None = None,
+        prompt_syntax: str = "plain",
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -392,8 +394,10 @@ class StableDiffusionPipeline:
         export).
 
         `paste_back=True` (inpainting) lays the original back over the decoded picture outside the mask, as A1111
-        does; by default, as in diffusers, only a `padding_mask_crop` box is pasted back. The hires fix:
-        `hires.hires_fix`."""
+        does; by default, as in diffusers, only a `padding_mask_crop` box is pasted back. `clip_skip=K` skips K
+        text encoder layers from the end (diffusers' count: A1111's "Clip skip" N is K = N - 1);
+        `prompt_syntax="a1111"` reads A1111's emphasis, BREAK and long prompts (default "plain": diffusers'
+        reading). The hires fix: `hires.hires_fix`."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -428,6 +432,8 @@ class StableDiffusionPipeline:
             deepcache_interval=deepcache_interval,
             tome_ratio=tome_ratio,
             paste_back=paste_back,
+            clip_skip=clip_skip,
+            prompt_syntax=prompt_syntax,
         )
         try:
             request = self.prepare(request)

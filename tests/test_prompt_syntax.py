@@ -204,6 +204,8 @@ def test_clip_skip_matches_diffusers(reference_pipe, tiny_pipeline: Path, tiny_e
     ours = pipe.generate(GenerationRequest("a red circle", steps=3, seed=2, clip_skip=skip), output_type="np")
     assert np.abs(ours.images - expected).mean() <= 1 / 255
     assert ours.parameters["Clip skip"] == skip + 1
+    called = pipe("a red circle", num_inference_steps=3, seed=2, clip_skip=skip, output_type="np")  # the API's
+    assert np.array_equal(called.images, ours.images)
     plain = pipe.generate(GenerationRequest("a red circle", steps=3, seed=2), output_type="np")
     assert np.abs(plain.images - expected).mean() > 1 / 255  # the skip changes the image
 
@@ -212,6 +214,22 @@ def test_clip_skip_beyond_the_encoder_is_refused(tiny_export: Path) -> None:
     pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
     with pytest.raises(ValueError, match="clip_skip: this model's text encoder can skip at most"):
         pipe.generate(GenerationRequest("x", steps=1, clip_skip=50))
+    with pytest.raises(ValueError, match="clip_skip: this model's text encoder can skip at most"):
+        pipe("x", num_inference_steps=1, clip_skip=50)
+
+
+def test_the_python_api_takes_prompt_syntax(tiny_export: Path) -> None:
+    """`pipe(..., prompt_syntax="a1111")`, as the README documents it: A1111's reading, plain by default."""
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    for syntax in ("a1111", "plain"):
+        request = GenerationRequest("a (red:1.5) circle", steps=2, seed=1, prompt_syntax=syntax)
+        want = pipe.generate(request, output_type="np")
+        got = pipe("a (red:1.5) circle", num_inference_steps=2, seed=1, prompt_syntax=syntax, output_type="np")
+        assert np.array_equal(got.images, want.images)
+    plain = pipe("a (red:1.5) circle", num_inference_steps=2, seed=1, output_type="np")
+    assert np.array_equal(plain.images, got.images)  # plain is the default
+    with pytest.raises(ValueError, match="prompt_syntax"):
+        pipe("x", num_inference_steps=1, prompt_syntax="comfy")
 
 
 # Front ends ---------------------------------------------------------------------------------------------------
