@@ -34,6 +34,19 @@ def check_lora(file: Path, scale: float) -> None:
         raise ExportError(f"--lora {file}: scale {scale:g} is outside -10..10")
 
 
+def loader_reason(exc: Exception) -> str:
+    """A loader's error in one line: its first line, and when that only introduces a list ("Error(s) in loading
+    state_dict for FluxTransformer2DModel:", as torch words a LoRA for another model), the list's first item and
+    how many more there are."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if not lines[0].endswith(":") or len(lines) == 1:
+        return lines[0]
+    more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
+    return f"{lines[0]} {lines[1]}{more}"
+
+
 def fuse_loras(folder: Path, loras: list[tuple[Path, float]], out: Path) -> list[dict[str, Any]]:
     """Load the diffusers pipeline in `folder`, fuse `loras` (each at its scale) into its weights and save the
     result as a pipeline folder at `out`; returns what the manifest records of each LoRA."""
@@ -47,8 +60,7 @@ def fuse_loras(folder: Path, loras: list[tuple[Path, float]], out: Path) -> list
         try:
             pipe.load_lora_weights(str(file), adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - loaders fail in many ways on foreign files; all mean "unusable"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"--lora {file}: cannot apply it to this model: {reason}") from None
+            raise ExportError(f"--lora {file}: cannot apply it to this model: {loader_reason(exc)}") from None
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
             raise ExportError(f"--lora {file}: cannot apply it to this model: it holds no weights of its modules")
     pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])

@@ -153,3 +153,19 @@ def test_a_failing_trace_is_one_line_and_writes_nothing(
     code, out = run_cli(str(tiny_pipeline), str(tmp_path / "out"), "--components", "unet")
     assert_one_line_error(code, out, "unet: torch.onnx could not export it: ONNX export failed. Could not open file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_the_loader_refuses_is_named_with_its_first_reason() -> None:
+    """torch's "Error(s) in loading state_dict for X:" only introduces its list (an SD3 LoRA fused into FLUX ended
+    the one Error line at that colon): the first item and the count of the rest follow it."""
+    from sd_onnx.exporter.lora import loader_reason
+
+    mismatch = "\tsize mismatch for transformer_blocks.{}.attn.to_q.lora_B.weight: [16, 4] in the file, [32, 4] here."
+    torch_error = RuntimeError("Error(s) in loading state_dict for FluxTransformer2DModel:\n" + "\n".join(
+        mismatch.format(i) for i in range(3)))  # fmt: skip
+    assert loader_reason(torch_error) == (
+        "Error(s) in loading state_dict for FluxTransformer2DModel: size mismatch for "
+        "transformer_blocks.0.attn.to_q.lora_B.weight: [16, 4] in the file, [32, 4] here. (+2 more)"
+    )
+    assert loader_reason(ValueError("no weights\nsecond line")) == "no weights"
+    assert loader_reason(AssertionError()) == "AssertionError"
