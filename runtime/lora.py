@@ -164,7 +164,8 @@ def plan(component_dir: Path, loras: list[Lora]) -> tuple[dict[str, Any], list[t
                 raise RequestError(
                     "loras",
                     f"{lora.file.name}: targets {component} module {key!r}, which this export cannot change "
-                    "at load time (another model, or a kohya SDXL file: fuse it with sd-export convert --lora)",
+                    "at load time (a LoRA of another model, or one naming the original checkpoint's blocks: fuse "
+                    "it with sd-export convert --lora)",
                 )
             steps.append((lora, path, pair))
     return targets, steps
@@ -273,9 +274,9 @@ def _read_targets(folder: Path, lora: Lora) -> dict[str, Any]:
     if not path.is_file():
         raise RequestError(
             "loras",
-            f"{lora.file.name}: {folder.name} has no LoRA map ({TARGETS_FILE}); int8 graphs cannot take a "
-            "LoRA at load time (their weights are quantized) and older exports lack the map: fuse the LoRA at "
-            "export (sd-export convert --lora) or re-export",
+            f"{lora.file.name}: {folder.name} has no LoRA map ({TARGETS_FILE}); int8 graphs (and int4 weights) "
+            "cannot take a LoRA at load time (their weights are quantized) and older exports lack the map: fuse "
+            "the LoRA at export (sd-export convert --lora) or re-export",
         )
     return read_targets(folder)
 
