@@ -366,8 +366,8 @@ class GenerationRequest:
             raise RequestError("scheduler", f"must be a string, got {type(name).__name__}")
         try:
             name = resolve_name(name)
-            if name == "euler" and is_flow_matching(scheduler_config):  # Euler on flow sigmas is the flow Euler
-                name = "flow_euler"  # (as A1111 Forge's "Euler" samples FLUX)
+            if name == "euler" and is_flow_matching(scheduler_config):  # A1111 Forge's "Euler" on FLUX, SANA, ...:
+                name = resolve_name(default)  # the model's own flow sampler (Euler on its sigmas; sCM for Sprint)
             sampler = make_scheduler(name, scheduler_config)
         except ValueError as exc:
             raise RequestError("scheduler", str(exc)) from None

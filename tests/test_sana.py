@@ -167,6 +167,9 @@ def test_samplers_of_the_wrong_kind_are_refused(tiny_sana, tiny_sana_sprint, cap
         sana.prepare(GenerationRequest(PROMPT, scheduler="scm"))
     with pytest.raises(RequestError, match="scheduler: flow_euler cannot sample a TrigFlow"):
         sprint.prepare(GenerationRequest(PROMPT, scheduler="flow_euler"))
+    # A1111's "Euler" (Forge's name on flow models) is each model's own flow sampler.
+    assert sana.prepare(GenerationRequest(PROMPT, scheduler="Euler")).scheduler == "flow_euler"
+    assert sprint.prepare(GenerationRequest(PROMPT, scheduler="Euler")).scheduler == "scm"
     with caplog.at_level(logging.WARNING, logger="sd_onnx"):
         sprint.generate(GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=1, seed=0), output_type="latent")
     assert "negative prompt is not used" in caplog.text
