@@ -190,7 +190,7 @@ def phase_export(component: str, work: Path, layers: int | None) -> dict[str, An
 
 
 def phase_quantize(component: str, work: Path, precision: str) -> dict[str, Any]:
-    from sd_onnx.exporter.quantize_weights import SCHEMES, quantize_weights
+    from sd_onnx.exporter.quantize_weights import quantize_weights, scheme_for
     from sd_onnx.exporter.quantize_weights_folder import fidelity, held_out_feeds
     from sd_onnx.runtime.manifest import ComponentInfo
 
@@ -201,7 +201,7 @@ def phase_quantize(component: str, work: Path, precision: str) -> dict[str, Any]
     _, source = spec_and_source(component)
     feeds = held_out_feeds(info.inputs, info.validation["input_shapes"], source.config, 32128)
     started = time.perf_counter()
-    report = quantize_weights(fp32, out, SCHEMES[precision])
+    report = quantize_weights(fp32, out, scheme_for(info.file.split("/")[0], precision))
     quantize_s = time.perf_counter() - started
     started = time.perf_counter()
     measured = fidelity(fp32, out, feeds)

@@ -3,10 +3,12 @@ quantization tools: no calibration pipeline, so it applies to any model family.
 
 What: every MatMul whose second input is a 2-D float weight, and every Gemm of one (torch's Linear on 2-D inputs:
 timestep, pooled and adaLN modulation projections, a quarter of SD3's and FLUX's weights), is quantized; a Gemm
-becomes MatMul + Add first. int8: onnxruntime's `quantize_dynamic`, int8 weights per output channel and the
-activations quantized to uint8 on each call (MatMulInteger, fused by onnxruntime into DynamicQuantizeMatMul at
-load). int4: `MatMulNBits` (com.microsoft), 4-bit weights with a scale and zero point per block of 32 input
-channels (onnxruntime's DefaultWeightOnlyQuantizer, round to nearest), int8 compute (`accuracy_level` 4).
+becomes MatMul + Add first. int8 transformer: onnxruntime's `quantize_dynamic`, int8 weights per output channel and
+the activations quantized to uint8 on each call (MatMulInteger, fused by onnxruntime into DynamicQuantizeMatMul at
+load). int8 text encoders: `MatMulNBits` (com.microsoft) with 8-bit weights, a scale and zero point per block of 128
+input channels. int4: `MatMulNBits`, 4-bit weights per block of 32. Both MatMulNBits round to nearest
+(onnxruntime's DefaultWeightOnlyQuantizer) and compute in int8 (`accuracy_level` 4: activations quantized per
+block inside the kernel).
 Attention's activation x activation MatMuls, norms, embedding tables (Gather), the patch-embedding Conv, and the
 CLIP and VAE graphs stay float.
 
@@ -18,6 +20,9 @@ the block's cosine at 0.999998. int4 MatMulNBits: block 32 1.16 s (0.82x), block
 0.99993 for both on random weights, but on the tiny T5 block 32 kept 0.993 where 128 fell to 0.991: block 32 is
 kept for trained weights, whose outlier channels small blocks contain (the usual choice for 4-bit LLM weights),
 at 20 % more file than block 128. So int8 is the fast one, int4 the small one (weights a quarter of fp32's).
+T5 is the exception (TEXT_SCHEMES): one activation scale per tensor costs it 7x the error of MatMulNBits int8 on
+T5-XXL's widths, and it runs once per prompt, so its int8 is MatMulNBits. int4 T5 loses most (cosine 0.987 on 4
+random T5-XXL layers, the same with float compute: the 4-bit weights; blocks of 16 0.990, 64 0.983).
 
 Memory: the graph is rewritten node by node with the weights left on disk: each weight is read, quantized (on a
 graph of that one node) and written to the new graph's data file before the next is read, so peak memory is one
@@ -65,6 +70,17 @@ SCHEMES = {
     "int8": WeightScheme(method="dynamic", bits=8),
     "int4": WeightScheme(method="nbits", bits=4, block_size=32, symmetric=False, accuracy_level=4),
 }
+# Text encoders (T5, LLMs) run once per prompt, and T5's activations defeat dynamic int8's one scale per tensor
+# (T5-XXL's width, 4 random layers: cosine 0.9984 dynamic, 0.99977 MatMulNBits int8): their int8 is MatMulNBits.
+TEXT_SCHEMES = {
+    **SCHEMES,
+    "int8": WeightScheme(method="nbits", bits=8, block_size=128, symmetric=False, accuracy_level=4),
+}
+
+
+def scheme_for(component: str, precision: str) -> WeightScheme:
+    """The scheme a component is quantized with at `precision` ("int8" or "int4")."""
+    return (TEXT_SCHEMES if component.startswith("text_encoder") else SCHEMES)[precision]
 
 
 def quantize_weights(src: Path, dst: Path, scheme: WeightScheme) -> dict[str, Any]:

@@ -17,14 +17,15 @@ from sd_onnx.runtime.manifest import Manifest, ModelConfig, TensorSpec
 
 from .errors import ExportError
 from .quantize import component_info
-from .quantize_weights import SCHEMES, quantize_weights
+from .quantize_weights import SCHEMES, quantize_weights, scheme_for
 from .validate import open_session
 
 Log = Callable[[str], None]
 HELD_OUT_SEED = 1000  # fidelity inputs: seeds that the exporter's trace (0) and validation (1) never use
 # Worst cosine of a quantized graph's outputs against its fp32 graph's on held-out inputs under which the exporter
-# warns. Measured on the tiny random models (tests/test_transformer_quantize.py): int8 0.9996-0.99996, int4
-# 0.993-0.998; on full-size random weights (benchmarks/results/transformer_fullsize_*.json) both are closer still.
+# warns. Measured on the tiny random models (tests/test_transformer_quantize.py): int8 0.9999-0.99996, int4
+# 0.993-0.998; full-size random weights (benchmarks/results/transformer_fullsize_*.json): SD3.5 Medium's transformer
+# int8 0.99994, int4 0.9974; T5-XXL, 24 random layers deep, lower (int4 under 0.98: the exporter warns).
 MIN_COSINE = {"int8": 0.999, "int4": 0.98}
 CLIP_MODEL_TYPES = ("clip_text_model", "clip_text_with_projection", "clip")
 
@@ -55,7 +56,6 @@ def quantize_weights_in_place(
     missing = [c for c in components if c not in manifest.components]
     if missing:
         raise ExportError(f"{folder}: has no {', '.join(missing)} to quantize")
-    scheme = SCHEMES[precision]
     for i, name in enumerate(components, 1):
         started = time.perf_counter()
         info = manifest.components[name]
@@ -69,15 +69,15 @@ def quantize_weights_in_place(
         fp32_file.parent.mkdir()
         if (fp32_copy / "config.json").is_file():  # the LoRA map stays behind: quantized weights take no LoRA
             shutil.copy2(fp32_copy / "config.json", fp32_file.parent / "config.json")
-        report = quantize_weights(fp32_copy / fp32_file.name, fp32_file, scheme)
+        report = quantize_weights(fp32_copy / fp32_file.name, fp32_file, scheme_for(name, precision))
         report["validation"] = fidelity(fp32_copy / fp32_file.name, fp32_file, feeds)
         report["validation"]["min_cosine"] = MIN_COSINE[precision]
         manifest.components[name] = component_info(folder, name, info, precision, report)
         shutil.rmtree(fp32_copy)
         cosine = manifest.components[name].validation["cosine_min"]
         log(
-            f"[{i}/{len(components)}] {name}: {precision} weight-only, "
-            f"{sum(report['quantized_ops'].values())} MatMuls as MatMulNBits, cosine vs fp32 {cosine:.5f}, "
+            f"[{i}/{len(components)}] {name}: {precision} weight-only ({report['operator']}), "
+            f"{sum(report['quantized_ops'].values())} MatMuls, cosine vs fp32 {cosine:.5f}, "
             f"{time.perf_counter() - started:.1f} s"
         )
         if cosine < MIN_COSINE[precision]:
