@@ -26,6 +26,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -282,7 +283,12 @@ def _total_memory_gb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("component", choices=COMPONENTS)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sd-onnx-fullsize"))
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "sd-onnx-fullsize",
+        help="Scratch folder for the graphs (tens of GB) [default: the system's temporary folder].",
+    )
     parser.add_argument("--layers", type=int, default=None, help="Blocks to build (default: the real model's).")
     parser.add_argument("--phase", choices=("export", "int8", "int4"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="Keep the graphs in --work.")

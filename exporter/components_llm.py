@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .components import IMAGE_AXES, SPECS, ComponentSpec, Inputs, _latent_side
-from .components_transformers import _apply_rotary_emb
+from .components_transformers import traceable_rotary
 from .source import PipelineSource
 
 TEXT_AXES = {0: "batch", 1: "sequence"}
@@ -265,9 +265,7 @@ class Flux2Transformer(torch.nn.Module):
     ) -> torch.Tensor:
         from diffusers.models.transformers import transformer_flux2
 
-        original = transformer_flux2.apply_rotary_emb
-        transformer_flux2.apply_rotary_emb = _apply_rotary_emb  # see components_transformers.traceable_rotary
-        try:
+        with traceable_rotary(transformer_flux2):
             return self.model(
                 hidden_states=hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
@@ -277,8 +275,6 @@ class Flux2Transformer(torch.nn.Module):
                 guidance=None,
                 return_dict=False,
             )[0]
-        finally:
-            transformer_flux2.apply_rotary_emb = original
 
 
 class Flux2VaeDecoder(torch.nn.Module):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -77,7 +78,9 @@ class FluxTransformer(torch.nn.Module):
         img_ids: torch.Tensor,
         *guidance: torch.Tensor,
     ) -> torch.Tensor:
-        with traceable_rotary():
+        from diffusers.models.transformers import transformer_flux
+
+        with traceable_rotary(transformer_flux):
             return self.model(
                 hidden_states=hidden_states,
                 encoder_hidden_states=encoder_hidden_states,
@@ -91,18 +94,16 @@ class FluxTransformer(torch.nn.Module):
 
 
 @contextmanager
-def traceable_rotary() -> Iterator[None]:
-    """FLUX's attention with `_apply_rotary_emb` in place of diffusers' apply_rotary_emb, whose
-    `x.reshape(*x.shape[:-1], -1, 2)` the tracer records with a constant shape: the traced graph would then take
-    the traced batch size only (Optimum's FLUX export patches it the same way)."""
-    from diffusers.models.transformers import transformer_flux
-
-    original = transformer_flux.apply_rotary_emb
-    transformer_flux.apply_rotary_emb = _apply_rotary_emb
+def traceable_rotary(module: ModuleType) -> Iterator[None]:
+    """FLUX's (or FLUX.2's) attention, in diffusers' transformer `module`, with `_apply_rotary_emb` in place of
+    diffusers' apply_rotary_emb, whose `x.reshape(*x.shape[:-1], -1, 2)` the tracer records with a constant shape:
+    the traced graph would then take the traced batch size only (Optimum's FLUX export patches it the same way)."""
+    original = module.apply_rotary_emb
+    module.apply_rotary_emb = _apply_rotary_emb
     try:
         yield
     finally:
-        transformer_flux.apply_rotary_emb = original
+        module.apply_rotary_emb = original
 
 
 def _apply_rotary_emb(

@@ -166,33 +166,24 @@ def _inspect_transformer_folder(
     except ManifestError as exc:
         raise ExportError(str(exc)) from None
     tokens = read_token_ids(folder, config.max_token_length)
-    t5_tokens = read_t5_token_ids(folder / t5, folder / t5_tokenizer) if (folder / t5).is_dir() else None
+    t5_tokens = read_sequence_token_ids(folder / t5, folder / t5_tokenizer) if (folder / t5).is_dir() else None
     components = tuple(c for c in TRANSFORMER_COMPONENTS if not c.startswith("text_encoder") or (folder / c).is_dir())
     return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components, t5_tokens)
 
 
 def _inspect_llm_folder(folder: Path, pipeline_class: str, family: str, name: str | None) -> PipelineSource:
     """A Z-Image or FLUX.2 [klein] folder: one LLM text encoder (Qwen3) with its tokenizer, a transformer, a VAE."""
-    required = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
-    missing = [s for s in required if not (folder / s).is_dir()]
-    if missing:
-        raise ExportError(f"{folder}: incomplete pipeline, missing {', '.join(missing)}")
-    for part in ("text_encoder", "transformer", "vae"):
-        _read_json(folder / part / "config.json")
-    _read_json(folder / "scheduler" / "scheduler_config.json")
-    try:
-        config = configs.read_model_config(folder)
-    except ManifestError as exc:
-        raise ExportError(str(exc)) from None
-    tokens = read_t5_token_ids(folder / "text_encoder", folder / "tokenizer")  # end and padding ids, as T5's
+    config, _ = _read_one_encoder_folder(folder)
+    tokens = read_sequence_token_ids(folder / "text_encoder", folder / "tokenizer")
     components = ("text_encoder", "transformer", "vae_decoder")
     if family != "flux2":  # FLUX.2 [klein] has no img2img (its `image` is a reference to edit from)
         components += ("vae_encoder",)
     return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components)
 
 
-def read_t5_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:
-    """A T5 tokenizer's end and padding ids (T5 has no start token), checked against its encoder's vocabulary."""
+def read_sequence_token_ids(encoder: Path, tokenizer_folder: Path, start: bool = False) -> TokenIds:
+    """A T5 or LLM tokenizer's end and padding ids (and with `start` its start id: Gemma's; T5 has none), checked
+    against its encoder's vocabulary."""
     from transformers import AutoTokenizer
 
     vocab_size = _read_json(encoder / "config.json").get("vocab_size")
@@ -207,7 +198,7 @@ def read_t5_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:
         raise ExportError(
             f"{tokenizer_folder}: no end/padding token, or more than the {vocab_size} tokens {encoder} knows"
         )
-    return TokenIds(vocab_size, None, eos, pad)
+    return TokenIds(vocab_size, tokenizer.bos_token_id if start else None, eos, pad)
 
 
 def read_token_ids(folder: Path, max_length: int) -> TokenIds:
@@ -258,6 +249,18 @@ def _inspect_sana_folder(folder: Path, pipeline_class: str, family: str, name: s
     """A SANA or SANA-Sprint folder: Gemma-2 with its tokenizer, the transformer, the DC-AE. SANA's published
     scheduler, DPM-Solver in flow mode, is recorded as FlowMatchEuler (the runtime's flow sampler, which keeps the
     config's `flow_shift`)."""
+    config, scheduler = _read_one_encoder_folder(folder)
+    tokens = read_sequence_token_ids(folder / "text_encoder", folder / "tokenizer", start=True)
+    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    source = PipelineSource(folder, name or str(folder), pipeline_class, config.family, config, tokens, components)
+    if scheduler.get("_class_name") == "DPMSolverMultistepScheduler" and scheduler.get("use_flow_sigmas"):
+        source.scheduler = "FlowMatchEulerDiscreteScheduler"
+    return source
+
+
+def _read_one_encoder_folder(folder: Path) -> tuple[ModelConfig, dict]:
+    """The sizes and scheduler config of a transformer folder with one text encoder (SANA, Z-Image, FLUX.2
+    [klein]); a missing part or config is named as such."""
     required = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
     missing = [s for s in required if not (folder / s).is_dir()]
     if missing:
@@ -266,34 +269,9 @@ def _inspect_sana_folder(folder: Path, pipeline_class: str, family: str, name: s
         _read_json(folder / part / "config.json")
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     try:
-        config = configs.read_model_config(folder)
+        return configs.read_model_config(folder), scheduler
     except ManifestError as exc:
         raise ExportError(str(exc)) from None
-    tokens = read_gemma_token_ids(folder / "text_encoder", folder / "tokenizer")
-    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
-    source = PipelineSource(folder, name or str(folder), pipeline_class, config.family, config, tokens, components)
-    if scheduler.get("_class_name") == "DPMSolverMultistepScheduler" and scheduler.get("use_flow_sigmas"):
-        source.scheduler = "FlowMatchEulerDiscreteScheduler"
-    return source
-
-
-def read_gemma_token_ids(encoder: Path, tokenizer_folder: Path) -> TokenIds:
-    """A Gemma tokenizer's start, end and padding ids, checked against its encoder's vocabulary."""
-    from transformers import AutoTokenizer
-
-    vocab_size = _read_json(encoder / "config.json").get("vocab_size")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the tokenizer files are unusable
-        raise ExportError(f"{tokenizer_folder}: unreadable tokenizer ({exc})") from None
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ExportError(f"{encoder}: config.json has no vocab_size")
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos is None or pad is None or len(tokenizer) > vocab_size:
-        raise ExportError(
-            f"{tokenizer_folder}: no end/padding token, or more than the {vocab_size} tokens {encoder} knows"
-        )
-    return TokenIds(vocab_size, bos, eos, pad)
 
 
 def _family(config: ModelConfig) -> str:

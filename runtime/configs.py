@@ -116,116 +116,122 @@ def read_model_config(
 
 
 def _transformer_model_config(folder: Path, vae: str) -> ModelConfig:
-    """SD3's and FLUX's sizes and defaults from `transformer/`, `<vae>/`, CLIP's config and the T5 tokenizer's
-    (SD3: `tokenizer_3`, FLUX: `tokenizer_2`), the family from model_index.json's pipeline class."""
+    """A transformer model's sizes and defaults, the family from model_index.json's pipeline class (else the
+    transformer's class); each family's builder reads its own configs, checked here in one place."""
     transformer = read_json(inside(folder, "transformer/config.json", folder))
     vae_config = read_json(inside(folder, f"{vae}/config.json", folder))
-    index = _optional_json(folder, "model_index.json")
+    index = optional_json(folder, "model_index.json")
     family = PIPELINE_FAMILIES.get(index.get("_class_name")) or TRANSFORMER_FAMILIES.get(transformer.get("_class_name"))
     if family is None:
         raise ManifestError(f"{folder}: unsupported transformer {echo(transformer.get('_class_name'))}")
-    if family in SANA_FAMILIES:
-        return _sana_model_config(folder, transformer, vae_config, family)
-    if family in LLM_FAMILIES:  # Z-Image, FLUX.2 [klein]: configs_llm.py
-        from .configs_llm import llm_model_config
+    from .configs_llm import llm_model_config  # Z-Image, FLUX.2 [klein]; imported here: it imports this module
 
-        return llm_model_config(folder, family, transformer, vae_config)
-    clip = _optional_json(folder, "text_encoder/config.json")
-    t5 = "3" if family == "sd3" else "2"
-    t5_tokenizer = _optional_json(folder, f"tokenizer_{t5}/tokenizer_config.json")
+    build = _sana_model_config if family in SANA_FAMILIES else _sd3_flux_model_config
+    build = llm_model_config if family in LLM_FAMILIES else build
     try:
-        latent = int(vae_config.get("latent_channels", 16))
-        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        embeds = bool(transformer.get("guidance_embeds", False))
-        if family == "sd3":
-            patch, sample_size, channels = int(transformer["patch_size"]), int(transformer["sample_size"]), latent
-            steps, guidance, sequence = SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE
-        else:
-            patch, sample_size, channels = FLUX_PACKING, FLUX_SAMPLE_SIZE, latent * FLUX_PACKING**2
-            steps = FLUX_DEV_STEPS if embeds else FLUX_SCHNELL_STEPS
-            guidance, sequence = (FLUX_DEV_GUIDANCE if embeds else 0.0), FLUX_SEQUENCE
-        if transformer.get("in_channels") != channels:
-            raise ManifestError(
-                f"the transformer takes {echo(transformer.get('in_channels'))} channels, not the {channels} "
-                f"that {latent}-channel latents make"
-            )
-        tokenizer_limit = t5_tokenizer.get("model_max_length")
-        if isinstance(tokenizer_limit, int) and tokenizer_limit > 0:
-            sequence = min(sequence, tokenizer_limit)
-        clip_length = int(clip.get("max_position_embeddings", 77))
-        if not os.path.lexists(folder / f"text_encoder_{t5}"):  # SD3 without T5: diffusers' zeros of CLIP's length
-            sequence = clip_length
-        config = ModelConfig(
-            embedding_dim=int(transformer["joint_attention_dim"]),
-            latent_channels=latent,
-            vae_scale_factor=factor,
-            scaling_factor=float(vae_config.get("scaling_factor", 1.0)),
-            sample_size=sample_size,
-            max_token_length=clip_length,
-            prediction_type="flow",
-            shift_factor=vae_config.get("shift_factor"),
-            guidance_scale=guidance,
-            size_multiple=factor * patch,
-            default_steps=steps,
-            pooled_dim=int(transformer["pooled_projection_dim"]),
-            family=family,
-            max_sequence_length=sequence,
-            patch_size=patch,
-            guidance_embeds=embeds,
-        )
+        config = build(folder, family, transformer, vae_config)
         check_model_config(config)
     except ManifestError as exc:
         raise ManifestError(f"{folder}: {exc}") from None
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as exc:
         raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
     return config
 
 
-def _sana_model_config(folder: Path, transformer: dict[str, Any], vae: dict[str, Any], family: str) -> ModelConfig:
+def _sd3_flux_model_config(
+    folder: Path, family: str, transformer: dict[str, Any], vae_config: dict[str, Any]
+) -> ModelConfig:
+    """SD3's and FLUX's: CLIP's token length, T5's from its tokenizer (zeros of CLIP's length without T5)."""
+    clip = optional_json(folder, "text_encoder/config.json")
+    t5 = "3" if family == "sd3" else "2"
+    t5_tokenizer = optional_json(folder, f"tokenizer_{t5}/tokenizer_config.json")
+    latent = int(vae_config.get("latent_channels", 16))
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    embeds = bool(transformer.get("guidance_embeds", False))
+    if family == "sd3":
+        patch, sample_size, channels = int(transformer["patch_size"]), int(transformer["sample_size"]), latent
+        steps, guidance, sequence = SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE
+    else:
+        patch, sample_size, channels = FLUX_PACKING, FLUX_SAMPLE_SIZE, latent * FLUX_PACKING**2
+        steps = FLUX_DEV_STEPS if embeds else FLUX_SCHNELL_STEPS
+        guidance, sequence = (FLUX_DEV_GUIDANCE if embeds else 0.0), FLUX_SEQUENCE
+    if transformer.get("in_channels") != channels:
+        raise ManifestError(
+            f"the transformer takes {echo(transformer.get('in_channels'))} channels, not the {channels} "
+            f"that {latent}-channel latents make"
+        )
+    sequence = tokenizer_limited(sequence, t5_tokenizer)
+    clip_length = int(clip.get("max_position_embeddings", 77))
+    if not os.path.lexists(folder / f"text_encoder_{t5}"):  # SD3 without T5: diffusers' zeros of CLIP's length
+        sequence = clip_length
+    config = ModelConfig(
+        embedding_dim=int(transformer["joint_attention_dim"]),
+        latent_channels=latent,
+        vae_scale_factor=factor,
+        scaling_factor=float(vae_config.get("scaling_factor", 1.0)),
+        sample_size=sample_size,
+        max_token_length=clip_length,
+        prediction_type="flow",
+        shift_factor=vae_config.get("shift_factor"),
+        guidance_scale=guidance,
+        size_multiple=factor * patch,
+        default_steps=steps,
+        pooled_dim=int(transformer["pooled_projection_dim"]),
+        family=family,
+        max_sequence_length=sequence,
+        patch_size=patch,
+        guidance_embeds=embeds,
+    )
+    return config
+
+
+def _sana_model_config(folder: Path, family: str, transformer: dict[str, Any], vae: dict[str, Any]) -> ModelConfig:
     """SANA's and SANA-Sprint's sizes and defaults from `transformer/` and the DC-AE's config (its factor from the
     encoder's levels, as the pipelines compute vae_scale_factor); a transformer that embeds the guidance is
     Sprint's."""
-    try:
-        embeds = bool(transformer.get("guidance_embeds", False))
-        family = "sana_sprint" if embeds else family
-        latent = int(vae.get("latent_channels", 32))
-        factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)
-        patch = int(transformer.get("patch_size", 1))
-        if transformer.get("in_channels") != latent:
-            raise ManifestError(
-                f"the transformer takes {echo(transformer.get('in_channels'))} channels, the DC-AE makes {latent}"
-            )
-        sprint = family == "sana_sprint"
-        config = ModelConfig(
-            embedding_dim=int(transformer["caption_channels"]),
-            latent_channels=latent,
-            vae_scale_factor=factor,
-            scaling_factor=float(vae.get("scaling_factor", 1.0)),
-            sample_size=int(transformer["sample_size"]),
-            max_token_length=SANA_SEQUENCE,
-            prediction_type="flow",
-            guidance_scale=SANA_GUIDANCE,
-            size_multiple=max(SANA_SIDES, factor * patch),
-            default_steps=SANA_SPRINT_STEPS if sprint else SANA_STEPS,
-            vae_kind="dc",
-            family=family,
-            max_sequence_length=SANA_SEQUENCE,
-            patch_size=patch,
-            guidance_embeds=embeds,
-            timestep_scale=float(transformer.get("timestep_scale", 1.0)),
-            guidance_embeds_scale=float(transformer.get("guidance_embeds_scale", 0.1)) if embeds else 1.0,
+    embeds = bool(transformer.get("guidance_embeds", False))
+    family = "sana_sprint" if embeds else family
+    latent = int(vae.get("latent_channels", 32))
+    factor = 2 ** (len(vae["encoder_block_out_channels"]) - 1)
+    patch = int(transformer.get("patch_size", 1))
+    if transformer.get("in_channels") != latent:
+        raise ManifestError(
+            f"the transformer takes {echo(transformer.get('in_channels'))} channels, the DC-AE makes {latent}"
         )
-        check_model_config(config)
-    except ManifestError as exc:
-        raise ManifestError(f"{folder}: {exc}") from None
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
-        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    sprint = family == "sana_sprint"
+    config = ModelConfig(
+        embedding_dim=int(transformer["caption_channels"]),
+        latent_channels=latent,
+        vae_scale_factor=factor,
+        scaling_factor=float(vae.get("scaling_factor", 1.0)),
+        sample_size=int(transformer["sample_size"]),
+        max_token_length=SANA_SEQUENCE,
+        prediction_type="flow",
+        guidance_scale=SANA_GUIDANCE,
+        size_multiple=max(SANA_SIDES, factor * patch),
+        default_steps=SANA_SPRINT_STEPS if sprint else SANA_STEPS,
+        vae_kind="dc",
+        family=family,
+        max_sequence_length=SANA_SEQUENCE,
+        patch_size=patch,
+        guidance_embeds=embeds,
+        timestep_scale=float(transformer.get("timestep_scale", 1.0)),
+        guidance_embeds_scale=float(transformer.get("guidance_embeds_scale", 0.1)) if embeds else 1.0,
+    )
     return config
 
 
-def _optional_json(folder: Path, rel: str) -> dict[str, Any]:
+def optional_json(folder: Path, rel: str) -> dict[str, Any]:
     """A config inside `folder` that may be absent: {} then."""
     return read_json(inside(folder, rel, folder)) if os.path.lexists(folder / rel) else {}
+
+
+def tokenizer_limited(length: int, tokenizer_config: dict[str, Any]) -> int:
+    """A pipeline's token length, cut to the tokenizer's `model_max_length` when that is a smaller positive int."""
+    limit = tokenizer_config.get("model_max_length")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return min(length, limit)
+    return length
 
 
 def _inpainting_channels(unet: dict[str, Any], vae: dict[str, Any]) -> int | None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .configs import optional_json, tokenizer_limited
 from .echo import echo
-from .files import inside
-from .manifest import ManifestError, ModelConfig, read_json
-from .manifest_schema import check_model_config
+from .manifest import ManifestError, ModelConfig
 
 # ZImagePipeline: 1024x1024 unless told (no default_sample_size), 512 Qwen tokens. Its call defaults (50 steps, CFG
 # 5) are the base model's; the published Z-Image-Turbo is run at 9 steps without guidance (its model card), and
@@ -26,43 +25,34 @@ FLUX2_PATCH = 2  # the pipeline patchifies 2x2 latent pixels into channels befor
 
 
 def llm_model_config(folder: Path, family: str, transformer: dict[str, Any], vae: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig of a Z-Image or FLUX.2 [klein] folder."""
+    """The ModelConfig of a Z-Image or FLUX.2 [klein] folder (configs.py checks it and names the folder in errors)."""
     if family == "flux2":
         return _flux2_config(folder, transformer, vae)
-    tokenizer = _optional_json(folder, "tokenizer/tokenizer_config.json")
-    try:
-        latent = int(vae.get("latent_channels", 16))
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        patch = int(transformer.get("all_patch_size", (2,))[0])
-        if transformer.get("in_channels") != latent:
-            raise ManifestError(
-                f"the transformer takes {echo(transformer.get('in_channels'))} channels, the VAE makes {latent}"
-            )
-        sequence = Z_IMAGE_SEQUENCE
-        limit = tokenizer.get("model_max_length")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            sequence = min(sequence, limit)
-        config = ModelConfig(
-            embedding_dim=int(transformer["cap_feat_dim"]),
-            latent_channels=latent,
-            vae_scale_factor=factor,
-            scaling_factor=float(vae.get("scaling_factor", 1.0)),
-            sample_size=Z_IMAGE_SIDE // factor,
-            max_token_length=sequence,
-            prediction_type="flow",
-            shift_factor=vae.get("shift_factor"),
-            guidance_scale=Z_IMAGE_GUIDANCE,
-            size_multiple=factor * patch,
-            default_steps=Z_IMAGE_STEPS,
-            family=family,
-            max_sequence_length=sequence,
-            patch_size=patch,
+    tokenizer = optional_json(folder, "tokenizer/tokenizer_config.json")
+    latent = int(vae.get("latent_channels", 16))
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    patch = int(transformer.get("all_patch_size", (2,))[0])
+    if transformer.get("in_channels") != latent:
+        raise ManifestError(
+            f"the transformer takes {echo(transformer.get('in_channels'))} channels, the VAE makes {latent}"
         )
-        check_model_config(config)
-    except ManifestError as exc:
-        raise ManifestError(f"{folder}: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as exc:
-        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    sequence = tokenizer_limited(Z_IMAGE_SEQUENCE, tokenizer)
+    config = ModelConfig(
+        embedding_dim=int(transformer["cap_feat_dim"]),
+        latent_channels=latent,
+        vae_scale_factor=factor,
+        scaling_factor=float(vae.get("scaling_factor", 1.0)),
+        sample_size=Z_IMAGE_SIDE // factor,
+        max_token_length=sequence,
+        prediction_type="flow",
+        shift_factor=vae.get("shift_factor"),
+        guidance_scale=Z_IMAGE_GUIDANCE,
+        size_multiple=factor * patch,
+        default_steps=Z_IMAGE_STEPS,
+        family=family,
+        max_sequence_length=sequence,
+        patch_size=patch,
+    )
     return config
 
 
@@ -71,49 +61,35 @@ def _flux2_config(folder: Path, transformer: dict[str, Any], vae: dict[str, Any]
     normalized by the VAE's batch-norm statistics, so `latent_channels` and `vae_scale_factor` are those of the
     latents the sampler sees (the vae_decoder graph un-normalizes and unpatchifies them); one token per latent pixel
     (patch_size 1)."""
-    tokenizer = _optional_json(folder, "tokenizer/tokenizer_config.json")
-    index = _optional_json(folder, "model_index.json")
-    try:
-        distilled = bool(index.get("is_distilled", False))
-        patch = tuple(vae.get("patch_size", (FLUX2_PATCH, FLUX2_PATCH)))
-        if patch != (FLUX2_PATCH, FLUX2_PATCH):
-            raise ManifestError(f"the VAE patchifies {echo(list(patch))}, the pipeline 2x2")
-        channels = int(vae.get("latent_channels", 32)) * FLUX2_PATCH**2
-        if transformer.get("in_channels") != channels or transformer.get("patch_size", 1) != 1:
-            raise ManifestError(
-                f"the transformer takes {echo(transformer.get('in_channels'))} channels in patches of "
-                f"{echo(transformer.get('patch_size'))}, not the {channels} of the VAE's patchified latents one by one"
-            )
-        if transformer.get("guidance_embeds"):
-            raise ManifestError("the transformer embeds a guidance scale, which Flux2KleinPipeline does not give")
-        factor = 2 ** (len(vae["block_out_channels"]) - 1) * FLUX2_PATCH
-        sequence = FLUX2_SEQUENCE
-        limit = tokenizer.get("model_max_length")
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            sequence = min(sequence, limit)
-        config = ModelConfig(
-            embedding_dim=int(transformer["joint_attention_dim"]),
-            latent_channels=channels,
-            vae_scale_factor=factor,
-            scaling_factor=1.0,
-            sample_size=FLUX2_SAMPLE_SIZE // FLUX2_PATCH,
-            max_token_length=sequence,
-            prediction_type="flow",
-            guidance_scale=FLUX2_DISTILLED_GUIDANCE if distilled else FLUX2_GUIDANCE,
-            size_multiple=factor,
-            default_steps=FLUX2_DISTILLED_STEPS if distilled else FLUX2_STEPS,
-            family="flux2",
-            max_sequence_length=sequence,
-            patch_size=1,
+    tokenizer = optional_json(folder, "tokenizer/tokenizer_config.json")
+    index = optional_json(folder, "model_index.json")
+    distilled = bool(index.get("is_distilled", False))
+    patch = tuple(vae.get("patch_size", (FLUX2_PATCH, FLUX2_PATCH)))
+    if patch != (FLUX2_PATCH, FLUX2_PATCH):
+        raise ManifestError(f"the VAE patchifies {echo(list(patch))}, the pipeline 2x2")
+    channels = int(vae.get("latent_channels", 32)) * FLUX2_PATCH**2
+    if transformer.get("in_channels") != channels or transformer.get("patch_size", 1) != 1:
+        raise ManifestError(
+            f"the transformer takes {echo(transformer.get('in_channels'))} channels in patches of "
+            f"{echo(transformer.get('patch_size'))}, not the {channels} of the VAE's patchified latents one by one"
         )
-        check_model_config(config)
-    except ManifestError as exc:
-        raise ManifestError(f"{folder}: {exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as exc:
-        raise ManifestError(f"{folder}: cannot read the model's sizes from its configs ({echo(exc)})") from None
+    if transformer.get("guidance_embeds"):
+        raise ManifestError("the transformer embeds a guidance scale, which Flux2KleinPipeline does not give")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) * FLUX2_PATCH
+    sequence = tokenizer_limited(FLUX2_SEQUENCE, tokenizer)
+    config = ModelConfig(
+        embedding_dim=int(transformer["joint_attention_dim"]),
+        latent_channels=channels,
+        vae_scale_factor=factor,
+        scaling_factor=1.0,
+        sample_size=FLUX2_SAMPLE_SIZE // FLUX2_PATCH,
+        max_token_length=sequence,
+        prediction_type="flow",
+        guidance_scale=FLUX2_DISTILLED_GUIDANCE if distilled else FLUX2_GUIDANCE,
+        size_multiple=factor,
+        default_steps=FLUX2_DISTILLED_STEPS if distilled else FLUX2_STEPS,
+        family="flux2",
+        max_sequence_length=sequence,
+        patch_size=1,
+    )
     return config
-
-
-def _optional_json(folder: Path, rel: str) -> dict[str, Any]:
-    path = Path(folder) / rel
-    return read_json(inside(folder, rel, folder)) if path.exists() else {}

@@ -96,85 +96,69 @@ def tiny_inpaint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_and_export("tiny-inpaint", tmp_path_factory.mktemp("inpaint"))
 
 
-# SD3 and FLUX.1 at test size (models/build.py's tiny-sd3, tiny-flux (schnell) and tiny-flux-dev): each diffusers
-# folder and its fp32 export, built once per session.
-@pytest.fixture(scope="session")
-def tiny_sd3_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built(recipe: str, factory: pytest.TempPathFactory) -> Path:
+    """The diffusers folder of a models.build recipe with seed 0."""
     from sd_onnx.models.build import RECIPES, build_pipeline
 
-    return build_pipeline(RECIPES["tiny-sd3"], tmp_path_factory.mktemp("sd3") / "tiny-sd3", seed=0)
+    return build_pipeline(RECIPES[recipe], factory.mktemp(recipe) / recipe, seed=0)
+
+
+def exported(pipeline: Path, factory: pytest.TempPathFactory) -> Path:
+    """The fp32 export of a diffusers folder."""
+    from sd_onnx.exporter.convert import convert
+
+    out = factory.mktemp(f"{pipeline.name}-export") / f"{pipeline.name}-onnx"
+    convert(str(pipeline), out, log=lambda line: None)
+    return out
+
+
+# The transformer families at test size (models/build.py's tiny-sd3, tiny-flux (schnell), tiny-flux-dev,
+# tiny-z-image, tiny-flux2-klein (a base model)): each diffusers folder and its fp32 export, built once per session.
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built("tiny-sd3", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_export(tiny_sd3_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-
-    out = tmp_path_factory.mktemp("sd3-export") / "tiny-sd3-onnx"
-    convert(str(tiny_sd3_pipeline), out, log=lambda line: None)
-    return out
+    return exported(tiny_sd3_pipeline, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.models.build import RECIPES, build_pipeline
-
-    return build_pipeline(RECIPES["tiny-flux"], tmp_path_factory.mktemp("flux") / "tiny-flux", seed=0)
+    return built("tiny-flux", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_export(tiny_flux_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-
-    out = tmp_path_factory.mktemp("flux-export") / "tiny-flux-onnx"
-    convert(str(tiny_flux_pipeline), out, log=lambda line: None)
-    return out
+    return exported(tiny_flux_pipeline, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_dev_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.models.build import RECIPES, build_pipeline
-
-    return build_pipeline(RECIPES["tiny-flux-dev"], tmp_path_factory.mktemp("flux-dev") / "tiny-flux-dev", seed=0)
+    return built("tiny-flux-dev", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_dev_export(tiny_flux_dev_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-
-    out = tmp_path_factory.mktemp("flux-dev-export") / "tiny-flux-dev-onnx"
-    convert(str(tiny_flux_dev_pipeline), out, log=lambda line: None)
-    return out
+    return exported(tiny_flux_dev_pipeline, tmp_path_factory)
 
 
-# Z-Image at test size (models/build.py's tiny-z-image): its diffusers folder and fp32 export, built once per session.
 @pytest.fixture(scope="session")
 def tiny_z_image_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.models.build import RECIPES, build_pipeline
-
-    return build_pipeline(RECIPES["tiny-z-image"], tmp_path_factory.mktemp("z-image") / "tiny-z-image", seed=0)
+    return built("tiny-z-image", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_z_image_export(tiny_z_image_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-
-    out = tmp_path_factory.mktemp("z-image-export") / "tiny-z-image-onnx"
-    convert(str(tiny_z_image_pipeline), out, log=lambda line: None)
-    return out
+    return exported(tiny_z_image_pipeline, tmp_path_factory)
 
 
-# FLUX.2 [klein] at test size (models/build.py's tiny-flux2-klein, a base model): its diffusers folder and export.
 @pytest.fixture(scope="session")
 def tiny_flux2_klein_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.models.build import RECIPES, build_pipeline
-
-    return build_pipeline(RECIPES["tiny-flux2-klein"], tmp_path_factory.mktemp("flux2") / "tiny-flux2-klein", seed=0)
+    return built("tiny-flux2-klein", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_flux2_klein_export(tiny_flux2_klein_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sd_onnx.exporter.convert import convert
-
-    out = tmp_path_factory.mktemp("flux2-export") / "tiny-flux2-klein-onnx"
-    convert(str(tiny_flux2_klein_pipeline), out, log=lambda line: None)
-    return out
+    return exported(tiny_flux2_klein_pipeline, tmp_path_factory)

@@ -20,8 +20,9 @@ from sd_onnx.runtime import DiffusionPipeline, GenerationRequest, RequestError
 from sd_onnx.runtime.configs import read_model_config
 from sd_onnx.runtime.manifest import Manifest
 
+from .test_transformer_families import TOLERANCE, diffusers_images, mean_abs
+
 PROMPT = "a red circle on a blue square"
-TOLERANCE = 1 / 255
 LAYERS = (9, 18, 27)
 
 
@@ -32,16 +33,6 @@ def flux2(tiny_flux2_klein_pipeline: Path, tiny_flux2_klein_export: Path):
     theirs = Flux2KleinPipeline.from_pretrained(tiny_flux2_klein_pipeline)
     theirs.set_progress_bar_config(disable=True)
     return DiffusionPipeline.from_pretrained(tiny_flux2_klein_export, provider="cpu"), theirs
-
-
-def diffusers_images(pipe, seed: int, **kwargs) -> np.ndarray:
-    with torch.no_grad():
-        return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
-
-
-def mean_abs(ours: np.ndarray, theirs: np.ndarray) -> float:
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    return float(np.abs(np.asarray(ours, np.float64) - theirs).mean())
 
 
 def session(path: Path) -> ort.InferenceSession:

@@ -6,62 +6,41 @@ difference <= 1/255), and the samplers each refuses."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sd_onnx.runtime import DiffusionPipeline, GenerationRequest, RequestError
 from sd_onnx.runtime.families.sana import COMPLEX_HUMAN_INSTRUCTION
 
+from .conftest import built, exported
+from .test_transformer_families import TOLERANCE, mean_abs, reference
+from .test_transformer_families import diffusers_images as parity_images
+
 PROMPT, NEGATIVE = "A red circle on a blue square ", "blurry"
-TOLERANCE = 1 / 255
 SIDE = 32  # the tiny models' default: sample_size 8 x the DC-AE's factor 4 (diffusers takes multiples of 32)
-
-
-def build_and_export(recipe: str, root: Path) -> tuple[Path, Path]:
-    from sd_onnx.exporter.convert import convert
-    from sd_onnx.models.build import RECIPES, build_pipeline
-
-    source = build_pipeline(RECIPES[recipe], root / recipe, seed=0)
-    convert(str(source), root / f"{recipe}-onnx", log=lambda line: None)
-    return source, root / f"{recipe}-onnx"
-
-
-def reference(folder: Path, cls_name: str):
-    import diffusers
-
-    pipe = getattr(diffusers, cls_name).from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
 def tiny_sana(tmp_path_factory: pytest.TempPathFactory):
     """(our pipeline, diffusers' SanaPipeline) on the tiny SANA's weights."""
-    source, export = build_and_export("tiny-sana", tmp_path_factory.mktemp("sana"))
+    source = built("tiny-sana", tmp_path_factory)
+    export = exported(source, tmp_path_factory)
     return DiffusionPipeline.from_pretrained(export, provider="cpu"), reference(source, "SanaPipeline")
 
 
 @pytest.fixture(scope="module")
 def tiny_sana_sprint(tmp_path_factory: pytest.TempPathFactory):
     """(our pipeline, diffusers' SanaSprintPipeline) on the tiny SANA-Sprint's weights."""
-    source, export = build_and_export("tiny-sana-sprint", tmp_path_factory.mktemp("sana-sprint"))
+    source = built("tiny-sana-sprint", tmp_path_factory)
+    export = exported(source, tmp_path_factory)
     return DiffusionPipeline.from_pretrained(export, provider="cpu"), reference(source, "SanaSprintPipeline")
 
 
 def diffusers_images(pipe, seed: int, **kwargs) -> np.ndarray:
     """diffusers' images at our size: no resolution binning (its bins are for 1024-pixel models)."""
-    settings = {"height": SIDE, "width": SIDE, "use_resolution_binning": False, **kwargs}
-    with torch.no_grad():
-        return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **settings).images
-
-
-def mean_abs(ours: np.ndarray, theirs: np.ndarray) -> float:
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    return float(np.abs(np.asarray(ours, np.float64) - theirs).mean())
+    return parity_images(pipe, seed, **{"height": SIDE, "width": SIDE, "use_resolution_binning": False, **kwargs})
 
 
 def test_export_signatures_and_config(tiny_sana, tiny_sana_sprint) -> None:

@@ -17,8 +17,9 @@ from PIL import Image
 from sd_onnx.runtime import DiffusionPipeline, GenerationRequest, RequestError
 from sd_onnx.runtime.manifest import Manifest
 
+from .test_transformer_families import TOLERANCE, diffusers_images, mean_abs
+
 PROMPT, NEGATIVE = "a red circle on a blue square", "blurry"
-TOLERANCE = 1 / 255
 TOKENIZER_PROMPTS = ["a red circle", "", "Ünïcödé 漢字, emoji 🎨 and 12345!", "<|im_end|> is text here", "word " * 600]
 
 
@@ -29,16 +30,6 @@ def z_image(tiny_z_image_pipeline: Path, tiny_z_image_export: Path):
     theirs = ZImagePipeline.from_pretrained(tiny_z_image_pipeline)
     theirs.set_progress_bar_config(disable=True)
     return DiffusionPipeline.from_pretrained(tiny_z_image_export, provider="cpu"), theirs
-
-
-def diffusers_images(pipe, seed: int, **kwargs) -> np.ndarray:
-    with torch.no_grad():
-        return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
-
-
-def mean_abs(ours: np.ndarray, theirs: np.ndarray) -> float:
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    return float(np.abs(np.asarray(ours, np.float64) - theirs).mean())
 
 
 def session(path: Path) -> ort.InferenceSession:
