@@ -138,6 +138,37 @@ def test_flux_dev_embeds_the_guidance_and_matches_diffusers(tiny_flux_dev_pipeli
     assert np.abs(images[1.5] - images[6.0]).mean() > 1e-4  # the guidance reaches the transformer
 
 
+def test_forge_distilled_cfg_scale_is_flux_devs_guidance(tiny_flux_dev_export: Path) -> None:
+    """Forge clients send FLUX.1-dev's guidance as `distilled_cfg_scale` with `cfg_scale` 1: the image is the
+    API's at that guidance, not at 1; a `cfg_scale` above 1 beside it (real CFG, not run here) is listed as
+    ignored, and a 422 for a bad value names the field the client sent."""
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
+
+    from .test_server import png_of
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_flux_dev_export, provider="cpu")
+    settings = {"steps": 2, "seed": 5, "width": 64, "height": 64}
+    want = pipe.generate(GenerationRequest(PROMPT, guidance_scale=3.5, **settings), output_type="np").images[0]
+    with TestClient(create_app(ServerState(ServeConfig()), loader=lambda: pipe)) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        body = {"prompt": PROMPT, "cfg_scale": 1, "distilled_cfg_scale": 3.5, **settings}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        got = np.asarray(png_of(r.json()["images"][0]).convert("RGB"), np.float64) / 255
+        assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+        assert "CFG scale: 3.5" in json.loads(r.json()["info"])["infotexts"][0]
+        r = client.post("/sdapi/v1/txt2img", json={**body, "cfg_scale": 7})
+        assert r.status_code == 200 and json.loads(r.json()["info"])["ignored"] == ["cfg_scale"]
+        r = client.post("/sdapi/v1/txt2img", json={**body, "distilled_cfg_scale": -2})
+        assert r.status_code == 422 and "distilled_cfg_scale" in r.text
+
+
 def test_flow_models_refuse_ddpm_samplers_and_sdxl_fields(sd3, flux) -> None:
     ours, _ = sd3
     with pytest.raises(RequestError, match="scheduler: euler_a cannot sample a flow-matching model.*flow_euler"):

@@ -107,6 +107,8 @@ async def apply(state: ServerState, body: Txt2ImgRequest) -> Applied:
     declared = {name: getattr(body, name) for name in type(body).model_fields}
     ignored = ignored_fields(body.model_extra or {}, declared)
     update, names = _clip_skip(body, settings.get(CLIP_SKIP), ignored)
+    distilled, distilled_names = _distilled_guidance(body, entry, ignored)
+    update, names = {**update, **distilled}, {**names, **distilled_names}
     _check_vae(settings.get("sd_vae"), "override_settings.sd_vae")
     before = options(state)
     handled = ("sd_model_checkpoint", CLIP_SKIP, "sd_vae")
@@ -143,6 +145,21 @@ def _clip_skip(body: Txt2ImgRequest, value: Any, ignored: list[str]) -> tuple[di
     if body.clip_skip is not None:
         return {}, {}
     return {"clip_skip": value}, {"clip_skip": f"override_settings.{CLIP_SKIP}"}
+
+
+def _distilled_guidance(
+    body: Txt2ImgRequest, entry: ModelEntry, ignored: list[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Forge's `distilled_cfg_scale` as the guidance of a model that takes it as an input (FLUX.1-dev,
+    SANA-Sprint), as Forge reads it; `cfg_scale` then asks for classifier-free guidance on top, which these
+    models do not run here (ignored unless 1). Other models have no distilled guidance: Forge, too, leaves the
+    field unused for them."""
+    value = getattr(body, "distilled_cfg_scale", None)
+    if value is None or not entry.config.guidance_embeds:
+        return {}, {}
+    if body.cfg_scale not in (None, 1):
+        ignored.append("cfg_scale")
+    return {"cfg_scale": value}, {"guidance_scale": "distilled_cfg_scale"}
 
 
 def _check_vae(value: Any, name: str) -> None:

@@ -26,6 +26,11 @@ class Txt2ImgRequest(BaseModel):
     negative_prompt: str = ""
     steps: int | None = Field(None, description="Default: 20 (or the server's max_steps if lower).")
     cfg_scale: float | None = Field(None, description="Default: the model's guidance.")
+    distilled_cfg_scale: float | None = Field(
+        None,
+        description="Forge's: the guidance of a guidance-distilled model (FLUX.1-dev, SANA-Sprint), in place of "
+        "cfg_scale; unused by other models.",
+    )
     width: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
     height: int | None = Field(None, description="Default: the model's resolution; a multiple of its size multiple.")
     seed: int = Field(
