@@ -72,13 +72,10 @@ class ChatPrompts:
     def __init__(
         self, folder: Path, name: str, encoder: str, max_length: int, enable_thinking: bool, pad_to_longest: bool
     ) -> None:
-        self.sequence = sequence_tokenizer_for(folder, name, encoder, max_length)
+        self.sequence = sequence_tokenizer_for(folder, name, encoder, max_length, pad_to_longest)
         inside(folder, f"{name}/chat_template.jinja", folder)
         self.template = ChatTemplate(Path(folder) / name, self.sequence)
         self.enable_thinking = enable_thinking
-        if pad_to_longest:
-            tokenizer = self.sequence.tokenizer
-            tokenizer.enable_padding(pad_id=self.sequence.pad_id, pad_token=tokenizer.id_to_token(self.sequence.pad_id))
         self.max_length = max_length
         self.tokenizer = self.sequence.tokenizer
 
@@ -88,9 +85,9 @@ class ChatPrompts:
                 raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         return [self.template.render(prompt, self.enable_thinking) for prompt in prompts]
 
-    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """int32 ids and attention mask of the prompts' chat turns."""
-        return self.sequence.encode(self.texts(prompts))
+    def encode(self, prompts: list[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """int32 ids and attention mask of the prompts' chat turns (cut to `max_length`, else the model's)."""
+        return self.sequence.with_length(max_length).encode(self.texts(prompts))
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         return self.encode(prompts)[0]

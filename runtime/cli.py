@@ -44,6 +44,7 @@ OPTION_NAMES = {
     "guidance_interval": "--guidance-interval",
     "prompt_syntax": "--prompt-syntax",
     "clip_skip": "--clip-skip",
+    "max_sequence_length": "--max-sequence-length",
     "embeddings": "--embeddings",
     "vae_tiling": "--tile-vae",
     "deepcache_interval": "--deepcache",
@@ -244,6 +245,13 @@ def main() -> None:
 )
 @PROMPT_SYNTAX_OPTION
 @CLIP_SKIP_OPTION
+@click.option(
+    "--max-sequence-length",
+    default=None,
+    type=int,
+    metavar="N",
+    help="SD3, FLUX.1, FLUX.2, Z-Image: the T5/LLM text tokens read (at most 512) [default: the model's].",
+)
 @EMBEDDINGS_OPTION
 @LORA_DIR_OPTION
 @LORA_OPTION
@@ -316,6 +324,7 @@ def prompt(
     strength: float | None,
     prompt_syntax: str,
     clip_skip: int | None,
+    max_sequence_length: int | None,
     embeddings: Path | None,
     lora_dir: Path | None,
     loras: tuple[str, ...],
@@ -370,7 +379,7 @@ def prompt(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
             masked_content, mask_blur, padding_mask_crop, guidance_interval=parse_interval(guidance_interval),
             vae_tiling=tile_vae, deepcache_interval=deepcache, tome_ratio=tome, prompt_syntax=prompt_syntax,
-            clip_skip=None if clip_skip is None else clip_skip - 1,
+            clip_skip=None if clip_skip is None else clip_skip - 1, max_sequence_length=max_sequence_length,
             paste_back=False if no_paste_back else True if mask_image else None,
             hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
         )  # fmt: skip

@@ -362,6 +362,7 @@ class StableDiffusionPipeline:
         padding_mask_crop: int | None = None,
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
+        max_sequence_length: int | None = None,
         original_size: tuple[int, int] | None = None,
         target_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] | None = None,
@@ -397,7 +398,8 @@ class StableDiffusionPipeline:
         does; by default, as in diffusers, only a `padding_mask_crop` box is pasted back. `clip_skip=K` skips K
         text encoder layers from the end (diffusers' count: A1111's "Clip skip" N is K = N - 1);
         `prompt_syntax="a1111"` reads A1111's emphasis, BREAK and long prompts (default "plain": diffusers'
-        reading). The hires fix: `hires.hires_fix`."""
+        reading). `max_sequence_length` (SD3, FLUX.1, FLUX.2, Z-Image): the T5/LLM text tokens read, as diffusers
+        takes it (default: the model's, e.g. 256 for FLUX.1-schnell, 512 for dev). The hires fix: `hires.hires_fix`."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -417,6 +419,7 @@ class StableDiffusionPipeline:
             padding_mask_crop=padding_mask_crop,
             prompt_2=tuple(prompt_2) if isinstance(prompt_2, list) else prompt_2,
             negative_prompt_2=tuple(negative_prompt_2) if isinstance(negative_prompt_2, list) else negative_prompt_2,
+            max_sequence_length=max_sequence_length,
             original_size=original_size,
             target_size=target_size,
             crops_coords_top_left=crops_coords_top_left,

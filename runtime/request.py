@@ -102,6 +102,8 @@ class GenerationRequest:
     # (height, width) sizes and crop corner its UNet is conditioned on (default: the output size, no crop).
     prompt_2: str | tuple[str, ...] | None = None
     negative_prompt_2: str | tuple[str, ...] | None = None
+    # T5/LLM-conditioned models (SD3, FLUX.1, FLUX.2, Z-Image): the text tokens read (default: the model's).
+    max_sequence_length: int | None = None
     original_size: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
@@ -207,10 +209,9 @@ class GenerationRequest:
         eta = _number("eta", self.eta)
         _in_range("eta", eta, 0.0, 1.0)
         strength = self._strength(steps, config, images, (width, height))
-        sdxl = self._sdxl_fields(config, prompt, limits)
         resolved = replace(
             self,
-            **sdxl,
+            **self._family_fields(config, prompt, limits),
             prompt=prompt,
             negative_prompt=negative,
             steps=steps,
@@ -324,16 +325,20 @@ class GenerationRequest:
             )
         return width, height
 
-    def _sdxl_fields(self, config: ModelConfig, prompt: str | tuple[str, ...], limits: Limits) -> dict[str, Any]:
-        """The SDXL-only fields checked (refused on other models rather than silently ignored)."""
+    def _family_fields(self, config: ModelConfig, prompt: str | tuple[str, ...], limits: Limits) -> dict[str, Any]:
+        """The fields only some families take, checked (refused on other models rather than silently ignored)."""
         from .families import FAMILIES, family_for
 
-        given = {name: getattr(self, name) for name in SDXL_FIELDS if getattr(self, name) is not None}
-        refused = next((name for name in given if name not in family_for(config).request_fields), None)
+        given = {name: getattr(self, name) for name in FAMILY_FIELDS if getattr(self, name) is not None}
+        family = family_for(config)
+        refused = next((name for name in given if name not in family.request_fields), None)
         if refused is not None:
             takers = [family.label for family in reversed(FAMILIES) if refused in family.request_fields]
             raise RequestError(refused, f"applies to {', '.join(takers)} models only")
         checked: dict[str, Any] = {}
+        if "max_sequence_length" in given:
+            checked["max_sequence_length"] = _integer("max_sequence_length", given["max_sequence_length"])
+            _in_range("max_sequence_length", checked["max_sequence_length"], 1, family.max_sequence_limit)
         for name in ("prompt_2", "negative_prompt_2"):
             if name in given:
                 checked[name] = _prompts(name, given[name], limits.max_prompt_chars)
@@ -514,6 +519,7 @@ SDXL_FIELDS = (
     "prompt_2", "negative_prompt_2", *SIZE_FIELDS, "aesthetic_score", "negative_aesthetic_score", "denoising_end",
     "denoising_start",
 )  # fmt: skip
+FAMILY_FIELDS = (*SDXL_FIELDS, "max_sequence_length")  # fields only some families take
 
 
 def _pair(name: str, value: Any, low: int) -> tuple[int, int]:

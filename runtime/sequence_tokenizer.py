@@ -4,11 +4,13 @@ the `tokenizers` library: the file's own normalizer and special tokens, cut to t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .echo import echo
 from .files import inside
@@ -16,28 +18,53 @@ from .manifest import ManifestError, read_json
 from .tokenizer import EXCERPT_CHARS, TOKENIZER_FILES, load_tokenizer_file, special_token
 
 LOG = logging.getLogger("sd_onnx")
+MAX_LENGTH_VARIANTS = 8  # tokenizers kept for requests' own lengths (each a copy of the vocabulary)
 
 
 class SequenceTokenizer:
     """Prompts -> (batch, max_length) int32 ids and their attention mask (1 for tokens, 0 for padding)."""
 
-    def __init__(self, folder: Path, max_length: int, vocab_size: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, max_length: int, vocab_size: int | None = None, pad_to_longest: bool = False
+    ) -> None:
         folder = Path(folder)
         self.tokenizer = load_tokenizer_file(folder)
-        self.max_length = max_length
         pad = special_token(folder, "pad_token")
         if pad is None:
             raise ManifestError(f"{folder}: the tokenizer names no pad_token (tokenizer_config.json)")
         self.pad_id = self.tokenizer.token_to_id(pad)
         if self.pad_id is None:
             raise ManifestError(f"{folder}: the tokenizer has no {echo(pad)} token")
-        self.tokenizer.enable_truncation(max_length)
-        self.tokenizer.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad)
+        self.pad_to_longest = pad_to_longest
+        self._set_length(max_length)
+        self._lengths: dict[int, SequenceTokenizer] = {max_length: self}
         largest = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=0)
         if vocab_size is not None and largest >= vocab_size:
             raise ManifestError(
                 f"{folder}: the tokenizer has ids up to {largest}, the text encoder only {vocab_size} tokens"
             )
+
+    def _set_length(self, max_length: int) -> None:
+        """Cut to `max_length` tokens and pad to it (with `pad_to_longest`, to the batch's longest)."""
+        self.max_length = max_length
+        self.tokenizer.enable_truncation(max_length)
+        pad = self.tokenizer.id_to_token(self.pad_id)
+        length = None if self.pad_to_longest else max_length
+        self.tokenizer.enable_padding(length=length, pad_id=self.pad_id, pad_token=pad)
+
+    def with_length(self, max_length: int | None) -> SequenceTokenizer:
+        """This tokenizer cutting and padding to `max_length` tokens instead (a request's max_sequence_length;
+        None: its own), made once per length from a copy, so that requests of other lengths never share state."""
+        if max_length is None:
+            return self
+        if max_length not in self._lengths:
+            if len(self._lengths) > MAX_LENGTH_VARIANTS:
+                self._lengths = {self.max_length: self}
+            variant = copy.copy(self)
+            variant.tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+            variant._set_length(max_length)
+            self._lengths[max_length] = variant
+        return self._lengths[max_length]
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """int32 ids and attention mask, each (len(prompts), max_length); a cut prompt is logged."""
@@ -60,7 +87,9 @@ class SequenceTokenizer:
         return self.encode(prompts)[0]
 
 
-def sequence_tokenizer_for(folder: Path, name: str, encoder: str, max_length: int) -> SequenceTokenizer:
+def sequence_tokenizer_for(
+    folder: Path, name: str, encoder: str, max_length: int, pad_to_longest: bool = False
+) -> SequenceTokenizer:
     """The tokenizer in `folder/name` for the text encoder graph `folder/encoder`, its ids checked against the
     encoder's `vocab_size` when its config is there (files confined to the model folder)."""
     for file in (*TOKENIZER_FILES, f"../{encoder}/config.json"):
@@ -70,4 +99,4 @@ def sequence_tokenizer_for(folder: Path, name: str, encoder: str, max_length: in
     vocab = config.get("vocab_size")
     if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1):
         raise ManifestError(f"{path}: vocab_size must be a positive integer, got {echo(vocab)}")
-    return SequenceTokenizer(Path(folder) / name, max_length, vocab)
+    return SequenceTokenizer(Path(folder) / name, max_length, vocab, pad_to_longest)

@@ -138,6 +138,35 @@ def test_flux_dev_embeds_the_guidance_and_matches_diffusers(tiny_flux_dev_pipeli
     assert np.abs(images[1.5] - images[6.0]).mean() > 1e-4  # the guidance reaches the transformer
 
 
+@pytest.mark.parametrize(
+    ("family", "cls_name", "length"),
+    [("flux", "FluxPipeline", 40), ("sd3", "StableDiffusion3Pipeline", 12), ("z_image", "ZImagePipeline", 20)],
+)
+def test_max_sequence_length_reads_as_many_tokens_as_diffusers(request, family: str, cls_name: str, length: int):
+    """A request's max_sequence_length (T5's or the LLM's tokens) conditions as diffusers' argument does: parity
+    at a length other than the model's, and the result differs from the default length's."""
+    ours = DiffusionPipeline.from_pretrained(request.getfixturevalue(f"tiny_{family}_export"), provider="cpu")
+    theirs = reference(request.getfixturevalue(f"tiny_{family}_pipeline"), cls_name)
+    prompt = "a red circle on a blue square beside a green triangle under a yellow sky at dawn"
+    settings = {"num_inference_steps": 2, "width": 64, "height": 64, "guidance_scale": 4.0}
+    got = ours(prompt, seed=1, max_sequence_length=length, output_type="np", **settings).images
+    want = diffusers_images(theirs, 1, prompt=prompt, max_sequence_length=length, **settings)
+    assert mean_abs(got, want) <= TOLERANCE
+    default = ours(prompt, seed=1, output_type="np", **settings).images
+    assert np.abs(got - default).mean() > 1e-5
+
+
+def test_max_sequence_length_is_checked(flux, tiny_export: Path) -> None:
+    ours, _ = flux
+    with pytest.raises(RequestError, match="max_sequence_length: must be <= 512, got 513"):
+        ours.prepare(GenerationRequest(PROMPT, max_sequence_length=513))
+    with pytest.raises(RequestError, match="max_sequence_length: must be an integer"):
+        ours.prepare(GenerationRequest(PROMPT, max_sequence_length=1.5))
+    unet_model = DiffusionPipeline.from_pretrained(tiny_export, provider="cpu")
+    with pytest.raises(RequestError, match="max_sequence_length: applies to .*FLUX.* models only"):
+        unet_model.prepare(GenerationRequest(PROMPT, max_sequence_length=64))
+
+
 def test_forge_distilled_cfg_scale_is_flux_devs_guidance(tiny_flux_dev_export: Path) -> None:
     """Forge clients send FLUX.1-dev's guidance as `distilled_cfg_scale` with `cfg_scale` 1: the image is the
     API's at that guidance, not at 1; a `cfg_scale` above 1 beside it (real CFG, not run here) is listed as

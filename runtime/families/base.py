@@ -59,6 +59,8 @@ class Family:
     denoiser: ClassVar[str] = "unet"
     # The request fields beyond the common ones that this family reads (others are refused, not ignored).
     request_fields: ClassVar[frozenset[str]] = frozenset()
+    # The most text tokens a request's max_sequence_length may ask for (diffusers' bound for T5 and the LLMs).
+    max_sequence_limit: ClassVar[int] = 512
     # Each text encoder graph -> the tokenizer folder it reads.
     tokenizer_folders: ClassVar[dict[str, str]] = {"text_encoder": "tokenizer"}
 

@@ -23,7 +23,7 @@ class Flux(FlowMatching):
     name = "flux"
     pipeline_class = "FluxPipeline"
     label = "FLUX"
-    request_fields = frozenset({"prompt_2"})
+    request_fields = frozenset({"prompt_2", "max_sequence_length"})
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
     def load_tokenizers(self) -> dict:
@@ -47,7 +47,8 @@ class Flux(FlowMatching):
         prompts_2 = plain_texts(texts_or(request.prompt_2, prompts), request.prompt_syntax)
         clip = run_encoder(pipe.component("text_encoder"), self.tokenizers["text_encoder"](prompts))
         pipe.release("text_encoder")
-        t5 = run_encoder(pipe.component("text_encoder_2"), self.tokenizers["text_encoder_2"](prompts_2))
+        t5_tokenizer = self.tokenizers["text_encoder_2"].with_length(request.max_sequence_length)
+        t5 = run_encoder(pipe.component("text_encoder_2"), t5_tokenizer(prompts_2))
         pipe.release("text_encoder_2")
         text = t5["last_hidden_state"].astype(np.float32).repeat(request.batch, axis=0)
         extra = {"pooled_projections": clip["pooler_output"].astype(np.float32).repeat(request.batch, axis=0)}

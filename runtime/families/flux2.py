@@ -30,6 +30,7 @@ class Flux2(FlowMatching):
     name = "flux2"
     pipeline_class = "Flux2KleinPipeline"
     label = "FLUX.2 [klein]"
+    request_fields = frozenset({"max_sequence_length"})
 
     def load_tokenizers(self) -> dict:
         length = self.config.max_sequence_length
@@ -56,7 +57,7 @@ class Flux2(FlowMatching):
         texts = plain_texts(request.prompts, request.prompt_syntax)
         if do_cfg:
             texts = plain_texts(request.negative_prompts or [""] * len(texts), request.prompt_syntax) + texts
-        outputs, _ = encode_outputs(pipe, self.tokenizers["text_encoder"], texts)
+        outputs, _ = encode_outputs(pipe, self.tokenizers["text_encoder"], texts, request.max_sequence_length)
         layers = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
         states = np.stack([outputs[k] for k in layers], axis=2)  # (texts, tokens, layers, width)
         text = states.reshape(*states.shape[:2], -1).astype(np.float32).repeat(request.batch, axis=0)

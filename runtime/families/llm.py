@@ -10,10 +10,12 @@ import numpy as np
 from ..chat_template import ChatPrompts
 
 
-def encode_outputs(pipe: Any, prompts: ChatPrompts, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def encode_outputs(
+    pipe: Any, prompts: ChatPrompts, texts: list[str], max_length: int | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The text encoder graph's outputs by name (the hidden states the family conditions on) and the attention
-    mask, for `texts` as chat turns."""
-    ids, mask = prompts.encode(texts)
+    mask, for `texts` as chat turns of at most `max_length` tokens (None: the model's)."""
+    ids, mask = prompts.encode(texts, max_length)
     encoder = pipe.component("text_encoder")
     outputs = encoder(
         input_ids=ids.astype(encoder.input_dtype("input_ids", np.int32)),

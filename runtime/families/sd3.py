@@ -24,7 +24,7 @@ class StableDiffusion3(FlowMatching):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     label = "SD3"
-    request_fields = frozenset({"prompt_2", "negative_prompt_2"})
+    request_fields = frozenset({"prompt_2", "negative_prompt_2", "max_sequence_length"})
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
     def check_request(self, request: GenerationRequest) -> None:
@@ -79,17 +79,19 @@ class StableDiffusion3(FlowMatching):
             clip_states.append(penultimate(outputs, request.clip_skip))
             pooled.append(outputs["text_embeds"])
         clip = np.concatenate(clip_states, axis=-1)
-        t5 = self.t5_states(pipe, texts)
+        t5 = self.t5_states(pipe, texts, request.max_sequence_length or self.config.max_sequence_length)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         text = np.concatenate([clip, t5], axis=1).repeat(request.batch, axis=0)
         pooled_projections = np.concatenate(pooled, axis=-1).repeat(request.batch, axis=0)
         return Conditioning(text.astype(np.float32), {"pooled_projections": pooled_projections.astype(np.float32)})
 
-    def t5_states(self, pipe: Any, texts: list[str]) -> np.ndarray:
+    def t5_states(self, pipe: Any, texts: list[str], length: int) -> np.ndarray:
+        """T5's states of `length` tokens per text; zeros without T5, as diffusers conditions then."""
         tokenizer = self.tokenizers.get("text_encoder_3")
         if tokenizer is None:
-            return np.zeros((len(texts), self.config.max_sequence_length, self.config.embedding_dim), np.float32)
-        states = run_encoder(pipe.component("text_encoder_3"), tokenizer(texts))["last_hidden_state"]
+            return np.zeros((len(texts), length, self.config.embedding_dim), np.float32)
+        ids = tokenizer.with_length(length)(texts)
+        states = run_encoder(pipe.component("text_encoder_3"), ids)["last_hidden_state"]
         pipe.release("text_encoder_3")
         return states
 

@@ -32,6 +32,7 @@ class ZImage(FlowMatching):
     name = "z_image"
     pipeline_class = "ZImagePipeline"
     label = "Z-Image"
+    request_fields = frozenset({"max_sequence_length"})
 
     def load_tokenizers(self) -> dict:
         length = self.config.max_sequence_length
@@ -49,7 +50,7 @@ class ZImage(FlowMatching):
         texts = plain_texts(request.prompts, request.prompt_syntax)
         if do_cfg:
             texts = plain_texts(request.negative_prompts or [""] * len(texts), request.prompt_syntax) + texts
-        outputs, mask = encode_outputs(pipe, self.tokenizers["text_encoder"], texts)
+        outputs, mask = encode_outputs(pipe, self.tokenizers["text_encoder"], texts, request.max_sequence_length)
         states = next(iter(outputs.values()))  # the one layer the graph returns (hidden_states[-2])
         length = max(1, -(-int(mask.sum(axis=1).max()) // SEQ_MULTI_OF)) * SEQ_MULTI_OF
         mask = mask_of(mask, length)
