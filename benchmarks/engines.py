@@ -10,6 +10,7 @@ seams (stable-diffusion.cpp) report them from their own log.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import resource
 import statistics
@@ -132,7 +133,8 @@ def run_sd_onnx(spec: dict) -> dict:
     def generate(pipe: Any) -> tuple[float, list[float]]:
         stamps: list[float] = []
         unet_starts: list[float] = []
-        pipe.component("unet").observers.append(lambda feeds: unet_starts.append(time.perf_counter()))
+        denoiser = pipe.component(pipe.config.denoiser)  # the UNet, or a transformer family's transformer
+        denoiser.observers.append(lambda feeds: unet_starts.append(time.perf_counter()))
         step_end = lambda i, n, x: stamps.append(time.perf_counter())  # noqa: E731
         e2e_s, _ = timed(lambda: pipe(**_generation(spec), seed=0, callback=step_end))
         return e2e_s, _step_times(unet_starts, stamps)
@@ -159,7 +161,7 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any]) -> dict:
     def generate(pipe: Any) -> tuple[float, list[float]]:
         stamps: list[float] = []
         unet_starts: list[float] = []
-        _stamp_calls(pipe.unet, "forward", unet_starts)
+        _stamp_calls(_denoiser(pipe), "forward", unet_starts)
 
         def step_end(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
             stamps.append(time.perf_counter())
@@ -170,17 +172,22 @@ def _run_diffusers_like(spec: dict, load: Callable[[], Any]) -> dict:
         return e2e_s, _step_times(unet_starts, stamps)
 
     def text(pipe: Any) -> Any:
-        cfg = spec["guidance"] > 1
-        return pipe.encode_prompt(
-            prompt=spec["prompt"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=cfg
-        )
+        options = {"prompt": spec["prompt"], "device": "cpu", "num_images_per_prompt": 1}
+        if "do_classifier_free_guidance" in inspect.signature(pipe.encode_prompt).parameters:  # not distilled ones
+            options["do_classifier_free_guidance"] = spec["guidance"] > 1
+        return pipe.encode_prompt(**options)
 
     def decode(pipe: Any) -> Any:
         side = spec["size"] // pipe.vae_scale_factor
-        return pipe.vae.decode(torch.zeros(1, pipe.unet.config.in_channels, side, side))
+        return pipe.vae.decode(torch.zeros(1, pipe.vae.config.latent_channels, side, side))
 
     with torch.no_grad():
         return _measure(spec, load, generate, text, decode)
+
+
+def _denoiser(pipe: Any) -> Any:
+    """A diffusers-like pipeline's UNet, or its transformer (SD3, FLUX, SANA, ...)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def run_diffusers(spec: dict) -> dict:
@@ -221,8 +228,10 @@ def run_openvino(spec: dict) -> dict:
     def load() -> Any:
         config = {"INFERENCE_NUM_THREADS": str(spec["threads"]), "CACHE_DIR": ""}
         pipe = OVDiffusionPipeline.from_pretrained(spec["model"], compile=False, ov_config=config)
-        # optimum-intel's static UNet batch assumes guidance (it doubles the batch); unguided, the batch stays free
-        batch = 1 if spec["guidance"] > 1 else -1
+        # optimum-intel's static UNet batch assumes guidance (it doubles the batch); unguided, or guided through
+        # an embedding (SANA-Sprint: no negative prompt), the batch stays free
+        cfg = spec["guidance"] > 1 and "negative_prompt" in inspect.signature(pipe.__call__).parameters
+        batch = 1 if cfg else -1
         pipe.reshape(batch_size=batch, height=spec["size"], width=spec["size"], num_images_per_prompt=batch)
         pipe.compile()
         pipe.set_progress_bar_config(disable=True)

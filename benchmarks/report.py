@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = [
-    ("unet_step_median_s", "UNet step (s)"),
+    ("unet_step_median_s", "UNet/transformer step (s)"),
     ("vae_decode_s", "VAE decode (s)"),
     ("end_to_end_s", "end to end (s)"),
     ("cold_first_image_s", "cold 1st image (s)"),

@@ -248,6 +248,8 @@ def export_module(
     fix_static_dims(out_file, spec, [r.shape for r in reference])
     optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
     lora_map = map_weights(weights, out_file) if weights else {}
+    if dtype != torch.float32 and not half:  # the runtime reads such graphs differently (session.py)
+        optimizations["narrow_weights"] = str(dtype).removeprefix("torch.")
     if half:
         optimizations["fp16"] = convert_to_fp16(out_file)
         atol = fp16_atol(reference, atol)

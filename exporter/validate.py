@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sd_onnx.runtime.manifest import TensorSpec
+from sd_onnx.runtime.session import lean_options
 
 from .errors import ExportError
 
@@ -27,18 +28,12 @@ LARGE_GRAPH = 4 * 2**30
 
 
 def open_session(model_file: Path) -> ort.InferenceSession:
-    """A CPU session; above LARGE_GRAPH one that holds little beyond the memory-mapped weights (slower): weights
-    not prepacked (prepacking copies every one), no graph optimization (constant folding would widen every
-    bf16-stored weight at load, and fused nodes would be scheduled after every Cast), no arena or memory pattern,
-    and nodes run in priority order, that is in the graph's order, so a weight stored bf16 is widened by its Cast
-    just before its use and freed after (lean.py)."""
+    """A CPU session; above LARGE_GRAPH one that holds little beyond the memory-mapped weights (slower: see
+    runtime.session.lean_options), so that a full-size graph validates in about its bf16 size (lean.py)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if sum(p.stat().st_size for p in Path(model_file).parent.iterdir() if p.is_file()) > LARGE_GRAPH:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_cpu_mem_arena = options.enable_mem_pattern = False
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        lean_options(options)
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 

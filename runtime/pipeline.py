@@ -234,7 +234,11 @@ class StableDiffusionPipeline:
             overrides.update(table_override(file.parent, self.embeddings))
         # Low-memory mode: the VAE's activations (0.4-1 GB at 512x512 for SD) go back as they die, not with the arena.
         arena = not (self.low_memory and name.startswith(("vae", "tiny_vae")))
-        return open_model(file, info, self.session_config, overrides or None, arena=arena)
+        # bf16-stored weights read unfolded (session.lean_options) where a graph runs once per image, or always in
+        # low-memory mode: a fraction of the load time and memory, for slower calls.
+        narrow = info is not None and "narrow_weights" in info.optimizations
+        lean = narrow and (name in self.text_encoders() or self.low_memory)
+        return open_model(file, info, self.session_config, overrides or None, arena=arena, lean=lean)
 
     def text_encoders(self) -> dict[str, CLIPTokenizer]:
         """Each text encoder this pipeline runs -> its tokenizer."""

@@ -203,18 +203,19 @@ def open_model(
     config: SessionConfig,
     initializers: dict[str, np.ndarray] | None = None,
     arena: bool = True,
+    lean: bool = False,
 ) -> OnnxModel | OpenVinoModel:
     """One component's session on the engine `config` names: OpenVINO when it comes first (for the components it is
     placed on), else onnxruntime. A graph OpenVINO cannot read or compile runs on onnxruntime's CPU provider
     instead, with one log line saying why."""
     if config.providers[0] != OPENVINO:
-        return OnnxModel(model_file, info, config, initializers, arena)
+        return OnnxModel(model_file, info, config, initializers, arena, lean)
     on_cpu = replace(config, providers=config.providers[1:] or (CPU,))
     if config.openvino_components is not None and model_file.parent.name not in config.openvino_components:
-        return OnnxModel(model_file, info, on_cpu, initializers, arena)
+        return OnnxModel(model_file, info, on_cpu, initializers, arena, lean)
 
     def fallback() -> OnnxModel:
-        return OnnxModel(model_file, info, on_cpu, initializers, arena)
+        return OnnxModel(model_file, info, on_cpu, initializers, arena, lean)
 
     try:
         cache = _openvino_cache(config)
@@ -261,6 +262,17 @@ def run_failure(exc: Exception) -> str:
     return echo(where + status, 300).strip("'\"")
 
 
+def lean_options(options: ort.SessionOptions) -> None:
+    """Options that hold little beyond a graph's memory-mapped weights: no graph optimization (constant folding
+    would widen every bf16-stored weight at load), no prepacking (a copy of every weight), no arena or memory
+    pattern, and nodes in the graph's order, so that a weight stored bf16 is widened by its Cast just before its
+    use and freed after."""
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = options.enable_mem_pattern = False
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+
+
 class OnnxModel(GraphModel):
     """One component's onnxruntime session; checks feeds against the manifest's signature before running."""
 
@@ -271,6 +283,7 @@ class OnnxModel(GraphModel):
         config: SessionConfig,
         initializers: dict[str, np.ndarray] | None = None,
         arena: bool = True,
+        lean: bool = False,
     ) -> None:
         """`initializers` replace the graph's initializers of those names (load-time LoRAs, see lora.py); the
         optimized-graph cache is then skipped, since it would bake them in under another key, optimization stops
@@ -278,7 +291,14 @@ class OnnxModel(GraphModel):
         back as soon as a tensor dies (slower; for one-shot graphs whose activations dwarf their weights): no
         arena, no buffer reuse (onnxruntime's plan would keep a dead tensor's buffer for a later tensor and so hold
         it meanwhile) and large blocks mapped on their own (see map_large_blocks). SD 1.5's int8 VAE decoder at
-        512x512: 0.87 -> 0.40 GB working memory, 4 -> 7 s."""
+        512x512: 0.87 -> 0.40 GB working memory, 4 -> 7 s.
+
+        A graph whose weights are stored bf16 behind Casts (`sd-export --trace-dtype bf16`, the manifest's
+        narrow_weights) is never cached optimized: onnxruntime folds the Casts into fp32 copies, and saving that
+        held both (SANA-Sprint's 2.6 B-parameter Gemma: first load 48 s at a 16.3 GB peak, 8.7 GB more disk, and
+        24 s to load from the cache against 18 s to fold again). `lean` runs such a graph unfolded instead, as the
+        exporter validates it (see LEAN): each Cast just before its use, the weights memory-mapped (that Gemma: load
+        0.2 s, a call 5.4 s, peak 7.4 GB against 18 s, 11.6 s and 11.2 GB folded; later calls 4.6 s against 2.9)."""
         super().__init__()
         self.name = model_file.parent.name
         self.info = info
@@ -302,6 +322,8 @@ class OnnxModel(GraphModel):
             shared_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.optimization]
+        if lean:
+            lean_options(options)
         if config.threads:
             options.intra_op_num_threads = config.threads
         disabled = []
@@ -316,7 +338,8 @@ class OnnxModel(GraphModel):
         for name, value in zip(initializers or {}, self._overrides, strict=True):
             options.add_initializer(name, value)
         path = model_file
-        if config.cache and not initializers and info is not None and on_cpu:
+        narrow = info is not None and "narrow_weights" in info.optimizations
+        if config.cache and not initializers and info is not None and on_cpu and not narrow and not lean:
             path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
             self.session = ort.InferenceSession(

@@ -105,3 +105,27 @@ def test_bf16_stored_weights_quantize(bf16_flux: Path, tmp_path: Path, precision
 def test_unknown_trace_dtype_refused(tiny_flux_pipeline: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="unknown trace dtype"):
         convert(str(tiny_flux_pipeline), tmp_path / "out", trace_dtype="int8", log=lambda line: None)
+
+
+def test_bf16_stored_graphs_run_unfolded_and_are_never_cached_folded(
+    bf16_flux: Path, tiny_flux_export: Path, tmp_path: Path
+) -> None:
+    """The manifest marks bf16-stored weights; the runtime then keeps no optimized copy of the graph (it would hold
+    every weight widened to fp32), and its lean session (each Cast just before its use) gives the folded session's
+    outputs."""
+    from sd_onnx.runtime.session import OnnxModel, SessionConfig
+
+    info = Manifest.load(bf16_flux).components["text_encoder_2"]
+    assert info.optimizations["narrow_weights"] == "bfloat16"
+    assert "narrow_weights" not in Manifest.load(tiny_flux_export).components["text_encoder_2"].optimizations
+    feeds = {"input_ids": np.arange(info.validation["input_shapes"]["input_ids"][1], dtype=np.int32)[None] % 50}
+    outputs = {}
+    for lean in (False, True):
+        cache = tmp_path / f"cache-{lean}"
+        model = OnnxModel(bf16_flux / info.file, info, SessionConfig(cache_dir=cache), lean=lean)
+        outputs[lean] = model(**feeds)[0]
+        assert not list(cache.rglob("*.onnx*"))
+    np.testing.assert_allclose(outputs[True], outputs[False], atol=1e-5)
+    plain = Manifest.load(tiny_flux_export).components["text_encoder_2"]
+    OnnxModel(tiny_flux_export / plain.file, plain, SessionConfig(cache_dir=tmp_path / "plain"))
+    assert list((tmp_path / "plain").rglob("*.onnx"))  # an fp32-stored graph is cached as before
