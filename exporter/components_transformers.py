@@ -211,7 +211,9 @@ def _flux_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Input
     side = _latent_side(config) // FLUX_PACKING
     tokens = prompt_tokens(src)
     inputs = (
-        torch.randn(batch, side * side, config.latent_channels * FLUX_PACKING**2, generator=gen),
+        torch.randn(
+            batch, side * side, (config.unet_in_channels or config.latent_channels) * FLUX_PACKING**2, generator=gen
+        ),
         torch.randn(batch, tokens, config.embedding_dim, generator=gen),
         torch.randn(batch, config.pooled_dim, generator=gen),
         torch.rand(batch, generator=gen),

@@ -200,6 +200,13 @@ TINY_FLUX_DEV = {
     "transformer": {**TINY_FLUX["transformer"], "guidance_embeds": True},
     "scheduler": {**TINY_FLUX["scheduler"], "shift": 3.0, "use_dynamic_shifting": True},
 }  # fmt: skip
+# FLUX.1 Fill [dev]: dev whose transformer also takes the masked image's latents (16 channels) and the mask's
+# factor x factor pixels per latent pixel (4 with this 2x VAE; 64 with FLUX's 8x), packed 2x2 like the latents.
+TINY_FLUX_FILL = {
+    **TINY_FLUX_DEV,
+    "pipeline": "FluxFillPipeline",
+    "transformer": {**TINY_FLUX_DEV["transformer"], "in_channels": (16 + 16 + 2 * 2) * 4, "out_channels": 64},
+}  # fmt: skip
 
 # Z-Image (Turbo) at test size: a Qwen3 text encoder (Z-Image conditions on its penultimate hidden states, the
 # valid tokens of each prompt only), a single-stream DiT over 2x2 patches of 16-channel latents with 3-axis rotary
@@ -281,6 +288,7 @@ RECIPES = {
     "tiny-sd35": TINY_SD35,
     "tiny-flux": TINY_FLUX,
     "tiny-flux-dev": TINY_FLUX_DEV,
+    "tiny-flux-fill": TINY_FLUX_FILL,
     "tiny-z-image": TINY_Z_IMAGE,
     "tiny-flux2-klein": TINY_FLUX2_KLEIN,
     "tiny-sana": TINY_SANA,

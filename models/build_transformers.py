@@ -13,7 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TRANSFORMER_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "ZImagePipeline", "Flux2KleinPipeline")
+TRANSFORMER_PIPELINES = (
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "FluxFillPipeline",
+    "ZImagePipeline",
+    "Flux2KleinPipeline",
+)
 # Pipelines conditioned on an LLM (Qwen3) alone: one text encoder, its tokenizer a Qwen2 one (qwen_vocab.py).
 LLM_PIPELINES = ("ZImagePipeline", "Flux2KleinPipeline")
 # SANA and SANA-Sprint: Gemma-2, a linear-attention DiT and a DC-AE (save_sana_pipeline).

@@ -20,6 +20,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "FluxPipeline": "flux",
+    "FluxFillPipeline": "flux",  # FLUX.1 Fill: the transformer also takes the masked image's latents and the mask
     "SanaPipeline": "sana",
     "SanaSprintPipeline": "sana_sprint",
     "SanaSprintImg2ImgPipeline": "sana_sprint",
@@ -36,6 +37,7 @@ TRANSFORMER_FAMILIES = {
 # schnell (no guidance embedding) 4 steps and no CFG; T5 prompt lengths SD3 256, FLUX 512.
 SD3_STEPS, SD3_GUIDANCE, SD3_SEQUENCE = 28, 7.0, 256
 FLUX_DEV_STEPS, FLUX_DEV_GUIDANCE, FLUX_SCHNELL_STEPS, FLUX_SEQUENCE = 28, 3.5, 4, 512
+FLUX_FILL_STEPS, FLUX_FILL_GUIDANCE = 50, 30.0  # FluxFillPipeline's call defaults (FLUX.1 Fill [dev]'s card)
 FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with FLUX's 8x VAE
 FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent patches into one token (its transformer's patch_size is 1)
 # diffusers' SanaPipeline: 20 steps at CFG 4.5; SanaSprintPipeline: 2 steps with the guidance scale 4.5 embedded;
@@ -155,7 +157,12 @@ def _sd3_flux_model_config(
         patch, sample_size, channels = FLUX_PACKING, FLUX_SAMPLE_SIZE, latent * FLUX_PACKING**2
         steps = FLUX_DEV_STEPS if embeds else FLUX_SCHNELL_STEPS
         guidance, sequence = (FLUX_DEV_GUIDANCE if embeds else 0.0), FLUX_SEQUENCE
-    if transformer.get("in_channels") != channels:
+    # FLUX.1 Fill: each packed token also holds the masked image's latents and the mask's factor x factor pixels
+    fill_channels = 2 * latent + factor**2 if family == "flux" else None
+    fill = fill_channels is not None and transformer.get("in_channels") == fill_channels * FLUX_PACKING**2
+    if fill:
+        steps, guidance = FLUX_FILL_STEPS, FLUX_FILL_GUIDANCE
+    elif transformer.get("in_channels") != channels:
         raise ManifestError(
             f"the transformer takes {echo(transformer.get('in_channels'))} channels, not the {channels} "
             f"that {latent}-channel latents make"
@@ -181,6 +188,7 @@ def _sd3_flux_model_config(
         max_sequence_length=sequence,
         patch_size=patch,
         guidance_embeds=embeds,
+        unet_in_channels=fill_channels if fill else None,
     )
     return config
 

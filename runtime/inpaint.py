@@ -54,17 +54,22 @@ class Inpainting:
     (inpainting UNets) or the original latents and the noise that re-noises them (ordinary UNets)."""
 
     mask: np.ndarray
-    masked_latents: np.ndarray
     image_latents: np.ndarray | None
     noise: np.ndarray
-    unet_takes_mask: bool
+    # An inpainting denoiser's channels beside its latents (the family's layout of the mask and the masked
+    # image's latents); None for an ordinary one.
+    denoiser_channels: np.ndarray | None
+
+    @property
+    def unet_takes_mask(self) -> bool:
+        return self.denoiser_channels is not None
 
     def unet_input(self, model_input: np.ndarray) -> np.ndarray:
-        """The UNet's input for scaled latents: with the mask and the masked image's latents stacked on the
-        channels for an inpainting UNet (guidance duplicates the whole, as diffusers' batch does)."""
+        """The denoiser's input for scaled latents: with the mask and the masked image's latents stacked on the
+        channels for an inpainting denoiser (guidance duplicates the whole, as diffusers' batch does)."""
         if not self.unet_takes_mask:
             return model_input
-        return np.concatenate([model_input, self.mask, self.masked_latents], axis=1)
+        return np.concatenate([model_input, self.denoiser_channels], axis=1)
 
     def after_step(self, latents: np.ndarray, sched: Scheduler, timesteps: np.ndarray, i: int) -> np.ndarray:
         """An ordinary UNet's latents with the unmasked part put back: the original, noised to the next step."""

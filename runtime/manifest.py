@@ -157,9 +157,16 @@ class ModelConfig:
         return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
 
     @property
+    def mask_channels(self) -> int:
+        """The mask's channels beside an inpainting denoiser's latents: one for UNets; for FLUX.1 Fill each latent
+        pixel's factor x factor mask pixels."""
+        return self.vae_scale_factor**2 if self.family == "flux" else 1
+
+    @property
     def inpainting(self) -> bool:
-        """Whether the UNet takes a mask and the masked image's latents beside its latents."""
-        return self.unet_in_channels == 2 * self.latent_channels + 1
+        """Whether the denoiser takes a mask and the masked image's latents beside its latents (inpainting UNets,
+        FLUX.1 Fill)."""
+        return self.unet_in_channels == 2 * self.latent_channels + self.mask_channels
 
     @property
     def default_resolution(self) -> int:

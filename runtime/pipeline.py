@@ -767,6 +767,11 @@ class FluxPipeline(StableDiffusionPipeline):
     guidance (no classifier-free guidance, no negative prompt)."""
 
 
+class FluxFillPipeline(FluxPipeline):
+    """FLUX.1 Fill (families/flux.py, a transformer that also takes the masked image's latents and the mask):
+    inpainting and outpainting, `image=` and `mask_image=` required, as diffusers' FluxFillPipeline."""
+
+
 class ZImagePipeline(StableDiffusionPipeline):
     """Z-Image and Z-Image-Turbo (families/z_image.py): txt2img and img2img; guidance as diffusers' ZImagePipeline
     defines it (classifier-free above 0; the Turbo's default is 0, none)."""
@@ -795,6 +800,7 @@ PIPELINE_CLASSES: dict[str, type[StableDiffusionPipeline]] = {
         StableDiffusionXLPipeline,
         StableDiffusion3Pipeline,
         FluxPipeline,
+        FluxFillPipeline,
         ZImagePipeline,
         Flux2KleinPipeline,
         SanaPipeline,
@@ -807,6 +813,8 @@ def pipeline_class(config: ModelConfig) -> type[StableDiffusionPipeline]:
     """The pipeline class diffusers names for a model with `config`."""
     if config.inpainting and family_for(config).name == "sd":
         return StableDiffusionInpaintPipeline
+    if config.inpainting and family_for(config).name == "flux":
+        return FluxFillPipeline
     return PIPELINE_CLASSES.get(family_for(config).pipeline_class, StableDiffusionPipeline)
 
 
@@ -830,6 +838,7 @@ __all__ = [
     "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline",
     "FluxPipeline",
+    "FluxFillPipeline",
     "ZImagePipeline",
     "Flux2KleinPipeline",
     "SanaPipeline",

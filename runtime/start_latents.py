@@ -87,7 +87,7 @@ def _inpaint_latents(
     mask = mask_pixels(request.mask_image, request.width, request.height, request.mask_blur)
     full = request.strength == 1.0
     image_latents = None
-    if not pipe.config.inpainting or not full:
+    if not pipe.config.inpainting or not full or pipe.family.fill_encodes_image:
         start = pixels
         if request.masked_content == "fill":
             start = from_pil(fill_masked(image, request.mask_image), request.width, request.height)
@@ -99,13 +99,14 @@ def _inpaint_latents(
         latents = noise * np.float32(sched.init_noise_sigma)
     else:
         latents = sched.add_noise(image_latents, noise, timesteps[0])
-    masked = pipe.encode_image(pixels * (mask < 0.5), generator, pipe.uses_tiling(request))
+    masked = pipe.encode_image(pixels * (mask < 0.5), generator, pipe.uses_tiling(request))  # a draw either way
+    masked = np.concatenate([masked] * (shape[0] // len(masked)))
+    channels = pipe.family.inpaint_channels(mask, masked) if pipe.config.inpainting else None
     state = Inpainting(
         mask=latent_mask(mask, pipe.config.vae_scale_factor, shape[0]),
-        masked_latents=np.concatenate([masked] * (shape[0] // len(masked))),
         image_latents=image_latents,
         noise=noise,
-        unet_takes_mask=pipe.config.inpainting,
+        denoiser_channels=channels,
     )
     return latents, timesteps, state
 

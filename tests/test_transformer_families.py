@@ -333,6 +333,28 @@ def test_inpainting_matches_diffusers(name: str, request) -> None:
     assert mean_abs(got, want) <= TOLERANCE * float(np.abs(got).mean())
 
 
+def test_flux_fill_inpaints_as_diffusers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """FLUX.1 Fill: the transformer takes the masked image's latents and the mask's pixels beside its latents; a
+    folder of FluxFillPipeline loads as FluxFillPipeline, inpaints and outpaints in parity with diffusers' (its
+    default strength 1 and a partial one), and refuses a request without image and mask."""
+    from .conftest import built, exported
+
+    source = built("tiny-flux-fill", tmp_path_factory)
+    ours = DiffusionPipeline.from_pretrained(exported(source, tmp_path_factory), provider="cpu")
+    theirs = reference(source, "FluxFillPipeline")
+    assert type(ours).__name__ == "FluxFillPipeline" and ours.config.inpainting
+    side = ours.config.default_resolution
+    image, outpaint = init_image(side), np.zeros((side, side), np.uint8)
+    outpaint[:, side // 2 :] = 255
+    for mask, strength in ((square_mask(side), 1.0), (Image.fromarray(outpaint), 0.7)):
+        settings = {"num_inference_steps": 3, "guidance_scale": 30.0, "strength": strength}
+        got = ours(PROMPT, image=image, mask_image=mask, seed=4, output_type="np", **settings).images
+        want = diffusers_images(theirs, 4, prompt=PROMPT, image=image, mask_image=mask, **settings)
+        assert mean_abs(got, want) <= TOLERANCE
+    with pytest.raises(RequestError, match="image: this is an inpainting model"):
+        ours.prepare(GenerationRequest(PROMPT))
+
+
 def tiny_autoencoder(out: Path, scaling: float, shift: float) -> Path:
     """A TAESD3/TAEF1-class AutoencoderTiny (16 latent channels, with a scaling and a shift factor) at the tiny
     models' 1/2 scale, seeded."""

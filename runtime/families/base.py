@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..inpaint import latent_mask
 from ..manifest import Manifest, ModelConfig
 from ..tokenizer import CLIPTokenizer
 
@@ -61,6 +62,9 @@ class Family:
     request_fields: ClassVar[frozenset[str]] = frozenset()
     # The most text tokens a request's max_sequence_length may ask for (diffusers' bound for T5 and the LLMs).
     max_sequence_limit: ClassVar[int] = 512
+    # An inpainting denoiser's pipeline encodes the init image (a draw from the generator) even at strength 1
+    # (FluxFillPipeline does; diffusers' inpainting UNet pipelines skip it).
+    fill_encodes_image: ClassVar[bool] = False
     # Each text encoder graph -> the tokenizer folder it reads.
     tokenizer_folders: ClassVar[dict[str, str]] = {"text_encoder": "tokenizer"}
 
@@ -119,6 +123,12 @@ class Family:
     def denoiser_output(self, output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The denoiser's prediction in the latents' layout (packing families unpack here)."""
         return output
+
+    def inpaint_channels(self, mask: np.ndarray, masked_latents: np.ndarray) -> np.ndarray:
+        """What an inpainting denoiser takes beside its latents, for the (1, 1, H, W) pixel mask and the masked
+        image's latents: an inpainting UNet the latent-sized mask, then the masked image's latents."""
+        small = latent_mask(mask, self.config.vae_scale_factor, len(masked_latents))
+        return np.concatenate([small, masked_latents], axis=1)
 
     def sampler_prediction(
         self, sched: Scheduler, prediction: np.ndarray, model_input: np.ndarray, t: float

@@ -25,6 +25,7 @@ class Flux(FlowMatching):
     label = "FLUX"
     request_fields = frozenset({"prompt_2", "max_sequence_length"})
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    fill_encodes_image = True
 
     def load_tokenizers(self) -> dict:
         from ..tokenizer import tokenizer_for
@@ -77,7 +78,19 @@ class Flux(FlowMatching):
         return {**feeds, **cond.extra, **cond.shared}
 
     def denoiser_output(self, output: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        return unpack(output, sample.shape)
+        """The unpacked prediction: the latents' channels only (a Fill model's input also held the mask's)."""
+        batch, _, height, width = sample.shape
+        return unpack(output, (batch, output.shape[-1] // PACK**2, height, width))
+
+    def inpaint_channels(self, mask: np.ndarray, masked_latents: np.ndarray) -> np.ndarray:
+        """FLUX.1 Fill's: the masked image's latents, then each latent pixel's factor x factor mask pixels as
+        channels (row-major within the block), as FluxFillPipeline.prepare_mask_latents lays them out."""
+        factor = self.config.vae_scale_factor
+        _, _, height, width = masked_latents.shape
+        blocks = mask[:, 0].reshape(len(mask), height, factor, width, factor).transpose(0, 2, 4, 1, 3)
+        channels = blocks.reshape(len(mask), factor * factor, height, width)
+        channels = np.concatenate([channels] * (len(masked_latents) // len(channels)))
+        return np.concatenate([masked_latents, channels], axis=1).astype(np.float32)
 
 
 def pack(latents: np.ndarray) -> np.ndarray:
