@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -41,12 +42,16 @@ def write_bpe_files(tokenizer_json: Path, folder: Path) -> None:
 
 
 def copy_scheduler(source: Path, out: Path, class_name: str | None = None) -> None:
-    """The pipeline's scheduler config; with `class_name`, recorded as that sampler (the runtime's default)."""
+    """The pipeline's scheduler config as standard JSON; with `class_name`, recorded as that sampler (the runtime's
+    default). diffusers writes infinities as `-Infinity` (SANA's `lambda_min_clipped`), which is not JSON and which
+    the runtime's reader refuses: such keys are dropped, their diffusers defaults being those same infinities."""
     shutil.copytree(source / "scheduler", out / "scheduler")
+    path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
     if class_name is not None:
-        path = out / "scheduler" / "scheduler_config.json"
-        config = json.loads(path.read_text())
-        path.write_text(json.dumps({**config, "_class_name": class_name}, indent=2) + "\n")
+        config["_class_name"] = class_name
+    path.write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
 
 
 CONFIG_SOURCES = {

@@ -246,15 +246,12 @@ def read_model_config(folder: Path) -> ModelConfig:
 
 
 def _inspect_sana_folder(folder: Path, pipeline_class: str, family: str, name: str | None) -> PipelineSource:
-    """A SANA or SANA-Sprint folder: Gemma-2 with its tokenizer, the transformer, the DC-AE. SANA's published
-    scheduler, DPM-Solver in flow mode, is recorded as FlowMatchEuler (the runtime's flow sampler, which keeps the
-    config's `flow_shift`)."""
-    config, scheduler = _read_one_encoder_folder(folder)
+    """A SANA or SANA-Sprint folder: Gemma-2 with its tokenizer, the transformer, the DC-AE (SANA's published
+    scheduler, DPM-Solver in flow mode, is the runtime's `dpmpp_2m_flow`)."""
+    config, _ = _read_one_encoder_folder(folder)
     tokens = read_sequence_token_ids(folder / "text_encoder", folder / "tokenizer", start=True)
     components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
     source = PipelineSource(folder, name or str(folder), pipeline_class, config.family, config, tokens, components)
-    if scheduler.get("_class_name") == "DPMSolverMultistepScheduler" and scheduler.get("use_flow_sigmas"):
-        source.scheduler = "FlowMatchEulerDiscreteScheduler"
     return source
 
 

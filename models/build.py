@@ -245,10 +245,9 @@ TINY_FLUX2_KLEIN = {
 
 # SANA and SANA-Sprint at test size (built by build_transformers.py): a tiny Gemma-2 (Gemma's layout: grouped
 # key/value heads, soft-capped attention; a small offline tokenizer, see gemma_vocab.py) whose states condition a
-# linear-attention DiT on 32-channel DC-AE latents (3 levels: 4x down-sampling, the last one attention). SANA's
-# published scheduler is DPM-Solver in flow mode (flow_shift 3), which the runtime samples as flow_euler: the tiny
-# one is FlowMatchEuler with that shift. Sprint adds the guidance embedding and RMS-normed queries and keys, and
-# samples with sCM (TrigFlow).
+# linear-attention DiT on 32-channel DC-AE latents (3 levels: 4x down-sampling, the last one attention), sampled
+# by SANA's published scheduler, DPM-Solver in flow mode (flow_shift 3). Sprint adds the guidance embedding and
+# RMS-normed queries and keys, and samples with sCM (TrigFlow).
 TINY_GEMMA2 = {"vocab_size": 1024, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
                "query_pre_attn_scalar": 16}  # fmt: skip
@@ -266,13 +265,16 @@ TINY_SANA = {
                     "num_layers": 2, "num_cross_attention_heads": 2, "cross_attention_head_dim": 8,
                     "cross_attention_dim": 16, "caption_channels": 32, "sample_size": 8, "patch_size": 1},
     "vae": TINY_DC_AE,
-    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
+    "scheduler": {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "use_flow_sigmas": True,
+                  "flow_shift": 3.0, "prediction_type": "flow_prediction", "algorithm_type": "dpmsolver++",
+                  "solver_order": 2},
 }  # fmt: skip
 TINY_SANA_SPRINT = {
     **TINY_SANA,
     "pipeline": "SanaSprintPipeline",
     "transformer": {**TINY_SANA["transformer"], "guidance_embeds": True, "qk_norm": "rms_norm_across_heads"},
-    "scheduler": {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5},
+    "scheduler": {"_class_name": "SCMScheduler", "num_train_timesteps": 1000, "prediction_type": "trigflow",
+                  "sigma_data": 0.5},
 }  # fmt: skip
 
 RECIPES = {

@@ -114,14 +114,14 @@ def save_sana_pipeline(recipe: dict[str, Any], out: Path) -> Path:
     text encoder (`Gemma2Model`, as diffusers' SANA pipelines take it) with gemma_vocab.py's tokenizer, a
     SanaTransformer2DModel and an AutoencoderDC, initialised from torch's random state."""
     import diffusers
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     from .gemma_vocab import gemma_tokenizer
 
-    sprint = recipe["pipeline"] == "SanaSprintPipeline"
     config = Gemma2Config(**recipe["text_encoder"])
-    scheduler = (SCMScheduler if sprint else FlowMatchEulerDiscreteScheduler)(**recipe["scheduler"])
+    options = dict(recipe["scheduler"])
+    scheduler = getattr(diffusers, options.pop("_class_name"))(**options)
     pipe = getattr(diffusers, recipe["pipeline"])(
         tokenizer=gemma_tokenizer(size=config.vocab_size),
         text_encoder=Gemma2Model(config),

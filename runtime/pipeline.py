@@ -49,7 +49,7 @@ from .request import GenerationRequest, Limits, RequestError
 from .rng import Generator, ImageGenerators, TorchGenerator
 from .sampling import GenerationCancelled, sample
 from .scheduler_config import read_scheduler_config
-from .schedulers import make_scheduler, resolve_name
+from .schedulers import default_sampler, make_scheduler, resolve_name
 from .session import (
     CPU,
     OPENVINO,
@@ -116,7 +116,7 @@ class StableDiffusionPipeline:
         self.family: Family = family_for(config)(folder, config, manifest)
         self.components_used = (*self.family.components, self.vae.decoder)
         self.scheduler_config = read_scheduler_config(folder)
-        self.scheduler_name = resolve_name(scheduler or self.scheduler_config.get("_class_name", "pndm"))
+        self.scheduler_name = resolve_name(scheduler) if scheduler else default_sampler(self.scheduler_config)
         make_scheduler(self.scheduler_name, self.scheduler_config)  # one that cannot run this schedule fails now
         config.clip_skip_layers = clip_skip_layers(manifest)
         check_loras(folder, list(loras), list(manifest.components) if manifest else None)

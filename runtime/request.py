@@ -21,7 +21,7 @@ from .echo import echo
 from .inpaint import MASKED_CONTENT
 from .manifest import ModelConfig
 from .prompt_syntax import SYNTAXES, parse_attention
-from .schedulers import is_flow_matching, make_scheduler, resolve_name
+from .schedulers import make_scheduler, resolve_name, sampler_for
 
 if TYPE_CHECKING:
     from .hires import HiresFix
@@ -370,9 +370,7 @@ class GenerationRequest:
         if not isinstance(name, str):
             raise RequestError("scheduler", f"must be a string, got {type(name).__name__}")
         try:
-            name = resolve_name(name)
-            if name == "euler" and is_flow_matching(scheduler_config):  # A1111 Forge's "Euler" on FLUX, SANA, ...:
-                name = resolve_name(default)  # the model's own flow sampler (Euler on its sigmas; sCM for Sprint)
+            name = sampler_for(resolve_name(name), scheduler_config)
             sampler = make_scheduler(name, scheduler_config)
         except ValueError as exc:
             raise RequestError("scheduler", str(exc)) from None

@@ -245,11 +245,13 @@ def test_a_dynamic_shift_past_float32_is_refused_in_one_line() -> None:
 
 
 def test_sanas_flow_dpm_config_keeps_its_shift() -> None:
-    """SANA's DPM-Solver config with flow sigmas is a flow model: flow_euler runs it with its flow_shift."""
+    """SANA's DPM-Solver config with flow sigmas is a flow model: flow_euler runs it with its flow_shift too."""
     sana = {"_class_name": "DPMSolverMultistepScheduler", "prediction_type": "flow_prediction", "flow_shift": 3.0}
     sana |= {"use_flow_sigmas": True, "beta_schedule": "linear"}
     assert make_scheduler("flow_euler", sana).config["shift"] == 3.0
-    with pytest.raises(ValueError, match="dpmpp_2m cannot sample a flow-matching model; samplers that can: flow_euler"):
+    with pytest.raises(
+        ValueError, match="dpmpp_2m cannot sample a flow-matching model; samplers that can: flow_euler, dpmpp_2m_flow"
+    ):
         make_scheduler("dpmpp_2m", sana)
 
 
@@ -403,3 +405,54 @@ def test_scm_refusals() -> None:
         ours.set_timesteps(2, timesteps=[1.5, 0.0])
     with pytest.raises(ValueError, match="unknown prediction_type"):
         make_scheduler("scm", {**SANA_SPRINT, "prediction_type": "x0"})
+
+
+# --- DPM-Solver++(2M) on flow sigmas (SANA) ---
+
+SANA_DPM = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "use_flow_sigmas": True,
+            "flow_shift": 3.0, "prediction_type": "flow_prediction", "algorithm_type": "dpmsolver++",
+            "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "final_sigmas_type": "zero",
+            "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+@pytest.mark.parametrize("start", [0, 2])
+def test_dpm_solver_on_flow_sigmas_matches_diffusers(steps: int, start: int) -> None:
+    """SANA's published sampler: timesteps, sigmas, img2img noising from a begin index and every step against
+    diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True) on the same model outputs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    start = min(start, steps - 1)
+    theirs = DPMSolverMultistepScheduler.from_config(SANA_DPM)
+    theirs.set_timesteps(steps)
+    ours = make_scheduler("dpmpp_2m_flow", SANA_DPM)
+    ours.set_timesteps(steps)
+    assert np.array_equal(ours.timesteps, theirs.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, theirs.sigmas.numpy())
+    rng = np.random.default_rng(steps)
+    image, noise = rng.standard_normal(SHAPE).astype(np.float32), rng.standard_normal(SHAPE).astype(np.float32)
+    ours.set_begin_index(start)
+    theirs.set_begin_index(start)
+    t0 = theirs.timesteps[start : start + 1]
+    sample = ours.add_noise(image, noise, ours.timesteps[start])
+    want = theirs.add_noise(torch.from_numpy(image), torch.from_numpy(noise), t0).numpy()
+    np.testing.assert_allclose(sample, want, atol=1e-6)
+    theirs_sample = torch.from_numpy(sample)
+    for t in ours.timesteps[start:]:
+        output = rng.standard_normal(SHAPE).astype(np.float32)
+        sample = ours.step(output, t, sample)
+        theirs_sample = theirs.step(torch.from_numpy(output), t, theirs_sample).prev_sample
+        np.testing.assert_allclose(sample, theirs_sample.numpy(), atol=1e-5)
+
+
+def test_dpm_solver_on_flow_sigmas_is_sanas_own_and_no_one_elses() -> None:
+    from sd_onnx.runtime.schedulers import default_sampler, sampler_for
+
+    assert default_sampler(SANA_DPM) == "dpmpp_2m_flow" and default_sampler(SD15) == "pndm"
+    assert sampler_for("dpmpp_2m", SANA_DPM) == "dpmpp_2m_flow"  # A1111's "DPM++ 2M" on SANA, as Forge reads it
+    assert sampler_for("euler", SANA_DPM) == "flow_euler" and sampler_for("euler", SANA_SPRINT) == "scm"
+    assert sampler_for("dpmpp_2m", SD3) == "dpmpp_2m"  # refused by make_scheduler: SD3's schedule is not DPM's
+    with pytest.raises(ValueError, match="dpmpp_2m_flow follows DPM-Solver's own flow sigmas.*can: flow_euler$"):
+        make_scheduler("dpmpp_2m_flow", SD3)
+    with pytest.raises(ValueError, match="dpmpp_2m_flow cannot sample a DDPM-style"):
+        make_scheduler("DPM++ 2M flow", SD15)

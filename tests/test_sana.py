@@ -70,7 +70,7 @@ def test_export_signatures_and_config(tiny_sana, tiny_sana_sprint) -> None:
         True,
     )
     assert sprint.config.guidance_embeds_scale == pytest.approx(0.1)
-    assert type(sana).__name__ == "SanaPipeline" and sana.scheduler_name == "flow_euler"
+    assert type(sana).__name__ == "SanaPipeline" and sana.scheduler_name == "dpmpp_2m_flow"  # SANA's published one
     assert type(sprint).__name__ == "SanaSprintPipeline" and sprint.scheduler_name == "scm"
 
 
@@ -148,6 +148,7 @@ def test_samplers_of_the_wrong_kind_are_refused(tiny_sana, tiny_sana_sprint, cap
         sprint.prepare(GenerationRequest(PROMPT, scheduler="flow_euler"))
     # A1111's "Euler" (Forge's name on flow models) is each model's own flow sampler.
     assert sana.prepare(GenerationRequest(PROMPT, scheduler="Euler")).scheduler == "flow_euler"
+    assert sana.prepare(GenerationRequest(PROMPT, scheduler="DPM++ 2M")).scheduler == "dpmpp_2m_flow"
     assert sprint.prepare(GenerationRequest(PROMPT, scheduler="Euler")).scheduler == "scm"
     with caplog.at_level(logging.WARNING, logger="sd_onnx"):
         sprint.generate(GenerationRequest(PROMPT, negative_prompt=NEGATIVE, steps=1, seed=0), output_type="latent")

@@ -18,7 +18,7 @@ from ..echo import echo
 from .base import NoiseSource, Scheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
-from .dpmpp_2m import DPMSolverMultistepScheduler
+from .dpmpp_2m import DPMSolverMultistepScheduler, FlowDPMSolverMultistepScheduler
 from .euler import EulerScheduler
 from .euler_ancestral import EulerAncestralScheduler
 from .flow_match_euler import FlowMatchEulerScheduler, calculate_shift
@@ -50,6 +50,9 @@ FLOW_SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any], tuple[str, ...
         ("FlowMatchEulerDiscreteScheduler", "FlowMatchEuler", "Euler flow", "euler_flow"),
     ),
     "scm": (SCMScheduler, {}, ("SCMScheduler", "sCM")),
+    # DPM-Solver++(2M) on flow sigmas: the sampler of models whose own config is DPMSolverMultistepScheduler with
+    # use_flow_sigmas (SANA); its shift is the config's static flow_shift, so it follows no other flow schedule.
+    "dpmpp_2m_flow": (FlowDPMSolverMultistepScheduler, {}, ("DPM++ 2M flow", "DPMSolverMultistepScheduler flow")),
 }
 ALL_SCHEDULERS = {**SCHEDULERS, **FLOW_SCHEDULERS}
 _BY_NAME = {alias.lower(): key for key, (_, _, aliases) in ALL_SCHEDULERS.items() for alias in (key, *aliases)}
@@ -64,6 +67,30 @@ FAMILY_NAMES = {
     "flow": "rectified-flow (FlowMatch)",
     "trigflow": "TrigFlow (sCM)",
 }
+
+
+def _samples(key: str, family: str, config: dict[str, Any]) -> bool:
+    """Whether sampler `key` can run a model of `family` with scheduler `config` (DPM-Solver's flow sigmas follow
+    no schedule but their own: only configs that name them)."""
+    cls = ALL_SCHEDULERS[key][0]
+    return cls.family == family and (cls is not FlowDPMSolverMultistepScheduler or bool(config.get("use_flow_sigmas")))
+
+
+def default_sampler(config: dict[str, Any]) -> str:
+    """The sampler a model's scheduler config names (its class; DPM-Solver in flow mode is `dpmpp_2m_flow`)."""
+    key = resolve_name(config.get("_class_name", "pndm"))
+    return "dpmpp_2m_flow" if key == "dpmpp_2m" and config.get("use_flow_sigmas") else key
+
+
+def sampler_for(key: str, config: dict[str, Any]) -> str:
+    """Sampler `key` as it runs on a model with scheduler `config`, as Forge reads A1111's names on flow models:
+    "Euler" is Euler on the model's flow sigmas (`flow_euler`; sCM for SANA-Sprint), "DPM++ 2M" on a model whose
+    config is DPM-Solver in flow mode (SANA) `dpmpp_2m_flow`."""
+    if key == "euler" and is_flow_matching(config):
+        return "scm" if model_family(config) == "trigflow" else "flow_euler"
+    if key == "dpmpp_2m" and config.get("use_flow_sigmas"):
+        return "dpmpp_2m_flow"
+    return key
 
 
 def scheduler_names() -> list[str]:
@@ -116,8 +143,13 @@ def make_scheduler(name: str, config: dict[str, Any], eta: float = 0.0) -> Sched
     key = resolve_name(name)
     cls, overrides, _ = ALL_SCHEDULERS[key]
     family = model_family(config)
-    if family is not None and family != cls.family:
-        able = ", ".join(k for k, (c, _, _) in ALL_SCHEDULERS.items() if c.family == family)
+    if family is not None and not _samples(key, family, config):
+        able = ", ".join(k for k in ALL_SCHEDULERS if _samples(k, family, config))
+        if cls.family == family:  # DPM-Solver's flow sigmas on another flow schedule
+            raise ValueError(
+                f"{key} follows DPM-Solver's own flow sigmas, which this model's scheduler does not use "
+                f"(use_flow_sigmas); samplers that can: {able}"
+            )
         kind = "flow-matching" if family != "ddpm" and cls.family == "ddpm" else FAMILY_NAMES[family]
         raise ValueError(f"{key} cannot sample a {kind} model; samplers that can: {able}")
     if config.get("rescale_betas_zero_snr"):
@@ -146,9 +178,11 @@ __all__ = [
     "SCMScheduler",
     "Scheduler",
     "calculate_shift",
+    "default_sampler",
     "is_flow_matching",
     "make_scheduler",
     "model_family",
     "resolve_name",
+    "sampler_for",
     "scheduler_names",
 ]

@@ -24,7 +24,7 @@ from fastapi import APIRouter, HTTPException
 
 from ..echo import echo
 from ..pipeline import StableDiffusionPipeline
-from ..schedulers import resolve_name
+from ..schedulers import default_sampler
 from .a1111_fields import cut, ignored_fields, strict_refusal
 from .a1111_schedules import with_schedule
 from .models import ModelEntry
@@ -176,6 +176,6 @@ def _differs(value: Any, current: Any) -> bool:
 def _sampler_of(entry: ModelEntry) -> str:
     """The model's own sampler, as the pipeline picks it (its scheduler config's class)."""
     try:
-        return resolve_name(entry.scheduler_config.get("_class_name", "pndm"))
+        return default_sampler(entry.scheduler_config)
     except ValueError:
         return "pndm"
