@@ -297,6 +297,10 @@ def _clip_skip_spec(src: PipelineSource) -> ComponentSpec:
 def component_spec(name: str, src: PipelineSource) -> ComponentSpec:
     """The spec of component `name` for this model (SDXL's encoders and UNet, LCM's UNet, tiny VAEs differ; SD3's
     and FLUX's own graphs are in components_transformers.py)."""
+    if name == "tiny_vae_decoder" and src.config.family == "flux2":
+        from .components_llm import flux2_tiny_decoder_spec
+
+        return flux2_tiny_decoder_spec(src)
     if name == "tiny_vae_decoder":
         return replace(SPECS["vae_decoder"], name=name, load=lambda folder: VaeDecoder(load_tiny_vae(src.tiny_vae)))
     if name == "tiny_vae_encoder":

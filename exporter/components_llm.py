@@ -279,19 +279,21 @@ class Flux2Transformer(torch.nn.Module):
 
 class Flux2VaeDecoder(torch.nn.Module):
     """AutoencoderKLFlux2's decoder on the pipeline's latents: un-normalized with the VAE's batch-norm running
-    statistics, unpatchified (2x2 from channels), decoded, as Flux2KleinPipeline does."""
+    statistics, unpatchified (2x2 from channels), decoded, as Flux2KleinPipeline does; with `decoder` (a tiny
+    autoencoder, TAEF2) that one decodes the same unpatchified latents instead."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, decoder: torch.nn.Module | None = None) -> None:
         super().__init__()
-        self.model = model
+        bn = model.bn
+        self.register_buffer("mean", bn.running_mean.detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("std", torch.sqrt(bn.running_var.detach().view(1, -1, 1, 1) + model.config.batch_norm_eps))
+        self.decoder = model if decoder is None else decoder
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-        bn = self.model.bn
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.model.config.batch_norm_eps)
-        latents = latent_sample * std + bn.running_mean.view(1, -1, 1, 1)
+        latents = latent_sample * self.std + self.mean
         batch, channels, height, width = latents.shape
         latents = latents.reshape(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
-        return self.model.decode(latents.reshape(batch, channels // 4, height * 2, width * 2), return_dict=False)[0]
+        return self.decoder.decode(latents.reshape(batch, channels // 4, height * 2, width * 2), return_dict=False)[0]
 
 
 def _load_flux2(folder: Path) -> torch.nn.Module:
@@ -355,6 +357,20 @@ def _llm_spec(src: PipelineSource) -> ComponentSpec:
     outputs = tuple(f"hidden_states.{k}" for k in text_layers(src))
     axes = {"input_ids": TEXT_AXES, "attention_mask": TEXT_AXES, **{name: TEXT_AXES for name in outputs}}
     return ComponentSpec("text_encoder", ("input_ids", "attention_mask"), outputs, axes, _load_llm(src), _llm_inputs)
+
+
+def flux2_tiny_decoder_spec(src: PipelineSource) -> ComponentSpec:
+    """FLUX.2's tiny_vae_decoder (`sd-export convert --vae TAEF2`): the tiny decoder behind the VAE's batch-norm
+    un-normalization and unpatchifying, so that it takes the sampler's latents as the vae_decoder graph does."""
+
+    def load(folder: Path) -> torch.nn.Module:
+        from diffusers import AutoencoderKLFlux2
+
+        from .components import load_tiny_vae
+
+        return Flux2VaeDecoder(AutoencoderKLFlux2.from_pretrained(folder / "vae"), load_tiny_vae(src.tiny_vae))
+
+    return replace(SPECS["vae_decoder"], name="tiny_vae_decoder", load=load)
 
 
 def llm_component_spec(name: str, src: PipelineSource) -> ComponentSpec | None:

@@ -78,16 +78,21 @@ class PipelineSource:
         if config is None or config.get("_class_name") != "AutoencoderTiny":
             raise ExportError(f"--vae {path}: not a diffusers AutoencoderTiny folder (config.json naming it)")
         channels, levels = config.get("latent_channels", 4), len(config.get("decoder_block_out_channels") or ())
-        if channels != self.config.latent_channels or 2 ** (levels - 1) != self.config.vae_scale_factor:
+        # FLUX.2's sampler latents are the VAE's patchified 2x2 (see configs_llm): a TAEF2 decodes the VAE's own.
+        flux2 = self.config.family == "flux2"
+        want = (self.config.latent_channels // 4, self.config.vae_scale_factor // 2) if flux2 else (
+            self.config.latent_channels, self.config.vae_scale_factor)  # fmt: skip
+        if (channels, 2 ** (levels - 1)) != want:
             raise ExportError(
-                f"--vae {path}: makes {channels}-channel latents at 1/{2 ** (levels - 1)} scale; this model's are "
-                f"{self.config.latent_channels}-channel at 1/{self.config.vae_scale_factor}"
+                f"--vae {path}: makes {channels}-channel latents at 1/{2 ** (levels - 1)} scale; this model's VAE "
+                f"makes {want[0]}-channel ones at 1/{want[1]}"
             )
         self.tiny_vae = folder
-        self.config.tiny_vae_scaling_factor = float(config.get("scaling_factor", 1.0))
-        shift = config.get("shift_factor")
+        self.config.tiny_vae_scaling_factor = 1.0 if flux2 else float(config.get("scaling_factor", 1.0))
+        shift = None if flux2 else config.get("shift_factor")  # FLUX.2's graph un-normalizes, as its VAE's does
         self.config.tiny_vae_shift_factor = float(shift) if shift else None
-        self.components = (*self.components, *TINY_VAE_COMPONENTS)
+        # FLUX.2 [klein] takes no init image: no encoder
+        self.components = (*self.components, *(TINY_VAE_COMPONENTS[:1] if flux2 else TINY_VAE_COMPONENTS))
 
 
 def resolve_source(source: str, config: str | None = None, work_dir: Path | None = None) -> PipelineSource:

@@ -161,3 +161,37 @@ def test_txt2img_matches_diffusers(flux2) -> None:
         assert mean_abs(got, diffusers_images(theirs, 2, prompt=prompts, **settings)) <= TOLERANCE
     finally:
         theirs.vae.disable_tiling()
+
+
+def test_taef2_decodes_the_samplers_latents(tiny_flux2_klein_pipeline: Path, flux2, tmp_path: Path) -> None:
+    """A tiny autoencoder (TAEF2-class: the VAE's 32 channels at its scale) exported beside FLUX.2 [klein] decodes
+    the sampler's latents as the reference does: un-normalized by the VAE's batch-norm statistics, unpatchified,
+    AutoencoderTiny.decode; one its latents do not fit is refused."""
+    from diffusers import AutoencoderKLFlux2, AutoencoderTiny
+
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.exporter.errors import ExportError
+
+    torch.manual_seed(0)
+    blocks = {"encoder_block_out_channels": (8, 8), "decoder_block_out_channels": (8, 8)}
+    counts = {"num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1)}
+    AutoencoderTiny(latent_channels=32, **blocks, **counts).save_pretrained(tmp_path / "taef2")
+    out = tmp_path / "onnx"
+    convert(str(tiny_flux2_klein_pipeline), out, vae=str(tmp_path / "taef2"), log=lambda line: None)
+    assert "tiny_vae_encoder" not in Manifest.load(out).components  # no init images on this family
+    ours = DiffusionPipeline.from_pretrained(out, provider="cpu", vae="tiny")
+    request = {"num_inference_steps": 2, "width": 64, "height": 64}
+    latents = flux2[0](PROMPT, seed=2, output_type="latent", **request).images
+    got = ours(PROMPT, seed=2, output_type="np", **request).images
+    vae = AutoencoderKLFlux2.from_pretrained(tiny_flux2_klein_pipeline / "vae")
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    raw = torch.from_numpy(latents) * std + vae.bn.running_mean.view(1, -1, 1, 1)
+    b, c, h, w = raw.shape
+    raw = raw.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+    with torch.no_grad():
+        decoded = AutoencoderTiny.from_pretrained(tmp_path / "taef2").decode(raw).sample
+    want = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert mean_abs(got, want) <= TOLERANCE
+    AutoencoderTiny(latent_channels=16, **blocks, **counts).save_pretrained(tmp_path / "taef1")
+    with pytest.raises(ExportError, match="makes 16-channel latents at 1/2 scale; this model's VAE makes 32-channel"):
+        convert(str(tiny_flux2_klein_pipeline), tmp_path / "bad", vae=str(tmp_path / "taef1"), log=lambda line: None)
