@@ -44,6 +44,10 @@ def export_openvino(mode: str, source: Path, out: Path, prompts: list[str]) -> N
         options = {"quantization_config": config}
     else:
         raise ValueError(f"unknown OpenVINO mode {mode!r} (fp32, int8, hybrid-int8)")
+    if (source / "transformer").is_dir():  # full-size transformer models: loaded in bf16, as sd-export traces them
+        import torch
+
+        options["torch_dtype"] = torch.bfloat16  # (in fp32 SANA-Sprint 0.6B's export was killed at 24 GB)
     pipe = OVDiffusionPipeline.from_pretrained(str(source), export=True, compile=False, **options)
     pipe.save_pretrained(str(out))
 
