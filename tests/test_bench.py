@@ -174,7 +174,7 @@ def test_report_goal_against_the_best_peer_per_column() -> None:
     engines["openvino-onnx-int8"] = {**engines["openvino-int8"], "end_to_end_s": None, "unet_step_median_s": 1.0}
     engines["sdcpp-q8_0"] = {"error": "killed by the system (out of memory)"}
     text = markdown(report)
-    assert "| UNet step (s) | optimum-ort | 4.00 | 3.00 | 0.75x | met (<= 0.8x) |" in text
+    assert "| UNet/transformer step (s) | optimum-ort | 4.00 | 3.00 | 0.75x | met (<= 0.8x) |" in text
     assert "| end to end (s) | openvino-int8 | 24.00 | 36.00 | 1.50x | missed by 1.88x (<= 0.8x) |" in text
     assert "| peak RSS (MB) | openvino-int8 | 2500 | 2000 | 0.80x | met (<= 1.0x) |" in text
     assert text.index("Ratios against sd-onnx-int8") < text.index("Ratios against diffusers-pytorch")

@@ -101,7 +101,7 @@ def test_tiny_vae_errors(tiny_pipeline: Path, tiny_export: Path, tmp_path: Path)
     with pytest.raises(ExportError, match="not a diffusers AutoencoderTiny folder"):
         convert(str(tiny_pipeline), tmp_path / "a", vae=str(tiny_pipeline / "vae"), log=lambda line: None)
     AutoencoderTiny().save_pretrained(tmp_path / "taesd-sd")  # SD's TAESD: 1/8 scale, not this model's 1/2
-    with pytest.raises(ExportError, match="at 1/8 scale; this model's are 4-channel at 1/2"):
+    with pytest.raises(ExportError, match="at 1/8 scale; this model's VAE makes 4-channel ones at 1/2"):
         convert(str(tiny_pipeline), tmp_path / "b", vae=str(tmp_path / "taesd-sd"), log=lambda line: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
