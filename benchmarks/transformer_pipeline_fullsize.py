@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,9 @@ def card_estimate(run: dict[str, Any], card_steps: int) -> dict[str, Any]:
     return {"steps": card_steps, "median_step_s": round(median, 2), "first_image_s": round(total, 1)}
 
 
-def measure(args: argparse.Namespace, phases: dict[str, Any]) -> dict[str, Any]:
-    """Build (unless --work has the folder), export (unless --run-only) and run; `phases` holds earlier ones."""
+def measure(args: argparse.Namespace, phases: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Build (unless --work has the folder), export (unless --run-only) and run; `phases` holds earlier ones, and
+    `save` writes them after each phase (a run stopped midway keeps what it measured)."""
     from sd_onnx.models.build_fullsize import MODELS
 
     model = MODELS[args.model]
@@ -132,6 +134,7 @@ def measure(args: argparse.Namespace, phases: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(source, ignore_errors=True)
             print(f"{time.strftime('%H:%M:%S')} build", flush=True)
             phases["build"] = child([python, "-m", "sd_onnx.models.build_fullsize", args.model, str(source), *layers])
+            save(phases)
         components = [c for c in model["components"] if c.startswith("text_encoder") or c == "transformer"]
         export = [python, "-m", "sd_onnx.exporter.cli", "convert", str(source), str(onnx), "--overwrite",
                   "--trace-dtype", "bf16", "--precision", args.precision, "--atol", "1e-2",
@@ -139,6 +142,7 @@ def measure(args: argparse.Namespace, phases: dict[str, Any]) -> dict[str, Any]:
                   "--steps", str(card["steps"]), "--guidance-scale", str(card["guidance"])]  # fmt: skip
         print(f"{time.strftime('%H:%M:%S')} export", flush=True)
         phases["export"] = child(export)
+        save(phases)
         if "error" in phases["export"]:
             return phases
         phases["export"]["graphs_gb"] = round(sum(p.stat().st_size for p in onnx.rglob("*") if p.is_file()) / 1e9, 2)
@@ -147,6 +151,7 @@ def measure(args: argparse.Namespace, phases: dict[str, Any]) -> dict[str, Any]:
     run = [python, "-m", "sd_onnx.benchmarks.transformer_pipeline_fullsize", args.model, "--phase-run",
            str(onnx), "--steps", str(steps), *(["--low-memory"] if args.low_memory else [])]  # fmt: skip
     phases[key] = {"steps": steps, **child(run)}
+    save(phases)
     if "error" not in phases[key] and steps < card["steps"]:
         phases[key]["card_estimate"] = card_estimate(phases[key], card["steps"])
     return phases
@@ -179,9 +184,6 @@ def main() -> None:
                      *([f"{args.layers}layers"] if args.layers else [])])  # fmt: skip
     out = args.out or RESULTS / f"{name}.json"
     report = json.loads(out.read_text()) if args.run_only and out.is_file() else {"commands": []}
-    phases = measure(args, report.get("phases", {}))
-    if not args.keep:
-        shutil.rmtree(args.work, ignore_errors=True)
     options = [
         *(["--precision", args.precision] if args.precision != "fp32" else []),
         *(["--low-memory"] if args.low_memory else []),
@@ -199,9 +201,14 @@ def main() -> None:
         "commands": [*report["commands"], command],
         "machine": machine_info(),
         "versions": versions(("torch", "onnx", "onnxruntime", "diffusers", "transformers")),
-        "phases": phases,
     })  # fmt: skip
-    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    def save(phases: dict[str, Any]) -> None:
+        out.write_text(json.dumps({**report, "phases": phases}, indent=2) + "\n")
+
+    measure(args, report.get("phases", {}), save)
+    if not args.keep:
+        shutil.rmtree(args.work, ignore_errors=True)
     print(f"wrote {out}")
 
 
