@@ -66,6 +66,11 @@ class ComponentInfo:
     quantization: dict[str, Any] = field(default_factory=dict)
     optimizations: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def narrow_weights(self) -> bool:
+        """Whether the graph stores its weights bf16/fp16 behind Casts (`sd-export --trace-dtype bf16`)."""
+        return "narrow_weights" in self.optimizations
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentInfo:
         data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}

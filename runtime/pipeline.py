@@ -238,7 +238,7 @@ class StableDiffusionPipeline:
         # in low-memory mode: a fraction of the load time and memory, for slower calls. Quantized graphs keep
         # onnxruntime's optimizations: their int8 MatMuls fuse, and MatMulNBits runs fast only prepacked (Gemma-2
         # 2B 8-bit, unpacked: 11.7 s a call against 8.6 s for the lean fp32 graph).
-        narrow = info is not None and "narrow_weights" in info.optimizations and info.precision == "fp32"
+        narrow = info is not None and info.narrow_weights and info.precision == "fp32"
         lean = narrow and (name in self.text_encoders() or self.low_memory)
         return open_model(file, info, self.session_config, overrides or None, arena=arena, lean=lean)
 

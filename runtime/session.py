@@ -297,7 +297,7 @@ class OnnxModel(GraphModel):
         narrow_weights) is never cached optimized: onnxruntime folds the Casts into fp32 copies, and saving that
         held both (SANA-Sprint's 2.6 B-parameter Gemma: first load 48 s at a 16.3 GB peak, 8.7 GB more disk, and
         24 s to load from the cache against 18 s to fold again). `lean` runs such a graph unfolded instead, as the
-        exporter validates it (see LEAN): each Cast just before its use, the weights memory-mapped (that Gemma: load
+        exporter validates it (lean_options): each Cast just before its use, the weights memory-mapped (that Gemma: load
         0.2 s, a call 5.4 s, peak 7.4 GB against 18 s, 11.6 s and 11.2 GB folded; later calls 4.6 s against 2.9)."""
         super().__init__()
         self.name = model_file.parent.name
@@ -338,8 +338,7 @@ class OnnxModel(GraphModel):
         for name, value in zip(initializers or {}, self._overrides, strict=True):
             options.add_initializer(name, value)
         path = model_file
-        narrow = info is not None and "narrow_weights" in info.optimizations
-        if config.cache and not initializers and info is not None and on_cpu and not narrow and not lean:
+        if config.cache and not initializers and info is not None and on_cpu and not info.narrow_weights and not lean:
             path = _cached_graph(model_file, info, options, config.cache_dir or cache_root())
         try:
             self.session = ort.InferenceSession(

@@ -78,8 +78,7 @@ def _samples(key: str, family: str, config: dict[str, Any]) -> bool:
 
 def default_sampler(config: dict[str, Any]) -> str:
     """The sampler a model's scheduler config names (its class; DPM-Solver in flow mode is `dpmpp_2m_flow`)."""
-    key = resolve_name(config.get("_class_name", "pndm"))
-    return "dpmpp_2m_flow" if key == "dpmpp_2m" and config.get("use_flow_sigmas") else key
+    return sampler_for(resolve_name(config.get("_class_name", "pndm")), config)
 
 
 def sampler_for(key: str, config: dict[str, Any]) -> str:
