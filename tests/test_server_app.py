@@ -201,3 +201,19 @@ def test_a_client_that_hangs_up_drops_its_queued_job_and_stops_its_running_one()
     # cancel and its own client's (both arrive in the same event-loop turn); it then stops at its first step.
     assert pipe.started <= 2
     state.jobs.shutdown(1)
+
+
+class InstantPipe:
+    def generate(self, request: GenerationRequest, callback: object, cancelled: object) -> str:
+        return "image"
+
+
+def test_a_job_has_left_running_when_its_answer_arrives() -> None:
+    """A client that reads its answer and then interrupts (SillyTavern does) must find nothing running."""
+    queue = JobQueue(InstantPipe(), workers=1, size=2)
+    running_at_answer: list[int] = []
+    job = queue.submit(GenerationRequest(prompt="x"))
+    job.future.add_done_callback(lambda _: running_at_answer.append(queue.busy()))  # runs as the answer is set
+    assert job.future.result(timeout=5) == "image" and running_at_answer == [0]
+    assert queue.interrupt() == 0
+    queue.shutdown(1)

@@ -171,14 +171,19 @@ class JobQueue:
         with self._lock:
             self.running[job.id] = job
         job.started = time.monotonic()
+        outcome: PipelineOutput | BaseException
         try:
-            result: PipelineOutput = job.pipe.generate(job.request, callback=on_step, cancelled=job.cancelled.is_set)
-            job.future.set_result(result)
+            outcome = job.pipe.generate(job.request, callback=on_step, cancelled=job.cancelled.is_set)
         except GenerationCancelled as exc:
-            job.future.set_exception(ShuttingDown("server is shutting down") if not self.accepting else exc)
+            outcome = ShuttingDown("server is shutting down") if not self.accepting else exc
         except Exception as exc:  # noqa: BLE001 - any failure must still answer the waiting request
-            job.future.set_exception(exc)
-        finally:
-            with self._lock:
-                self.running.pop(job.id, None)
-                self.busy_seconds += time.monotonic() - job.started
+            outcome = exc
+        # Leave `running` before answering: a client that reads its answer and then interrupts or asks for
+        # progress must not find its own finished job still running.
+        with self._lock:
+            self.running.pop(job.id, None)
+            self.busy_seconds += time.monotonic() - job.started
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
