@@ -171,15 +171,19 @@ class RemoteJobs:
         job.on_cancel = stream.cancel
         if job.cancelled.is_set():
             stream.cancel()
+        outcome: Any
         try:
-            job.future.set_result(self._result(job, iter(stream)))
+            outcome = self._result(job, iter(stream))
         except Exception as exc:  # noqa: BLE001 - every failure answers the waiting request
-            job.future.set_exception(_as_server_error(exc, job))
-        finally:
-            with self._lock:
-                self.jobs.pop(job.id, None)
-                if job.started is not None:
-                    self.busy_seconds += time.monotonic() - job.started
+            outcome = _as_server_error(exc, job)
+        with self._lock:  # leave before answering, as JobQueue does
+            self.jobs.pop(job.id, None)
+            if job.started is not None:
+                self.busy_seconds += time.monotonic() - job.started
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
 
     def _result(self, job: Job, events: Iterator[tuple]) -> Any:
         for event in events:
