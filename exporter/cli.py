@@ -114,6 +114,12 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     "(SD3.5, FLUX, T5-XXL); the graphs still compute in fp32, validated against an fp32 computation, their weights "
     "stored as bf16 (half the disk; exact for the bf16/fp16 checkpoints these models ship as).",
 )
+@click.option(
+    "--blockwise/--no-blockwise",
+    default=None,
+    help="Trace the transformer one block at a time and stitch the graphs (memory: the model plus one block; "
+    "needed for 4B+ transformers on 24 GB). Default: on with --trace-dtype bf16/fp16.",
+)
 def convert(
     source: str,
     output: Path,
@@ -135,6 +141,7 @@ def convert(
     tome: bool,
     unet_stages: bool,
     trace_dtype: str,
+    blockwise: bool | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -168,6 +175,7 @@ def convert(
             tome=tome,
             unet_stages=unet_stages,
             trace_dtype=trace_dtype,
+            blockwise=blockwise,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

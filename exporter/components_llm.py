@@ -29,6 +29,7 @@ import torch
 
 from .components import IMAGE_AXES, SPECS, ComponentSpec, Inputs, _latent_side
 from .components_transformers import traceable_rotary
+from .lean import load_dtype
 from .source import PipelineSource
 
 TEXT_AXES = {0: "batch", 1: "sequence"}
@@ -212,7 +213,7 @@ class ZImageTransformer(torch.nn.Module):
 def _load_z_image(folder: Path) -> torch.nn.Module:
     from diffusers import ZImageTransformer2DModel
 
-    return ZImageTransformer(ZImageTransformer2DModel.from_pretrained(folder / "transformer"))
+    return ZImageTransformer(ZImageTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=load_dtype()))
 
 
 def _z_image_inputs(src: PipelineSource, batch: int, gen: torch.Generator) -> Inputs:
@@ -299,7 +300,7 @@ class Flux2VaeDecoder(torch.nn.Module):
 def _load_flux2(folder: Path) -> torch.nn.Module:
     from diffusers import Flux2Transformer2DModel
 
-    return Flux2Transformer(Flux2Transformer2DModel.from_pretrained(folder / "transformer"))
+    return Flux2Transformer(Flux2Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=load_dtype()))
 
 
 def _load_flux2_decoder(folder: Path) -> torch.nn.Module:

@@ -31,6 +31,7 @@ from .components import (
     VaeDecoder,
     _latent_side,
 )
+from .lean import load_dtype
 from .source import PipelineSource
 
 TEXT_AXES = {0: "batch", 1: "sequence"}
@@ -85,7 +86,7 @@ def _load_gemma(folder: Path) -> torch.nn.Module:
 def _load_transformer(folder: Path) -> torch.nn.Module:
     from diffusers import SanaTransformer2DModel
 
-    return SanaTransformer(SanaTransformer2DModel.from_pretrained(folder / "transformer"))
+    return SanaTransformer(SanaTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=load_dtype()))
 
 
 def _load_dc_ae(folder: Path) -> torch.nn.Module:

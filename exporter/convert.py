@@ -28,6 +28,7 @@ from sd_onnx.runtime.manifest import (
 )
 
 from .atomic import publish, staging_folder
+from .blockwise import trace_by_blocks
 from .components import ComponentSpec, Inputs, component_spec
 from .deepcache import add_deepcache, check_branch
 from .errors import ExportError
@@ -74,6 +75,7 @@ def convert(
     tome: bool = False,
     unet_stages: bool = False,
     trace_dtype: str = "fp32",
+    blockwise: bool | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -93,7 +95,8 @@ def convert(
     self-attention, its ratio an input (see tome.py); `unet_stages` the UNet cut into the stage graphs that
     low-memory mode runs one at a time (see stages.py). All are cut or grown from the final UNet graph, so they
     follow its precision and share its weights. `trace_dtype` "bf16" (or "fp16") loads and traces each module in
-    that dtype, half the memory of fp32, for full-size models; the graphs are fp32 all the same (see lean.py)."""
+    that dtype, half the memory of fp32, for full-size models; the graphs are fp32 all the same (see lean.py).
+    `blockwise` traces a transformer one block at a time (see blockwise.py); None: when `trace_dtype` is narrow."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -134,6 +137,10 @@ def convert(
         if weight_only and any(unet_only.values()):
             given = ", ".join(option for option, used in unet_only.items() if used)
             raise ExportError(f"{given}: for UNet models; {src.name} is {src.config.family} (a transformer)")
+        if blockwise and not weight_only:
+            raise ExportError(f"--blockwise: for transformer models (SD3, FLUX, SANA, Z-Image); {src.name} has a UNet")
+        if blockwise is None:  # full-size transformers: traced narrow, and one block at a time
+            blockwise = weight_only and trace_dtype != "fp32" and precision != "fp16"
         if precision == "int4" and not weight_only:
             raise ExportError(f"--precision int4: for transformer models (SD3, FLUX); {src.name} has a UNet")
         if deepcache_branch is not None:
@@ -155,6 +162,7 @@ def convert(
                 optimize,
                 half=precision == "fp16" and _halves(src, component),
                 trace_dtype=trace_dtype,
+                blockwise=component == "transformer" and blockwise,
             )
             size_mb = sum((staging / f).stat().st_size for f in infos[component].files) / 1e6
             max_diff = infos[component].validation["max_abs_diff"]
@@ -196,10 +204,12 @@ def export_component(
     optimize: bool = True,
     half: bool = False,
     trace_dtype: str = "fp32",
+    blockwise: bool = False,
 ) -> ComponentInfo:
     """Trace one component, optimize it (and make it fp16 if `half`), validate it against PyTorch and describe
     it for the manifest. `trace_dtype` "bf16"/"fp16" loads and traces the module in that dtype, for half the
-    memory, and still writes and validates the fp32 graph (see lean.py)."""
+    memory, and still writes and validates the fp32 graph (see lean.py); `blockwise` traces it one block at a
+    time (see blockwise.py)."""
     spec = component_spec(name, src)
     dtype = TRACE_DTYPES[trace_dtype]
 
@@ -210,7 +220,7 @@ def export_component(
     trace_inputs = spec.sample_inputs(src, 1, torch.Generator().manual_seed(TRACE_SEED))
     check_inputs = spec.sample_inputs(src, 2, torch.Generator().manual_seed(VALIDATION_SEED))
     return export_module(load, spec, trace_inputs, check_inputs, folder, opset, atol, optimize, half,
-                         lora=name in LORA_COMPONENTS)  # fmt: skip
+                         lora=name in LORA_COMPONENTS, blockwise=blockwise)  # fmt: skip
 
 
 def export_module(
@@ -224,6 +234,7 @@ def export_module(
     optimize: bool = True,
     half: bool = False,
     lora: bool = False,
+    blockwise: bool = False,
 ) -> ComponentInfo:
     """export_component's work on the module `load` returns (fp32, or bf16/fp16 for the memory-lean path):
     reference run in fp32, trace, the module freed (this function holds its only reference), then the graph
@@ -233,17 +244,25 @@ def export_module(
     out_file.parent.mkdir(parents=True)
     module = load()
     dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    with torch.no_grad(), float32_compute(module):
-        reference = module(*check_inputs)
-    reference = [t.float().numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
-    with float32_compute(module):  # a bf16/fp16 module traced as the fp32 computation it stands for
-        traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset, dtype == torch.float32)
+    blocks = None
+    if blockwise:
+        if half:
+            raise ExportError(f"{name}: a block-by-block export is fp32 (bf16 weights behind Casts), not fp16")
+        with float32_compute(module):
+            reference, blocks = trace_by_blocks(module, spec, trace_inputs, check_inputs, folder / "_trace", out_file,
+                                                opset, atol, narrow=dtype != torch.float32)  # fmt: skip
+    else:
+        with torch.no_grad(), float32_compute(module):
+            reference = module(*check_inputs)
+        reference = [t.float().numpy() for t in (reference if isinstance(reference, tuple) else (reference,))]
+        with float32_compute(module):  # a bf16/fp16 module traced as the fp32 computation it stands for
+            traced = trace_component(module, spec, trace_inputs, folder / "_trace", opset, dtype == torch.float32)
     weights = weight_candidates(module.model) if lora else {}
     del module
     gc.collect()
-    if dtype == torch.float32:
+    if blocks is None and dtype == torch.float32:
         pack_graph(traced, out_file)
-    else:  # weights stay bf16/fp16 behind a Cast (half the disk), except for fp16 graphs
+    elif blocks is None:  # weights stay bf16/fp16 behind a Cast (half the disk), except for fp16 graphs
         widen_graph(traced, out_file, keep_narrow=not half)
     fix_static_dims(out_file, spec, [r.shape for r in reference])
     optimizations = optimize_file(out_file, out_file, chunk_norms=name.startswith("vae")) if optimize else {}
@@ -258,6 +277,8 @@ def export_module(
     session = open_session(out_file)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, check_inputs, strict=True)}
     validation = compare_outputs(name, session, feeds, reference, atol)
+    if blocks is not None:
+        validation["blocks"] = blocks
     inputs, outputs = signature(session)
     del session
     files = sorted(p for p in out_file.parent.iterdir() if p.is_file())

@@ -1,8 +1,8 @@
 """Memory-lean export of full-size models (`sd-export convert --trace-dtype bf16`): the torch module is loaded and
 traced in bf16 (or fp16), half the memory of fp32, and the graph that comes out is the fp32 graph all the same.
 
-- Loading: component loaders that read `load_dtype()` (the dtype `load_in` sets; SD3's and FLUX's transformer
-  and T5) ask diffusers/transformers for it, so a 4.7B-parameter T5-XXL is 9.5 GB in memory instead of 19 GB and
+- Loading: component loaders that read `load_dtype()` (the dtype `load_in` sets; every transformer and T5)
+  ask diffusers/transformers for it, so a 4.7B-parameter T5-XXL is 9.5 GB in memory instead of 19 GB and
   never held in fp32 whole. The others (CLIP, VAE: small) load and trace in fp32 as before.
 - Reference outputs: computed in fp32 inside `float32_compute`, where every bf16 weight is read through a
   parametrization that widens it at its use, so validation compares the fp32 graph with an fp32 computation at the
