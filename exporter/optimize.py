@@ -109,6 +109,54 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto], on
     return [r_q, t_q, mul_q, r_k, t_k, mul_k, r_v, t_v, scores, softmax, mixed, t_out, r_out], fused
 
 
+def _match_heads_first(
+    g: _Graph, softmax: onnx.NodeProto
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """Scaled-dot-product attention on [B, heads, S, d] tensors, however they were made (the transformers' query/key
+    norms, rotary embeddings, text and image tokens concatenated; the head count often left -1 in the graph):
+
+        Softmax(MatMul(Mul(q, s), Mul(Transpose(x, P), s))) @ v,   with Transpose(x, P) = k transposed to [B, h, d, L]
+
+    becomes MultiHeadAttention with one head over batch x heads: q, k, v reshaped to [B x heads, S, d], the output
+    reshaped to q's shape. The scores, Softmax and scale arithmetic are removed."""
+    scores = g.parent(softmax, 0, "MatMul")
+    mixed = g.only_child(softmax, "MatMul")
+    if scores is None or mixed is None or mixed.input[0] != softmax.output[0]:
+        return None
+    mul_q, mul_k = g.parent(scores, 0, "Mul"), g.parent(scores, 1, "Mul")
+    t_k = mul_k and g.parent(mul_k, 0, "Transpose")
+    if mul_q is None or t_k is None:
+        return None
+    perm = list(helper.get_attribute_value(t_k.attribute[0]))
+    if len(perm) != 4:
+        return None
+    removed = [mul_q, t_k, mul_k, scores, softmax]
+    if any(len(g.consumers.get(n.output[0], [])) != 1 for n in removed):
+        return None
+    name = softmax.name.replace("Softmax", "MultiHeadAttention") or f"MultiHeadAttention_{softmax.output[0]}"
+    constants = [numpy_helper.from_array(np.array(v, np.int64), f"{name}/{n}") for n, v in
+                 (("minus_one", [-1]), ("two", [2]), ("four", [4]))]  # fmt: skip
+    nodes, k = [], t_k.input[0]
+    keys_first = [perm[0], perm[1], perm[3], perm[2]]  # k as [B, heads, L, d]: P with its last two axes swapped
+    if keys_first != [0, 1, 2, 3]:
+        k = f"{name}/k_heads_first"
+        nodes.append(helper.make_node("Transpose", [t_k.input[0]], [k], perm=keys_first))
+    flat = []
+    for x, heads_first in (("q", mul_q.input[0]), ("k", k), ("v", mixed.input[1])):
+        shape, sd, target, out = (f"{name}/{x}_{part}" for part in ("shape", "sd", "target", "flat"))
+        nodes += [
+            helper.make_node("Shape", [heads_first], [shape]),
+            helper.make_node("Slice", [shape, f"{name}/two", f"{name}/four"], [sd]),
+            helper.make_node("Concat", [f"{name}/minus_one", sd], [target], axis=0),
+            helper.make_node("Reshape", [heads_first, target], [out]),
+        ]
+        flat.append(out)
+    nodes.append(helper.make_node("MultiHeadAttention", flat, [f"{name}/out"], name=name, domain=MS_DOMAIN,
+                                  num_heads=1))  # fmt: skip
+    nodes.append(helper.make_node("Reshape", [f"{name}/out", f"{name}/q_shape"], [mixed.output[0]]))
+    return [*removed, mixed], nodes, constants
+
+
 def fuse_attention(model: onnx.ModelProto) -> int:
     """Replace every decomposed attention in `model` (in place); returns how many were fused."""
     g = _Graph(model.graph)
@@ -118,11 +166,17 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         if node.op_type != "Softmax":
             continue
         found = _match(g, node)
-        if found is None:
+        if found is not None:
+            old, new = found
+            replaced.update(id(n) for n in old)
+            inserted[id(old[-1])] = [new]  # where the attention's output used to be produced
             continue
-        old, new = found
-        replaced.update(id(n) for n in old)
-        inserted[id(old[-1])] = [new]  # where the attention's output used to be produced
+        general = _match_heads_first(g, node)
+        if general is not None:
+            old, nodes, shapes = general
+            replaced.update(id(n) for n in old)
+            inserted[id(old[-1])] = nodes
+            model.graph.initializer.extend(shapes)
     if inserted:
         _rewrite(model.graph, replaced, inserted)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):

@@ -172,3 +172,31 @@ def test_group_norms_that_cannot_be_sliced_are_left_alone() -> None:
     prime = _group_norm_then_conv(10, 5, silu=False, quantized=False)  # 5 groups: no 2..4 divides it
     assert chunk_group_norms(one_group) == 0 and chunk_group_norms(prime) == 0
     assert quantize_before_concat(_group_norm_then_conv(8, 4, True, quantized=True)) == 0  # no Concat
+
+
+def test_heads_first_attention_fuses_to_one_head_over_batch_and_heads(tmp_path: Path) -> None:
+    """SDPA on [B, heads, S, d] (the transformers' layout), as torch exports it, becomes MultiHeadAttention with the
+    same outputs, at another batch, head count and token counts than the export's."""
+    from sd_onnx.benchmarks.attention_fusion import graphs
+
+    decomposed, fused, count = graphs(tmp_path, heads=3, head_dim=8)
+    assert count == 1
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 3, 5, 8), dtype=np.float32)
+    kv = {n: rng.standard_normal((2, 3, 7, 8), dtype=np.float32) for n in ("k", "v")}
+    run = {p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"q": q, **kv})[0]
+           for p in (decomposed, fused)}  # fmt: skip
+    assert run[fused].shape == (2, 3, 5, 8)
+    np.testing.assert_allclose(run[fused], run[decomposed], atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "fused"), [("flux2_klein", 2), ("sd3", 2), ("flux", 2), ("z_image", 1)])
+def test_transformer_exports_fuse_their_unmasked_attention(
+    family: str, fused: int, request: pytest.FixtureRequest
+) -> None:
+    """Every attention of FLUX.1/FLUX.2/SD3 (one per block); Z-Image's noise refiner only: its other attentions
+    take the prompt's padding mask, which stays decomposed. Parity with PyTorch is each family's export test."""
+    manifest = Manifest.load(request.getfixturevalue(f"tiny_{family}_export"))
+    assert manifest.components["transformer"].optimizations["attention_fused"] == fused
