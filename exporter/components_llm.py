@@ -15,8 +15,11 @@
   2-D tensors, as FLUX.1's) -> `out_hidden_states`, FLUX.1's names.
 - FLUX.2 [klein]'s `vae_decoder`: `latent_sample` is what the pipeline samples, the patchified latents normalized by
   the VAE's batch-norm statistics (batch, 4 x latent channels, height / 16, width / 16); the graph un-normalizes and
-  unpatchifies them, as Flux2KleinPipeline does before vae.decode. No `vae_encoder`: the pipeline has no img2img
-  (its `image` is a reference to edit from, which this runtime does not offer).
+  unpatchifies them, as Flux2KleinPipeline does before vae.decode.
+- FLUX.2 [klein]'s `vae_encoder`: `sample` (batch, 3, height, width) in [-1, 1] -> `latent_sample`, a reference
+  image's latents as the transformer takes them: the posterior's mode, patchified 2x2 and normalized by the
+  batch-norm statistics (Flux2KleinPipeline's _encode_vae_image). The pipeline has no img2img: its `image` is a
+  reference whose tokens the transformer attends to beside the latents' (runtime/families/flux2.py).
 """
 
 from __future__ import annotations
@@ -297,6 +300,24 @@ class Flux2VaeDecoder(torch.nn.Module):
         return self.decoder.decode(latents.reshape(batch, channels // 4, height * 2, width * 2), return_dict=False)[0]
 
 
+class Flux2VaeEncoder(torch.nn.Module):
+    """A reference image's latents, as Flux2KleinPipeline encodes them: the posterior's mode, patchified 2x2 into
+    channels, normalized by the VAE's batch-norm running statistics."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        bn = model.bn
+        self.register_buffer("mean", bn.running_mean.detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("std", torch.sqrt(bn.running_var.detach().view(1, -1, 1, 1) + model.config.batch_norm_eps))
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        latents = self.model.encode(sample).latent_dist.mode()
+        batch, channels, height, width = latents.shape
+        latents = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return (latents.reshape(batch, channels * 4, height // 2, width // 2) - self.mean) / self.std
+
+
 def _load_flux2(folder: Path) -> torch.nn.Module:
     from diffusers import Flux2Transformer2DModel
 
@@ -307,6 +328,12 @@ def _load_flux2_decoder(folder: Path) -> torch.nn.Module:
     from diffusers import AutoencoderKLFlux2
 
     return Flux2VaeDecoder(AutoencoderKLFlux2.from_pretrained(folder / "vae"))
+
+
+def _load_flux2_encoder(folder: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKLFlux2
+
+    return Flux2VaeEncoder(AutoencoderKLFlux2.from_pretrained(folder / "vae"))
 
 
 def flux2_ids(rows: int, columns: int) -> torch.Tensor:
@@ -382,4 +409,7 @@ def llm_component_spec(name: str, src: PipelineSource) -> ComponentSpec | None:
         return Z_IMAGE_TRANSFORMER if src.config.family == "z_image" else FLUX2_TRANSFORMER
     if name == "vae_decoder" and src.config.family == "flux2":
         return replace(SPECS["vae_decoder"], load=_load_flux2_decoder)
+    if name == "vae_encoder" and src.config.family == "flux2":
+        return replace(SPECS["vae_encoder"], output_names=("latent_sample",), load=_load_flux2_encoder,
+                       dynamic_axes={"sample": IMAGE_AXES, "latent_sample": IMAGE_AXES})  # fmt: skip
     return None

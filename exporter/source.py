@@ -180,9 +180,7 @@ def _inspect_llm_folder(folder: Path, pipeline_class: str, family: str, name: st
     """A Z-Image or FLUX.2 [klein] folder: one LLM text encoder (Qwen3) with its tokenizer, a transformer, a VAE."""
     config, _ = _read_one_encoder_folder(folder)
     tokens = read_sequence_token_ids(folder / "text_encoder", folder / "tokenizer")
-    components = ("text_encoder", "transformer", "vae_decoder")
-    if family != "flux2":  # FLUX.2 [klein] has no img2img (its `image` is a reference to edit from)
-        components += ("vae_encoder",)
+    components = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")  # FLUX.2's: for reference images
     return PipelineSource(folder, name or str(folder), pipeline_class, family, config, tokens, components)
 
 

@@ -300,12 +300,17 @@ class GenerationRequest:
         return ratio
 
     def _size(self, config: ModelConfig, limits: Limits) -> tuple[int, int]:
+        from .families import family_for
+
         multiple = config.size_multiple
         implied = _array_image_size(self.image, config)  # an init image given as an array fixes the size
+        defaults = (config.default_resolution,) * 2 if implied is None else implied
+        if self.image is not None and family_for(config).reference_images:  # the reference's size, by default
+            implied, defaults = None, family_for(config).reference_size(self.image, config)
         sides = []
         for i, name in enumerate(("width", "height")):
             value = getattr(self, name)
-            default = config.default_resolution if implied is None else implied[i]
+            default = defaults[i]
             value = default if value is None else _integer(name, value)
             if value <= 0 or value % multiple:
                 raise RequestError(
@@ -382,6 +387,14 @@ class GenerationRequest:
         return name
 
     def _strength(self, steps: int, config: ModelConfig, images: int, size: tuple[int, int]) -> float | None:
+        from .families import family_for
+
+        if self.image is not None and family_for(config).reference_images:
+            for name in ("mask_image", "strength", "denoising_start"):
+                if getattr(self, name) is not None:
+                    label = family_for(config).label
+                    raise RequestError(name, f"{label} reads `image` as a reference to edit from, not an img2img start")
+            return None
         if self.image is None:
             if self.strength is not None:
                 raise RequestError("strength", "applies to img2img only: give an init image too")
@@ -401,8 +414,6 @@ class GenerationRequest:
         strength = _number("strength", default if self.strength is None else self.strength)
         if not 0.0 < strength <= 1.0:
             raise RequestError("strength", f"must be in (0, 1], got {strength:g}")
-        from .families import family_for
-
         taken = steps - family_for(config).first_step(steps, strength)  # the family's rounding
         if taken < 1 and self.denoising_start is None:  # denoising_start overrides strength
             raise RequestError(
@@ -471,7 +482,7 @@ class GenerationRequest:
             "Size": f"{self.width}x{self.height}",
             "Model": model_name,
         }
-        if self.image is not None:
+        if self.strength is not None:
             params["Denoising strength"] = self.strength
         if self.mask_image is not None:
             params["Inpaint"] = "mask"

@@ -28,7 +28,7 @@ def start_latents(
     """(latents, timesteps, inpainting state or None) for a resolved request on a scheduler whose timesteps
     are set; `latents`: txt2img's starting noise given by the caller (diffusers' `latents=`)."""
     timesteps, inpainting = sched.timesteps, None
-    if request.image is not None:
+    if request.image is not None and not pipe.family.reference_images:  # a reference is the family's conditioning
         latents, timesteps, inpainting = _img2img_latents(pipe, request, sched, shape, generator)
     elif latents is None:
         latents = generator.randn(shape) * np.float32(sched.init_noise_sigma)

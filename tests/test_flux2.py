@@ -67,7 +67,11 @@ def test_export_signatures_config_and_validation(tiny_flux2_klein_export: Path) 
         {"latent_sample": ("float32", ["batch", 128, "height", "width"])},
         {"sample": ("float32", ["batch", 3, "height", "width"])},
     )
-    assert set(signatures) == {"text_encoder", "transformer", "vae_decoder"}  # no img2img: no encoder
+    assert signatures["vae_encoder"] == (  # a reference image's latents as the transformer takes them
+        {"sample": ("float32", ["batch", 3, "height", "width"])},
+        {"latent_sample": ("float32", ["batch", 128, "height", "width"])},
+    )
+    assert set(signatures) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
     for info in manifest.components.values():
         assert info.validation["max_abs_diff"] <= info.validation["atol"]
     config = manifest.config
@@ -137,13 +141,37 @@ def test_prompts_tokenize_as_the_pipeline(flux2) -> None:
         assert row.tolist() == want.input_ids and valid.tolist() == want.attention_mask
 
 
-def test_loads_as_its_family_and_refuses_init_images(flux2) -> None:
+def test_loads_as_its_family_and_reads_image_as_a_reference(flux2) -> None:
     ours, _ = flux2
     assert type(ours).__name__ == "Flux2KleinPipeline" and ours.family.name == "flux2"
     assert ours.components_used == ("text_encoder", "transformer", "vae_decoder")
     assert ours.family.uses_cfg(4.0) and not ours.family.uses_cfg(1.0)
-    with pytest.raises(RequestError, match="image: FLUX.2 \\[klein\\] takes no init image"):
-        ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (64, 64))))
+    reference = Image.new("RGB", (100, 70))  # cropped to a multiple of the latent scale: the output's size by default
+    resolved = ours.prepare(GenerationRequest(PROMPT, image=reference))
+    m = ours.config.vae_scale_factor
+    assert (resolved.width, resolved.height, resolved.strength) == (100 // m * m, 70 // m * m, None)
+    assert ours.prepare(GenerationRequest(PROMPT, image=reference, width=64, height=64)).width == 64
+    for field, value in (("strength", 0.5), ("mask_image", Image.new("L", (100, 70)))):
+        with pytest.raises(RequestError, match=f"^{field}: FLUX.2 \\[klein\\] reads `image` as a reference"):
+            ours.prepare(GenerationRequest(PROMPT, image=reference, **{field: value}))
+    with pytest.raises(RequestError, match="^image: 40x64: a reference needs sides of 64"):
+        ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (40, 64))))
+    with pytest.raises(RequestError, match="^image: a FLUX.2 \\[klein\\] reference must be a PIL image"):
+        ours.prepare(GenerationRequest(PROMPT, image=np.zeros((1, 3, 64, 64), np.float32)))
+
+
+def test_editing_from_a_reference_matches_diffusers(flux2) -> None:
+    """diffusers' `image=`: the reference encoded (mode of the posterior, patchified, normalized), its tokens at
+    time position 10 beside the latents' at every step, with and without guidance; a large one scaled to 1024^2
+    pixels first (here: cropped to a multiple of 16 about its center, the output at its size)."""
+    ours, theirs = flux2
+    reference = Image.fromarray(np.random.default_rng(5).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    for guidance in (1.0, 4.0):
+        settings = {"num_inference_steps": 2, "guidance_scale": guidance}
+        got = ours(PROMPT, image=reference, seed=3, output_type="np", **settings).images
+        m = ours.config.vae_scale_factor
+        assert got.shape == (1, 70 // m * m, 100 // m * m, 3)
+        assert mean_abs(got, diffusers_images(theirs, 3, prompt=PROMPT, image=reference, **settings)) <= TOLERANCE
 
 
 def test_txt2img_matches_diffusers(flux2) -> None:
@@ -195,3 +223,37 @@ def test_taef2_decodes_the_samplers_latents(tiny_flux2_klein_pipeline: Path, flu
     AutoencoderTiny(latent_channels=16, **blocks, **counts).save_pretrained(tmp_path / "taef1")
     with pytest.raises(ExportError, match="makes 16-channel latents at 1/2 scale; this model's VAE makes 32-channel"):
         convert(str(tiny_flux2_klein_pipeline), tmp_path / "bad", vae=str(tmp_path / "taef1"), log=lambda line: None)
+
+
+def test_a1111_img2img_edits_from_its_init_image(flux2) -> None:
+    """An A1111 img2img call on FLUX.2 [klein]: the init image is the reference (the image equals the API's), the
+    `denoising_strength` every client sends is listed as ignored, and a mask is a 422 naming the field the client sent."""
+    import base64
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
+
+    from .test_server import png_of
+
+    ours, _ = flux2
+    reference = Image.fromarray(np.random.default_rng(6).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    settings = {"steps": 2, "seed": 4, "width": 80, "height": 64}
+    want = ours.generate(GenerationRequest(PROMPT, image=reference, guidance_scale=1.0, **settings), output_type="np")
+    buffer = io.BytesIO()
+    reference.save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    body = {"prompt": PROMPT, "init_images": [init], "denoising_strength": 0.75, "cfg_scale": 1, **settings}
+    with TestClient(create_app(ServerState(ServeConfig()), loader=lambda: ours)) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        r = client.post("/sdapi/v1/img2img", json=body)
+        assert r.status_code == 200, r.text
+        got = np.asarray(png_of(r.json()["images"][0]).convert("RGB"), np.float64) / 255
+        assert np.abs(got - want.images[0]).max() <= 1 / 255 + 1e-6
+        info = json.loads(r.json()["info"])
+        assert info["ignored"] == ["denoising_strength"] and "Denoising strength" not in info["infotexts"][0]
+        r = client.post("/sdapi/v1/img2img", json={**body, "mask": init})
+        assert r.status_code == 422 and r.json()["detail"].startswith("mask: FLUX.2 [klein] reads `image` as")

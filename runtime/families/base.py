@@ -35,11 +35,14 @@ class Conditioning:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     # Inputs that are the same for every row (FLUX's positional ids), passed as they are.
     shared: dict[str, np.ndarray] = field(default_factory=dict)
+    # Reference image tokens (1, tokens, channels) every row's denoiser attends to beside its latents (FLUX.2).
+    references: np.ndarray | None = None
 
     def conditional_half(self) -> Conditioning:
         """The conditional rows alone (guided conditioning is [unconditional; conditional])."""
         half = len(self.text) // 2
-        return Conditioning(self.text[half:], {k: v[len(v) // 2 :] for k, v in self.extra.items()}, self.shared)
+        extra = {k: v[len(v) // 2 :] for k, v in self.extra.items()}
+        return Conditioning(self.text[half:], extra, self.shared, self.references)
 
 
 def texts_or(value: str | tuple[str, ...] | None, fallback: list[str]) -> list[str]:
@@ -67,6 +70,9 @@ class Family:
     fill_encodes_image: ClassVar[bool] = False
     # Each text encoder graph -> the tokenizer folder it reads.
     tokenizer_folders: ClassVar[dict[str, str]] = {"text_encoder": "tokenizer"}
+    # Whether a request's `image` is a reference the denoiser attends to (FLUX.2 [klein] edits from it) rather
+    # than an img2img start: no strength, and the output takes the reference's size unless told otherwise.
+    reference_images: ClassVar[bool] = False
 
     def __init__(self, folder: Path, config: ModelConfig, manifest: Manifest | None) -> None:
         self.folder, self.config, self.manifest = folder, config, manifest
@@ -105,6 +111,12 @@ class Family:
 
     def check_request(self, request: GenerationRequest) -> None:
         """RequestError for a resolved request this family's graphs cannot run (beyond the shared checks)."""
+
+    @classmethod
+    def reference_size(cls, image: Any, config: ModelConfig) -> tuple[int, int]:
+        """(width, height) a reference image is encoded at (families with `reference_images`); RequestError
+        naming `image` for one the family cannot take."""
+        raise NotImplementedError
 
     def set_timesteps(self, sched: Scheduler, request: GenerationRequest) -> None:
         """The schedule this request samples (FLUX shifts it by the image's size)."""

@@ -7,18 +7,26 @@ turn with thinking off and padded to 512 tokens (the transformer attends to the 
 image's token count and the number of steps). Classifier-free guidance above a scale of 1 for the base models; the
 step-distilled ones (model_index.json's is_distilled) ignore the scale. The negative half is "" as in diffusers
 (which takes no negative prompt text); a negative prompt given here is read in its place.
+
+A request's `image` is a reference to edit from (diffusers' `image=`): scaled to at most 1024x1024 pixels, cropped
+to a multiple of 16 about its center, encoded by the vae_encoder graph, its tokens given positions (10, row,
+column, 0) and appended to the latents' tokens at every step (the transformer attends to both; only the latents'
+predictions are kept). The output takes the reference's size unless the request sets one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..chat_template import ChatPrompts
 from ..files import inside
+from ..image import from_pil
 from ..manifest import read_json
 from ..request import GenerationRequest, RequestError
 from .base import Conditioning, FlowMatching
@@ -31,6 +39,7 @@ class Flux2(FlowMatching):
     pipeline_class = "Flux2KleinPipeline"
     label = "FLUX.2 [klein]"
     request_fields = frozenset({"max_sequence_length"})
+    reference_images = True
 
     def load_tokenizers(self) -> dict:
         length = self.config.max_sequence_length
@@ -46,11 +55,9 @@ class Flux2(FlowMatching):
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and not self.distilled
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Flux2KleinPipeline's `image` is a reference to edit from, not an img2img start: refused, not misread."""
-        if request.image is not None or request.mask_image is not None:
-            field = "image" if request.image is not None else "mask_image"
-            raise RequestError(field, "FLUX.2 [klein] takes no init image here (no img2img or inpainting)")
+    @classmethod
+    def reference_size(cls, image: Any, config: Any) -> tuple[int, int]:
+        return reference_image(image, config.vae_scale_factor).size
 
     def conditioning(self, pipe: Any, request: GenerationRequest, do_cfg: bool) -> Conditioning:
         """[negative; prompt] states: the three layers side by side per token, over all 512 (padded) tokens."""
@@ -62,8 +69,26 @@ class Flux2(FlowMatching):
         states = np.stack([outputs[k] for k in layers], axis=2)  # (texts, tokens, layers, width)
         text = states.reshape(*states.shape[:2], -1).astype(np.float32).repeat(request.batch, axis=0)
         rows, columns = (side // self.config.vae_scale_factor for side in (request.height, request.width))
-        shared = {"txt_ids": text_ids(text.shape[1]), "img_ids": latent_ids(rows, columns)}
-        return Conditioning(text, {}, shared)
+        ids, references = latent_ids(rows, columns), None
+        if request.image is not None:
+            references, reference_ids = self.references(pipe, [request.image])
+            ids = np.concatenate([ids, reference_ids])
+        return Conditioning(text, {}, {"txt_ids": text_ids(text.shape[1]), "img_ids": ids}, references)
+
+    def references(self, pipe: Any, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The reference images' tokens (1, tokens, channels), one after another, and their positions: image i's
+        (10 + 10 i, row, column, 0), as diffusers' _prepare_image_ids."""
+        tokens, ids = [], []
+        for i, image in enumerate(images):
+            image = reference_image(image, self.config.vae_scale_factor)
+            latents = pipe.component("vae_encoder")(sample=from_pil(image, *image.size))[0]
+            _, channels, rows, columns = latents.shape
+            tokens.append(latents.reshape(1, channels, rows * columns).transpose(0, 2, 1))
+            positions = latent_ids(rows, columns)
+            positions[:, 0] = 10 + 10 * i
+            ids.append(positions)
+        pipe.release("vae_encoder")
+        return np.ascontiguousarray(np.concatenate(tokens, axis=1), np.float32), np.concatenate(ids)
 
     def set_timesteps(self, sched: Any, request: GenerationRequest) -> None:
         n = request.steps
@@ -75,10 +100,30 @@ class Flux2(FlowMatching):
         timestep = np.full(len(sample), np.float32(t) / np.float32(1000), graph.input_dtype("timestep"))
         batch, channels = sample.shape[:2]
         tokens = np.ascontiguousarray(sample.reshape(batch, channels, -1).transpose(0, 2, 1))
+        if cond.references is not None:  # every row attends to the references' tokens after its own
+            tokens = np.concatenate([tokens, np.repeat(cond.references, batch, axis=0)], axis=1)
         return {"hidden_states": tokens, "timestep": timestep, "encoder_hidden_states": cond.text, **cond.shared}
 
     def denoiser_output(self, output: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(output.transpose(0, 2, 1)).reshape(sample.shape)
+        tokens = sample.shape[2] * sample.shape[3]  # the latents' own; reference tokens' predictions are dropped
+        return np.ascontiguousarray(output[:, :tokens].transpose(0, 2, 1)).reshape(sample.shape)
+
+
+def reference_image(image: Any, multiple: int, max_area: int = 1024 * 1024) -> Image.Image:
+    """A reference as Flux2KleinPipeline prepares it: checked (a PIL image, sides >= 64, aspect <= 8), scaled down
+    to `max_area` pixels if larger (Lanczos), then cropped about its center to a multiple of `multiple`."""
+    if not isinstance(image, Image.Image):
+        raise RequestError("image", f"a FLUX.2 [klein] reference must be a PIL image, got {type(image).__name__}")
+    width, height = image.size
+    if min(width, height) < 64 or max(width / height, height / width) > 8:
+        raise RequestError("image", f"{width}x{height}: a reference needs sides of 64+ pixels and an aspect <= 8:1")
+    if width * height > max_area:
+        scale = math.sqrt(max_area / (width * height))
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+    cropped = (width // multiple * multiple, height // multiple * multiple)
+    left, top = (width - cropped[0]) // 2, (height - cropped[1]) // 2
+    return image.crop((left, top, left + cropped[0], top + cropped[1]))
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:

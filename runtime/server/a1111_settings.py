@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 
 from ..echo import echo
+from ..families import family_for
 from ..pipeline import StableDiffusionPipeline
 from ..schedulers import default_sampler
 from .a1111_fields import cut, ignored_fields, strict_refusal
@@ -108,7 +109,7 @@ async def apply(state: ServerState, body: Txt2ImgRequest) -> Applied:
     ignored = ignored_fields(body.model_extra or {}, declared)
     update, names = _clip_skip(body, settings.get(CLIP_SKIP), ignored)
     distilled, distilled_names = _distilled_guidance(body, entry, ignored)
-    update, names = {**update, **distilled}, {**names, **distilled_names}
+    update, names = {**update, **distilled, **_reference_strength(body, entry, ignored)}, {**names, **distilled_names}
     _check_vae(settings.get("sd_vae"), "override_settings.sd_vae")
     before = options(state)
     handled = ("sd_model_checkpoint", CLIP_SKIP, "sd_vae")
@@ -160,6 +161,17 @@ def _distilled_guidance(
     if body.cfg_scale not in (None, 1):
         ignored.append("cfg_scale")
     return {"cfg_scale": value}, {"guidance_scale": "distilled_cfg_scale"}
+
+
+def _reference_strength(body: Txt2ImgRequest, entry: ModelEntry, ignored: list[str]) -> dict[str, Any]:
+    """On a family that reads `image` as a reference to edit from (FLUX.2 [klein]) an img2img body's init image
+    is that reference and takes no strength; A1111 clients send `denoising_strength` with every img2img call, so
+    it is ignored and named rather than refused."""
+    if "init_images" not in type(body).model_fields or not family_for(entry.config).reference_images:
+        return {}
+    if body.denoising_strength is not None:
+        ignored.append("denoising_strength")
+    return {"denoising_strength": None}
 
 
 def _check_vae(value: Any, name: str) -> None:
