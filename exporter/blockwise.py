@@ -263,7 +263,9 @@ def stitch(skeleton_file: Path, blocks: dict[str, Path], out_file: Path) -> None
 
 def _inline(graph: onnx.GraphProto, call: onnx.NodeProto, prefix: str) -> tuple[list[onnx.NodeProto], list]:
     """The block graph's nodes and weights, renamed into the caller's graph: its inputs `in{i}` are the Block
-    node's inputs, its outputs `out{j}` the node's outputs, everything else prefixed by the block's name."""
+    node's inputs, its outputs `out{j}` the node's outputs, every other tensor prefixed by the block's name, and
+    its nodes named as a whole trace names them (`/model/transformer_blocks.1/...`)."""
+    scope = _scope(prefix)
     renamed = {f"in{i}": name for i, name in enumerate(call.input)}
     renamed.update({f"out{j}": name for j, name in enumerate(call.output)})
 
@@ -276,12 +278,25 @@ def _inline(graph: onnx.GraphProto, call: onnx.NodeProto, prefix: str) -> tuple[
             raise ExportError(f"block {prefix}: has control flow ({node.op_type}), which blocks cannot inline")
         node.input[:] = [name_of(v) for v in node.input]
         node.output[:] = [name_of(v) for v in node.output]
-        node.name = f"{prefix}/{node.name}"
+        inner = node.name.removeprefix("/block") if node.name.startswith("/block/") else f"/{node.name}"
+        node.name = scope + inner
         nodes.append(node)
     weights = list(graph.initializer)
     for tensor in weights:
         tensor.name = name_of(tensor.name)
     return nodes, weights
+
+
+def _scope(module_path: str) -> str:
+    """A module's path as torch.onnx names the nodes under it: `model.transformer_blocks.1` ->
+    `/model/transformer_blocks.1` (a whole trace's node names; derived graphs find a block by them)."""
+    parts: list[str] = []
+    for part in module_path.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts)
 
 
 def _move(tensor: onnx.TensorProto, folder: Path, data: Any, location: str) -> onnx.TensorProto:
