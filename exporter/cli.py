@@ -120,6 +120,13 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     help="Trace the transformer one block at a time and stitch the graphs (memory: the model plus one block; "
     "needed for 4B+ transformers on 24 GB). Default: on with --trace-dtype bf16/fp16.",
 )
+@click.option(
+    "--skip-layers",
+    default=None,
+    metavar="N,N,...",
+    help="SD3: also export the transformer with these blocks skipped, for skip-layer guidance (SD3.5 Medium's "
+    "card: 7,8,9); it shares the transformer's weights.",
+)
 def convert(
     source: str,
     output: Path,
@@ -142,6 +149,7 @@ def convert(
     unet_stages: bool,
     trace_dtype: str,
     blockwise: bool | None,
+    skip_layers: str | None,
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
     from .lora import parse_lora
@@ -151,6 +159,7 @@ def convert(
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     from .convert import convert as run_convert
+    from .skip_layers import parse_layers
 
     started = time.perf_counter()
     try:
@@ -176,6 +185,7 @@ def convert(
             unet_stages=unet_stages,
             trace_dtype=trace_dtype,
             blockwise=blockwise,
+            skip_layers=parse_layers(skip_layers) if skip_layers is not None else None,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:

@@ -38,6 +38,7 @@ from .lora_targets import map_weights, weight_candidates, write_targets
 from .optimize import optimize_file
 from .package import copy_component_configs, copy_scheduler, copy_tokenizer, write_model_index
 from .quantize import RECIPES
+from .skip_layers import add_skip_layers, check_layers, torch_reference
 from .source import PipelineSource, inspect_folder, resolve_source
 from .stages import add_stages
 from .tome import add_token_merging
@@ -76,6 +77,7 @@ def convert(
     unet_stages: bool = False,
     trace_dtype: str = "fp32",
     blockwise: bool | None = None,
+    skip_layers: tuple[int, ...] | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -96,7 +98,9 @@ def convert(
     low-memory mode runs one at a time (see stages.py). All are cut or grown from the final UNet graph, so they
     follow its precision and share its weights. `trace_dtype` "bf16" (or "fp16") loads and traces each module in
     that dtype, half the memory of fp32, for full-size models; the graphs are fp32 all the same (see lean.py).
-    `blockwise` traces a transformer one block at a time (see blockwise.py); None: when `trace_dtype` is narrow."""
+    `blockwise` traces a transformer one block at a time (see blockwise.py); None: when `trace_dtype` is narrow.
+    `skip_layers` (SD3) adds the transformer graph with those blocks skipped, for skip-layer guidance (see
+    skip_layers.py), checked against PyTorch's skip_layers forward."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -137,6 +141,8 @@ def convert(
         if weight_only and any(unet_only.values()):
             given = ", ".join(option for option, used in unet_only.items() if used)
             raise ExportError(f"{given}: for UNet models; {src.name} is {src.config.family} (a transformer)")
+        if skip_layers:
+            check_layers(src.config.family, src.folder, skip_layers)
         if blockwise and not weight_only:
             raise ExportError(f"--blockwise: for transformer models (SD3, FLUX, SANA, Z-Image); {src.name} has a UNet")
         if blockwise is None:  # full-size transformers: traced narrow, and one block at a time
@@ -190,6 +196,9 @@ def convert(
             manifest = quantize_in_place(staging, components=quantizable, log=log)
         if unet_stages:  # after int8, whose UNet they cut
             manifest = add_stages(staging, manifest, log)
+        if skip_layers:  # after int8 too: derived from the transformer graph as shipped
+            reference = torch_reference(src.folder, skip_layers, trace_dtype)
+            manifest = add_skip_layers(staging, manifest, skip_layers, reference, log)
         publish(staging, output)
     log(f"wrote {output}")
     return manifest

@@ -25,7 +25,7 @@ import onnx
 
 from sd_onnx.runtime.manifest import Manifest, read_json
 
-from .derived import Log, derive_folder, load_unet, record, sample_feeds, save_unet
+from .derived import Log, derive_folder, load_graph, record, sample_feeds, save_graph
 from .errors import ExportError
 from .stages import refresh_stages
 from .validate import open_session
@@ -77,10 +77,10 @@ def _joins_channels(node: onnx.NodeProto) -> bool:
 def add_deepcache(folder: Path, manifest: Manifest, branch: int, log: Log = print) -> Manifest:
     """Give `folder`'s UNet the DeepCache feature output at `branch`, derive the shallow graph beside it, check it
     and record both in the manifest (in place; `folder` is a staging folder)."""
-    model, full_file = load_unet(folder, manifest)
+    model, full_file = load_graph(folder, manifest)
     if FEATURE not in {o.name for o in model.graph.output}:
         _expose(model, feature_tensor(model, *check_branch(read_json(full_file.parent / "config.json"), branch)))
-    save_unet(model, full_file)
+    save_graph(model, full_file)
     extractor = onnx.utils.Extractor(model)
     inputs = [i.name for i in model.graph.input] + [FEATURE]
     shallow = extractor.extract_model(inputs, [model.graph.output[0].name])

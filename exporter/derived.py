@@ -1,7 +1,8 @@
-"""Graphs derived from the UNet graph as shipped (DeepCache's shallow UNet, the token-merging UNet).
+"""Graphs derived from the UNet graph as shipped (DeepCache's shallow UNet, the token-merging UNet, the UNet
+stages), or from the transformer's (skip-layer guidance).
 
-Each lives beside the UNet's graph in `unet/` and reads its weights from the UNet's external-data file, so the
-weights are stored once and a derived graph follows the UNet's precision (fp32, fp16, int8) without another
+Each lives beside its base graph (in `unet/`, `transformer/`) and reads its weights from that graph's external-data
+file, so the weights are stored once and a derived graph follows the UNet's precision (fp32, fp16, int8) without another
 export or calibration. The UNet graph is rewritten first (`share_weights`); the derived graph is then saved with
 the same initializer records.
 """
@@ -29,20 +30,21 @@ from .validate import open_session, signature
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay inside each graph (scalars, shapes, scales)
 DERIVED_FILES = {
     "unet_shallow": "shallow.onnx",
+    "transformer_skip": "skip_layers.onnx",
     "unet_tome": "tome.onnx",
     **{name: f"{name.removeprefix('unet_')}.onnx" for name in STAGE_COMPONENTS},
 }
 Log = Callable[[str], None]
 
 
-def load_unet(folder: Path, manifest: Manifest) -> tuple[onnx.ModelProto, Path]:
-    """The UNet graph without its weights' bytes, and its file."""
-    full_file = folder / manifest.components["unet"].file
+def load_graph(folder: Path, manifest: Manifest, base: str = "unet") -> tuple[onnx.ModelProto, Path]:
+    """The `base` graph (the UNet, or the transformer) without its weights' bytes, and its file."""
+    full_file = folder / manifest.components[base].file
     return onnx.load(str(full_file), load_external_data=False), full_file
 
 
-def save_unet(model: onnx.ModelProto, full_file: Path) -> None:
-    """Write the (rewritten) UNet graph with every weight in `<model>_data`, keeping the LoRA map current."""
+def save_graph(model: onnx.ModelProto, full_file: Path) -> None:
+    """Write the (rewritten) base graph with every weight in `<model>_data`, keeping the LoRA map current."""
     share_weights(model, full_file)
     onnx.save_model(model, str(full_file))
     targets = full_file.parent / TARGETS_FILE
@@ -67,9 +69,11 @@ def share_weights(model: onnx.ModelProto, full_file: Path) -> None:
             point_to(tensor, data_path.name, offset, length)
 
 
-def record(folder: Path, manifest: Manifest, name: str, graph: onnx.ModelProto, validation: dict[str, Any]) -> None:
-    """Save derived graph `name` beside the UNet and write both entries into the manifest."""
-    unet = manifest.components["unet"]
+def record(
+    folder: Path, manifest: Manifest, name: str, graph: onnx.ModelProto, validation: dict[str, Any], base: str = "unet"
+) -> None:
+    """Save derived graph `name` beside its `base` graph and write both entries into the manifest."""
+    unet = manifest.components[base]
     full_file = folder / unet.file
     derived_file = full_file.parent / DERIVED_FILES[name]
     onnx.save_model(graph, str(derived_file))

@@ -154,6 +154,8 @@ def _match_heads_first(
     nodes.append(helper.make_node("MultiHeadAttention", flat, [f"{name}/out"], name=name, domain=MS_DOMAIN,
                                   num_heads=1))  # fmt: skip
     nodes.append(helper.make_node("Reshape", [f"{name}/out", f"{name}/q_shape"], [mixed.output[0]]))
+    for node in nodes:  # named under the attention's scope, as derived graphs find a block's nodes by name
+        node.name = node.name or f"{name}/{node.output[0].rsplit('/', 1)[-1]}_{node.op_type}"
     return [*removed, mixed], nodes, constants
 
 

@@ -26,7 +26,7 @@ import onnx
 
 from sd_onnx.runtime.manifest import STAGE_COMPONENTS, Manifest, read_json
 
-from .derived import Log, derive_folder, load_unet, record, sample_feeds, save_unet
+from .derived import Log, derive_folder, load_graph, record, sample_feeds, save_graph
 from .errors import ExportError
 from .validate import open_session
 
@@ -171,8 +171,8 @@ def crossing_dtypes(folder: Path, model: onnx.ModelProto, names: list[str], feed
 
 def add_stages(folder: Path, manifest: Manifest, log: Log = print) -> Manifest:
     """Cut `folder`'s UNet into its stage graphs beside it, check them and record them in the manifest (in place)."""
-    model, full_file = load_unet(folder, manifest)
-    save_unet(model, full_file)  # every weight in the data file the stages point at
+    model, full_file = load_graph(folder, manifest)
+    save_graph(model, full_file)  # every weight in the data file the stages point at
     levels = len(read_json(full_file.parent / "config.json")["block_out_channels"])
     stages = plan(model, levels)
     names = crossing(model, stages)

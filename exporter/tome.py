@@ -27,7 +27,7 @@ import torch
 
 from sd_onnx.runtime.manifest import Manifest, read_json
 
-from .derived import Log, derive_folder, load_unet, record, sample_feeds, save_unet, unet_output
+from .derived import Log, derive_folder, load_graph, record, sample_feeds, save_graph, unet_output
 from .errors import ExportError
 from .validate import open_session
 
@@ -100,8 +100,8 @@ TOLERANCE = 1e-5  # at ratio 0 the added nodes only permute tokens and put them 
 def add_token_merging(folder: Path, manifest: Manifest, log: Log = print) -> Manifest:
     """Grow the token-merging graph from `folder`'s UNet graph, check it and record it (in place; `folder` is a
     staging folder)."""
-    model, full_file = load_unet(folder, manifest)
-    save_unet(model, full_file)
+    model, full_file = load_graph(folder, manifest)
+    save_graph(model, full_file)
     config = read_json(full_file.parent / "config.json")
     blocks = outer_blocks(model, len(config["block_out_channels"]))
     grown = grow(model, blocks)

@@ -45,6 +45,8 @@ OPTION_NAMES = {
     "prompt_syntax": "--prompt-syntax",
     "clip_skip": "--clip-skip",
     "max_sequence_length": "--max-sequence-length",
+    "skip_guidance_layers": "--skip-layers",
+    "skip_layer_guidance_scale": "--skip-layer-scale",
     "embeddings": "--embeddings",
     "vae_tiling": "--tile-vae",
     "deepcache_interval": "--deepcache",
@@ -252,6 +254,16 @@ def main() -> None:
     metavar="N",
     help="SD3, FLUX.1, FLUX.2, Z-Image: the T5/LLM text tokens read (at most 512) [default: the model's].",
 )
+@click.option(
+    "--skip-layers",
+    default=None,
+    metavar="N,N,...",
+    help="SD3: skip-layer guidance over these transformer blocks (the ones the export skips: sd-export convert "
+    "--skip-layers), at steps 1-20%% of the schedule as diffusers.",
+)
+@click.option(
+    "--skip-layer-scale", default=None, type=float, help="SD3: the skip-layer guidance weight [default: 2.8]."
+)
 @EMBEDDINGS_OPTION
 @LORA_DIR_OPTION
 @LORA_OPTION
@@ -325,6 +337,8 @@ def prompt(
     prompt_syntax: str,
     clip_skip: int | None,
     max_sequence_length: int | None,
+    skip_layers: str | None,
+    skip_layer_scale: float | None,
     embeddings: Path | None,
     lora_dir: Path | None,
     loras: tuple[str, ...],
@@ -382,6 +396,7 @@ def prompt(
             clip_skip=None if clip_skip is None else clip_skip - 1, max_sequence_length=max_sequence_length,
             paste_back=False if no_paste_back else True if mask_image else None,
             hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
+            skip_guidance_layers=parse_layers(skip_layers), skip_layer_guidance_scale=skip_layer_scale,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -391,6 +406,17 @@ def prompt(
             click.echo(str(path))
     except USER_ERRORS as exc:
         raise user_error(exc) from None
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """--skip-layers 7,8,9 as block indices (checked against the export with the rest of the request)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        message = f"a comma-separated list of block indices, got {text!r}"
+        raise click.BadParameter(message, param_hint="--skip-layers") from None
 
 
 def parse_interval(text: str | None) -> tuple[float, float] | None:

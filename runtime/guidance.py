@@ -1,13 +1,18 @@
 """Guidance policies: classifier-free guidance (two halves of one batch, combined), limited to an interval
-of noise levels, or a model distilled with guidance as an input (LCM's embedding, FLUX-dev's scalar)."""
+of noise levels, or a model distilled with guidance as an input (LCM's embedding, FLUX-dev's scalar); SD3's
+skip-layer guidance on top of classifier-free guidance at some steps."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .families.base import Conditioning
+
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 
 @dataclass
@@ -54,3 +59,16 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     if dim % 2:
         embedding = np.pad(embedding, ((0, 0), (0, 1)))
     return embedding.astype(np.float32)
+
+
+SKIP_LAYERS = "transformer_skip"  # SD3's transformer with the skip-layer blocks skipped (exporter/skip_layers.py)
+
+
+def skip_layer_scale(request: GenerationRequest, i: int, steps: int) -> float | None:
+    """Skip-layer guidance's weight at step `i` of `steps` (None: not this step), as diffusers' SD3 pipeline
+    applies it: at steps strictly between start x steps and stop x steps."""
+    if not request.skip_guidance_layers:
+        return None
+    if steps * request.skip_layer_guidance_start < i < steps * request.skip_layer_guidance_stop:
+        return request.skip_layer_guidance_scale
+    return None

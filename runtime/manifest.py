@@ -36,7 +36,11 @@ DEEPCACHE_COMPONENTS = ("unet_shallow",)
 TOME_COMPONENTS = ("unet_tome",)
 # The UNet cut into consecutive stage graphs over its weights, for low-memory mode (`sd-export stages`).
 STAGE_COMPONENTS = ("unet_stage_0", "unet_stage_1", "unet_stage_2", "unet_stage_3")
-ALL_COMPONENTS = COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS + STAGE_COMPONENTS
+# SD3's transformer with some blocks skipped, for skip-layer guidance (`sd-export convert --skip-layers 7,8,9`).
+SKIP_LAYER_COMPONENTS = ("transformer_skip",)
+ALL_COMPONENTS = (
+    COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS + STAGE_COMPONENTS + SKIP_LAYER_COMPONENTS
+)
 
 
 class ManifestError(UntrustedFileError):
@@ -127,6 +131,8 @@ class ModelConfig:
     token_merging: bool = False
     # How many stage graphs the UNet is also cut into (`unet_stage_*`, run one at a time in low-memory mode); 0: none.
     unet_stages: int = 0
+    # The transformer blocks `transformer_skip` skips (SD3's skip-layer guidance); None: not exported.
+    skip_guidance_layers: list[int] | None = None
     # Text encoder layers a request may skip (clip_skip): what the text encoder graph's outputs allow, set by the
     # pipeline from them (0: the graph has the last layer's states only).
     clip_skip_layers: int = 0

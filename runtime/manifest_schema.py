@@ -44,6 +44,7 @@ CONFIG = Obj(
         "deepcache_branch": Opt(int),
         "token_merging": bool,
         "unet_stages": int,
+        "skip_guidance_layers": Opt([int]),
         "clip_skip_layers": int,
         "family": str,
         "max_sequence_length": Opt(int),
@@ -111,6 +112,10 @@ def check_manifest(data: Any) -> None:
         raise ManifestError("components.unet_shallow: present exactly when config.deepcache_branch is set")
     if ("unet_tome" in data["components"]) != bool(config.get("token_merging")):
         raise ManifestError("components.unet_tome: present exactly when config.token_merging is true")
+    if ("transformer_skip" in data["components"]) != (config.get("skip_guidance_layers") is not None):
+        raise ManifestError("components.transformer_skip: present exactly when config.skip_guidance_layers is set")
+    if not all(0 <= layer <= MAX_SIZE for layer in config.get("skip_guidance_layers") or ()):
+        raise ManifestError(f"config.skip_guidance_layers: block indices in 0..{MAX_SIZE}")
     stages = config.get("unet_stages", 0)
     if stages not in (0, len(STAGE_COMPONENTS)):
         raise ManifestError(f"config.unet_stages: must be 0 or {len(STAGE_COMPONENTS)}, got {stages}")

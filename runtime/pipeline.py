@@ -35,7 +35,7 @@ from .embeddings import Embedding, gather, table_override, token_table, usable
 from .families import Conditioning, Family, family_for
 from .families.clip import clip_skip_layers
 from .files import inside, regular_file
-from .guidance import Guidance
+from .guidance import SKIP_LAYERS, Guidance, skip_layer_scale
 from .hires import hires_fix
 from .hub import locate_model
 from .image import to_pil
@@ -386,6 +386,10 @@ class StableDiffusionPipeline:
         paste_back: bool | None = None,
         clip_skip: int | None = None,
         prompt_syntax: str = "plain",
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float | None = None,
+        skip_layer_guidance_start: float | None = None,
+        skip_layer_guidance_stop: float | None = None,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -405,7 +409,9 @@ class StableDiffusionPipeline:
         text encoder layers from the end (diffusers' count: A1111's "Clip skip" N is K = N - 1);
         `prompt_syntax="a1111"` reads A1111's emphasis, BREAK and long prompts (default "plain": diffusers'
         reading). `max_sequence_length` (SD3, FLUX.1, FLUX.2, Z-Image): the T5/LLM text tokens read, as diffusers
-        takes it (default: the model's, e.g. 256 for FLUX.1-schnell, 512 for dev). The hires fix: `hires.hires_fix`."""
+        takes it (default: the model's, e.g. 256 for FLUX.1-schnell, 512 for dev). `skip_guidance_layers` and the
+        `skip_layer_guidance_*` arguments: SD3's skip-layer guidance as diffusers', on an export made with
+        `sd-export convert --skip-layers` (the layers must be its). The hires fix: `hires.hires_fix`."""
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -443,6 +449,10 @@ class StableDiffusionPipeline:
             paste_back=paste_back,
             clip_skip=clip_skip,
             prompt_syntax=prompt_syntax,
+            skip_guidance_layers=skip_guidance_layers,
+            skip_layer_guidance_scale=skip_layer_guidance_scale,
+            skip_layer_guidance_start=skip_layer_guidance_start,
+            skip_layer_guidance_stop=skip_layer_guidance_stop,
         )
         try:
             request = self.prepare(request)
@@ -490,7 +500,8 @@ class StableDiffusionPipeline:
         def predict(model_input: np.ndarray, i: int, t: float) -> np.ndarray:
             denoiser_input = inpainting.unet_input(model_input) if inpainting is not None else model_input
             step_cond = guidance.conditioning_at(i, cond, unguided)
-            prediction = self.predict_noise(denoiser_input, t, step_cond, guidance, cache, request.tome_ratio)
+            skip = skip_layer_scale(request, i, len(timesteps)) if step_cond is cond and do_cfg else None
+            prediction = self.predict_noise(denoiser_input, t, step_cond, guidance, cache, request.tome_ratio, skip)
             return self.family.sampler_prediction(sched, prediction, model_input, t)
 
         after_step = None
@@ -498,7 +509,7 @@ class StableDiffusionPipeline:
             after_step = lambda x, i: inpainting.after_step(x, sched, timesteps, i)  # noqa: E731
         latents = sample(predict, sched, latents, timesteps, generator, after_step, _stop_check(callback, cancelled))
         latents = self.family.final_latents(sched, latents)
-        for name in (*UNET_GRAPHS, self.family.denoiser):
+        for name in (*UNET_GRAPHS, self.family.denoiser, SKIP_LAYERS):
             self.release(name)
         params = self.parameters(request)
         if output_type == "latent":  # for a refiner's `image`, as diffusers' output_type="latent"
@@ -594,11 +605,13 @@ class StableDiffusionPipeline:
         guidance: Guidance,
         cache: DeepCache | None = None,
         tome_ratio: float | None = None,
+        skip_scale: float | None = None,
     ) -> np.ndarray:
         """One guided denoiser call on scaled latents: with classifier-free guidance (conditioning twice the
         latents' rows) the unconditional and conditional halves run as one batch and are combined. `cache`:
         DeepCache's state for this generation, which picks the full or the shallow UNet (see deepcache.py);
-        `tome_ratio` > 0 runs the token-merging UNet at that ratio."""
+        `tome_ratio` > 0 runs the token-merging UNet at that ratio; `skip_scale` adds skip-layer guidance (SD3): that
+        weight times the conditional prediction minus the `transformer_skip` graph's on the conditional half."""
         rows = len(cond.text) // len(model_input)
         batch = np.concatenate([model_input] * rows) if rows > 1 else model_input
         name = self.family.denoiser
@@ -613,7 +626,16 @@ class StableDiffusionPipeline:
         if tome_ratio:
             feeds["tome_ratio"] = np.array(tome_ratio, np.float64)
         output = denoiser(**feeds)[0] if cache is None else cache.run(denoiser, denoiser, feeds)  # the graph it picks
-        return guidance.combine(self.family.denoiser_output(output, batch), rows)
+        prediction = self.family.denoiser_output(output, batch)
+        guided = guidance.combine(prediction, rows)
+        if skip_scale is None:
+            return guided
+        self.release(name)  # low-memory mode: one transformer graph at a time
+        skipping = self.component(SKIP_LAYERS)
+        feeds = self.family.denoiser_feeds(skipping, model_input, t, cond.conditional_half())
+        skipped = self.family.denoiser_output(skipping(**feeds)[0], model_input)
+        self.release(SKIP_LAYERS)
+        return guided + np.float32(skip_scale) * (np.split(prediction, rows)[-1] - skipped)
 
     def decode_latents(
         self, latents: np.ndarray, cancelled: Callable[[], bool] | None = None, tiled: bool = False

@@ -129,6 +129,13 @@ class GenerationRequest:
     # Token merging (ToMe for SD, Bolya & Hoffman 2023): this fraction of the outermost level's tokens merged
     # before self-attention (None or 0: off); needs a model exported with its token-merging UNet.
     tome_ratio: float | None = None
+    # SD3 skip-layer guidance (diffusers' names): with classifier-free guidance, steps i with start < i/N < stop add
+    # scale x (conditional - the prediction with these transformer blocks skipped); needs the export's
+    # `transformer_skip` graph (sd-export convert --skip-layers), whose blocks these must be.
+    skip_guidance_layers: tuple[int, ...] | None = None
+    skip_layer_guidance_scale: float | None = None
+    skip_layer_guidance_start: float | None = None
+    skip_layer_guidance_stop: float | None = None
     # Image i of the batch from its own seed, seed + i, as A1111 does (so each PNG's seed reproduces it alone);
     # False: every image from one generator seeded `seed`, as diffusers' `generator=` (the Python API's meaning).
     # Last but `resolved`: front ends pass the fields above by position.
@@ -361,6 +368,7 @@ class GenerationRequest:
                 checked[name] = _number(name, given[name])
                 if not 0.0 < checked[name] < 1.0:
                     raise RequestError(name, f"must be a fraction in (0, 1), got {checked[name]:g}")
+        checked.update(_skip_layer_guidance(given, config))
         start, end = checked.get("denoising_start"), checked.get("denoising_end")
         if start is not None and self.image is None:
             raise RequestError("denoising_start", "continues a denoising: give the latents (or an image) as image")
@@ -484,6 +492,10 @@ class GenerationRequest:
         }
         if self.strength is not None:
             params["Denoising strength"] = self.strength
+        if self.skip_guidance_layers:  # as Forge's and ComfyUI's SLG nodes name it
+            params["SLG"] = (f"layers {','.join(map(str, self.skip_guidance_layers))}, scale "
+                             f"{self.skip_layer_guidance_scale:g}, steps {self.skip_layer_guidance_start:g}-"
+                             f"{self.skip_layer_guidance_stop:g}")  # fmt: skip
         if self.mask_image is not None:
             params["Inpaint"] = "mask"
             params["Masked content"] = self.masked_content
@@ -528,7 +540,41 @@ SDXL_FIELDS = (
     "prompt_2", "negative_prompt_2", *SIZE_FIELDS, "aesthetic_score", "negative_aesthetic_score", "denoising_end",
     "denoising_start",
 )  # fmt: skip
-FAMILY_FIELDS = (*SDXL_FIELDS, "max_sequence_length")  # fields only some families take
+SKIP_LAYER_FIELDS = (
+    "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"
+)  # fmt: skip
+SKIP_LAYER_DEFAULTS = {"skip_layer_guidance_scale": 2.8, "skip_layer_guidance_start": 0.01,
+                       "skip_layer_guidance_stop": 0.2}  # fmt: skip  # diffusers' StableDiffusion3Pipeline
+FAMILY_FIELDS = (*SDXL_FIELDS, "max_sequence_length", *SKIP_LAYER_FIELDS)  # fields only some families take
+
+
+def _skip_layer_guidance(given: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The skip-layer guidance fields, checked: the layers must be the ones the export's graph skips, the scale a
+    guidance weight, start < stop fractions of the steps; the others default to diffusers' values."""
+    if not any(name in given for name in SKIP_LAYER_FIELDS):
+        return {}
+    if "skip_guidance_layers" not in given:
+        name = next(name for name in SKIP_LAYER_FIELDS if name in given)
+        raise RequestError(name, "applies with skip_guidance_layers (the blocks skip-layer guidance skips)")
+    layers = given["skip_guidance_layers"]
+    exported = config.skip_guidance_layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
+        raise RequestError("skip_guidance_layers", f"must be a list of block indices, got {echo(layers)}")
+    layers = tuple(sorted({_integer("skip_guidance_layers", layer) for layer in layers}))
+    if exported is None:
+        raise RequestError("skip_guidance_layers", "this export has no skip-layer graph (sd-export convert "
+                           "--skip-layers, e.g. 7,8,9 for SD3.5 Medium)")  # fmt: skip
+    if list(layers) != list(exported):
+        raise RequestError("skip_guidance_layers", f"this export skips blocks {exported}, got {list(layers)}")
+    checked: dict[str, Any] = {"skip_guidance_layers": layers}
+    for name, default in SKIP_LAYER_DEFAULTS.items():
+        checked[name] = _number(name, given.get(name, default))
+    _in_range("skip_layer_guidance_scale", checked["skip_layer_guidance_scale"], 0.0, MAX_GUIDANCE)
+    for name in ("skip_layer_guidance_start", "skip_layer_guidance_stop"):
+        _in_range(name, checked[name], 0.0, 1.0)
+    if checked["skip_layer_guidance_start"] >= checked["skip_layer_guidance_stop"]:
+        raise RequestError("skip_layer_guidance_start", "must be below skip_layer_guidance_stop")
+    return checked
 
 
 def _pair(name: str, value: Any, low: int) -> tuple[int, int]:

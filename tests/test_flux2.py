@@ -227,7 +227,7 @@ def test_taef2_decodes_the_samplers_latents(tiny_flux2_klein_pipeline: Path, flu
 
 def test_a1111_img2img_edits_from_its_init_image(flux2) -> None:
     """An A1111 img2img call on FLUX.2 [klein]: the init image is the reference (the image equals the API's), the
-    `denoising_strength` every client sends is listed as ignored, and a mask is a 422 naming the field the client sent."""
+    `denoising_strength` every client sends is listed as ignored, and a mask is a 422 naming the client's field."""
     import base64
     import io
     import time

@@ -404,3 +404,45 @@ def test_textual_inversion_files_are_skipped_with_a_reason_on_transformer_famili
     pipe = DiffusionPipeline.from_pretrained(tiny_flux_export, provider="cpu", embeddings=tmp_path)
     assert pipe.embeddings == []
     assert pipe.skipped_embeddings == {"myword": "textual-inversion embeddings apply to SD 1.x/2.x and SDXL, not FLUX"}
+
+
+def test_sd3_skip_layer_guidance_matches_diffusers(tiny_sd3_pipeline: Path, sd3, tmp_path: Path) -> None:
+    """`sd-export convert --skip-layers` derives the transformer with those blocks skipped (sharing its weights,
+    checked against PyTorch's skip_layers forward); skip_guidance_layers then guides as diffusers does, and
+    changes the image. Layers the export did not skip, or an export without the graph, are refused by name."""
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.exporter.errors import ExportError
+    from sd_onnx.runtime import Manifest
+
+    out = tmp_path / "slg"
+    convert(str(tiny_sd3_pipeline), out, skip_layers=(1,), log=lambda line: None)
+    manifest = Manifest.load(out)
+    manifest.verify(out)
+    skip = manifest.components["transformer_skip"]
+    assert manifest.config.skip_guidance_layers == [1] and skip.validation["max_abs_diff"] <= 1e-4
+    assert sorted(skip.files) == ["transformer/model.onnx_data", "transformer/skip_layers.onnx"]  # shared weights
+    ours = DiffusionPipeline.from_pretrained(out, provider="cpu")
+    settings = {"num_inference_steps": 10, "guidance_scale": 4.0, "height": 64, "width": 64}
+    slg = {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.5}
+    got = ours(PROMPT, seed=1, output_type="np", **settings, **slg).images
+    assert mean_abs(got, diffusers_images(sd3[1], 1, prompt=PROMPT, **settings, **slg)) <= TOLERANCE
+    assert mean_abs(got, ours(PROMPT, seed=1, output_type="np", **settings).images) > 1e-3
+    with pytest.raises(RequestError, match=r"^skip_guidance_layers: this export skips blocks \[1\], got \[0\]"):
+        ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(0,)))
+    with pytest.raises(RequestError, match="^skip_layer_guidance_start: must be below skip_layer_guidance_stop"):
+        ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,), skip_layer_guidance_start=0.5))
+    with pytest.raises(RequestError, match="^skip_guidance_layers: this export has no skip-layer graph"):
+        sd3[0].prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,)))
+    with pytest.raises(ExportError, match=r"--skip-layers: the transformer has blocks 0\.\.1, got \[2\]"):
+        convert(str(tiny_sd3_pipeline), tmp_path / "bad", skip_layers=(2,), log=lambda line: None)
+
+
+def test_skip_layers_are_sd3_only(flux, tiny_flux_pipeline: Path, tmp_path: Path) -> None:
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.exporter.errors import ExportError
+
+    with pytest.raises(RequestError, match="^skip_guidance_layers: applies to SD3 models only"):
+        flux[0].prepare(GenerationRequest(PROMPT, skip_guidance_layers=(0,)))
+    with pytest.raises(ExportError, match="--skip-layers: skip-layer guidance is SD3's; this model is flux"):
+        convert(str(tiny_flux_pipeline), tmp_path / "bad", skip_layers=(0,), log=lambda line: None)
+    assert not (tmp_path / "bad").exists()

@@ -14,7 +14,7 @@ import numpy as np
 from ..echo import echo
 from ..files import inside
 from ..manifest import ManifestError, read_json
-from ..request import GenerationRequest, RequestError
+from ..request import SKIP_LAYER_FIELDS, GenerationRequest, RequestError
 from ..sequence_tokenizer import sequence_tokenizer_for
 from .base import Conditioning, FlowMatching, texts_or
 from .clip import penultimate, plain_texts, run_encoder
@@ -24,7 +24,7 @@ class StableDiffusion3(FlowMatching):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     label = "SD3"
-    request_fields = frozenset({"prompt_2", "negative_prompt_2", "max_sequence_length"})
+    request_fields = frozenset({"prompt_2", "negative_prompt_2", "max_sequence_length", *SKIP_LAYER_FIELDS})
     tokenizer_folders = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
     def check_request(self, request: GenerationRequest) -> None:
