@@ -43,6 +43,11 @@ FIELDS = (
     "tome_ratio",
     "prompt_syntax",
     "clip_skip",
+    "max_sequence_length",
+    "skip_guidance_layers",
+    "skip_layer_guidance_scale",
+    "skip_layer_guidance_start",
+    "skip_layer_guidance_stop",
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A line holds two prompts of at most 10,000 characters and a few settings; with 50,000 lines (14 hours at an

@@ -433,6 +433,15 @@ def test_sd3_skip_layer_guidance_matches_diffusers(tiny_sd3_pipeline: Path, sd3,
         ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,), skip_layer_guidance_start=0.5))
     with pytest.raises(RequestError, match="^skip_guidance_layers: this export has no skip-layer graph"):
         sd3[0].prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,)))
+    lines = tmp_path / "prompts.jsonl"  # sd-run batch lines take the same fields
+    lines.write_text('{"prompt": "a", "steps": 10, "guidance_scale": 4, "seed": 1, "skip_guidance_layers": [1]}\n')
+    from click.testing import CliRunner
+
+    from sd_onnx.runtime.cli import main
+
+    result = CliRunner().invoke(main, ["batch", str(lines), str(tmp_path / "images"), "-m", str(out)])
+    assert result.exit_code == 0, result.output
+    assert 'SLG: "layers 1, scale 2.8' in Image.open(tmp_path / "images" / "line-1.png").text["parameters"]
     with pytest.raises(ExportError, match=r"--skip-layers: the transformer has blocks 0\.\.1, got \[2\]"):
         convert(str(tiny_sd3_pipeline), tmp_path / "bad", skip_layers=(2,), log=lambda line: None)
 
