@@ -151,9 +151,9 @@ def measure(args: argparse.Namespace, phases: dict[str, Any], save: Callable[[di
     run = [python, "-m", "sd_onnx.benchmarks.transformer_pipeline_fullsize", args.model, "--phase-run",
            str(onnx), "--steps", str(steps), *(["--low-memory"] if args.low_memory else [])]  # fmt: skip
     phases[key] = {"steps": steps, **child(run)}
-    save(phases)
     if "error" not in phases[key] and steps < card["steps"]:
         phases[key]["card_estimate"] = card_estimate(phases[key], card["steps"])
+    save(phases)
     return phases
 
 
