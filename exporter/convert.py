@@ -173,9 +173,11 @@ def convert(
             size_mb = sum((staging / f).stat().st_size for f in infos[component].files) / 1e6
             max_diff = infos[component].validation["max_abs_diff"]
             elapsed = time.perf_counter() - started
+            blocks = infos[component].validation.get("blocks")
+            by_blocks = f", block by block ({blocks['count']} blocks)" if blocks else ""
             log(
                 f"[{i}/{len(components)}] {component}: {size_mb:.1f} MB, "
-                f"max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s"
+                f"max |onnx - torch| {max_diff:.2e}, {elapsed:.1f} s{by_blocks}"
             )
         manifest = _package(src, staging, infos, name, vocabulary, lora_records)
         for scratch in ("_single_file_pipeline", "_lora_fused"):

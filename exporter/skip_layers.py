@@ -35,7 +35,9 @@ def parse_layers(text: str) -> tuple[int, ...]:
         layers = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
     except ValueError:
         raise ExportError(f"--skip-layers: a comma-separated list of block indices, got {text!r}") from None
-    if not layers or min(layers) < 0:
+    if not layers:
+        raise ExportError(f"--skip-layers: a comma-separated list of block indices, got {text!r}")
+    if min(layers) < 0:
         raise ExportError(f"--skip-layers: block indices >= 0, got {text!r}")
     return layers
 

@@ -413,7 +413,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+        if not layers:
+            raise ValueError(text)
+        return layers
     except ValueError:
         message = f"a comma-separated list of block indices, got {text!r}"
         raise click.BadParameter(message, param_hint="--skip-layers") from None

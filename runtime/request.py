@@ -312,7 +312,8 @@ class GenerationRequest:
         multiple = config.size_multiple
         implied = _array_image_size(self.image, config)  # an init image given as an array fixes the size
         defaults = (config.default_resolution,) * 2 if implied is None else implied
-        if self.image is not None and family_for(config).reference_images:  # the reference's size, by default
+        reference = self.image is not None and family_for(config).reference_images
+        if reference:  # the reference's size, by default
             implied, defaults = None, family_for(config).reference_size(self.image, config)
         sides = []
         for i, name in enumerate(("width", "height")):
@@ -328,6 +329,13 @@ class GenerationRequest:
                 raise RequestError(name, f"is {echo(value)} but the image array makes it {implied[i]}")
             sides.append(value)
         width, height = sides
+        own_size = reference and self.width is None and self.height is None  # the size a reference set
+        if own_size and width * height > limits.pixels(config):
+            raise RequestError(
+                "image",
+                f"the reference makes the output {width}x{height}, over the limit max_pixels="
+                f"{limits.pixels(config)}; give a smaller width and height",
+            )
         if width * height > limits.pixels(config):
             native = config.default_resolution
             raise RequestError(

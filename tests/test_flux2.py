@@ -19,6 +19,7 @@ from PIL import Image
 from sd_onnx.runtime import DiffusionPipeline, GenerationRequest, RequestError
 from sd_onnx.runtime.configs import read_model_config
 from sd_onnx.runtime.manifest import Manifest
+from sd_onnx.runtime.request import Limits
 
 from .test_transformer_families import TOLERANCE, diffusers_images, mean_abs
 
@@ -156,6 +157,8 @@ def test_loads_as_its_family_and_reads_image_as_a_reference(flux2) -> None:
             ours.prepare(GenerationRequest(PROMPT, image=reference, **{field: value}))
     with pytest.raises(RequestError, match="^image: 40x64: a reference needs sides of 64"):
         ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (40, 64))))
+    with pytest.raises(RequestError, match="^image: the reference makes the output 600x600, over the limit"):
+        ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (600, 600))), Limits())
     with pytest.raises(RequestError, match="^image: a FLUX.2 \\[klein\\] reference must be a PIL image"):
         ours.prepare(GenerationRequest(PROMPT, image=np.zeros((1, 3, 64, 64), np.float32)))
 

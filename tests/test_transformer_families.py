@@ -429,6 +429,10 @@ def test_sd3_skip_layer_guidance_matches_diffusers(tiny_sd3_pipeline: Path, sd3,
     assert mean_abs(got, ours(PROMPT, seed=1, output_type="np", **settings).images) > 1e-3
     with pytest.raises(RequestError, match=r"^skip_guidance_layers: this export skips blocks \[1\], got \[0\]"):
         ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(0,)))
+    with pytest.raises(RequestError, match=r"^skip_guidance_layers: applies with classifier-free guidance"):
+        ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,), guidance_scale=1.0))
+    with pytest.raises(RequestError, match="^skip_layer_guidance_start: no step of 2 lies between 0.01 and 0.2"):
+        ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,), guidance_scale=4.0, steps=2))
     with pytest.raises(RequestError, match="^skip_layer_guidance_start: must be below skip_layer_guidance_stop"):
         ours.prepare(GenerationRequest(PROMPT, skip_guidance_layers=(1,), skip_layer_guidance_start=0.5))
     with pytest.raises(RequestError, match="^skip_guidance_layers: this export has no skip-layer graph"):

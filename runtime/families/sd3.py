@@ -13,6 +13,7 @@ import numpy as np
 
 from ..echo import echo
 from ..files import inside
+from ..guidance import skip_layer_scale
 from ..manifest import ManifestError, read_json
 from ..request import SKIP_LAYER_FIELDS, GenerationRequest, RequestError
 from ..sequence_tokenizer import sequence_tokenizer_for
@@ -34,6 +35,15 @@ class StableDiffusion3(FlowMatching):
         for field, value in (("width", request.width), ("height", request.height)):
             if side is not None and value > side:
                 raise RequestError(field, f"{value} is larger than this model's {side} px (its position embedding)")
+        if request.skip_guidance_layers:  # refused where it would not run, as the PNG would claim it did
+            if not self.uses_cfg(request.guidance_scale):
+                raise RequestError("skip_guidance_layers", "applies with classifier-free guidance (guidance_scale > 1)")
+            if not any(skip_layer_scale(request, i, request.steps) for i in range(request.steps)):
+                raise RequestError(
+                    "skip_layer_guidance_start",
+                    f"no step of {request.steps} lies between {request.skip_layer_guidance_start:g} and "
+                    f"{request.skip_layer_guidance_stop:g} of the schedule: raise steps or widen the window",
+                )
 
     @cached_property
     def max_side(self) -> int | None:
