@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from torch.nn.utils.parametrize import type_before_parametrizations
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .components import ComponentSpec, Inputs
 from .errors import ExportError
 from .lean import widen_graph
-from .trace import ALIGNMENT, EXTERNAL_DATA_SUFFIX, pack_graph, point_to, trace_component
+from .trace import EXTERNAL_DATA_SUFFIX, append_external, pack_graph, trace_component
 from .validate import open_session
 
 BLOCK_DOMAIN = "sd_onnx.block"
@@ -300,15 +300,7 @@ def _scope(module_path: str) -> str:
 
 
 def _move(tensor: onnx.TensorProto, folder: Path, data: Any, location: str) -> onnx.TensorProto:
-    """`tensor`, its bytes appended (page-aligned) to `data` if they lie in a file in `folder`."""
-    if not uses_external_data(tensor):
-        return tensor
-    info = ExternalDataInfo(tensor)
-    with open(folder / info.location, "rb") as source:
-        source.seek(info.offset or 0)
-        payload = source.read(info.length) if info.length else source.read()
-    data.write(b"\0" * (-data.tell() % ALIGNMENT))
-    offset = data.tell()
-    data.write(payload)
-    point_to(tensor, location, offset, len(payload))
+    """`tensor`, its bytes appended to `data` if they lie in a file in `folder`."""
+    if uses_external_data(tensor):
+        append_external(tensor, folder, data, location)
     return tensor

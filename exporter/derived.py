@@ -73,13 +73,13 @@ def record(
     folder: Path, manifest: Manifest, name: str, graph: onnx.ModelProto, validation: dict[str, Any], base: str = "unet"
 ) -> None:
     """Save derived graph `name` beside its `base` graph and write both entries into the manifest."""
-    unet = manifest.components[base]
-    full_file = folder / unet.file
+    base_info = manifest.components[base]
+    full_file = folder / base_info.file
     derived_file = full_file.parent / DERIVED_FILES[name]
     onnx.save_model(graph, str(derived_file))
     others = ("config.json", *DERIVED_FILES.values())
-    unet.files = _hashes(folder, [p for p in full_file.parent.iterdir() if p.is_file() and p.name not in others])
-    unet.inputs, unet.outputs = signature(open_session(full_file))
+    base_info.files = _hashes(folder, [p for p in full_file.parent.iterdir() if p.is_file() and p.name not in others])
+    base_info.inputs, base_info.outputs = signature(open_session(full_file))
     inputs, outputs = signature(open_session(derived_file))
     data = full_file.with_name(full_file.name + EXTERNAL_DATA_SUFFIX)
     manifest.components[name] = ComponentInfo(
@@ -87,11 +87,11 @@ def record(
         files=_hashes(folder, [derived_file, data]),
         inputs=inputs,
         outputs=outputs,
-        precision=unet.precision,
-        opset=unet.opset,
+        precision=base_info.precision,
+        opset=base_info.opset,
         validation=validation,
-        quantization=unet.quantization,
-        optimizations=unet.optimizations,
+        quantization=base_info.quantization,
+        optimizations=base_info.optimizations,
     )
     for other in DERIVED_FILES:  # the UNet's data file changed under graphs derived before (and still there)
         if other != name and other in manifest.components and (folder / manifest.components[other].file).is_file():

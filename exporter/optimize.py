@@ -77,13 +77,22 @@ def _perm(node: onnx.NodeProto | None, perm: list[int]) -> bool:
     return node is not None and list(helper.get_attribute_value(node.attribute[0])) == perm
 
 
-def _match(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
-    """The nodes of one decomposed attention around `softmax`, and its MultiHeadAttention replacement."""
+def _scaled_scores(g: _Graph, softmax: onnx.NodeProto) -> tuple[onnx.NodeProto, ...] | None:
+    """Around `softmax`: the scores MatMul, the MatMul mixing the values by it, and the scale Muls on the query
+    and key sides (None where a side has none); None when `softmax` is not between two MatMuls."""
     scores = g.parent(softmax, 0, "MatMul")
     mixed = g.only_child(softmax, "MatMul")
     if scores is None or mixed is None or mixed.input[0] != softmax.output[0]:
         return None
-    mul_q, mul_k = g.parent(scores, 0, "Mul"), g.parent(scores, 1, "Mul")
+    return scores, mixed, g.parent(scores, 0, "Mul"), g.parent(scores, 1, "Mul")
+
+
+def _match(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """The nodes of one decomposed attention around `softmax`, and its MultiHeadAttention replacement."""
+    around = _scaled_scores(g, softmax)
+    if around is None:
+        return None
+    scores, mixed, mul_q, mul_k = around
     t_q = mul_q and g.parent(mul_q, 0, "Transpose")
     t_k = mul_k and g.parent(mul_k, 0, "Transpose")
     t_v = g.parent(mixed, 1, "Transpose")
@@ -119,11 +128,10 @@ def _match_heads_first(
 
     becomes MultiHeadAttention with one head over batch x heads: q, k, v reshaped to [B x heads, S, d], the output
     reshaped to q's shape. The scores, Softmax and scale arithmetic are removed."""
-    scores = g.parent(softmax, 0, "MatMul")
-    mixed = g.only_child(softmax, "MatMul")
-    if scores is None or mixed is None or mixed.input[0] != softmax.output[0]:
+    around = _scaled_scores(g, softmax)
+    if around is None:
         return None
-    mul_q, mul_k = g.parent(scores, 0, "Mul"), g.parent(scores, 1, "Mul")
+    scores, mixed, mul_q, mul_k = around
     t_k = mul_k and g.parent(mul_k, 0, "Transpose")
     if mul_q is None or t_k is None:
         return None

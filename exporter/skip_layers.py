@@ -22,6 +22,7 @@ from sd_onnx.runtime.manifest import Manifest, read_json
 
 from .derived import load_graph, record, save_graph
 from .errors import ExportError
+from .quantize_weights_folder import held_out_feeds
 from .validate import open_session
 
 SKIP = "transformer_skip"
@@ -93,13 +94,7 @@ def torch_reference(source: Path, layers: tuple[int, ...], dtype: str) -> Callab
 def _feeds(manifest: Manifest) -> dict[str, np.ndarray]:
     """Sample inputs at the shapes the transformer was validated at (image and text token counts differ)."""
     info = manifest.components["transformer"]
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in info.inputs:
-        shape = info.validation["input_shapes"][spec.name]
-        value = rng.uniform(1, 999, shape) if spec.name == "timestep" else rng.standard_normal(shape)
-        feeds[spec.name] = value.astype(spec.dtype)
-    return feeds
+    return held_out_feeds(info.inputs, info.validation["input_shapes"], manifest.config, vocab_size=1, samples=1)[0]
 
 
 def _boundary(graph: onnx.GraphProto, layer: int) -> tuple[list[str], list[str], set[int]]:

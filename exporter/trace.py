@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import onnx
 import torch
@@ -108,16 +108,22 @@ def pack_graph(traced: Path, out_file: Path) -> None:
         data_name = out_file.name + EXTERNAL_DATA_SUFFIX
         with open(out_file.parent / data_name, "wb") as data:
             for tensor in _external_tensors(model):
-                info = ExternalDataInfo(tensor)
-                with open(scratch / info.location, "rb") as src:
-                    src.seek(info.offset or 0)
-                    payload = src.read(info.length) if info.length else src.read()
-                data.write(b"\0" * (-data.tell() % ALIGNMENT))
-                offset = data.tell()
-                data.write(payload)
-                point_to(tensor, data_name, offset, len(payload))
+                append_external(tensor, scratch, data, data_name)
         onnx.save_model(model, str(out_file))
     shutil.rmtree(scratch)
+
+
+def append_external(tensor: onnx.TensorProto, folder: Path, data: BinaryIO, location: str) -> None:
+    """Move an external tensor's bytes (in a file in `folder`) to the end of `data`, page-aligned, and point the
+    tensor at them in `location`."""
+    info = ExternalDataInfo(tensor)
+    with open(folder / info.location, "rb") as source:
+        source.seek(info.offset or 0)
+        payload = source.read(info.length) if info.length else source.read()
+    data.write(b"\0" * (-data.tell() % ALIGNMENT))
+    offset = data.tell()
+    data.write(payload)
+    point_to(tensor, location, offset, len(payload))
 
 
 def fix_static_dims(model_file: Path, spec: ComponentSpec, shapes: list[tuple[int, ...]]) -> None:
