@@ -127,6 +127,14 @@ def disk_error(exc: OSError, output: Path) -> click.ClickException:
     help="SD3: also export the transformer with these blocks skipped, for skip-layer guidance (SD3.5 Medium's "
     "card: 7,8,9); it shares the transformer's weights.",
 )
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    metavar="SOURCE[:NAME]",
+    help="Also export this ControlNet (diffusers folder, hub id or .safetensors; repeatable) and the UNet that "
+    "takes its residuals; NAME defaults to SOURCE's last part.",
+)
 def convert(
     source: str,
     output: Path,
@@ -150,12 +158,15 @@ def convert(
     trace_dtype: str,
     blockwise: bool | None,
     skip_layers: str | None,
+    controlnets: tuple[str, ...],
 ) -> None:
     """Export SOURCE (diffusers folder, hub id, or .safetensors/.ckpt file) to the ONNX folder OUTPUT."""
+    from .controlnet import ControlNetSource
     from .lora import parse_lora
 
     try:
         parsed_loras = [parse_lora(text) for text in loras]  # checked before the heavy imports
+        parsed_controlnets = [ControlNetSource.parse(text) for text in controlnets]
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     from .convert import convert as run_convert
@@ -186,6 +197,7 @@ def convert(
             trace_dtype=trace_dtype,
             blockwise=blockwise,
             skip_layers=parse_layers(skip_layers) if skip_layers is not None else None,
+            controlnets=parsed_controlnets,
             log=lambda line: click.echo(line, err=True),
         )
     except ExportError as exc:
@@ -318,6 +330,22 @@ def upscaler(
 
     derive(lambda: export_upscaler(file, output, int8=int8, tile=tile, name=name, opset=opset, atol=atol,
                                    overwrite=overwrite, log=echo), output)  # fmt: skip
+
+
+@main.command()
+@click.argument("controlnet", metavar="SOURCE[:NAME]")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
+@click.option("--atol", default=1e-3, show_default=True, help="Max abs difference allowed between ONNX and PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (OUTPUT may be MODEL itself).")
+def controlnet(controlnet: str, model: Path, output: Path, opset: int, atol: float, overwrite: bool) -> None:
+    """Copy the export MODEL to OUTPUT with the ControlNet SOURCE (diffusers folder, hub id or .safetensors) added,
+    validated against PyTorch, and the UNet that takes its residuals (any precision; weights stored once)."""
+    from .controlnet import ControlNetSource, controlnet_folder
+
+    derive(lambda: controlnet_folder(ControlNetSource.parse(controlnet), model, output, opset, atol,
+                                     overwrite=overwrite, log=echo), output)  # fmt: skip
 
 
 def echo(line: str) -> None:

@@ -30,6 +30,7 @@ from sd_onnx.runtime.manifest import (
 from .atomic import publish, staging_folder
 from .blockwise import trace_by_blocks
 from .components import ComponentSpec, Inputs, component_spec
+from .controlnet import ControlNetSource, export_controlnets, torch_unet_reference
 from .deepcache import add_deepcache, check_branch
 from .errors import ExportError
 from .half import convert_to_fp16, fp16_atol
@@ -78,6 +79,7 @@ def convert(
     trace_dtype: str = "fp32",
     blockwise: bool | None = None,
     skip_layers: tuple[int, ...] | None = None,
+    controlnets: list[ControlNetSource] | None = None,
     log: Log = print,
 ) -> Manifest:
     """Export `source` to an ONNX model folder at `output` and return its manifest.
@@ -100,7 +102,8 @@ def convert(
     that dtype, half the memory of fp32, for full-size models; the graphs are fp32 all the same (see lean.py).
     `blockwise` traces a transformer one block at a time (see blockwise.py); None: when `trace_dtype` is narrow.
     `skip_layers` (SD3) adds the transformer graph with those blocks skipped, for skip-layer guidance (see
-    skip_layers.py), checked against PyTorch's skip_layers forward."""
+    skip_layers.py), checked against PyTorch's skip_layers forward. `controlnets` are exported beside the UNet
+    (UNet models), with the UNet graph that takes their residuals (see controlnet.py)."""
     _quiet_libraries()
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
@@ -143,6 +146,9 @@ def convert(
             raise ExportError(f"{given}: for UNet models; {src.name} is {src.config.family} (a transformer)")
         if skip_layers:
             check_layers(src.config.family, src.folder, skip_layers)
+        if controlnets and (weight_only or precision == "fp16"):
+            raise ExportError(f"--controlnet: for UNet models in fp32 or int8; {src.name} is {src.config.family}, "
+                              f"{precision}")  # fmt: skip
         if blockwise and not weight_only:
             raise ExportError(f"--blockwise: for transformer models (SD3, FLUX, SANA, Z-Image); {src.name} has a UNet")
         if blockwise is None:  # full-size transformers: traced narrow, and one block at a time
@@ -182,6 +188,9 @@ def convert(
         manifest = _package(src, staging, infos, name, vocabulary, lora_records)
         for scratch in ("_single_file_pipeline", "_lora_fused"):
             shutil.rmtree(staging / scratch, ignore_errors=True)
+        if controlnets:  # before int8: checked against PyTorch's UNet on the fp32 graph, derived again after
+            reference = torch_unet_reference(src.folder, src.config.sdxl)
+            manifest = export_controlnets(controlnets, staging, manifest, opset, atol, reference, log)
         # Before int8, which derives both again from the int8 UNet.
         if deepcache_branch is not None:
             manifest = add_deepcache(staging, manifest, deepcache_branch, log)

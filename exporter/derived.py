@@ -32,6 +32,7 @@ DERIVED_FILES = {
     "unet_shallow": "shallow.onnx",
     "transformer_skip": "skip_layers.onnx",
     "unet_tome": "tome.onnx",
+    "unet_control": "control.onnx",
     **{name: f"{name.removeprefix('unet_')}.onnx" for name in STAGE_COMPONENTS},
 }
 Log = Callable[[str], None]

@@ -13,6 +13,7 @@ from sd_onnx.runtime.manifest import TRANSFORMER_FAMILIES, Manifest
 
 from .atomic import publish, staging_folder
 from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
+from .controlnet import add_control_unet
 from .deepcache import add_deepcache
 from .errors import ExportError
 from .quantize import RECIPES, component_info, cpu_has_vnni, fidelity, quantize_graph
@@ -77,6 +78,9 @@ def quantize_in_place(
         if manifest.config.token_merging:
             manifest = add_token_merging(folder, manifest, log)
         manifest = refresh_stages(folder, manifest, log)
+        if manifest.config.controlnets:
+            first, entry = next(iter(manifest.config.controlnets.items()))
+            manifest = add_control_unet(folder, manifest, entry["residuals"], first, 0.0, None, log)
     return manifest
 
 

@@ -458,6 +458,28 @@ def build_tiny_autoencoder(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_controlnet(pipeline: Path, out: Path, seed: int = 0, conditioning_channels: int = 3) -> Path:
+    """A ControlNet for the UNet of the diffusers folder `pipeline` (diffusers' ControlNetModel.from_unet: its
+    sizes), every weight seeded random, the zero convolutions too: a trained ControlNet's residuals are not zero,
+    and parity tests must see them."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet")
+    vae_levels = len(json.loads((pipeline / "vae" / "config.json").read_text())["block_out_channels"])
+    embedding = (16, 32, 96, 256)[:vae_levels]  # one stride-2 step per VAE level but the first: pixels -> latents
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_channels=conditioning_channels, conditioning_embedding_out_channels=embedding
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():  # the zero convolutions' outputs made to count
+            std = 0.5 if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")) else 0.05
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    controlnet.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m sd_onnx.models.build RECIPE OUT [SEED]` (RECIPE: one of RECIPES)."""
     args = sys.argv[1:] if argv is None else argv

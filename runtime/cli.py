@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .annotators import MODULES as ANNOTATORS
 from .hires import HiresFix
 from .hires_upscalers import upscaler_names
 from .lora import check_loras, parse_lora_option, read_loras
@@ -57,6 +58,8 @@ OPTION_NAMES = {
     "mask_blur": "--mask-blur",
     "padding_mask_crop": "--padding-mask-crop",
     "paste_back": "--no-paste-back",
+    "controls": "--control",
+    "guess_mode": "--guess-mode",
     "hires": "--hires-scale",
     "hires_scale": "--hires-scale",
     "hires_upscaler": "--hires-upscaler",
@@ -215,7 +218,12 @@ def main() -> None:
 @click.option("--width", default=None, type=int, help="[default: the model's resolution]")
 @click.option("--height", default=None, type=int, help="[default: the model's resolution]")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images for this prompt.")
-@click.option("--image", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Init image (img2img).")
+@click.option(
+    "--image",
+    type=click.Path(path_type=Path, dir_okay=False),
+    multiple=True,
+    help="Init image (img2img); on FLUX.2 [klein] a reference to edit from, repeatable for several.",
+)
 @click.option(
     "--mask",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -237,6 +245,24 @@ def main() -> None:
     metavar="PIXELS",
     help="Inpaint only a box around the mask (with this much context) at full size, pasted back (only masked).",
 )
+@click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    metavar="IMAGE[:NAME[:WEIGHT]]",
+    help="ControlNet: a control image for the model's ControlNet NAME (default: its only one) at WEIGHT "
+    "(default 1); repeatable for several.",
+)
+@click.option(
+    "--control-preprocess",
+    default="none",
+    show_default=True,
+    type=click.Choice(list(ANNOTATORS)),
+    help="Make each control image from the picture first (A1111's module names; canny: OpenCV's, torch-free).",
+)
+@click.option("--control-start", default=0.0, show_default=True, type=float, help="ControlNet: first step fraction.")
+@click.option("--control-end", default=1.0, show_default=True, type=float, help="ControlNet: last step fraction.")
+@click.option("--guess-mode", is_flag=True, help="ControlNet: on the conditional half only, residuals ramped.")
 @click.option(
     "--no-paste-back",
     is_flag=True,
@@ -327,12 +353,17 @@ def prompt(
     width: int | None,
     height: int | None,
     batch: int,
-    image: Path | None,
+    image: tuple[Path, ...],
     mask: Path | None,
     masked_content: str,
     mask_blur: int,
     padding_mask_crop: int | None,
     no_paste_back: bool,
+    controls: tuple[str, ...],
+    control_preprocess: str,
+    control_start: float,
+    control_end: float,
+    guess_mode: bool,
     strength: float | None,
     prompt_syntax: str,
     clip_skip: int | None,
@@ -387,7 +418,8 @@ def prompt(
         )
         if preview is not None and not pipe.has_tiny_vae:
             raise click.BadParameter("this model has no tiny autoencoder to preview with", param_hint="--preview")
-        init = read_init_image(image, limits.input_pixels(pipe.config)) if image else None
+        inits = [read_init_image(path, limits.input_pixels(pipe.config)) for path in image]
+        init = inits[0] if len(inits) == 1 else inits or None
         mask_image = read_init_image(mask, limits.input_pixels(pipe.config), "--mask") if mask else None
         request = GenerationRequest(
             text, negative, steps, guidance, width, height, seed, batch, scheduler, eta, init, strength, mask_image,
@@ -397,6 +429,9 @@ def prompt(
             paste_back=False if no_paste_back else True if mask_image else None,
             hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
             skip_guidance_layers=parse_layers(skip_layers), skip_layer_guidance_scale=skip_layer_scale,
+            controls=read_controls(controls, control_preprocess, control_start, control_end,
+                                   limits.input_pixels(pipe.config)),
+            guess_mode=guess_mode,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
         with click.progressbar(length=request.steps, label="denoising", file=sys.stderr) as bar:
@@ -406,6 +441,26 @@ def prompt(
             click.echo(str(path))
     except USER_ERRORS as exc:
         raise user_error(exc) from None
+
+
+def read_controls(texts: tuple[str, ...], module: str, start: float, end: float, max_pixels: int) -> tuple:
+    """--control IMAGE[:NAME[:WEIGHT]] options as ControlNet units, each image read (and preprocessed)."""
+    from .annotators import annotate
+    from .controlnet import ControlUnit
+
+    units = []
+    for text in texts:
+        path, name, weight = text, None, 1.0
+        if not Path(text).is_file():
+            parts = text.rsplit(":", 2)
+            try:
+                weight = float(parts[2]) if len(parts) == 3 else 1.0
+            except ValueError:
+                parts = text.rsplit(":", 1)
+            path, name = parts[0], (parts[1] if len(parts) > 1 else "") or None
+        image = read_init_image(Path(path), max_pixels, "--control")
+        units.append(ControlUnit(annotate(image, module), name, weight, start, end))
+    return tuple(units)
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:

@@ -38,9 +38,23 @@ TOME_COMPONENTS = ("unet_tome",)
 STAGE_COMPONENTS = ("unet_stage_0", "unet_stage_1", "unet_stage_2", "unet_stage_3")
 # SD3's transformer with some blocks skipped, for skip-layer guidance (`sd-export convert --skip-layers 7,8,9`).
 SKIP_LAYER_COMPONENTS = ("transformer_skip",)
+# The UNet that adds ControlNet residuals to its skip connections (`sd-export convert --controlnet`); each
+# ControlNet is the component controlnet_<name> (see `controlnet_component`).
+CONTROL_UNET = "unet_control"
 ALL_COMPONENTS = (
-    COMPONENTS + TINY_VAE_COMPONENTS + DEEPCACHE_COMPONENTS + TOME_COMPONENTS + STAGE_COMPONENTS + SKIP_LAYER_COMPONENTS
+    COMPONENTS
+    + TINY_VAE_COMPONENTS
+    + DEEPCACHE_COMPONENTS
+    + TOME_COMPONENTS
+    + STAGE_COMPONENTS
+    + SKIP_LAYER_COMPONENTS
+    + (CONTROL_UNET,)
 )
+
+
+def controlnet_component(name: str) -> str:
+    """The component name of the ControlNet a model folder lists as `name` (config.controlnets)."""
+    return f"controlnet_{name}"
 
 
 class ManifestError(UntrustedFileError):
@@ -133,6 +147,9 @@ class ModelConfig:
     unet_stages: int = 0
     # The transformer blocks `transformer_skip` skips (SD3's skip-layer guidance); None: not exported.
     skip_guidance_layers: list[int] | None = None
+    # The ControlNets exported with the model, by name: {"residuals": N, "conditioning": "canny" or None (what its
+    # source's name says it reads), "source": what it was exported from}; each is the graph controlnet_<name>.
+    controlnets: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Text encoder layers a request may skip (clip_skip): what the text encoder graph's outputs allow, set by the
     # pipeline from them (0: the graph has the last layer's states only).
     clip_skip_layers: int = 0

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 from typing import Any
 
 from .echo import echo
-from .manifest import ALL_COMPONENTS, FAMILIES, STAGE_COMPONENTS, TRANSFORMER_FAMILIES, ManifestError, ModelConfig
+from .manifest import (
+    ALL_COMPONENTS,
+    CONTROL_UNET,
+    FAMILIES,
+    STAGE_COMPONENTS,
+    TRANSFORMER_FAMILIES,
+    ManifestError,
+    ModelConfig,
+    controlnet_component,
+)
 from .schema import Obj, Opt, SchemaError, check
 
 DIM = (int, str)
@@ -45,6 +55,7 @@ CONFIG = Obj(
         "token_merging": bool,
         "unet_stages": int,
         "skip_guidance_layers": Opt([int]),
+        "controlnets": Opt({str: Obj({"residuals": int}, {"conditioning": Opt(str), "source": Opt(str)})}),
         "clip_skip_layers": int,
         "family": str,
         "max_sequence_length": Opt(int),
@@ -83,6 +94,8 @@ VAE_KINDS = ("full", "tiny", "dc")  # KL (a posterior), TAESD, SANA's DC-AE (bot
 # Families whose transformer takes the guidance scale as an input (FLUX.1-dev, SANA-Sprint).
 GUIDANCE_EMBEDDING_FAMILIES = ("flux", "sana_sprint")
 MAX_TIMESTEP_SCALE = 1e4  # SANA's transformers take the timestep x 1 (x 1000 at most, were it in 0..1)
+CONTROLNET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_RESIDUALS = 64  # SD 1.5's ControlNets return 12, SDXL's 9
 
 
 def check_manifest(data: Any) -> None:
@@ -121,8 +134,10 @@ def check_manifest(data: Any) -> None:
         raise ManifestError(f"config.unet_stages: must be 0 or {len(STAGE_COMPONENTS)}, got {stages}")
     if any((name in data["components"]) != bool(stages) for name in STAGE_COMPONENTS):
         raise ManifestError("components.unet_stage_*: all present exactly when config.unet_stages is set")
+    controlnets = config.get("controlnets") or {}
+    _check_controlnets(controlnets, data["components"])
     for name, component in data["components"].items():
-        if name not in ALL_COMPONENTS:
+        if name not in ALL_COMPONENTS and name not in {controlnet_component(c) for c in controlnets}:
             raise ManifestError(f"components.{name}: unknown component (known: {', '.join(ALL_COMPONENTS)})")
         if component["file"] not in component["files"]:
             raise ManifestError(f"components.{name}.file: {component['file']!r} is not listed in its files")
@@ -208,3 +223,16 @@ def check_model_config(config: ModelConfig) -> None:
             f"config.sample_size: the default size {side} (sample_size x vae_scale_factor) is no multiple of "
             f"{config.size_multiple}, the sizes the UNet takes"
         )
+
+
+def _check_controlnets(controlnets: dict[str, Any], components: dict[str, Any]) -> None:
+    """Each listed ControlNet has a plain name and its graph; the control UNet is there exactly when one is."""
+    for name, entry in controlnets.items():
+        if not CONTROLNET_NAME.match(name):
+            raise ManifestError(f"config.controlnets: {echo(name)} is not a name (1-64 of a-z, 0-9, _ and -)")
+        if controlnet_component(name) not in components:
+            raise ManifestError(f"config.controlnets.{name}: no component {controlnet_component(name)}")
+        if not 1 <= entry["residuals"] <= MAX_RESIDUALS:
+            raise ManifestError(f"config.controlnets.{name}.residuals: must be in 1..{MAX_RESIDUALS}")
+    if (CONTROL_UNET in components) != bool(controlnets):
+        raise ManifestError(f"components.{CONTROL_UNET}: present exactly when config.controlnets lists one")

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .configs import read_model_config
+from .controlnet import ControlPlan, control_units
 from .deepcache import SHALLOW, DeepCache
 from .embeddings import Embedding, gather, table_override, token_table, usable
 from .families import Conditioning, Family, family_for
@@ -42,7 +43,15 @@ from .image import to_pil
 from .inpaint import MaskCrop, paste_back
 from .lora import Lora, check_loras, read_loras, weight_overrides
 from .lora_tags import LoraLibrary, LoraTag, extract_tags
-from .manifest import MANIFEST_NAME, STAGE_COMPONENTS, Manifest, ManifestError, ModelConfig, read_json
+from .manifest import (
+    CONTROL_UNET,
+    MANIFEST_NAME,
+    STAGE_COMPONENTS,
+    Manifest,
+    ManifestError,
+    ModelConfig,
+    read_json,
+)
 from .openvino_engine import default_precision, openvino_version
 from .prompt_syntax import BREAK, parse_attention
 from .request import GenerationRequest, Limits, RequestError
@@ -75,10 +84,10 @@ StepCallback = Callable[[int, int, np.ndarray], bool | None]
 LOG = logging.getLogger("sd_onnx")
 TOKEN_MERGING = "unet_tome"
 MAX_LORA_SETS = 2  # pipelines kept per LoRA set picked by <lora:...> tags (each holds its own UNet session)
-UNET_GRAPHS = ("unet", SHALLOW, TOKEN_MERGING)
+UNET_GRAPHS = ("unet", SHALLOW, TOKEN_MERGING, CONTROL_UNET)
 MAX_WORDS_NAMED, MAX_WORD_CHARS = 8, 24  # the unknown-words warning stays one short line
 # GenerationRequest field -> the argument of __call__ that sets it (diffusers' names).
-ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt"}
+ARGUMENT_NAMES = {"steps": "num_inference_steps", "batch": "num_images_per_prompt", "controls": "control_image"}
 OUTPUT_TYPES = ("pil", "np", "latent")  # latent: the denoised latents, not decoded
 
 
@@ -390,6 +399,12 @@ class StableDiffusionPipeline:
         skip_layer_guidance_scale: float | None = None,
         skip_layer_guidance_start: float | None = None,
         skip_layer_guidance_stop: float | None = None,
+        control_image: Image.Image | np.ndarray | list | None = None,
+        controlnet: str | list[str | None] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
     ) -> PipelineOutput:
         """Generate images; see diffusers' StableDiffusionPipeline (and StableDiffusionXLPipeline for the
         arguments after `scheduler`, SDXL models only) for the meaning of each argument (steps default to the
@@ -411,7 +426,17 @@ class StableDiffusionPipeline:
         reading). `max_sequence_length` (SD3, FLUX.1, FLUX.2, Z-Image): the T5/LLM text tokens read, as diffusers
         takes it (default: the model's, e.g. 256 for FLUX.1-schnell, 512 for dev). `skip_guidance_layers` and the
         `skip_layer_guidance_*` arguments: SD3's skip-layer guidance as diffusers', on an export made with
-        `sd-export convert --skip-layers` (the layers must be its). The hires fix: `hires.hires_fix`."""
+        `sd-export convert --skip-layers` (the layers must be its). The hires fix: `hires.hires_fix`.
+
+        ControlNet (a model exported with `--controlnet`): `control_image`, one or a list (diffusers' ControlNet
+        pipelines' `image` in txt2img, `control_image` in img2img and inpainting), read by the ControlNets named in
+        `controlnet` (default: the model's, in order), with diffusers' `controlnet_conditioning_scale`,
+        `control_guidance_start`/`_end` (one value or one per image) and `guess_mode`."""
+        try:
+            controls = control_units(control_image, controlnet, controlnet_conditioning_scale,
+                                     control_guidance_start, control_guidance_end)  # fmt: skip
+        except RequestError as exc:
+            raise RequestError("control_image", exc.reason) from None
         request = GenerationRequest(
             prompt=prompt if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
@@ -453,6 +478,8 @@ class StableDiffusionPipeline:
             skip_layer_guidance_scale=skip_layer_guidance_scale,
             skip_layer_guidance_start=skip_layer_guidance_start,
             skip_layer_guidance_stop=skip_layer_guidance_stop,
+            controls=controls,
+            guess_mode=guess_mode,
         )
         try:
             request = self.prepare(request)
@@ -496,12 +523,15 @@ class StableDiffusionPipeline:
         guidance = Guidance.plan(scale, do_cfg, request.guidance_interval, sched.sigma_at(timesteps))
         unguided = guidance.unguided(cond)
         cache = DeepCache(request.deepcache_interval) if (request.deepcache_interval or 1) > 1 else None
+        control = ControlPlan.prepare(request.controls, request.width, request.height, request.guess_mode)
 
         def predict(model_input: np.ndarray, i: int, t: float) -> np.ndarray:
             denoiser_input = inpainting.unet_input(model_input) if inpainting is not None else model_input
             step_cond = guidance.conditioning_at(i, cond, unguided)
             skip = skip_layer_scale(request, i, len(timesteps)) if step_cond is cond and do_cfg else None
-            prediction = self.predict_noise(denoiser_input, t, step_cond, guidance, cache, request.tome_ratio, skip)
+            residuals = control.residuals(self, model_input, t, step_cond, i, len(timesteps))
+            prediction = self.predict_noise(denoiser_input, t, step_cond, guidance, cache, request.tome_ratio, skip,
+                                            residuals)  # fmt: skip
             return self.family.sampler_prediction(sched, prediction, model_input, t)
 
         after_step = None
@@ -606,12 +636,14 @@ class StableDiffusionPipeline:
         cache: DeepCache | None = None,
         tome_ratio: float | None = None,
         skip_scale: float | None = None,
+        residuals: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """One guided denoiser call on scaled latents: with classifier-free guidance (conditioning twice the
         latents' rows) the unconditional and conditional halves run as one batch and are combined. `cache`:
         DeepCache's state for this generation, which picks the full or the shallow UNet (see deepcache.py);
         `tome_ratio` > 0 runs the token-merging UNet at that ratio; `skip_scale` adds skip-layer guidance (SD3): that
-        weight times the conditional prediction minus the `transformer_skip` graph's on the conditional half."""
+        weight times the conditional prediction minus the `transformer_skip` graph's on the conditional half;
+        `residuals` (ControlNets', by input name) run the UNet that adds them (see controlnet.py)."""
         rows = len(cond.text) // len(model_input)
         batch = np.concatenate([model_input] * rows) if rows > 1 else model_input
         name = self.family.denoiser
@@ -619,12 +651,15 @@ class StableDiffusionPipeline:
             name = TOKEN_MERGING if tome_ratio else "unet"
             if cache is not None and cache.reuses(len(batch)):
                 name = SHALLOW
+            if residuals:
+                name = CONTROL_UNET
             for other in set(UNET_GRAPHS) - {name}:  # low-memory mode: one UNet graph at a time
                 self.release(other)
         denoiser = self.component(name)
         feeds = self.family.denoiser_feeds(denoiser, batch, t, cond)
         if tome_ratio:
             feeds["tome_ratio"] = np.array(tome_ratio, np.float64)
+        feeds.update(residuals or {})
         output = denoiser(**feeds)[0] if cache is None else cache.run(denoiser, denoiser, feeds)  # the graph it picks
         prediction = self.family.denoiser_output(output, batch)
         guided = guidance.combine(prediction, rows)

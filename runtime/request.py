@@ -90,7 +90,9 @@ class GenerationRequest:
     batch: int = 1
     scheduler: str | None = None
     eta: float = 0.0
-    image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
+    # An init image (PIL, pixels or latents); for families that edit from references (FLUX.2 [klein]) one or a
+    # list of PIL images.
+    image: Image.Image | np.ndarray | list[Image.Image] | None = field(default=None, compare=False, repr=False)
     strength: float | None = None
     # Inpainting: white (>= 0.5) where `image` is repainted; a PIL image, or (1, 1, H, W) floats in [0, 1].
     mask_image: Image.Image | np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -152,6 +154,10 @@ class GenerationRequest:
     paste_back: bool | None = None
     # A1111's hires fix on a txt2img request (hires.py): upscale the result and denoise it again at that size.
     hires: HiresFix | None = None
+    # ControlNet units (controlnet.ControlUnit: image, model, scale, start, end), for a model exported with
+    # ControlNets; `guess_mode` (diffusers'): the ControlNets see the conditional half only, residuals ramped.
+    controls: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    guess_mode: bool = False
     resolved: bool = field(default=False, compare=False, repr=False)
 
     @property
@@ -239,6 +245,8 @@ class GenerationRequest:
             deepcache_interval=self._deepcache(config),
             tome_ratio=self._tome(config),
             paste_back=self._paste_back(),
+            controls=self._controls(config, (width, height)),
+            guess_mode=bool(_optional_bool("guess_mode", self.guess_mode)),
             resolved=True,
         )
         if self.hires is None:
@@ -247,6 +255,13 @@ class GenerationRequest:
             raise RequestError("hires", f"must be a HiresFix (sd_onnx.runtime.hires), got {type(self.hires).__name__}")
         hires = self.hires.resolve(resolved, config, scheduler_config, default_scheduler, limits)
         return replace(resolved, hires=hires)
+
+    def _controls(self, config: ModelConfig, size: tuple[int, int]) -> tuple[Any, ...]:
+        from .controlnet import resolve_controls
+
+        exclusive = {"deepcache_interval": (self.deepcache_interval or 1) > 1, "tome_ratio": bool(self.tome_ratio),
+                     "hires": self.hires is not None}  # fmt: skip
+        return resolve_controls(self.controls, config, size, exclusive)
 
     def _paste_back(self) -> bool:
         """Whether the original is laid back over the result outside the mask; a crop is always pasted back."""
@@ -313,8 +328,9 @@ class GenerationRequest:
         implied = _array_image_size(self.image, config)  # an init image given as an array fixes the size
         defaults = (config.default_resolution,) * 2 if implied is None else implied
         reference = self.image is not None and family_for(config).reference_images
-        if reference:  # the reference's size, by default
-            implied, defaults = None, family_for(config).reference_size(self.image, config)
+        if reference:  # the first reference's size, by default
+            _check_references(reference_list(self.image), config)
+            implied, defaults = None, family_for(config).reference_size(reference_list(self.image)[0], config)
         sides = []
         for i, name in enumerate(("width", "height")):
             value = getattr(self, name)
@@ -526,6 +542,11 @@ class GenerationRequest:
             params["Denoising end"] = self.denoising_end
         if self.paste_back and self.padding_mask_crop is None:
             params["Paste back"] = True  # a crop is always pasted back; the whole picture only when asked
+        for i, unit in enumerate(self.controls):  # as A1111's ControlNet extension records its units
+            params[f"ControlNet {i}"] = (
+                f'"Module: none, Model: {unit.model}, Weight: {unit.scale:g}, Guidance Start: {unit.start:g}, '
+                f'Guidance End: {unit.end:g}, Guess Mode: {self.guess_mode}"'
+            )
         if self.hires is not None:
             params.update(self.hires.parameters(self))
         return params
@@ -684,11 +705,29 @@ def _shown(value: float) -> str:
     return f"{value:.10g}" if isinstance(value, float) else echo(value)
 
 
+def reference_list(image: Any) -> list[Any]:
+    """A request's reference image(s) as a list (one image or a list/tuple of them)."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _check_references(images: list[Any], config: ModelConfig) -> None:
+    """1 to the family's max_references images, each one the family can encode (RequestError naming image)."""
+    from .families import family_for
+
+    family = family_for(config)
+    if not 1 <= len(images) <= family.max_references:
+        raise RequestError("image", f"{len(images)} references: {family.label} takes 1 to {family.max_references}")
+    for image in images:
+        family.reference_size(image, config)
+
+
 def _check_image(image: Any, config: ModelConfig) -> None:
     """An init image: a PIL image, pixels as the VAE encoder takes them ((1, 3, H, W) floats in [-1, 1]), or
     latents as the UNet takes them ((N, latent channels, h, w), e.g. a base model's output for a refiner)."""
     if isinstance(image, Image.Image):
         return
+    if isinstance(image, (list, tuple)):
+        raise RequestError("image", "takes one image (a list is references, for families that edit from several)")
     if _array_image_size(image, config) is not None:
         if not np.isfinite(image).all():
             raise RequestError("image", "has non-finite values")

@@ -161,6 +161,15 @@ def test_loads_as_its_family_and_reads_image_as_a_reference(flux2) -> None:
         ours.prepare(GenerationRequest(PROMPT, image=Image.new("RGB", (600, 600))), Limits())
     with pytest.raises(RequestError, match="^image: a FLUX.2 \\[klein\\] reference must be a PIL image"):
         ours.prepare(GenerationRequest(PROMPT, image=np.zeros((1, 3, 64, 64), np.float32)))
+    several = [reference, Image.new("RGB", (64, 96))]  # the first reference sets the size
+    first = ours.prepare(GenerationRequest(PROMPT, image=several))
+    assert (first.width, first.height) == (resolved.width, resolved.height)
+    with pytest.raises(RequestError, match="^image: 5 references: FLUX.2 \\[klein\\] takes 1 to 4$"):
+        ours.prepare(GenerationRequest(PROMPT, image=[reference] * 5))
+    with pytest.raises(RequestError, match="^image: 40x64: a reference needs sides of 64"):  # the second one
+        ours.prepare(GenerationRequest(PROMPT, image=[reference, Image.new("RGB", (40, 64))]))
+    with pytest.raises(RequestError, match="^image: 0 references"):
+        ours.prepare(GenerationRequest(PROMPT, image=[]))
 
 
 def test_editing_from_a_reference_matches_diffusers(flux2) -> None:
@@ -175,6 +184,45 @@ def test_editing_from_a_reference_matches_diffusers(flux2) -> None:
         m = ours.config.vae_scale_factor
         assert got.shape == (1, 70 // m * m, 100 // m * m, 3)
         assert mean_abs(got, diffusers_images(theirs, 3, prompt=PROMPT, image=reference, **settings)) <= TOLERANCE
+
+
+def test_editing_from_several_references_matches_diffusers(flux2) -> None:
+    """diffusers' `image=[a, b]`: each reference encoded at its own size, the i-th at time position 10 + 10 i,
+    all their tokens after the latents'; the output at the first one's size."""
+    ours, theirs = flux2
+    rng = np.random.default_rng(8)
+    references = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((64, 80, 3), (96, 64, 3))]
+    settings = {"num_inference_steps": 2, "guidance_scale": 1.0}
+    got = ours(PROMPT, image=references, seed=5, output_type="np", **settings).images
+    assert got.shape == (1, 64, 80, 3)
+    difference = mean_abs(got, diffusers_images(theirs, 5, prompt=PROMPT, image=references, **settings))
+    assert difference <= TOLERANCE
+    one = ours(PROMPT, image=references[:1], seed=5, output_type="np", **settings).images
+    assert mean_abs(got, one) > 10 * difference  # the second reference is attended to, as diffusers does
+
+
+def test_cli_takes_several_references(flux2, tiny_flux2_klein_export: Path, tmp_path: Path) -> None:
+    """`sd-run prompt --image a --image b`: the API's image; five are refused naming --image."""
+    from click.testing import CliRunner
+
+    from sd_onnx.runtime.cli import main
+
+    ours, _ = flux2
+    rng = np.random.default_rng(9)
+    references = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    for i, image in enumerate(references):
+        image.save(tmp_path / f"ref{i}.png")
+    paths = [str(tmp_path / f"ref{i}.png") for i in range(2)]
+    common = ["prompt", PROMPT, "-m", str(tiny_flux2_klein_export), "--steps", "2", "--seed", "3", "--guidance", "1"]
+    out = str(tmp_path / "o.png")
+    result = CliRunner().invoke(main, [*common, "--image", paths[0], "--image", paths[1], "-o", out])
+    assert result.exit_code == 0, result.output
+    request = GenerationRequest(PROMPT, image=references, steps=2, seed=3, guidance_scale=1.0)
+    want = ours.generate(request, output_type="np")
+    got = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"), np.float64) / 255
+    assert np.abs(got - want.images[0]).max() <= 1 / 255 + 1e-6
+    result = CliRunner().invoke(main, [*common, *[a for _ in range(5) for a in ("--image", paths[0])]])
+    assert result.exit_code == 1 and "Error: --image: 5 references: FLUX.2 [klein] takes 1 to 4\n" in result.output
 
 
 def test_txt2img_matches_diffusers(flux2) -> None:
@@ -236,6 +284,7 @@ def test_a1111_img2img_edits_from_its_init_image(flux2) -> None:
     import time
 
     from fastapi.testclient import TestClient
+    from openai import OpenAI, UnprocessableEntityError
 
     from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
 
@@ -260,3 +309,26 @@ def test_a1111_img2img_edits_from_its_init_image(flux2) -> None:
         assert info["ignored"] == ["denoising_strength"] and "Denoising strength" not in info["infotexts"][0]
         r = client.post("/sdapi/v1/img2img", json={**body, "mask": init})
         assert r.status_code == 422 and r.json()["detail"].startswith("mask: FLUX.2 [klein] reads `image` as")
+        r = client.post("/sdapi/v1/img2img", json={**body, "denoising_strength": 5})
+        assert r.status_code == 422 and r.json()["detail"] == "denoising_strength: must be in [0, 1], got 5"
+        several = GenerationRequest(PROMPT, image=[reference, reference.rotate(90, expand=True)], guidance_scale=1.0,
+                                    **settings)  # fmt: skip
+        want = ours.generate(several, output_type="np").images[0]
+        rotated = io.BytesIO()
+        reference.rotate(90, expand=True).save(rotated, format="PNG")
+        second = base64.b64encode(rotated.getvalue()).decode()
+        r = client.post("/sdapi/v1/img2img", json={**body, "init_images": [init, second]})
+        assert r.status_code == 200, r.text
+        got = np.asarray(png_of(r.json()["images"][0]).convert("RGB"), np.float64) / 255
+        assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+        r = client.post("/sdapi/v1/img2img", json={**body, "init_images": [init] * 5})
+        assert r.status_code == 422 and r.json()["detail"] == "init_images: 5 references: FLUX.2 [klein] takes 1 to 4"
+        sdk = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+        pngs = [("a.png", buffer.getvalue(), "image/png"), ("b.png", rotated.getvalue(), "image/png")]
+        out = sdk.images.edit(image=pngs, prompt=PROMPT, response_format="b64_json",  # the SDK's image[] fields
+                              extra_body={"seed": 4, "steps": 2, "guidance_scale": 1.0, "size": "80x64"})  # fmt: skip
+        got = np.asarray(png_of(out.data[0].b64_json).convert("RGB"), np.float64) / 255
+        assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+        with pytest.raises(UnprocessableEntityError) as refused:
+            sdk.images.edit(image=pngs, mask=pngs[0], prompt=PROMPT)
+        assert str(refused.value.response.json()).count("mask: FLUX.2 [klein] reads `image` as a reference") == 1

@@ -82,6 +82,7 @@ def test_random_seed_is_drawn_and_recorded() -> None:
             "must be a PIL image, a (1, 3, H, W) pixel array or an (N, 4, h, w) latent array, got str",
         ),
         ({"image": np.zeros((8, 8, 3), np.uint8)}, "image", "got ndarray of shape [8, 8, 3]"),
+        ({"image": [IMAGE, IMAGE]}, "image", "takes one image (a list is references, for families that edit"),
         ({"image": IMAGE, "strength": 0.0}, "strength", "must be in (0, 1]"),
         ({"image": IMAGE, "strength": math.nan}, "strength", "must be a finite number"),
         ({"image": IMAGE, "steps": 4, "strength": 0.2}, "strength", "0.2 x 4 steps leaves no denoising step"),

@@ -73,6 +73,7 @@ class Family:
     # Whether a request's `image` is a reference the denoiser attends to (FLUX.2 [klein] edits from it) rather
     # than an img2img start: no strength, and the output takes the reference's size unless told otherwise.
     reference_images: ClassVar[bool] = False
+    max_references: ClassVar[int] = 1  # how many references one request may give (a list as `image`)
 
     def __init__(self, folder: Path, config: ModelConfig, manifest: Manifest | None) -> None:
         self.folder, self.config, self.manifest = folder, config, manifest

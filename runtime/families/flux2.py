@@ -8,10 +8,11 @@ image's token count and the number of steps). Classifier-free guidance above a s
 step-distilled ones (model_index.json's is_distilled) ignore the scale. The negative half is "" as in diffusers
 (which takes no negative prompt text); a negative prompt given here is read in its place.
 
-A request's `image` is a reference to edit from (diffusers' `image=`): scaled to at most 1024x1024 pixels, cropped
-to a multiple of 16 about its center, encoded by the vae_encoder graph, its tokens given positions (10, row,
-column, 0) and appended to the latents' tokens at every step (the transformer attends to both; only the latents'
-predictions are kept). The output takes the reference's size unless the request sets one.
+A request's `image` is a reference to edit from, or a list of up to four (diffusers' `image=`): each scaled to
+at most 1024x1024 pixels, cropped to a multiple of 16 about its center, encoded by the vae_encoder graph, its
+tokens given positions (10 + 10 i, row, column, 0) for the i-th and appended to the latents' tokens at every step
+(the transformer attends to all; only the latents' predictions are kept). The output takes the first reference's
+size unless the request sets one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..chat_template import ChatPrompts
 from ..files import inside
 from ..image import from_pil
 from ..manifest import read_json
-from ..request import GenerationRequest, RequestError
+from ..request import GenerationRequest, RequestError, reference_list
 from .base import Conditioning, FlowMatching
 from .clip import plain_texts
 from .llm import encode_outputs
@@ -40,6 +41,7 @@ class Flux2(FlowMatching):
     label = "FLUX.2 [klein]"
     request_fields = frozenset({"max_sequence_length"})
     reference_images = True
+    max_references = 4  # Black Forest Labs' limit for klein (4B and 9B)
 
     def load_tokenizers(self) -> dict:
         length = self.config.max_sequence_length
@@ -71,7 +73,7 @@ class Flux2(FlowMatching):
         rows, columns = (side // self.config.vae_scale_factor for side in (request.height, request.width))
         ids, references = latent_ids(rows, columns), None
         if request.image is not None:
-            references, reference_ids = self.references(pipe, [request.image])
+            references, reference_ids = self.references(pipe, reference_list(request.image))
             ids = np.concatenate([ids, reference_ids])
         return Conditioning(text, {}, {"txt_ids": text_ids(text.shape[1]), "img_ids": ids}, references)
 

@@ -32,7 +32,7 @@ FIELD_NAMES = {
     "batch": "batch_size",
     "scheduler": "sampler_name",
     "strength": "denoising_strength",
-    "image": "init_images[0]",
+    "image": "init_images",
     "mask_image": "mask",
     "masked_content": "inpainting_fill",
     "mask_blur": "mask_blur",
@@ -58,7 +58,7 @@ PREVIEW_FACTORS = np.array(
 
 def to_request(
     body: Txt2ImgRequest,
-    image: Image.Image | None = None,
+    image: Image.Image | list[Image.Image] | None = None,
     mask: Image.Image | None = None,
     upscalers: Mapping[str, ImageResize] | None = None,
 ) -> GenerationRequest:
@@ -135,10 +135,13 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     async def img2img(body: Img2ImgRequest) -> dict[str, Any]:
         applied = await apply(state, body)
         limit = state.config.limits.input_pixels(applied.entry.config)
-        try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
-            image = await asyncio.to_thread(decode_base64_image, body.init_images[0], limit)
-        except ImageError as exc:
-            raise HTTPException(422, f"init_images[0]: {exc}") from None
+        images = []
+        for i, data in enumerate(body.init_images):
+            try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
+                images.append(await asyncio.to_thread(decode_base64_image, data, limit))
+            except ImageError as exc:
+                raise HTTPException(422, f"init_images[{i}]: {exc}") from None
+        image = images[0] if len(images) == 1 else images  # several: references (FLUX.2 [klein])
         mask = None
         if body.mask is not None:
             try:
@@ -146,7 +149,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
             except ImageError as exc:
                 raise HTTPException(422, f"mask: {exc}") from None
             mask = ImageOps.invert(mask.convert("L")) if body.inpainting_mask_invert else mask.convert("L")
-            mask = mask if mask.size == image.size else mask.resize(image.size)  # as A1111 does
+            mask = mask if mask.size == images[0].size else mask.resize(images[0].size)  # as A1111 does
         return await run(applied, image, mask)
 
     @api.get("/sdapi/v1/samplers")

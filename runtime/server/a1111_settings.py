@@ -166,10 +166,13 @@ def _distilled_guidance(
 def _reference_strength(body: Txt2ImgRequest, entry: ModelEntry, ignored: list[str]) -> dict[str, Any]:
     """On a family that reads `image` as a reference to edit from (FLUX.2 [klein]) an img2img body's init image
     is that reference and takes no strength; A1111 clients send `denoising_strength` with every img2img call, so
-    it is ignored and named rather than refused."""
+    it is ignored and named rather than refused (one outside A1111's range [0, 1] is still a 422)."""
     if "init_images" not in type(body).model_fields or not family_for(entry.config).reference_images:
         return {}
-    if body.denoising_strength is not None:
+    strength = body.denoising_strength
+    if strength is not None and not 0.0 <= strength <= 1.0:  # NaN too
+        raise HTTPException(422, f"denoising_strength: must be in [0, 1], got {strength:.10g}")
+    if strength is not None:
         ignored.append("denoising_strength")
     return {"denoising_strength": None}
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from ..families import family_for
 from ..image import ImageError, decode_image, parameters_text, png_bytes
 from ..pipeline import StableDiffusionPipeline
 from ..request import GenerationRequest
@@ -24,6 +25,7 @@ from .schemas import OpenAIImageEditFields, OpenAIImageRequest
 from .state import ServerState
 
 # GenerationRequest field -> OpenAI body field, so 422s name what the client sent.
+MAX_EDIT_IMAGES = 8  # files one edit may upload (decoded one by one, each under the pixel limit)
 FIELD_NAMES = {"batch": "n", "width": "size", "height": "size", "steps": "steps", "mask_image": "mask"}
 
 
@@ -31,7 +33,7 @@ def to_request(body: OpenAIImageRequest | OpenAIImageEditFields, **edit: Any) ->
     width = height = None
     if body.size and body.size != "auto":
         width, height = (int(v) for v in body.size.split("x"))
-    elif "image" in edit:  # an edit keeps the picture's size unless told otherwise
+    elif "mask_image" in edit and isinstance(edit["image"], Image.Image):  # inpainting keeps the picture's size
         width, height = edit["image"].size
     return GenerationRequest(
         prompt=body.prompt,
@@ -58,8 +60,9 @@ def transparency_mask(image: Image.Image) -> Image.Image:
 async def read_edit(
     request: Request, state: ServerState
 ) -> tuple[OpenAIImageEditFields, StableDiffusionPipeline, dict[str, Any]]:
-    """The edit form: its text fields, the pipeline of its model, and the image and mask (the image's own
-    transparency without one)."""
+    """The edit form: its text fields, the pipeline of its model, and what it edits: on a model that edits from
+    references (FLUX.2 [klein]) every uploaded image, as `images.edit(image=[...])` sends them; otherwise the one
+    image inpainted where the mask (or, without one, the image itself) is transparent."""
     async with request.form() as form:  # closes the uploads' temporary files
         try:
             fields = OpenAIImageEditFields(**{k: v for k, v in form.items() if isinstance(v, str)})
@@ -68,18 +71,20 @@ async def read_edit(
             raise HTTPException(422, f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
         _, pipe = await state.model(fields.model, "model")
         limit = state.config.limits.input_pixels(pipe.config)
-        images = {}
-        for name, keys in (("image", ("image", "image[]")), ("mask", ("mask",))):
-            upload = next((form[k] for k in keys if isinstance(form.get(k), UploadFile)), None)
-            if upload is None:
-                if name == "image":
-                    raise HTTPException(422, "image: a file is required")
-                continue
-            try:
-                images[name] = await asyncio.to_thread(decode_image, await upload.read(), limit, "RGBA")
-            except ImageError as exc:
-                raise HTTPException(422, f"{name}: {exc}") from None
-    image, mask = images["image"], images.get("mask")
+        uploads = [u for key in ("image", "image[]") for u in form.getlist(key) if isinstance(u, UploadFile)]
+        if not uploads:
+            raise HTTPException(422, "image: a file is required")
+        if len(uploads) > MAX_EDIT_IMAGES:
+            raise HTTPException(422, f"image: {len(uploads)} files, more than {MAX_EDIT_IMAGES}")
+        mask = form.get("mask")
+        images = [await _decode(upload, limit, "image") for upload in uploads]
+        mask = await _decode(mask, limit, "mask") if isinstance(mask, UploadFile) else None
+    if family_for(pipe.config).reference_images:  # a mask or strength given is refused by the request core
+        repaint = {} if mask is None else {"mask_image": transparency_mask(mask)}
+        return fields, pipe, {"image": [i.convert("RGB") for i in images], "strength": fields.strength, **repaint}
+    if len(images) > 1:  # several are references, which the request core refuses by name on this model
+        return fields, pipe, {"image": images}
+    image = images[0]
     if mask is not None and mask.size != image.size:
         raise HTTPException(
             422, f"mask: is {mask.width}x{mask.height}; it must have the image's size, {image.width}x{image.height}"
@@ -89,6 +94,13 @@ async def read_edit(
         where = "mask" if mask is not None else "image"
         raise HTTPException(422, f"{where}: has no fully transparent pixel to edit (transparent = edit)")
     return fields, pipe, {"image": image.convert("RGB"), "mask_image": repaint, "strength": fields.strength}
+
+
+async def _decode(upload: UploadFile, limit: int, name: str) -> Image.Image:
+    try:  # decoding can take seconds and hundreds of MB: off the event loop, capped from the header
+        return await asyncio.to_thread(decode_image, await upload.read(), limit, "RGBA")
+    except ImageError as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
 
 
 def add_routes(api: APIRouter, state: ServerState) -> None:

@@ -96,7 +96,13 @@ class HiresTxt2ImgRequest(Txt2ImgRequest):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(..., min_length=1, max_length=1, description="One base64 image or data URL.")
+    init_images: list[str] = Field(
+        ...,
+        min_length=1,
+        max_length=8,
+        description="Base64 images or data URLs: one init image, or the references of a model that edits from "
+        "several (FLUX.2 [klein]: up to 4).",
+    )
     denoising_strength: float | None = Field(None, description="Default: 0.75.")
     # Inpainting, as A1111 names it: white in `mask` is repainted.
     mask: str | None = Field(None, description="Base64 mask image or data URL; white is repainted.")
