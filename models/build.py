@@ -474,7 +474,8 @@ def build_controlnet(pipeline: Path, out: Path, seed: int = 0, conditioning_chan
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in controlnet.named_parameters():  # the zero convolutions' outputs made to count
-            std = 0.5 if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")) else 0.05
+            zero_conv = name.startswith(("controlnet_down_blocks", "controlnet_mid_block")) and parameter.dim() == 4
+            std = 2 / parameter.shape[1] ** 0.5 if zero_conv else 0.05  # residuals of about the features' size
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     controlnet.save_pretrained(out)
     return out

@@ -17,14 +17,16 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .annotators import annotate
+from .controlnet import MAX_CONTROLS, ControlUnit
 from .files import UntrustedFileError, inside, parse_json, read_lines, regular_file
-from .image import parameters_text, png_bytes
+from .image import ImageError, decode_image, parameters_text, png_bytes
 from .pipeline import StableDiffusionPipeline
-from .request import GenerationRequest, Limits
+from .request import GenerationRequest, Limits, RequestError
 
 RESULTS_NAME = "results.jsonl"
 FIELDS = (
@@ -48,7 +50,11 @@ FIELDS = (
     "skip_layer_guidance_scale",
     "skip_layer_guidance_start",
     "skip_layer_guidance_stop",
+    "controls",
+    "guess_mode",
 )
+# A ControlNet unit on a line: its image is a path inside the prompts file's folder.
+CONTROL_KEYS = ("image", "model", "weight", "start", "end", "module", "resize_mode")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A line holds two prompts of at most 10,000 characters and a few settings; with 50,000 lines (14 hours at an
 # image a second; split larger lists) the items read stay under 1 GB.
@@ -65,6 +71,7 @@ class BatchItem:
     line: int
     fields: dict[str, Any] | None
     error: str | None = None
+    folder: str | None = None  # the prompts file's folder, which a line's control images must be inside
 
 
 def read_items(path: Path) -> list[BatchItem]:
@@ -76,7 +83,7 @@ def read_items(path: Path) -> list[BatchItem]:
         if line is None:
             items.append(BatchItem(f"line-{number}", number, None, problem))
         elif line.strip():
-            item = _parse_line(line, number)
+            item = replace(_parse_line(line, number), folder=str(Path(path).resolve().parent))
             key = item.id.casefold()  # Cat.png and cat.png are one file on macOS and Windows
             if key in seen:
                 item = BatchItem(f"line-{number}", number, None, f"id {item.id!r} is already used on line {seen[key]}")
@@ -120,7 +127,12 @@ def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> 
         return {**record, "status": "error", "error": item.error}, None
     started = time.perf_counter()
     try:
-        request = pipe.prepare(GenerationRequest(**{"prompt_syntax": "a1111", **item.fields}), limits)
+        fields = dict(item.fields)
+        if "controls" in fields:
+            fields["controls"] = _controls(
+                fields["controls"], Path(item.folder or "."), limits.input_pixels(pipe.config)
+            )
+        request = pipe.prepare(GenerationRequest(**{"prompt_syntax": "a1111", **fields}), limits)
         out = pipe.generate(request)
     except ValueError as exc:  # RequestError names the field
         return {**record, "status": "error", "error": str(exc)}, None
@@ -130,6 +142,26 @@ def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> 
     png = png_bytes(out.images[0], parameters_text(request, out.parameters, 0))
     timings = {"generate_s": round(seconds, 3), "steps": request.steps}
     return {**record, "status": "ok", "seed": request.seed, "file": f"{item.id}.png", "timings": timings}, png
+
+
+def _controls(entries: Any, folder: Path, max_pixels: int) -> tuple[ControlUnit, ...]:
+    """A line's `controls` ([{"image": "edges/a.png", "model": "canny", "weight": 0.8, "module": "canny"}, ...])
+    as ControlNet units, each image read from inside `folder` within `max_pixels` and preprocessed by `module`."""
+    if not isinstance(entries, list) or len(entries) > MAX_CONTROLS:
+        raise RequestError("controls", f"must be a list of at most {MAX_CONTROLS} objects")
+    units = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or set(entry) - set(CONTROL_KEYS):
+            raise RequestError(f"controls[{i}]", f"must be an object with image and any of {', '.join(CONTROL_KEYS)}")
+        try:
+            image = decode_image(inside(folder, entry["image"], "the prompts file"), max_pixels)
+        except (UntrustedFileError, ImageError, OSError) as exc:
+            raise RequestError(f"controls[{i}].image", str(exc)) from None
+        control = annotate(image, entry.get("module", "none"))
+        numbers = {k: entry[n] for k, n in (("scale", "weight"), ("start", "start"), ("end", "end")) if n in entry}
+        units.append(ControlUnit(control, entry.get("model"), **numbers, resize_mode=entry.get("resize_mode",
+                                 "just_resize"), module=entry.get("module", "none")))  # fmt: skip
+    return tuple(units)
 
 
 class BatchOutput:

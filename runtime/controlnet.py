@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 MAX_CONTROLS = 4  # units per request; each runs its ControlNet at every step it is active in
 MAX_CONTROL_SCALE = 10.0  # diffusers sets no bound; A1111's slider stops at 2
+# diffusers' (stretched to the output's size), and A1111's others: scaled to cover the output and cropped about
+# the centre, or scaled to fit inside it with the rest black.
+RESIZE_MODES = {
+    "just_resize": "Just Resize",
+    "crop_and_resize": "Crop and Resize",
+    "resize_and_fill": "Resize and Fill",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,8 @@ class ControlUnit:
     scale: float = 1.0
     start: float = 0.0  # the fraction of the steps before it acts
     end: float = 1.0  # the fraction of the steps after which it stops
+    resize_mode: str = "just_resize"  # how the image meets the output's size: RESIZE_MODES
+    module: str = "none"  # the preprocessor that made the image (annotators.MODULES), for the PNG parameters
 
 
 def resolve_controls(units: Any, config: ModelConfig, size: tuple[int, int], exclusive: dict[str, Any]) -> tuple:
@@ -77,6 +86,10 @@ def _resolve_unit(unit: Any, config: ModelConfig, size: tuple[int, int]) -> Cont
         if not low <= value <= high:
             raise RequestError("controls", f"{field} must be in [{low:g}, {high:g}], got {value:g}")
         numbers[field] = float(value)
+    if unit.resize_mode not in RESIZE_MODES:
+        raise RequestError(
+            "controls", f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {unit.resize_mode!r}"[:200]
+        )
     if numbers["start"] >= numbers["end"]:
         raise RequestError("controls", f"start {numbers['start']:g} must be below end {numbers['end']:g}")
     _check_image(unit.image, size)
@@ -94,15 +107,37 @@ def _check_image(image: Any, size: tuple[int, int]) -> None:
         raise RequestError("controls", "an image array's values must be finite and in [0, 1]")
 
 
-def control_pixels(image: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
-    """A control image as ControlNets read it (diffusers' control image processor): RGB resized to the output's
-    size (Lanczos), (1, 3, H, W) floats in [0, 1], not normalized."""
+def control_pixels(image: Image.Image | np.ndarray, width: int, height: int, mode: str = "just_resize") -> np.ndarray:
+    """A control image as ControlNets read it (diffusers' control image processor): RGB brought to the output's
+    size by `mode` (Lanczos), (1, 3, H, W) floats in [0, 1], not normalized."""
     if isinstance(image, np.ndarray):
         return image.astype(np.float32)
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    image = fit(image.convert("RGB"), width, height, mode)
     return (np.asarray(image, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+
+def fit(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """`image` at width x height: stretched, or (A1111's) scaled to cover and centre-cropped, or scaled to fit
+    and centred on black."""
+    if image.size == (width, height):
+        return image
+    if mode == "just_resize":
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    scale = (max if mode == "crop_and_resize" else min)(width / image.width, height / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(resized, ((width - size[0]) // 2, (height - size[1]) // 2))  # a crop where it is larger
+    return canvas
+
+
+def infotext(unit: ControlUnit, guess_mode: bool) -> str:
+    """A unit as A1111's ControlNet extension records it in the PNG parameters (`ControlNet 0: "..."`, quoted
+    there as every value with commas is)."""
+    mode = "ControlNet is more important" if guess_mode else "Balanced"
+    return (f"Module: {unit.module}, Model: {unit.model}, Weight: {unit.scale:g}, Resize Mode: "
+            f"{RESIZE_MODES[unit.resize_mode]}, Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}, "
+            f"Control Mode: {mode}")  # fmt: skip
 
 
 def control_units(
@@ -143,7 +178,8 @@ class ControlPlan:
 
     @classmethod
     def prepare(cls, units: tuple[ControlUnit, ...], width: int, height: int, guess_mode: bool) -> ControlPlan:
-        prepared = [(u, controlnet_component(u.model or ""), control_pixels(u.image, width, height)) for u in units]
+        prepared = [(u, controlnet_component(u.model or ""), control_pixels(u.image, width, height, u.resize_mode))
+                    for u in units]  # fmt: skip
         return cls(prepared, guess_mode)
 
     def scales_at(self, step: int, steps: int) -> list[float]:

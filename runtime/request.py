@@ -542,11 +542,11 @@ class GenerationRequest:
             params["Denoising end"] = self.denoising_end
         if self.paste_back and self.padding_mask_crop is None:
             params["Paste back"] = True  # a crop is always pasted back; the whole picture only when asked
-        for i, unit in enumerate(self.controls):  # as A1111's ControlNet extension records its units
-            params[f"ControlNet {i}"] = (
-                f'"Module: none, Model: {unit.model}, Weight: {unit.scale:g}, Guidance Start: {unit.start:g}, '
-                f'Guidance End: {unit.end:g}, Guess Mode: {self.guess_mode}"'
-            )
+        if self.controls:
+            from .controlnet import infotext
+
+            for i, unit in enumerate(self.controls):  # as A1111's ControlNet extension records its units
+                params[f"ControlNet {i}"] = infotext(unit, self.guess_mode)
         if self.hires is not None:
             params.update(self.hires.parameters(self))
         return params
@@ -703,6 +703,13 @@ def _shown(value: float) -> str:
     """A number as an error names it: floats to 10 digits, integers through `echo` (one of a million digits
     would neither convert to a float nor belong in an answer)."""
     return f"{value:.10g}" if isinstance(value, float) else echo(value)
+
+
+RESIZE_NAMES = {
+    "just_resize": "Just Resize",
+    "crop_and_resize": "Crop and Resize",
+    "resize_and_fill": "Resize and Fill",
+}
 
 
 def reference_list(image: Any) -> list[Any]:

@@ -132,7 +132,8 @@ def test_low_memory_makes_the_same_pixels_and_the_png_records_the_units(export: 
     out = lean.generate(request)
     assert np.abs(np.asarray(out.images[0], np.float64) / 255 - want[0]).max() <= 1 / 255 + 1e-6
     assert out.parameters["ControlNet 0"] == (
-        '"Module: none, Model: depth, Weight: 0.5, Guidance Start: 0, Guidance End: 1, Guess Mode: False"'
+        "Module: none, Model: depth, Weight: 0.5, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1, "
+        "Control Mode: Balanced"
     )
     assert lean.loaded_components == ()  # each graph released after its use
 
@@ -263,3 +264,109 @@ def test_annotators_follow_a1111s_modules() -> None:
     for kwargs, message in refused:
         with pytest.raises(RequestError, match=message):
             annotate(picture, **kwargs)
+
+
+def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: Path) -> None:
+    """webuiapi's ControlNetUnit in `alwayson_scripts` (its request as sent: Resize and Fill, thresholds 64/64,
+    processor_res 512): the API's image for the same unit; the extension's routes list the model's ControlNets
+    and the modules, and /controlnet/detect runs a module alone; bad units are 422s naming the field."""
+    import base64
+    import io
+    import threading
+
+    import httpx
+    import uvicorn
+    import webuiapi
+
+    from sd_onnx.runtime.annotators import annotate
+    from sd_onnx.runtime.controlnet import ControlUnit
+    from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
+
+    app = create_app(ServerState(ServeConfig()), loader=lambda: ours)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        while httpx.get(f"http://127.0.0.1:{port}/health").status_code != 200:
+            threading.Event().wait(0.05)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
+        assert api.controlnet_model_list() == ["canny", "depth"]
+        assert "canny" in api.controlnet_module_list()
+        picture = drawing().resize((96, 72))
+        unit = webuiapi.ControlNetUnit(image=picture, module="canny", model="depth [0123abcd]", weight=0.9,
+                                       threshold_a=50, threshold_b=120, guidance_end=0.6, processor_res=64)  # fmt: skip
+        result = api.txt2img(prompt=PROMPT, steps=2, seed=6, width=64, height=64, cfg_scale=7.5,
+                             controlnet_units=[unit], sampler_name="Euler")  # fmt: skip
+        control = annotate(picture, "canny", 64, 50, 120)
+        want = ControlUnit(control, "depth", 0.9, 0.0, 0.6, "resize_and_fill", "canny")
+        request = GenerationRequest(PROMPT, steps=2, seed=6, width=64, height=64, scheduler="Euler",
+                                    controls=(want,), seed_per_image=True, prompt_syntax="a1111")  # fmt: skip
+        expected = ours.generate(request, output_type="np").images[0]
+        assert np.abs(np.asarray(result.image, np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
+        assert (
+            'ControlNet 0: "Module: canny, Model: depth, Weight: 0.9, Resize Mode: Resize and Fill'
+            in (result.info["infotexts"][0])
+        )
+        detected = api.controlnet_detect([picture], module="canny", processor_res=64, threshold_a=50, threshold_b=120)
+        got = detected.image  # webuiapi decodes the answer's first image
+        assert np.array_equal(np.asarray(got), np.asarray(control))
+        body = {"prompt": PROMPT, "steps": 1, "width": 64, "height": 64}
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        refusals = (
+            ({"image": encoded, "module": "depth_midas"}, "args[0].module: no preprocessor 'depth_midas'"),
+            ({"image": encoded, "model": "pose"}, "alwayson_scripts.ControlNet: no ControlNet named 'pose'"),
+            ({"image": encoded, "resize_mode": "Stretch"}, "args[0].resize_mode: must be one of"),
+            ({"image": encoded, "weight": "heavy"}, "args[0].weight: must be a number"),
+            ({"module": "canny", "model": "canny"}, "args[0].image: required (a base64 image) on txt2img"),
+            ({"image": "not base64!", "model": "canny"}, "args[0].image: not valid base64"),
+        )
+        for unit_fields, message in refusals:
+            scripts = {"ControlNet": {"args": [unit_fields]}}
+            r = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts},
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 422 and message in r.json()["detail"], (unit_fields, r.text)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_path: Path) -> None:
+    """`sd-run batch` lines with `controls` (images inside the prompts file's folder): the API's image; a path
+    that leaves the folder and an unknown key are that line's error records, the rest goes on."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sd_onnx.runtime.annotators import annotate
+    from sd_onnx.runtime.cli import main
+
+    picture = drawing().resize((64, 48))
+    (tmp_path / "edges").mkdir()
+    picture.save(tmp_path / "edges" / "a.png")
+    picture.save(tmp_path.parent / "outside.png")
+    unit = {"image": "edges/a.png", "model": "canny", "weight": 0.7, "module": "canny"}
+    unit["resize_mode"] = "crop_and_resize"
+    lines = [
+        {"id": "ok", "prompt": PROMPT, "steps": 2, "seed": 2, "controls": [unit]},
+        {"id": "leaves", "prompt": PROMPT, "controls": [{**unit, "image": "../outside.png"}]},
+        {"id": "unknown", "prompt": PROMPT, "controls": [{**unit, "mask": "edges/a.png"}]},
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(main, ["batch", str(tmp_path / "prompts.jsonl"), str(tmp_path / "out"),
+                                       "-m", str(export)])  # fmt: skip
+    assert result.exit_code == 1, result.output  # some lines failed
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert records["ok"]["status"] == "ok"
+    assert records["leaves"]["status"] == "error" and "controls[0].image:" in records["leaves"]["error"]
+    assert "is not a path inside" in records["leaves"]["error"]
+    assert records["unknown"]["error"].startswith("controls[0]: must be an object with image and any of")
+    control = ControlUnit(annotate(picture, "canny"), "canny", 0.7, resize_mode="crop_and_resize", module="canny")
+    request = GenerationRequest(PROMPT, steps=2, seed=2, controls=(control,), prompt_syntax="a1111")
+    want = ours.generate(request, output_type="np").images[0]
+    got = np.asarray(Image.open(tmp_path / "out" / "ok.png"), np.float64) / 255
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6

@@ -9,6 +9,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from ..image import ImageError, decode_base64_image, parameters_text, png_bytes
 from ..request import DEFAULT_STRENGTH, RANDOM_SEED, SEED_RANGE, GenerationRequest
 from ..schedulers import ALL_SCHEDULERS, make_scheduler, resolve_name, scheduler_names
 from ..upscale import image_resizers
+from .a1111_controlnet import control_units
+from .a1111_fields import strict_refusal
 from .a1111_settings import Applied, apply
 from .schemas import HiresTxt2ImgRequest, Img2ImgRequest, Txt2ImgRequest
 from .state import ServerState
@@ -38,6 +41,7 @@ FIELD_NAMES = {
     "mask_blur": "mask_blur",
     "padding_mask_crop": "inpaint_full_res_padding",
     "hires": "enable_hr",
+    "controls": "alwayson_scripts.ControlNet",
     "hires_scale": "hr_scale",
     "hires_resize_x": "hr_resize_x",
     "hires_resize_y": "hr_resize_y",
@@ -118,7 +122,16 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
             bad = "batch_size" if body.batch_size < 1 else "n_iter"
             raise HTTPException(422, f"{bad}: must be >= 1")
         subseed = _subseed(body.subseed)
+        native = applied.pipe.config.default_resolution
+        size = (body.width or native, body.height or native)
+        init = image if isinstance(image, Image.Image) else None
+        limit = state.config.limits.input_pixels(applied.entry.config)
+        controls, guess_mode, ignored = await control_units(applied.extra, init, size, limit)
+        if state.config.strict and ignored:
+            raise HTTPException(422, strict_refusal(ignored))
+        applied.ignored.extend(ignored)
         request = to_request(body, image, mask, image_resizers(state.upscalers))
+        request = replace(request, controls=controls, guess_mode=guess_mode)
         request = state.prepare(request, {**FIELD_NAMES, **applied.names}, applied.pipe)
         out = await state.generate(request, applied.pipe)
         texts = [parameters_text(request, out.parameters, i) for i in range(len(out.images))]

@@ -86,14 +86,14 @@ def ignored_fields(extra: dict[str, Any], declared: dict[str, Any]) -> list[str]
 
 
 def script_names(scripts: Any) -> list[str]:
-    """`alwayson_scripts` entries that run (no script is implemented here); an entry whose `args` is empty, as
-    webuiapi sends for extensions it found but does not use, runs nothing."""
+    """`alwayson_scripts` entries that run and are not implemented here (ControlNet is: a1111_controlnet.py); an
+    entry whose `args` is empty, as webuiapi sends for extensions it found but does not use, runs nothing."""
     if not isinstance(scripts, dict):
         return ["alwayson_scripts"] if _set(scripts) else []
     return [
         f"alwayson_scripts.{cut(str(name))}"
         for name, entry in scripts.items()
-        if not (isinstance(entry, dict) and not _set(entry.get("args")))
+        if not (isinstance(entry, dict) and not _set(entry.get("args"))) and str(name).lower() != "controlnet"
     ]
 
 

@@ -88,6 +88,7 @@ class Applied:
     body: Txt2ImgRequest
     ignored: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the body's undeclared keys (alwayson_scripts: ControlNet)
 
     def info(self) -> dict[str, Any]:
         """What A1111's `info` says of the model, and the fields this server ignored."""
@@ -123,7 +124,8 @@ async def apply(state: ServerState, body: Txt2ImgRequest) -> Applied:
     if checkpoint and not body.override_settings_restore_afterwards:
         await state.select(checkpoint, key)
     entry, pipe = await state.model(checkpoint, key)
-    return Applied(entry, pipe, _declared_only(body, {**declared, "sampler_name": sampler, **update}), ignored, names)
+    body_values = _declared_only(body, {**declared, "sampler_name": sampler, **update})
+    return Applied(entry, pipe, body_values, ignored, names, dict(body.model_extra or {}))
 
 
 def _declared_only(body: Txt2ImgRequest, values: dict[str, Any]) -> Txt2ImgRequest:

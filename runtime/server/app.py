@@ -19,7 +19,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..pipeline import StableDiffusionPipeline
-from . import a1111, a1111_lists, a1111_pnginfo, a1111_prompts, a1111_settings, middleware, openai, page
+from . import (
+    a1111,
+    a1111_controlnet,
+    a1111_lists,
+    a1111_pnginfo,
+    a1111_prompts,
+    a1111_settings,
+    middleware,
+    openai,
+    page,
+)
 from .extras import add_routes as add_extras_routes
 from .models import ModelCache, ModelEntry
 from .state import ServeConfig, ServerState
@@ -51,6 +61,7 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
 
     api = APIRouter(dependencies=[Depends(_api_key_check(state))])
     a1111.add_routes(api, state)
+    a1111_controlnet.add_routes(api, state)
     a1111_settings.add_routes(api, state)
     a1111_pnginfo.add_routes(api, state)
     openai.add_routes(api, state)
