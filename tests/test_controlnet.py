@@ -43,7 +43,7 @@ def export(tiny_pipeline: Path, controlnets: dict[str, Path], tmp_path_factory: 
 
 @pytest.fixture(scope="module")
 def ours(export: Path):
-    return DiffusionPipeline.from_pretrained(export)
+    return DiffusionPipeline.from_pretrained(export, provider="cpu")  # fp32 (auto may pick OpenVINO's bf16)
 
 
 def control_images() -> list[Image.Image]:
@@ -128,7 +128,7 @@ def test_img2img_matches_diffusers(ours, tiny_pipeline: Path, controlnets: dict[
 def test_low_memory_makes_the_same_pixels_and_the_png_records_the_units(export: Path, ours) -> None:
     request = GenerationRequest(PROMPT, steps=2, seed=1, controls=(ControlUnit(control_images()[0], "depth", 0.5),))
     want = ours.generate(request, output_type="np").images
-    lean = DiffusionPipeline.from_pretrained(export, low_memory=True)
+    lean = DiffusionPipeline.from_pretrained(export, low_memory=True, provider="cpu")
     out = lean.generate(request)
     assert np.abs(np.asarray(out.images[0], np.float64) / 255 - want[0]).max() <= 1 / 255 + 1e-6
     assert out.parameters["ControlNet 0"] == (
@@ -180,7 +180,7 @@ def test_sd_export_controlnet_adds_one_and_refuses_another_base(
     assert result.exit_code == 0, result.output
     manifest = Manifest.load(tmp_path / "o")
     assert list(manifest.config.controlnets) == ["canny", "depth", "edges"]
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o", provider="cpu")
     units = lambda name: (ControlUnit(control_images()[0], name),)  # noqa: E731
     same = [pipe.generate(GenerationRequest(PROMPT, steps=2, seed=1, controls=units(n)), output_type="np").images
             for n in ("canny", "edges")]  # fmt: skip
@@ -208,7 +208,8 @@ def test_cli_runs_controlnets_with_a_preprocessor(export: Path, ours, tmp_path: 
 
     picture = drawing().resize((96, 72))  # under the tiny model's input limit (4x its 32x32 pixels)
     picture.save(tmp_path / "picture.png")
-    common = ["prompt", PROMPT, "-m", str(export), "--steps", "2", "--seed", "4", "--control-preprocess", "canny"]
+    common = ["prompt", PROMPT, "-m", str(export), "--steps", "2", "--seed", "4", "--control-preprocess", "canny",
+              "--provider", "cpu"]  # fmt: skip
     out = tmp_path / "out.png"
     result = CliRunner().invoke(main, [*common, "--control", f"{tmp_path / 'picture.png'}:depth:0.8",
                                        "--control-end", "0.5", "-o", str(out)])  # fmt: skip
@@ -358,7 +359,7 @@ def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_p
     ]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = CliRunner().invoke(main, ["batch", str(tmp_path / "prompts.jsonl"), str(tmp_path / "out"),
-                                       "-m", str(export)])  # fmt: skip
+                                       "-m", str(export), "--provider", "cpu"])  # fmt: skip
     assert result.exit_code == 1, result.output  # some lines failed
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert records["ok"]["status"] == "ok"
@@ -370,3 +371,33 @@ def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_p
     want = ours.generate(request, output_type="np").images[0]
     got = np.asarray(Image.open(tmp_path / "out" / "ok.png"), np.float64) / 255
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_sdxl_controlnet_matches_diffusers(tiny_sdxl: tuple[Path, Path], tmp_path: Path) -> None:
+    """An SDXL ControlNet (pooled text embedding and time ids as inputs), exported with its base and checked
+    against PyTorch, in parity with diffusers' StableDiffusionXLControlNetPipeline."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from sd_onnx.exporter.controlnet import ControlNetSource
+    from sd_onnx.exporter.convert import convert
+    from sd_onnx.models.build import build_controlnet
+
+    source, _ = tiny_sdxl
+    controlnet = build_controlnet(source, tmp_path / "control_xl", seed=3)
+    out = tmp_path / "export"
+    convert(str(source), out, controlnets=[ControlNetSource.parse(f"{controlnet}:xl")], log=lambda line: None)
+    manifest = Manifest.load(out)
+    assert [t.name for t in manifest.components["controlnet_xl"].inputs][-2:] == ["text_embeds", "time_ids"]
+    assert manifest.components["unet_control"].validation["reference"] == "torch"
+    pipe = DiffusionPipeline.from_pretrained(out, provider="cpu")
+    control = control_images()[0]
+    settings = {"num_inference_steps": 3, "controlnet_conditioning_scale": 0.9, "height": 64, "width": 64,
+                "guidance_scale": 5.0}  # fmt: skip
+    got = pipe(PROMPT, control_image=control, seed=2, output_type="np", **settings).images
+    want = diffusers_images(StableDiffusionXLControlNetPipeline, source, [controlnet], 2, prompt=PROMPT, image=control,
+                            **settings)  # fmt: skip
+    difference = mean_abs(got, want)
+    plain = pipe(
+        PROMPT, seed=2, output_type="np", num_inference_steps=3, height=64, width=64, guidance_scale=5.0
+    ).images
+    assert difference <= TOLERANCE and mean_abs(plain, want) > 5 * difference
