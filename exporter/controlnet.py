@@ -17,6 +17,7 @@ once. It is checked against PyTorch's UNet given the same residuals where the ex
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -301,7 +302,7 @@ def add_control_unet(
     else:  # int8/fp16, or no PyTorch UNet at hand: with zero residuals it is the UNet graph
         zeros = {k: np.zeros_like(v) if _is_residual(k) else v for k, v in feeds.items()}
         reference = open_session(full_file).run(None, {k: v for k, v in feeds.items() if not _is_residual(k)})[0]
-        validation = compare_outputs(CONTROL_UNET, session, zeros, [reference], 1e-5)
+        validation = {**compare_outputs(CONTROL_UNET, session, zeros, [reference], 1e-5), "reference": "unet graph"}
     del session
     record(folder, manifest, CONTROL_UNET, derived, validation)
     log(f"{CONTROL_UNET}: max |onnx - reference| {validation['max_abs_diff']:.2e}")
@@ -323,6 +324,25 @@ def _check_feeds(folder: Path, manifest: Manifest, controlnet: str) -> dict[str,
     outputs = graph.run(None, {**unet, "controlnet_cond": image})
     names = [o.name for o in graph.get_outputs()]
     return {**unet, **dict(zip(names, outputs, strict=True))}
+
+
+def calibration_feeds(manifest: Manifest, component: str, unet_feeds: list[dict], seed: int) -> list[dict]:
+    """The ControlNet `component`'s inputs for int8 calibration: each recorded UNet input (both guidance halves,
+    every step) with control images beside it, the Canny outlines of rendered shapes (line art like the edge,
+    scribble and line maps most ControlNets read; depth-like ControlNets see other images in use)."""
+    from sd_onnx.models.shapes.data import all_combinations, random_scene, render
+    from sd_onnx.runtime.annotators import canny
+
+    wanted = {t.name for t in manifest.components[component].inputs}
+    rng, combos, factor = random.Random(seed), all_combinations(), manifest.config.vae_scale_factor
+    feeds = []
+    for feed in unet_feeds:
+        rows, _, height, width = feed["sample"].shape
+        pictures = [render(random_scene(rng, combos), max(height, width) * factor, rng) for _ in range(rows)]
+        edges = [canny(np.asarray(p.resize((width * factor, height * factor))), 100, 200) for p in pictures]
+        images = np.stack([np.repeat(e[None], 3, axis=0) for e in edges]).astype(np.float32) / 255
+        feeds.append({**{k: v for k, v in feed.items() if k in wanted}, "controlnet_cond": images})
+    return feeds
 
 
 def torch_unet_reference(source: Path, sdxl: bool) -> UnetReference:

@@ -175,9 +175,9 @@ def fidelity(fp32_file: Path, int8_file: Path, feeds: list[dict[str, np.ndarray]
     """int8 vs fp32 outputs on held-out inputs: worst cosine similarity, max and mean abs difference."""
     reference, quantized = open_session(fp32_file), open_session(int8_file)
     cosines, max_diffs, mean_diffs = [], [], []
-    for feed in feeds:
-        a = reference.run(None, feed)[0].astype(np.float64).ravel()
-        b = quantized.run(None, feed)[0].astype(np.float64).ravel()
+    for feed in feeds:  # every output (a ControlNet's residuals), as one vector
+        a = np.concatenate([o.astype(np.float64).ravel() for o in reference.run(None, feed)])
+        b = np.concatenate([o.astype(np.float64).ravel() for o in quantized.run(None, feed)])
         cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
         max_diffs.append(float(np.abs(a - b).max()))
         mean_diffs.append(float(np.abs(a - b).mean()))

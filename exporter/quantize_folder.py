@@ -8,12 +8,13 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sd_onnx.runtime.manifest import TRANSFORMER_FAMILIES, Manifest
+from sd_onnx.runtime.manifest import TRANSFORMER_FAMILIES, Manifest, controlnet_component
 
 from .atomic import publish, staging_folder
 from .calibrate import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS, record
-from .controlnet import add_control_unet
+from .controlnet import add_control_unet, calibration_feeds
 from .deepcache import add_deepcache
 from .errors import ExportError
 from .quantize import RECIPES, component_info, cpu_has_vnni, fidelity, quantize_graph
@@ -49,25 +50,21 @@ def quantize_in_place(
     held_out = record(folder, HELD_OUT_PROMPTS, steps, size, seed=1000)
     log(f"calibration: {calibration.settings['samples']} inputs recorded in {time.perf_counter() - started:.1f} s")
     (folder / "quantization").mkdir(exist_ok=True)
-    for i, name in enumerate(components, 1):
+    jobs = [(name, RECIPES[name], calibration.feeds[name], held_out.feeds[name]) for name in components]
+    if "unet" in components:  # each ControlNet with the UNet it pairs with, on its recorded inputs
+        for controlnet in manifest.config.controlnets:
+            component = controlnet_component(controlnet)
+            sets = [calibration_feeds(manifest, component, s.feeds["unet"], seed) for seed, s in
+                    enumerate((calibration, held_out))]  # fmt: skip
+            jobs.append((component, RECIPES["unet"], *sets))
+    for i, (name, recipe, feeds, held_out_feeds) in enumerate(jobs, 1):
         started = time.perf_counter()
-        fp32_file = folder / manifest.components[name].file
-        fp32_copy = folder / "quantization" / f"_{name}_fp32"
-        shutil.move(fp32_file.parent, fp32_copy)
-        fp32_file.parent.mkdir()
-        if (fp32_copy / "config.json").is_file():
-            shutil.copy2(fp32_copy / "config.json", fp32_file.parent / "config.json")
-        ranges = folder / "quantization" / f"{name}_ranges.json"
-        report = quantize_graph(
-            fp32_copy / fp32_file.name, fp32_file, RECIPES[name], calibration.feeds[name], reduce_range, ranges
-        )
-        report["validation"] = fidelity(fp32_copy / fp32_file.name, fp32_file, held_out.feeds[name])
-        report["calibration"] = {**calibration.settings, "ranges_file": str(ranges.relative_to(folder))}
+        report = _quantize_component(folder, manifest, name, recipe, feeds, held_out_feeds, reduce_range)
+        report["calibration"] = {**calibration.settings, "ranges_file": f"quantization/{name}_ranges.json"}
         manifest.components[name] = component_info(folder, name, manifest.components[name], "int8", report)
-        shutil.rmtree(fp32_copy)
         v = manifest.components[name].validation
         log(
-            f"[{i}/{len(components)}] {name}: int8, {report['quantized_nodes']} nodes quantized, "
+            f"[{i}/{len(jobs)}] {name}: int8, {report['quantized_nodes']} nodes quantized, "
             f"{report['float_nodes']} kept float, cosine vs fp32 {v['cosine_min']:.4f}, "
             f"{time.perf_counter() - started:.1f} s"
         )
@@ -82,6 +79,24 @@ def quantize_in_place(
             first, entry = next(iter(manifest.config.controlnets.items()))
             manifest = add_control_unet(folder, manifest, entry["residuals"], first, 0.0, None, log)
     return manifest
+
+
+def _quantize_component(
+    folder: Path, manifest: Manifest, name: str, recipe: Any, feeds: list, held_out: list, reduce_range: bool
+) -> dict[str, Any]:
+    """Quantize component `name`'s graph in place (its fp32 files moved aside, then removed) and measure it
+    against them on the held-out feeds; the quantization report."""
+    fp32_file = folder / manifest.components[name].file
+    fp32_copy = folder / "quantization" / f"_{name}_fp32"
+    shutil.move(fp32_file.parent, fp32_copy)
+    fp32_file.parent.mkdir()
+    if (fp32_copy / "config.json").is_file():
+        shutil.copy2(fp32_copy / "config.json", fp32_file.parent / "config.json")
+    ranges = folder / "quantization" / f"{name}_ranges.json"
+    report = quantize_graph(fp32_copy / fp32_file.name, fp32_file, recipe, feeds, reduce_range, ranges)
+    report["validation"] = fidelity(fp32_copy / fp32_file.name, fp32_file, held_out)
+    shutil.rmtree(fp32_copy)
+    return report
 
 
 def quantize_folder(

@@ -401,3 +401,24 @@ def test_sdxl_controlnet_matches_diffusers(tiny_sdxl: tuple[Path, Path], tmp_pat
         PROMPT, seed=2, output_type="np", num_inference_steps=3, height=64, width=64, guidance_scale=5.0
     ).images
     assert difference <= TOLERANCE and mean_abs(plain, want) > 5 * difference
+
+
+def test_int8_quantizes_each_controlnet_with_its_unet(tiny_pipeline: Path, controlnets: dict[str, Path], ours,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """`--precision int8`: the ControlNet calibrated on the UNet's recorded inputs beside outline images, its
+    residuals' cosine to fp32 measured on held-out ones; the control UNet cut again from the int8 UNet."""
+    from sd_onnx.exporter.controlnet import ControlNetSource
+    from sd_onnx.exporter.convert import convert
+
+    out = tmp_path / "int8"
+    source = ControlNetSource.parse(f"{controlnets['canny']}:canny")
+    convert(str(tiny_pipeline), out, precision="int8", controlnets=[source], log=lambda line: None)
+    manifest = Manifest.load(out)
+    graph = manifest.components["controlnet_canny"]
+    assert graph.precision == "int8" and graph.validation["cosine_min"] > 0.95
+    assert graph.quantization["calibration"]["ranges_file"] == "quantization/controlnet_canny_ranges.json"
+    assert manifest.components["unet_control"].validation["reference"] == "unet graph"
+    assert manifest.components["unet_control"].precision == "int8"
+    request = GenerationRequest(PROMPT, steps=3, seed=1, controls=(ControlUnit(control_images()[0], "canny"),))
+    quantized = DiffusionPipeline.from_pretrained(out, provider="cpu").generate(request, output_type="np").images
+    assert mean_abs(quantized, ours.generate(request, output_type="np").images) < 0.05
