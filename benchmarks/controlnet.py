@@ -1,7 +1,7 @@
 """ControlNet's cost on the SD 1.5 architecture (random weights): `python -m sd_onnx.benchmarks.controlnet WORK`.
 
 Builds SD 1.5 and a ControlNet of its size (diffusers' ControlNetModel.from_unet, seeded random weights, the zero
-convolutions too), exports both with `--precision int8` (the UNet and VAE int8, the ControlNet fp32), then in one
+convolutions too), exports both with `--precision int8` (the UNet, VAE and ControlNet int8), then in one
 process, interleaved over rounds: one guided step's UNet call (batch 2 at 512x512) without and with the
 ControlNet (its graph, then the UNet that takes residuals), and the ControlNet alone; then peak RSS of a whole
 generation with one ControlNet, default and low-memory, each in a fresh process. Writes JSON to --out.
@@ -59,12 +59,13 @@ def build_and_export(work: Path, log: Any = print) -> Path:
     return out
 
 
-def step_times(model: Path, rounds: int, threads: int = 2) -> dict[str, Any]:
+def step_times(model: Path, rounds: int, provider: str, threads: int = 2) -> dict[str, Any]:
     """Median seconds of one guided step's denoiser calls at 512x512 (batch 2): plain UNet, ControlNet + control
-    UNet, and the ControlNet alone, interleaved over `rounds`."""
+    UNet, and the ControlNet alone, interleaved over `rounds`, on `provider` ("auto": the UNet's graphs on
+    OpenVINO where the CPU has bf16 or AMX)."""
     from sd_onnx.runtime import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, provider="cpu", threads=threads)
+    pipe = StableDiffusionPipeline.from_pretrained(model, provider=provider, threads=threads)
     rng = np.random.default_rng(0)
     config = pipe.config
     side = 512 // config.vae_scale_factor
@@ -91,10 +92,19 @@ def step_times(model: Path, rounds: int, threads: int = 2) -> dict[str, Any]:
             times[name].append(value)
     medians = {name: round(statistics.median(values[1:]), 3) for name, values in times.items()}
     return {
+        "engine": pipe.engine,
         "median_s": medians,
         "rounds_s": {name: [round(v, 3) for v in values[1:]] for name, values in times.items()},
         "ratio_to_plain_step": round(medians["controlnet+unet_control"] / medians["unet"], 3),
     }
+
+
+def model_info(model: Path) -> dict[str, Any]:
+    """The ControlNet graph's precision and its int8 fidelity as the export measured it."""
+    from sd_onnx.runtime.manifest import Manifest
+
+    info = Manifest.load(model).components["controlnet_cn"]
+    return {"precision": info.precision, "validation": info.validation}
 
 
 def peak_memory(model: Path, steps: int) -> dict[str, Any]:
@@ -120,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m sd_onnx.benchmarks.controlnet WORK",
         "machine": machine_info(),
         "versions": versions(("onnxruntime", "numpy", "torch", "diffusers")),
-        "model": "SD 1.5 architecture, random weights; UNet int8, ControlNet fp32; 512x512, batch 2 (CFG)",
-        "step": step_times(model, args.rounds),
+        "model": "SD 1.5 architecture, random weights; UNet and ControlNet int8; 512x512, batch 2 (CFG)",
+        "step": {provider: step_times(model, args.rounds, provider) for provider in ("auto", "cpu")},
+        "controlnet_int8": model_info(model),
         "peak_memory": peak_memory(model, args.steps),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

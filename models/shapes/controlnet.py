@@ -153,6 +153,8 @@ def train(out: Path, steps: int, seed: int = 0) -> Path:
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step}/{steps} loss {loss.item():.4f} {time.perf_counter() - started:.0f} s", flush=True)
+        if (step + 1) % 250 == 0:  # usable (and inspectable) before the end
+            controlnet.save_pretrained(out / "controlnet")
     controlnet.save_pretrained(out / "controlnet")
     return out / "controlnet"
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...runtime.pipeline import StableDiffusionPipeline
-from .data import Scene, random_scene, split_combinations
+from .data import Scene, random_scene, render, split_combinations
 from .judge import judge, score
 
 EVAL_SEED = 1234
@@ -78,6 +78,32 @@ def image_difference(images: list[Image.Image], reference: list[Image.Image]) ->
         "psnr_db": round(float(np.mean(10 * np.log10(255.0**2 / mse))), 2),
         "mean_abs_diff": round(float(np.abs(a - b).mean()), 3),
     }
+
+
+def control_accuracy(pipe: StableDiffusionPipeline, controlnet: str, count: int, steps: int = STEPS) -> dict:
+    """Whether images follow a ControlNet's outline: for `count` scenes whose caption names colour, shape and
+    background only, the judge's position and size of the object drawn with the outline of the scene rendered
+    at a position and size (as the `outline` trainer's control images are made), and without it (chance)."""
+    from ...runtime.annotators import canny
+
+    seen, _ = split_combinations()
+    rng = random.Random(EVAL_SEED + 1)
+    scenes = [random_scene(rng, seen, 1.0, 1.0) for _ in range(count)]
+    report = {}
+    for name, control in (("with", True), ("without", False)):
+        hits = {"position": 0, "size": 0, "shape": 0}
+        for i, scene in enumerate(scenes):
+            caption = Scene(scene.color, scene.shape, scene.background).caption
+            kwargs = {}
+            if control:
+                picture = render(scene, pipe.config.default_resolution, random.Random(i))
+                edges = Image.fromarray(canny(np.asarray(picture), 100, 200)).convert("RGB")
+                kwargs = {"control_image": edges, "controlnet": controlnet}
+            image = pipe(caption, num_inference_steps=steps, seed=EVAL_SEED + i, **kwargs).images[0]
+            verdict = judge(image)
+            hits = {k: v + (getattr(verdict, k) == getattr(scene, k)) for k, v in hits.items()}
+        report[name] = {k: v / count for k, v in hits.items()}
+    return report
 
 
 def sample_grid(pipe: StableDiffusionPipeline, prompts: tuple[str, ...] = GRID_PROMPTS, zoom: int = 2) -> Image.Image:
