@@ -422,3 +422,28 @@ def test_int8_quantizes_each_controlnet_with_its_unet(tiny_pipeline: Path, contr
     request = GenerationRequest(PROMPT, steps=3, seed=1, controls=(ControlUnit(control_images()[0], "canny"),))
     quantized = DiffusionPipeline.from_pretrained(out, provider="cpu").generate(request, output_type="np").images
     assert mean_abs(quantized, ours.generate(request, output_type="np").images) < 0.05
+
+
+def test_inpainting_matches_diffusers(ours, tiny_pipeline: Path, controlnets: dict[str, Path]) -> None:
+    """diffusers' StableDiffusionControlNetInpaintPipeline on the (4-channel) UNet: the masked latents blended
+    back each step, the ControlNet on the latents alone (its conditioning scale given: that pipeline's default
+    is 0.5, the others' 1)."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    rng = np.random.default_rng(6)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 8, 48, 40))
+    control = control_images()[1]
+    settings = {
+        "num_inference_steps": 4,
+        "strength": 1.0,
+        "height": 64,
+        "width": 64,
+        "controlnet_conditioning_scale": 1.0,
+    }
+    got = ours(PROMPT, image=init, mask_image=mask, control_image=control, controlnet="depth", seed=7,
+               output_type="np", **settings).images  # fmt: skip
+    want = diffusers_images(StableDiffusionControlNetInpaintPipeline, tiny_pipeline, [controlnets["depth"]], 7,
+                            prompt=PROMPT, image=init, mask_image=mask, control_image=control, **settings)  # fmt: skip
+    assert mean_abs(got, want) <= TOLERANCE
