@@ -85,3 +85,14 @@ def test_unknown_words_warning_stays_short(caplog: pytest.LogCaptureFixture) -> 
         pipe("a red circle " + "q" * 100_000, num_inference_steps=1)
     lines = caplog.text.splitlines()  # the unknown word, and the cut (the prompt is far past 77 tokens)
     assert len(lines) == 2 and all(len(line) < 250 for line in lines) and "qqq..." in lines[0]
+
+
+def test_shipped_model_follows_its_outline_controlnet(shipped: StableDiffusionPipeline) -> None:
+    """The shipped outline ControlNet (models/shapes/controlnet.py): given the Canny outline of a scene, the
+    object is drawn where and as large as the outline says, though the caption names neither (without it,
+    position is right by chance)."""
+    from sd_onnx.models.shapes.evaluate import control_accuracy
+
+    report = control_accuracy(shipped, "outline", count=8, steps=10)
+    assert report["with"]["position"] >= 7 / 8 and report["with"]["size"] >= 7 / 8, report
+    assert report["without"]["position"] <= 0.5, report
