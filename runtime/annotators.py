@@ -119,7 +119,7 @@ def annotate(
 ) -> Image.Image:
     """The control image `module` makes from `image` (RequestError naming `module` for one not known, or
     `threshold_a`/`threshold_b`/`resolution` for one out of range)."""
-    if module not in MODULES:
+    if not isinstance(module, str) or module not in MODULES:
         raise RequestError("module", f"no preprocessor {str(module)[:64]!r}; there are {', '.join(MODULES)}")
     run, default_a, default_b = MODULES[module]
     if run is None:

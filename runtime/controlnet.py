@@ -73,6 +73,8 @@ def _resolve_unit(unit: Any, config: ModelConfig, size: tuple[int, int]) -> Cont
         raise RequestError("controls", f"each unit must be a ControlUnit, got {type(unit).__name__}")
     names = sorted(config.controlnets)
     model = unit.model
+    if model is not None and not isinstance(model, str):
+        raise RequestError("controls", f"model must be a ControlNet's name, got {type(model).__name__}")
     if model is None and len(names) > 1:
         raise RequestError("controls", f"name the ControlNet: this model has {', '.join(names)}")
     model = names[0] if model is None else model
@@ -86,7 +88,7 @@ def _resolve_unit(unit: Any, config: ModelConfig, size: tuple[int, int]) -> Cont
         if not low <= value <= high:
             raise RequestError("controls", f"{field} must be in [{low:g}, {high:g}], got {value:g}")
         numbers[field] = float(value)
-    if unit.resize_mode not in RESIZE_MODES:
+    if not isinstance(unit.resize_mode, str) or unit.resize_mode not in RESIZE_MODES:
         raise RequestError(
             "controls", f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {unit.resize_mode!r}"[:200]
         )

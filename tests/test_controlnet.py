@@ -150,6 +150,8 @@ def test_low_memory_makes_the_same_pixels_and_the_png_records_the_units(export: 
         ((ControlUnit("control.png", "canny"),), {}, "controls", "must be a PIL image or a (1, 3, H, W) array"),
         ((ControlUnit(Image.new("RGB", (8, 8)), "canny"),) * 5, {}, "controls", "5 units exceeds the limit of 4"),
         (("control.png",), {}, "controls", "each unit must be a ControlUnit, got str"),
+        ((ControlUnit(Image.new("RGB", (8, 8)), ["canny"]),), {}, "controls", "model must be a ControlNet's name"),
+        ((ControlUnit(Image.new("RGB", (8, 8)), "canny", resize_mode=[1]),), {}, "controls", "resize_mode must be"),
     ],
 )
 def test_bad_units_are_request_errors(ours, controls, extra: dict, field: str, message: str) -> None:

@@ -92,7 +92,13 @@ def test_shipped_model_follows_its_outline_controlnet(shipped: StableDiffusionPi
     object is drawn where and as large as the outline says, though the caption names neither (without it,
     position is right by chance)."""
     from sd_onnx.models.shapes.evaluate import control_accuracy
+    from sd_onnx.runtime.controlnet import ControlUnit
+    from sd_onnx.runtime.request import GenerationRequest, RequestError
 
     report = control_accuracy(shipped, "outline", count=8, steps=10)
     assert report["with"]["position"] >= 7 / 8 and report["with"]["size"] >= 7 / 8, report
     assert report["without"]["position"] <= 0.5, report
+    unit = ControlUnit(Image.new("RGB", (64, 64)))
+    for field, value in (("deepcache_interval", 3), ("tome_ratio", 0.3)):  # graphs that take no residuals
+        with pytest.raises(RequestError, match=f"^{field}: cannot be combined with a ControlNet"):
+            shipped.prepare(GenerationRequest("a red circle", controls=(unit,), **{field: value}))
