@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:
         raise SystemExit("usage: python -m sd_onnx.models.shapes.controlnet OUT [STEPS]")
-    print(train(Path(args[0]), int(args[1]) if len(args) > 1 else 3000))
+    print(train(Path(args[0]), int(args[1]) if len(args) > 1 else 1250))
 
 
 if __name__ == "__main__":
