@@ -382,8 +382,8 @@ UNSUPPORTED = [
     ({"restore_faces": True}, "restore_faces"),
     ({"tiling": True}, "tiling"),
     ({"subseed_strength": 0.5}, "subseed_strength"),
-    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}, "ADetailer": {"args": []}}},
-     "alwayson_scripts.ControlNet"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [{"ad_model": "face_yolov8n.pt"}]}, "Dynamic Prompts": {"args": []}}},
+     "alwayson_scripts.ADetailer"),  # ControlNet is implemented: tests/test_controlnet.py
     ({"override_settings": {"sd_lora": "x"}}, "override_settings.sd_lora"),
     ({"override_settings": {"samples_format": "jpg"}}, "override_settings.samples_format"),
     ({"styles": ["anime"]}, "styles"),
