@@ -429,7 +429,7 @@ def prompt(
             paste_back=False if no_paste_back else True if mask_image else None,
             hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
             skip_guidance_layers=parse_layers(skip_layers), skip_layer_guidance_scale=skip_layer_scale,
-            controls=read_controls(controls, control_preprocess, control_start, control_end,
+            controls=read_controls(controls, control_preprocess, control_start, control_end, guess_mode,
                                    limits.input_pixels(pipe.config)),
             guess_mode=guess_mode,
         )  # fmt: skip
@@ -443,23 +443,30 @@ def prompt(
         raise user_error(exc) from None
 
 
-def read_controls(texts: tuple[str, ...], module: str, start: float, end: float, max_pixels: int) -> tuple:
+def read_controls(
+    texts: tuple[str, ...], module: str, start: float, end: float, guess_mode: bool, max_pixels: int
+) -> tuple:
     """--control IMAGE[:NAME[:WEIGHT]] options as ControlNet units, each image read (and preprocessed)."""
     from .annotators import annotate
     from .controlnet import ControlUnit
 
+    if not texts and (module != "none" or guess_mode):
+        given = "--control-preprocess" if module != "none" else "--guess-mode"
+        raise click.BadParameter("applies to control images: give one with --control IMAGE", param_hint=given)
     units = []
     for text in texts:
         path, name, weight = text, None, 1.0
         if not Path(text).is_file():
             parts = text.rsplit(":", 2)
-            try:
-                weight = float(parts[2]) if len(parts) == 3 else 1.0
-            except ValueError:
-                parts = text.rsplit(":", 1)
+            if len(parts) == 3:
+                try:
+                    weight = float(parts[2])
+                except ValueError:
+                    message = f"WEIGHT {parts[2]!r} is not a number (IMAGE[:NAME[:WEIGHT]])"
+                    raise click.BadParameter(message, param_hint="--control") from None
             path, name = parts[0], (parts[1] if len(parts) > 1 else "") or None
         image = read_init_image(Path(path), max_pixels, "--control")
-        units.append(ControlUnit(annotate(image, module), name, weight, start, end))
+        units.append(ControlUnit(annotate(image, module), name, weight, start, end, module=module))
     return tuple(units)
 
 

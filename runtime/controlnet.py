@@ -63,6 +63,8 @@ def resolve_controls(units: Any, config: ModelConfig, size: tuple[int, int], exc
     if len(units) > MAX_CONTROLS:
         raise RequestError("controls", f"{len(units)} units exceeds the limit of {MAX_CONTROLS}")
     for name, value in exclusive.items():
+        if value and name == "hires":
+            raise RequestError(name, "the hires fix's second pass does not run ControlNets yet; leave one of them out")
         if value:
             raise RequestError(name, "cannot be combined with a ControlNet (its UNet graph takes no residuals)")
     return tuple(_resolve_unit(unit, config, size) for unit in default_names(units, config))

@@ -220,8 +220,15 @@ def test_cli_runs_controlnets_with_a_preprocessor(export: Path, ours, tmp_path: 
     want = ours.generate(GenerationRequest(PROMPT, steps=2, seed=4, controls=(unit,)), output_type="np").images[0]
     assert np.abs(np.asarray(Image.open(out), np.float64) / 255 - want).max() <= 1 / 255 + 1e-6
     assert "ControlNet 0" in Image.open(out).text["parameters"]
+    assert "Module: canny, Model: depth, Weight: 0.8" in Image.open(out).text["parameters"]
     result = CliRunner().invoke(main, [*common, "--control", f"{tmp_path / 'picture.png'}:pose"])
     assert result.exit_code == 1 and "Error: --control: no ControlNet named 'pose'" in result.output
+    result = CliRunner().invoke(main, [*common, "--control", f"{tmp_path / 'picture.png'}:depth:heavy"])
+    assert result.exit_code == 2 and "WEIGHT 'heavy' is not a number" in result.output
+    result = CliRunner().invoke(main, common)  # a preprocessor without a control image
+    assert (
+        result.exit_code == 2 and "--control-preprocess" in result.output and "give one with --control" in result.output
+    )
 
 
 def drawing() -> Image.Image:
@@ -322,7 +329,9 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
         encoded = base64.b64encode(buffer.getvalue()).decode()
         refusals = (
             ({"image": encoded, "module": "depth_midas"}, "args[0].module: no preprocessor 'depth_midas'"),
-            ({"image": encoded, "model": "pose"}, "alwayson_scripts.ControlNet: no ControlNet named 'pose'"),
+            ({"image": encoded, "model": "pose"}, "args[0].model: no ControlNet named 'pose'; this model has canny"),
+            ({"image": encoded, "model": ["x"]}, "args[0].model: must be a ControlNet's name, got list"),
+            ({"image": encoded, "guidance_start": 0.9, "guidance_end": 0.1}, "args[0].guidance_start: 0.9 must be"),
             ({"image": encoded, "resize_mode": "Stretch"}, "args[0].resize_mode: must be one of"),
             ({"image": encoded, "weight": "heavy"}, "args[0].weight: must be a number"),
             ({"module": "canny", "model": "canny"}, "args[0].image: required (a base64 image) on txt2img"),
@@ -333,6 +342,12 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
             r = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts},
                            timeout=60)  # fmt: skip
             assert r.status_code == 422 and message in r.json()["detail"], (unit_fields, r.text)
+        for scripts in ({"ControlNet": [{"image": encoded}]}, {"controlnet": {}}):  # not {"args": [...]}: refused
+            r = httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts})
+            assert r.status_code == 422 and "must be an object with args" in r.json()["detail"], r.text
+        r = httpx.post(f"http://127.0.0.1:{port}/controlnet/detect",
+                       json={"controlnet_module": "depth", "controlnet_input_images": [encoded]})  # fmt: skip
+        assert r.status_code == 422 and r.json()["detail"].startswith("controlnet_module: no preprocessor 'depth'")
     finally:
         server.should_exit = True
         thread.join(timeout=10)

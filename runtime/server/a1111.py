@@ -126,7 +126,8 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         size = (body.width or native, body.height or native)
         init = image if isinstance(image, Image.Image) else None
         limit = state.config.limits.input_pixels(applied.entry.config)
-        controls, guess_mode, ignored = await control_units(applied.extra, init, size, limit)
+        models = list(applied.entry.config.controlnets)
+        controls, guess_mode, ignored = await control_units(applied.extra, init, size, limit, models)
         if state.config.strict and ignored:
             raise HTTPException(422, strict_refusal(ignored))
         applied.ignored.extend(ignored)

@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..annotators import MODULES, annotate
-from ..controlnet import MAX_CONTROLS, ControlUnit
+from ..controlnet import MAX_CONTROL_SCALE, MAX_CONTROLS, ControlUnit
 from ..echo import echo
 from ..image import ImageError, decode_base64_image, png_bytes
 from ..request import RequestError
@@ -44,16 +44,19 @@ def find_script(extra: dict[str, Any]) -> tuple[str, list[Any]] | None:
     if not isinstance(scripts, dict):
         return None
     for key, entry in scripts.items():
-        if str(key).lower() == "controlnet" and isinstance(entry, dict):
-            return key, entry.get("args") if entry.get("args") is not None else []
+        if str(key).lower() != "controlnet":
+            continue
+        if not isinstance(entry, dict) or "args" not in entry:
+            raise HTTPException(422, f"alwayson_scripts.{key}: must be an object with args: [unit, ...]")
+        return key, entry["args"] if entry["args"] is not None else []
     return None
 
 
 async def control_units(
-    extra: dict[str, Any], init_image: Image.Image | None, size: tuple[int, int], limit: int
+    extra: dict[str, Any], init_image: Image.Image | None, size: tuple[int, int], limit: int, models: list[str]
 ) -> tuple[tuple[ControlUnit, ...], bool, list[str]]:
     """The enabled units of a body's ControlNet script, their images read and preprocessed; whether any asks for
-    guess mode; the fields listed as ignored."""
+    guess mode; the fields listed as ignored. `models`: the ControlNets a unit's `model` may name."""
     found = find_script(extra)
     if found is None:
         return (), False, []
@@ -76,7 +79,7 @@ async def control_units(
         if mode == 1:
             ignored.append(f"{prefix}.control_mode")
         modes.add(mode)
-        units.append(_unit(unit, prefix, image, size))
+        units.append(_unit(unit, prefix, image, size, models))
     return tuple(units), 2 in modes, ignored
 
 
@@ -99,7 +102,7 @@ async def _image(unit: dict, prefix: str, init: Image.Image | None, limit: int) 
         raise HTTPException(422, f"{prefix}.{field}: {exc}") from None
 
 
-def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int]) -> ControlUnit:
+def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int], models: list[str] | None) -> ControlUnit:
     module = str(unit.get("module") or "none").lower()
     resize = _choice(unit.get("resize_mode", "Crop and Resize"), RESIZE_MODES, f"{prefix}.resize_mode")
     resolution = unit.get("processor_res", DEFAULT_RESOLUTION)
@@ -114,13 +117,22 @@ def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int]) ->
         field = "processor_res" if exc.field == "resolution" else exc.field
         raise HTTPException(422, f"{prefix}.{field}: {exc.reason}") from None
     model = unit.get("model")
-    model = None if model in (None, "", "None", "none") else str(model).split(" [")[0]
-    numbers = {f: unit.get(n, d) for f, n, d in (("scale", "weight", 1.0), ("start", "guidance_start", 0.0),
-                                                  ("end", "guidance_end", 1.0))}  # fmt: skip
-    for name, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            field = {"scale": "weight", "start": "guidance_start", "end": "guidance_end"}[name]
-            raise HTTPException(422, f"{prefix}.{field}: must be a number, got {echo(value)}")
+    if model is not None and not isinstance(model, str):
+        raise HTTPException(422, f"{prefix}.model: must be a ControlNet's name, got {type(model).__name__}")
+    model = None if model in (None, "", "None", "none") else model.split(" [")[0]  # "name [hash]"
+    if models is not None and model is not None and model not in models:
+        raise HTTPException(422, f"{prefix}.model: no ControlNet named {echo(model)}; this model has "
+                                 f"{', '.join(models) or 'none'}")  # fmt: skip
+    numbers = {}
+    for name, field, default, high in (("scale", "weight", 1.0, MAX_CONTROL_SCALE), ("start", "guidance_start", 0.0,
+                                       1.0), ("end", "guidance_end", 1.0, 1.0)):  # fmt: skip
+        value = unit.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise HTTPException(422, f"{prefix}.{field}: must be a number in [0, {high:g}], got {echo(value)}")
+        numbers[name] = float(value)
+    if numbers["start"] >= numbers["end"]:
+        raise HTTPException(422, f"{prefix}.guidance_start: {numbers['start']:g} must be below guidance_end "
+                                 f"{numbers['end']:g}")  # fmt: skip
     return ControlUnit(control, model, resize_mode=resize, module=module, **numbers)
 
 
@@ -180,6 +192,10 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 image = await asyncio.to_thread(decode_base64_image, data, limit)
             except ImageError as exc:
                 raise HTTPException(422, f"{name}[{i}]: {exc}") from None
-            control = await asyncio.to_thread(_unit, unit, "controlnet", image, image.size)
+            try:
+                control = await asyncio.to_thread(_unit, unit, "", image, image.size, None)
+            except HTTPException as exc:  # the unit's field, as this body names it
+                field, _, reason = str(exc.detail).lstrip(".").partition(": ")
+                raise HTTPException(422, f"controlnet_{field}: {reason}") from None
             out.append(base64.b64encode(png_bytes(control.image)).decode())
         return {"images": out, "info": "Success"}
