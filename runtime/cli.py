@@ -6,6 +6,7 @@ before any work where it can be known up front (settings, output path, model fol
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -603,6 +604,9 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 )
 @click.option("--strict", is_flag=True, help="Refuse (422) A1111 fields and settings the server would ignore.")
 @click.option(
+    "--mcp", is_flag=True, help="Also serve an MCP endpoint at /mcp (streamable HTTP) for agents (--api-key too)."
+)
+@click.option(
     "--host", default="127.0.0.1", show_default=True, help="Use 0.0.0.0 explicitly to listen on all interfaces."
 )
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
@@ -641,6 +645,7 @@ def serve(
     models_dir: Path | None,
     max_loaded_models: int,
     strict: bool,
+    mcp: bool,
     host: str,
     port: int,
     public_url: str | None,
@@ -702,6 +707,8 @@ def serve(
         load_upscalers(upscalers_dir)
     except ValueError as exc:
         raise user_error(exc) from None
+    if mcp and importlib.util.find_spec("mcp") is None:
+        raise click.BadParameter("needs the mcp package: pip install 'sd-onnx[serve]'", param_hint="--mcp")
     config = ServeConfig(
         limits=Limits(max_steps, max_pixels, max_batch),
         timeout_s=timeout,
@@ -714,6 +721,7 @@ def serve(
         allow_origins=tuple(allow_origins),
         upscalers_dir=upscalers_dir,
         strict=strict,
+        mcp=mcp,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}, reachable from other machines", err=True)

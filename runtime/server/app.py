@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Route
 
 from ..pipeline import StableDiffusionPipeline
 from . import (
@@ -35,15 +37,19 @@ from .models import ModelCache, ModelEntry
 from .state import ServeConfig, ServerState
 
 __all__ = ["ServeConfig", "ServerState", "create_app", "run_server"]
+MCP_PATH = "/mcp"
 
 
 def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]) -> FastAPI:
     """The application; `loader()` builds the pipeline in the background so /health can say "loading"."""
 
+    agents = mcp_endpoint(state) if state.config.mcp else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=state.load, args=(loader,), daemon=True).start()
-        yield
+        async with agents.session_manager.run() if agents is not None else contextlib.nullcontext():
+            yield
         if state.jobs is not None:
             await asyncio.to_thread(state.jobs.shutdown, state.config.graceful_shutdown_s)
 
@@ -75,7 +81,34 @@ def create_app(state: ServerState, loader: Callable[[], StableDiffusionPipeline]
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api)
+    if agents is not None:
+        app.router.routes.append(Route(MCP_PATH, _WithApiKey(agents.asgi, state)))
     return app
+
+
+def mcp_endpoint(state: ServerState) -> Any:
+    """The MCP endpoint of `state` (mcp_tools.py): its session manager (run by the app's lifespan) and its ASGI
+    app. Imported here: the `mcp` SDK is needed only with --mcp."""
+    from .mcp_tools import Endpoint
+
+    return Endpoint(state, MCP_PATH)
+
+
+class _WithApiKey:
+    """An ASGI app behind the API key check every route but /health has (401 as the routes answer it). A class:
+    Starlette serves a plain function endpoint as a GET request handler, not as an ASGI app."""
+
+    def __init__(self, asgi: Any, state: ServerState) -> None:
+        self.asgi, self.check = asgi, _api_key_check(state)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            self.check(Request(scope))
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+            await response(scope, receive, send)
+            return
+        await self.asgi(scope, receive, send)
 
 
 def _add_schema(api: APIRouter, app: FastAPI) -> None:

@@ -28,6 +28,8 @@ from .jobs import Job, JobQueue, Jobs, QueueFull, ShuttingDown, WorkerLost
 from .models import ModelCache, ModelEntry, ModelUnavailable
 
 LOG = logging.getLogger("sd_onnx.server")
+Progress = Callable[[int, int], Awaitable[None]]
+PROGRESS_POLL_S = 0.1  # how often a waiting request looks for a finished step to report
 # Set by middleware.BodyLimit for each HTTP request once its body is read: waits until the client hangs up, so
 # `generate` can drop or cancel the job of a client that is no longer there. None outside a request.
 CLIENT_GONE: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("sd_onnx_client_gone", default=None)
@@ -59,6 +61,8 @@ class ServeConfig:
     upscalers_dir: Path | None = None
     # Refuse (422) A1111 fields and settings the server would otherwise ignore and list in `info` (--strict).
     strict: bool = False
+    # Serve the MCP endpoint at /mcp (`--mcp`; mcp_tools.py), behind the same API key.
+    mcp: bool = False
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -193,18 +197,25 @@ class ServerState:
         except RequestError as exc:
             raise HTTPException(422, f"{names.get(exc.field, exc.field)}: {exc.reason}") from None
 
-    async def generate(self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None) -> PipelineOutput:
+    async def generate(
+        self, request: GenerationRequest, pipe: StableDiffusionPipeline | None = None, progress: Progress | None = None
+    ) -> PipelineOutput:
         """Queue a resolved request on `pipe` (default: the current model's) and wait; queue, timeout and
         cancellation become HTTP answers. The job of a request that times out or whose client hangs up is
-        cancelled (dropped if still queued), not left running for nobody."""
+        cancelled (dropped if still queued), not left running for nobody. `progress(step, total)` is awaited
+        whenever the job has done another step (MCP's progress notifications)."""
         current, jobs = self.ready()
         try:
             job = jobs.submit(request, pipe or current)
         except (QueueFull, ShuttingDown) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         waiter = asyncio.wrap_future(job.future)
+        reporter = asyncio.ensure_future(_report_steps(job, waiter, progress)) if progress is not None else None
         try:
-            return await asyncio.wait_for(unless_client_gone(waiter), self.config.timeout_s)
+            out = await asyncio.wait_for(unless_client_gone(waiter), self.config.timeout_s)
+            if reporter is not None:
+                await reporter  # the last step's notification before the answer
+            return out
         except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
             _abandon(job, waiter)
             raise HTTPException(504, f"generation exceeded the limit timeout_s={self.config.timeout_s:g}") from None
@@ -217,6 +228,9 @@ class ServerState:
             raise HTTPException(503, str(exc), headers={"Retry-After": "10"}) from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+        finally:
+            if reporter is not None:
+                reporter.cancel()
 
     def store_image(self, png: bytes) -> str:
         image_id = secrets.token_hex(16)
@@ -247,6 +261,19 @@ async def unless_client_gone(waiter: asyncio.Future) -> Any:
         waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
         raise ClientGone
     return waiter.result()
+
+
+async def _report_steps(job: Job, waiter: asyncio.Future, progress: Progress) -> None:
+    """Await `progress(step, total)` whenever the job has done more steps (polled), the last one included."""
+    reported = 0
+    while True:
+        done = waiter.done()
+        if job.step > reported:
+            reported = job.step
+            await progress(job.step, job.total)
+        if done:
+            return
+        await asyncio.sleep(PROGRESS_POLL_S)
 
 
 def _abandon(job: Job, waiter: asyncio.Future) -> None:
