@@ -8,6 +8,7 @@ import base64
 import functools
 import http.server
 import io
+import json
 import re
 import shutil
 import threading
@@ -62,7 +63,8 @@ def fill(driver: webdriver.Chrome, **fields: str) -> None:
 
 def wait_for_result_or_error(driver: webdriver.Chrome) -> None:
     def finished(d: webdriver.Chrome) -> bool:
-        return d.find_element(By.ID, "result").is_displayed() or bool(d.find_element(By.ID, "error").text)
+        results = d.find_elements(By.ID, "result")  # the first result's image, there once a result is shown
+        return bool(results and results[0].is_displayed()) or bool(d.find_element(By.ID, "error").text)
 
     WebDriverWait(driver, 60).until(finished)
     WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
@@ -133,7 +135,7 @@ def test_bad_field_shows_the_servers_message(keyed_server: Server, browser: webd
     wait_for_result_or_error(browser)
     error = browser.find_element(By.ID, "error").text
     assert error.startswith("422") and "pixels" in error
-    assert not browser.find_element(By.ID, "result").is_displayed()
+    assert not browser.find_elements(By.ID, "result")
 
 
 def test_a_long_generation_shows_live_previews(keyed_server: Server, browser: webdriver.Chrome) -> None:
@@ -148,7 +150,8 @@ def test_a_long_generation_shows_live_previews(keyed_server: Server, browser: we
     wait_for_result_or_error(browser)
     assert browser.find_element(By.ID, "error").text == ""
     previews = browser.execute_script("return window.previews")
-    assert previews and all(re.fullmatch(r"step \d+/40\d", text) for text in previews), previews
+    step = r"step \d+/40\d, \d+ s(, about \d+ s left)?"  # the step, time elapsed and time left
+    assert previews and all(re.fullmatch(step, text) for text in previews), previews
     assert not browser.find_element(By.ID, "preview").is_displayed()  # gone once the result is there
 
 
@@ -255,3 +258,40 @@ def test_a_listed_origin_reads_the_api(open_server: Server, browser: webdriver.C
     """
     count, status, images = browser.execute_async_script(script, open_server.url)
     assert count > 0 and status == 200 and images == 1
+
+
+def test_results_are_large_kept_in_history_downloadable_and_reusable(
+    keyed_server: Server, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """Ctrl+Enter generates; a batch shows side by side, each image the API's (small ones scaled up with crisp
+    pixels), with a download of the server's PNG (parameters included) and "use these settings"; results stay
+    in this browser's history across reloads, and an earlier one can be shown again."""
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(keyed_server.url + "/")
+    browser.execute_script("localStorage.clear()")
+    fill(browser, api_key=KEY, prompt="a blue square", steps="2", seed="11", batch_size="2")
+    browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait_for_result_or_error(browser)
+    assert browser.find_element(By.ID, "error").text == ""
+    images = browser.find_elements(By.CSS_SELECTOR, "#results img")
+    body = {"prompt": "a blue square", "steps": 2, "seed": 11, "batch_size": 2}
+    api = httpx.post(keyed_server.url + "/sdapi/v1/txt2img", json=body, headers={"X-API-Key": KEY}, timeout=60).json()
+    assert [base64.b64decode(i.get_attribute("src").split(",", 1)[1]) for i in images] == [
+        base64.b64decode(png) for png in api["images"]
+    ]
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.getElementById('result').width") > 32)
+    assert "small" in images[0].get_attribute("class")  # 32 pixels shown at 384, pixelated
+    links = browser.find_elements(By.CSS_SELECTOR, "#results a[download]")
+    assert [a.get_attribute("download") for a in links] == ["sd-onnx-11.png", "sd-onnx-12.png"]  # A1111: seed + i
+    downloaded = Image.open(io.BytesIO(base64.b64decode(links[1].get_attribute("href").split(",", 1)[1])))
+    assert downloaded.text["parameters"] == json.loads(api["info"])["infotexts"][1]
+    browser.get(keyed_server.url + "/")  # a reload keeps the history
+    earlier = browser.find_elements(By.CSS_SELECTOR, "#history button.earlier")
+    assert len(earlier) == 2
+    earlier[1].click()
+    browser.find_element(By.CSS_SELECTOR, "#results figcaption button").click()
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "12"
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a blue square"
+    assert browser.find_element(By.ID, "batch_size").get_attribute("value") == "1"
+    (tmp_path / "page-history.png").write_bytes(browser.get_screenshot_as_png())  # the test's artifact

@@ -1,5 +1,7 @@
 """`GET /`: one plain HTML/JS page for people (no build step, no CDN) that drives the A1111 routes: it posts to
-/sdapi/v1/txt2img, polls /sdapi/v1/progress for a live preview and shows the result with its parameters.
+/sdapi/v1/txt2img (a model from /sdapi/v1/sd-models through override_settings), polls /sdapi/v1/progress for a
+live preview, shows the results with their parameters, downloads and "use these settings", and keeps a
+bounded history of them in the browser's local storage.
 
 Its Content-Security-Policy allows exactly its own inline script and style (by their sha256), images from
 `data:` URLs (the results and previews) and requests to its own origin, so nothing injected into it runs."""
