@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -295,3 +296,42 @@ def test_results_are_large_kept_in_history_downloadable_and_reusable(
     assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a blue square"
     assert browser.find_element(By.ID, "batch_size").get_attribute("value") == "1"
     (tmp_path / "page-history.png").write_bytes(browser.get_screenshot_as_png())  # the test's artifact
+
+
+def test_a_mask_painted_in_the_page_is_the_servers_mask(
+    keyed_server: Server, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """img2img from an uploaded picture with a mask painted by dragging the brush: the request goes to
+    /sdapi/v1/img2img with the picture and the painted mask (white under the stroke, black elsewhere), and the
+    image shown is the API's for that picture and mask."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY, prompt="a green triangle", steps="2", seed="4")
+    browser.find_element(By.CSS_SELECTOR, "#img2img summary").click()
+    browser.find_element(By.ID, "init_file").send_keys(str(tmp_path / "picture.png"))
+    canvas = browser.find_element(By.ID, "mask_canvas")
+    WebDriverWait(browser, 10).until(lambda d: canvas.is_displayed() and canvas.size["width"] > 0)
+    fill(browser, brush="4")
+    width = canvas.size["width"]
+    ActionChains(browser).move_to_element_with_offset(canvas, -width // 4, 0).click_and_hold().move_by_offset(
+        width // 2, 0
+    ).release().perform()  # a horizontal stroke across the middle
+    mask_url = browser.execute_script("return maskDataURL()")
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(mask_url.split(",", 1)[1]))).convert("L"))
+    assert mask.shape == (32, 32) and mask[16, 16] == 255 and mask[0, 0] == 0 and mask[31, 31] == 0
+    browser.find_element(By.ID, "generate").click()
+    wait_for_result_or_error(browser)
+    assert browser.find_element(By.ID, "error").text == ""
+    shown = browser.find_element(By.ID, "result").get_attribute("src")
+    with open(tmp_path / "picture.png", "rb") as f:
+        init = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    body = {"prompt": "a green triangle", "steps": 2, "seed": 4, "batch_size": 1, "negative_prompt": "",
+            "init_images": [init], "denoising_strength": 0.75, "mask": mask_url}  # fmt: skip
+    api = httpx.post(keyed_server.url + "/sdapi/v1/img2img", json=body, headers={"X-API-Key": KEY}, timeout=60)
+    assert api.status_code == 200, api.text
+    assert base64.b64decode(shown.split(",", 1)[1]) == base64.b64decode(api.json()["images"][0])
+    assert "Inpaint" in json.loads(api.json()["info"])["infotexts"][0]
+    (tmp_path / "page-inpaint.png").write_bytes(browser.get_screenshot_as_png())
