@@ -335,3 +335,27 @@ def test_a_mask_painted_in_the_page_is_the_servers_mask(
     assert base64.b64decode(shown.split(",", 1)[1]) == base64.b64decode(api.json()["images"][0])
     assert "Inpaint" in json.loads(api.json()["info"])["infotexts"][0]
     (tmp_path / "page-inpaint.png").write_bytes(browser.get_screenshot_as_png())
+
+
+def test_the_page_reads_defaults_and_limits_from_the_server_and_names_every_control(
+    keyed_server: Server, browser: webdriver.Chrome
+) -> None:
+    """No numbers in the page: its hints and bounds are /sd-onnx/limits' (the model's defaults, the server's
+    limits); and every control has an accessible name in Chromium's own accessibility tree."""
+    limits = httpx.get(keyed_server.url + "/sd-onnx/limits", headers={"X-API-Key": KEY}).json()
+    assert limits["max_steps"] == 1000 and limits["max_pixels"] == 64 * 64 and limits["size_multiple"] > 0
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY)
+    browser.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    steps = browser.find_element(By.ID, "steps")
+    WebDriverWait(browser, 10).until(lambda d: steps.get_attribute("max") == "1000")
+    assert steps.get_attribute("placeholder") == f"{limits['steps']} (model default)"
+    width = browser.find_element(By.ID, "width")
+    assert width.get_attribute("step") == str(limits["size_multiple"])
+    assert width.get_attribute("placeholder") == f"{limits['width']} (model default)"
+    assert browser.find_element(By.ID, "batch_size").get_attribute("max") == str(limits["max_batch"])
+    tree = browser.execute_cdp_cmd("Accessibility.getFullAXTree", {})["nodes"]
+    roles = {"textbox", "spinbutton", "combobox", "button", "checkbox"}
+    unnamed = [n for n in tree if n.get("role", {}).get("value") in roles and not n.get("ignored")
+               and not n.get("name", {}).get("value")]  # fmt: skip
+    assert unnamed == [], unnamed

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..request import DEFAULT_STEPS
 from .a1111_schedules import schedule_types
 from .state import ServerState
 
@@ -24,6 +25,22 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
     @api.get("/sdapi/v1/schedulers")
     def schedulers() -> list[dict[str, Any]]:
         return schedule_types(state.current_model().scheduler_config)
+
+    @api.get("/sd-onnx/limits")
+    def limits() -> dict[str, Any]:
+        """What the web page reads instead of hard-coding numbers: the server's limits and the current model's
+        defaults (sizes in pixels; sides must be multiples of `size_multiple`)."""
+        config, limits = state.current_model().config, state.config.limits
+        return {
+            "max_steps": limits.max_steps,
+            "max_pixels": limits.pixels(config),
+            "max_batch": limits.max_batch,
+            "steps": min(config.default_steps or DEFAULT_STEPS, limits.max_steps),
+            "guidance_scale": config.guidance_scale,
+            "width": config.default_resolution,
+            "height": config.default_resolution,
+            "size_multiple": config.size_multiple,
+        }
 
     @api.get("/sdapi/v1/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
