@@ -359,3 +359,25 @@ def test_the_page_reads_defaults_and_limits_from_the_server_and_names_every_cont
     unnamed = [n for n in tree if n.get("role", {}).get("value") in roles and not n.get("ignored")
                and not n.get("name", {}).get("value")]  # fmt: skip
     assert unnamed == [], unnamed
+
+
+def test_accelerators_and_prompt_features_reach_the_server(keyed_server: Server, browser: webdriver.Chrome) -> None:
+    """The advanced fields go into the request as the API names them: a guidance interval shows in the result's
+    parameters, a DeepCache interval on a model without its graphs is the server's 422, shown; the LoRA and
+    embedding lists are the server's (none here)."""
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY, prompt="a red circle", steps="3", seed="2")
+    browser.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    lora = Select(browser.find_element(By.ID, "lora"))
+    WebDriverWait(browser, 10).until(lambda d: len(lora.options) == 1)
+    assert [o.text for o in lora.options] == ["none"]  # the server has no --lora-dir
+    fill(browser, guidance_interval="0.5,5")
+    browser.find_element(By.ID, "generate").click()
+    wait_for_result_or_error(browser)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert "Guidance interval: 0.5-5" in browser.find_element(By.ID, "parameters").text
+    fill(browser, guidance_interval="", deepcache_interval="3")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text.startswith("422: deepcache_interval: this model has no DeepCache")
