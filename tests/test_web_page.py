@@ -381,3 +381,48 @@ def test_accelerators_and_prompt_features_reach_the_server(keyed_server: Server,
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert browser.find_element(By.ID, "error").text.startswith("422: deepcache_interval: this model has no DeepCache")
+
+
+CONTRAST = """
+const luminance = (rgb) => {
+  const [r, g, b] = rgb.match(/\\d+(\\.\\d+)?/g).slice(0, 3).map(Number).map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const background = (el) => {
+  for (; el; el = el.parentElement) {
+    const c = getComputedStyle(el).backgroundColor;
+    if (c && !c.startsWith("rgba(0, 0, 0, 0)") && c !== "transparent") return c;
+  }
+  return "rgb(255, 255, 255)";
+};
+const low = [];
+for (const el of document.querySelectorAll("body *")) {
+  const text = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (!text || !el.offsetParent) continue;
+  const a = luminance(getComputedStyle(el).color), b = luminance(background(el));
+  const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+  if (ratio < 4.5) low.push(`${el.tagName}#${el.id}: ${ratio.toFixed(2)}`);
+}
+return low;
+"""
+
+
+def test_the_page_fits_a_phone_and_its_text_has_contrast(
+    keyed_server: Server, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """At a phone's width (375 CSS pixels) nothing scrolls sideways; every visible text has a WCAG AA contrast
+    (4.5:1) against its background."""
+    browser.set_window_size(375, 800)
+    try:
+        browser.get(keyed_server.url + "/")
+        for summary in browser.find_elements(By.TAG_NAME, "summary"):
+            summary.click()  # the folded groups too
+        width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], width
+        assert browser.execute_script(CONTRAST) == []
+        (tmp_path / "page-phone.png").write_bytes(browser.get_screenshot_as_png())
+        browser.execute_script("document.body.style.color = '#bbb'")  # the check finds pale text
+        assert "H1#: 1.92" in browser.execute_script(CONTRAST)
+    finally:
+        browser.set_window_size(1280, 1024)
