@@ -426,3 +426,28 @@ def test_the_page_fits_a_phone_and_its_text_has_contrast(
         assert "H1#: 1.92" in browser.execute_script(CONTRAST)
     finally:
         browser.set_window_size(1280, 1024)
+
+
+def test_the_hires_fix_from_the_page(keyed_server: Server, browser: webdriver.Chrome) -> None:
+    """The hires fields as A1111 names them: the upscaler list is the server's, the result twice the size with
+    the API's pixels for the same body."""
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY, prompt="a red circle", steps="2", seed="6")
+    browser.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    upscaler = Select(browser.find_element(By.ID, "hr_upscaler"))
+    WebDriverWait(browser, 10).until(lambda d: len(upscaler.options) > 1)
+    modes = httpx.get(keyed_server.url + "/sdapi/v1/latent-upscale-modes", headers={"X-API-Key": KEY}).json()
+    assert upscaler.options[0].get_attribute("value") == modes[0]["name"]
+    upscaler.select_by_value("Lanczos")
+    browser.find_element(By.ID, "enable_hr").click()
+    fill(browser, hr_second_pass_steps="2")
+    browser.find_element(By.ID, "generate").click()
+    wait_for_result_or_error(browser)
+    assert browser.find_element(By.ID, "error").text == ""
+    shown = base64.b64decode(browser.find_element(By.ID, "result").get_attribute("src").split(",", 1)[1])
+    body = {"prompt": "a red circle", "negative_prompt": "", "steps": 2, "seed": 6, "batch_size": 1, "enable_hr": True,
+            "hr_scale": 2, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2, "denoising_strength": 0.7}  # fmt: skip
+    api = httpx.post(keyed_server.url + "/sdapi/v1/txt2img", json=body, headers={"X-API-Key": KEY}, timeout=60).json()
+    assert shown == base64.b64decode(api["images"][0])
+    assert Image.open(io.BytesIO(shown)).size == (64, 64)
