@@ -451,3 +451,16 @@ def test_the_hires_fix_from_the_page(keyed_server: Server, browser: webdriver.Ch
     api = httpx.post(keyed_server.url + "/sdapi/v1/txt2img", json=body, headers={"X-API-Key": KEY}, timeout=60).json()
     assert shown == base64.b64decode(api["images"][0])
     assert Image.open(io.BytesIO(shown)).size == (64, 64)
+
+
+def test_interrupt_stops_a_generation_from_the_page(keyed_server: Server, browser: webdriver.Chrome) -> None:
+    """Interrupt, once the first steps are shown, stops the generation: the page says so and is ready again."""
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY, prompt="a slow one", steps="900", seed="1")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("step "))
+    browser.find_element(By.ID, "interrupt").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == "409: generation was interrupted"
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+    assert not browser.find_elements(By.ID, "result")
