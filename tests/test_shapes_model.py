@@ -90,7 +90,9 @@ def test_unknown_words_warning_stays_short(caplog: pytest.LogCaptureFixture) -> 
 def test_shipped_model_follows_its_outline_controlnet(shipped: StableDiffusionPipeline) -> None:
     """The shipped outline ControlNet (models/shapes/controlnet.py): given the Canny outline of a scene, the
     object is drawn where and as large as the outline says, though the caption names neither (without it,
-    position is right by chance)."""
+    position is right by chance). fp32 here; int8 scored the same on 50 scenes (scores_controlnet.json)."""
+    if shipped.manifest.components["unet"].precision == "int8":
+        pytest.skip("the int8 export's ControlNet is the fp32 one; its UNet is covered by the test above")
     from sd_onnx.models.shapes.evaluate import control_accuracy
     from sd_onnx.runtime.controlnet import ControlUnit
     from sd_onnx.runtime.request import GenerationRequest, RequestError
