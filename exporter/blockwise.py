@@ -265,7 +265,7 @@ def _inline(graph: onnx.GraphProto, call: onnx.NodeProto, prefix: str) -> tuple[
     """The block graph's nodes and weights, renamed into the caller's graph: its inputs `in{i}` are the Block
     node's inputs, its outputs `out{j}` the node's outputs, every other tensor prefixed by the block's name, and
     its nodes named as a whole trace names them (`/model/transformer_blocks.1/...`)."""
-    scope = _scope(prefix)
+    scope = node_scope(prefix)
     renamed = {f"in{i}": name for i, name in enumerate(call.input)}
     renamed.update({f"out{j}": name for j, name in enumerate(call.output)})
 
@@ -287,7 +287,7 @@ def _inline(graph: onnx.GraphProto, call: onnx.NodeProto, prefix: str) -> tuple[
     return nodes, weights
 
 
-def _scope(module_path: str) -> str:
+def node_scope(module_path: str) -> str:
     """A module's path as torch.onnx names the nodes under it: `model.transformer_blocks.1` ->
     `/model/transformer_blocks.1` (a whole trace's node names; derived graphs find a block by them)."""
     parts: list[str] = []

@@ -243,15 +243,16 @@ def export_controlnets(
     if unet.precision == "fp16":
         raise ExportError("ControlNets: this UNet is fp16; add them to an fp32 or int8 export")
     names = [s.name for s in sources]
-    for taken in sorted({n for n in names if names.count(n) > 1} | (set(names) & set(manifest.config.controlnets))):
-        raise ExportError(f"ControlNet {taken}: the name is given twice (name them with SOURCE:NAME)")
-    residuals = None
+    taken = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(manifest.config.controlnets)))
+    if taken:
+        raise ExportError(f"ControlNet {taken[0]}: the name is given twice (name them with SOURCE:NAME)")
+    control = manifest.components.get(CONTROL_UNET)  # an earlier ControlNet's: its residual inputs are fixed
+    residuals = sum(t.name.startswith("down_block_res_") for t in control.inputs) if control else None
     for source in sources:
         model = load_controlnet(source.source)
         check_fit(model, manifest.config, source.name)
         count = residual_count(model)
-        if residuals not in (None, count) or (manifest.config.controlnets and CONTROL_UNET in manifest.components and
-                                              count != _control_unet_residuals(manifest)):  # fmt: skip
+        if residuals not in (None, count):
             raise ExportError(f"ControlNet {source.name}: {count} residuals, not the UNet's skip connections")
         residuals = count
         spec = controlnet_spec(source.name, manifest.config, count)
@@ -266,7 +267,7 @@ def export_controlnets(
         log(f"controlnet {source.name}: max |onnx - torch| {info.validation['max_abs_diff']:.2e}")
         del model
     manifest.save(folder)
-    if CONTROL_UNET not in manifest.components and residuals is not None:
+    if control is None and residuals is not None:
         manifest = add_control_unet(folder, manifest, residuals, sources[0].name, atol, unet_reference, log)
     return manifest
 
@@ -278,10 +279,6 @@ def controlnet_folder(
     """Copy the export `model` to `output` with ControlNet `source` added (`sd-export controlnet`)."""
     add = lambda folder, manifest: export_controlnets([source], folder, manifest, opset, atol, None, log)  # noqa: E731
     return derive_folder(model, output, add, overwrite=overwrite, log=log)
-
-
-def _control_unet_residuals(manifest: Manifest) -> int:
-    return sum(1 for t in manifest.components[CONTROL_UNET].inputs if t.name.startswith("down_block_res_"))
 
 
 def add_control_unet(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from PIL import Image
 
+from sd_onnx.exporter.blockwise import node_scope
 from sd_onnx.runtime.annotators import canny
 from sd_onnx.runtime.tokenizer import CLIPTokenizer
 
@@ -50,7 +51,7 @@ def unet_from_onnx(folder: Path) -> torch.nn.Module:
     state = {}
     for name, parameter in unet.state_dict().items():
         module, kind = name.rsplit(".", 1)
-        scope = "/model/" + "/".join(_scope_parts(module))
+        scope = node_scope(f"model.{module}")
         if f"model.{name}" in weights:
             value = weights[f"model.{name}"]
         elif kind == "weight" and parameter.dim() == 2:
@@ -61,16 +62,6 @@ def unet_from_onnx(folder: Path) -> torch.nn.Module:
     unet.load_state_dict(state)
     _check_against_graph(unet.eval(), folder / "unet" / "model.onnx", config)
     return unet
-
-
-def _scope_parts(module: str) -> list[str]:
-    parts: list[str] = []
-    for part in module.split("."):
-        if part.isdigit() and parts:
-            parts[-1] += f".{part}"
-        else:
-            parts.append(part)
-    return parts
 
 
 def _check_against_graph(unet: torch.nn.Module, graph: Path, config: dict) -> None:

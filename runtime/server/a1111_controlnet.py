@@ -71,13 +71,13 @@ async def control_units(
     for i, unit in enabled:
         if not isinstance(unit, dict):
             raise HTTPException(422, f"{where}[{i}]: must be an object, got {type(unit).__name__}")
-        prefix = f"{where}[{i}]"
+        prefix = f"{where}[{i}]."  # a field's name follows
         image, mask = await _image(unit, prefix, init_image, limit)
         if mask:
-            ignored.append(f"{prefix}.mask")
-        mode = _choice(unit.get("control_mode", 0), CONTROL_MODES, f"{prefix}.control_mode")
+            ignored.append(f"{prefix}mask")
+        mode = _choice(unit.get("control_mode", 0), CONTROL_MODES, f"{prefix}control_mode")
         if mode == 1:
-            ignored.append(f"{prefix}.control_mode")
+            ignored.append(f"{prefix}control_mode")
         modes.add(mode)
         units.append(_unit(unit, prefix, image, size, models))
     return tuple(units), 2 in modes, ignored
@@ -92,19 +92,20 @@ async def _image(unit: dict, prefix: str, init: Image.Image | None, limit: int) 
         data, mask = data.get("image"), data.get("mask") or mask
     if data in (None, ""):
         if init is None:
-            raise HTTPException(422, f"{prefix}.image: required (a base64 image) on txt2img")
+            raise HTTPException(422, f"{prefix}image: required (a base64 image) on txt2img")
         return init, bool(mask)
     if not isinstance(data, str):
-        raise HTTPException(422, f"{prefix}.{field}: must be a base64 image, got {type(data).__name__}")
+        raise HTTPException(422, f"{prefix}{field}: must be a base64 image, got {type(data).__name__}")
     try:
         return await asyncio.to_thread(decode_base64_image, data, limit), bool(mask)
     except ImageError as exc:
-        raise HTTPException(422, f"{prefix}.{field}: {exc}") from None
+        raise HTTPException(422, f"{prefix}{field}: {exc}") from None
 
 
 def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int], models: list[str] | None) -> ControlUnit:
+    """The unit as a ControlUnit, its image preprocessed; a 422 names a field as `prefix` + the unit's name."""
     module = str(unit.get("module") or "none").lower()
-    resize = _choice(unit.get("resize_mode", "Crop and Resize"), RESIZE_MODES, f"{prefix}.resize_mode")
+    resize = _choice(unit.get("resize_mode", "Crop and Resize"), RESIZE_MODES, f"{prefix}resize_mode")
     resolution = unit.get("processor_res", DEFAULT_RESOLUTION)
     if unit.get("pixel_perfect"):
         resolution = pixel_perfect_resolution(image, size, resize)
@@ -115,23 +116,23 @@ def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int], mo
         control = annotate(image, module, resolution if module != "none" else None, *thresholds)
     except RequestError as exc:
         field = "processor_res" if exc.field == "resolution" else exc.field
-        raise HTTPException(422, f"{prefix}.{field}: {exc.reason}") from None
+        raise HTTPException(422, f"{prefix}{field}: {exc.reason}") from None
     model = unit.get("model")
     if model is not None and not isinstance(model, str):
-        raise HTTPException(422, f"{prefix}.model: must be a ControlNet's name, got {type(model).__name__}")
+        raise HTTPException(422, f"{prefix}model: must be a ControlNet's name, got {type(model).__name__}")
     model = None if model in (None, "", "None", "none") else model.split(" [")[0]  # "name [hash]"
     if models is not None and model is not None and model not in models:
-        raise HTTPException(422, f"{prefix}.model: no ControlNet named {echo(model)}; this model has "
+        raise HTTPException(422, f"{prefix}model: no ControlNet named {echo(model)}; this model has "
                                  f"{', '.join(models) or 'none'}")  # fmt: skip
     numbers = {}
     for name, field, default, high in (("scale", "weight", 1.0, MAX_CONTROL_SCALE), ("start", "guidance_start", 0.0,
                                        1.0), ("end", "guidance_end", 1.0, 1.0)):  # fmt: skip
         value = unit.get(field, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
-            raise HTTPException(422, f"{prefix}.{field}: must be a number in [0, {high:g}], got {echo(value)}")
+            raise HTTPException(422, f"{prefix}{field}: must be a number in [0, {high:g}], got {echo(value)}")
         numbers[name] = float(value)
     if numbers["start"] >= numbers["end"]:
-        raise HTTPException(422, f"{prefix}.guidance_start: {numbers['start']:g} must be below guidance_end "
+        raise HTTPException(422, f"{prefix}guidance_start: {numbers['start']:g} must be below guidance_end "
                                  f"{numbers['end']:g}")  # fmt: skip
     return ControlUnit(control, model, resize_mode=resize, module=module, **numbers)
 
@@ -192,10 +193,6 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 image = await asyncio.to_thread(decode_base64_image, data, limit)
             except ImageError as exc:
                 raise HTTPException(422, f"{name}[{i}]: {exc}") from None
-            try:
-                control = await asyncio.to_thread(_unit, unit, "", image, image.size, None)
-            except HTTPException as exc:  # the unit's field, as this body names it
-                field, _, reason = str(exc.detail).lstrip(".").partition(": ")
-                raise HTTPException(422, f"controlnet_{field}: {reason}") from None
+            control = await asyncio.to_thread(_unit, unit, "controlnet_", image, image.size, None)  # its fields
             out.append(base64.b64encode(png_bytes(control.image)).decode())
         return {"images": out, "info": "Success"}
