@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sd_onnx.runtime import StableDiffusionPipeline
+from sd_onnx.runtime.manifest import FLOAT_DECODER
 from sd_onnx.runtime.session import SessionConfig, open_model, resolve_providers, split_provider
 
 TIMESTEP = 500
@@ -91,8 +92,10 @@ def compare_components(
     Components a folder lacks are skipped."""
     report: dict[str, Any] = {"size": size, "threads": threads, "rounds": rounds, "onnxruntime": ort.__version__}
     sizes = {name: model_sizes(folder) for name, folder in folders.items()}
-    # A tiny autoencoder exported beside the VAE (sd-export convert --vae) is timed with the decoders, as NAME-tiny.
-    graphs = {"unet": {"": "unet"}, "vae_decoder": {"": "vae_decoder", "-tiny": "tiny_vae_decoder"}}
+    # A tiny autoencoder exported beside the VAE (sd-export convert --vae) is timed with the decoders, as NAME-tiny,
+    # and the fp32 decoder an int8 export keeps for OpenVINO (quantize_folder.keep_float_decoder) as NAME-float.
+    decoders = {"": "vae_decoder", "-float": FLOAT_DECODER, "-tiny": "tiny_vae_decoder"}
+    graphs = {"unet": {"": "unet"}, "vae_decoder": decoders}
     for component, variants in graphs.items():
         runs = {}
         for name, folder in folders.items():

@@ -370,6 +370,73 @@ def chunk_group_norms(model: onnx.ModelProto, parts: int = 4) -> int:
     return len(inserted)
 
 
+def unchunk_group_norms(model: onnx.ModelProto) -> int:
+    """Undo `chunk_group_norms` in place: each chunked group norm computed whole again, as torch exports it;
+    returns how many. The chunks save memory on onnxruntime, but OpenVINO runs a whole group norm as one fused
+    kernel, and the chunked one costs it 1.45x in an SD 1.5 decoder (docs/performance.md), so the float decoder
+    kept for OpenVINO beside the int8 one (quantize_folder.keep_float_decoder) is whole again."""
+    g = _Graph(model.graph)
+    replaced: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    for concat in list(model.graph.node):
+        if concat.op_type != "Concat" or not concat.name.endswith("/chunk/Concat"):
+            continue
+        tag = concat.name.removesuffix("/Concat")
+        pieces = [n for n in model.graph.node if n.name.startswith(tag) and n is not concat]
+        arrays = [g.array(f"{tag}{i}_{k}") for i in range(len(concat.input)) for k in ("gamma", "beta")]
+        shape, norm = g.array(f"{tag}_shape"), next((n for n in pieces if n.op_type == "InstanceNormalization"), None)
+        if shape is None or norm is None or any(a is None for a in arrays):
+            continue
+        parts, name = len(concat.input), tag.removesuffix("/chunk")
+        groups = int(shape[1]) * parts
+        constants = {
+            f"{name}/whole_shape": np.array([0, groups, -1], np.int64),
+            f"{name}/whole_ones": np.ones(groups, np.float32),
+            f"{name}/whole_zeros": np.zeros(groups, np.float32),
+            f"{name}/whole_gamma": np.concatenate(arrays[0::2]),
+            f"{name}/whole_beta": np.concatenate(arrays[1::2]),
+        }
+        model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+        first = next(n for n in pieces if n.name == f"{tag}0/Slice")
+        x, epsilon = first.input[0], next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        silu = any(n.name.endswith("/SiLU") for n in pieces)
+        affine = f"{name}/whole_affine" if silu else concat.output[0]
+        nodes = [
+            helper.make_node(
+                "Reshape", [x, f"{name}/whole_shape"], [f"{name}/whole_grouped"], name=f"{name}/whole/Reshape"
+            ),
+            helper.make_node(
+                "InstanceNormalization",
+                [f"{name}/whole_grouped", f"{name}/whole_ones", f"{name}/whole_zeros"],
+                [f"{name}/whole_normed"],
+                name=f"{name}/whole/InstanceNormalization",
+                epsilon=epsilon,
+            ),
+            helper.make_node("Shape", [x], [f"{name}/whole_shape_x"], name=f"{name}/whole/Shape"),
+            helper.make_node(
+                "Reshape",
+                [f"{name}/whole_normed", f"{name}/whole_shape_x"],
+                [f"{name}/whole_back"],
+                name=f"{name}/whole/Reshape_1",
+            ),  # fmt: skip
+            helper.make_node(
+                "Mul", [f"{name}/whole_back", f"{name}/whole_gamma"], [f"{name}/whole_scaled"], name=f"{name}/whole/Mul"
+            ),  # fmt: skip
+            helper.make_node("Add", [f"{name}/whole_scaled", f"{name}/whole_beta"], [affine], name=f"{name}/whole/Add"),
+        ]
+        if silu:
+            nodes += [
+                helper.make_node("Sigmoid", [affine], [f"{name}/whole_gate"], name=f"{name}/whole/Sigmoid"),
+                helper.make_node("Mul", [affine, f"{name}/whole_gate"], [concat.output[0]], name=f"{name}/whole/SiLU"),
+            ]
+        replaced.update(id(n) for n in (*pieces, concat))
+        inserted[id(concat)] = nodes
+    if inserted:
+        _rewrite(model.graph, replaced, inserted)
+        _remove_unused_initializers(model.graph)
+    return len(inserted)
+
+
 def quantize_before_concat(model: onnx.ModelProto) -> int:
     """Where a Concat's only reader is a per-tensor QuantizeLinear, quantize each input instead, in place;
     returns how many. Quantizing is element by element, so the int8 result is the same, and the float tensor

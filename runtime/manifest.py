@@ -30,6 +30,8 @@ LLM_FAMILIES = ("z_image", "flux2")
 FAMILIES = ("", "sd", "sdxl", *TRANSFORMER_FAMILIES)
 # A tiny autoencoder (TAESD) exported beside the model's own VAE (`sd-export convert --vae`).
 TINY_VAE_COMPONENTS = ("tiny_vae_decoder", "tiny_vae_encoder")
+# The fp32 VAE decoder an int8 export keeps beside its int8 one, for OpenVINO (see vae.choose_decoder).
+FLOAT_DECODER = "vae_decoder_float"
 # DeepCache's shallow UNet, cut from the UNet graph and sharing its weights (`sd-export convert --deepcache-branch`).
 DEEPCACHE_COMPONENTS = ("unet_shallow",)
 # The UNet with token merging before self-attention, its ratio an input (`sd-export convert --tome`).
@@ -44,6 +46,7 @@ CONTROL_UNET = "unet_control"
 ALL_COMPONENTS = (
     COMPONENTS
     + TINY_VAE_COMPONENTS
+    + (FLOAT_DECODER,)
     + DEEPCACHE_COMPONENTS
     + TOME_COMPONENTS
     + STAGE_COMPONENTS

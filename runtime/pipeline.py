@@ -45,6 +45,7 @@ from .lora import Lora, check_loras, read_loras, weight_overrides
 from .lora_tags import LoraLibrary, LoraTag, extract_tags
 from .manifest import (
     CONTROL_UNET,
+    FLOAT_DECODER,
     MANIFEST_NAME,
     STAGE_COMPONENTS,
     Manifest,
@@ -69,13 +70,14 @@ from .session import (
     ort_version,
     resolve_providers,
     return_freed_memory,
+    runs_on_openvino,
     split_provider,
 )
 from .shipped import shipped_model
 from .stages import StagedUnet
 from .start_latents import start_latents
 from .tokenizer import CLIPTokenizer
-from .vae import VaeChoice, choose_vae
+from .vae import VaeChoice, choose_decoder, choose_vae
 from .vae_tiling import Tiling
 
 StepCallback = Callable[[int, int, np.ndarray], bool | None]
@@ -120,7 +122,9 @@ class StableDiffusionPipeline:
         self.config = config
         self.session_config = session_config
         self.low_memory = low_memory
-        self.vae = choose_vae(vae, config, folder)
+        components = tuple(manifest.components) if manifest else ()
+        on_openvino = runs_on_openvino(session_config, FLOAT_DECODER)
+        self.vae = choose_decoder(choose_vae(vae, config, folder), components, on_openvino, low_memory)
         self.tiling = _vae_tiling(folder, self.vae, config.vae_scale_factor)
         self.family: Family = family_for(config)(folder, config, manifest)
         self.components_used = (*self.family.components, self.vae.decoder)

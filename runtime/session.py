@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .echo import echo
 from .graph import GraphModel
-from .manifest import ComponentInfo
+from .manifest import FLOAT_DECODER, ComponentInfo
 from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
 
 LOG = logging.getLogger("sd_onnx")
@@ -31,6 +31,7 @@ CPU = "CPUExecutionProvider"
 OPENVINO = "OpenVINO"
 AUTO_OPENVINO_COMPONENTS = ("unet",)  # see auto_openvino_components
 AUTO_OPENVINO_FLAGS = ("amx_int8", "avx512_bf16")
+AMX_FLAG = "amx_bf16"
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -118,15 +119,24 @@ def split_provider(provider: str) -> tuple[str, str | None]:
 
 def auto_openvino_components() -> tuple[str, ...]:
     """The component folders "auto" runs on OpenVINO here (the rest stay on onnxruntime's CPU provider): the UNet's
-    graphs where OpenVINO is installed and the CPU has AMX or AVX-512 bf16, else none.
+    graphs where OpenVINO is installed and the CPU has AMX or AVX-512 bf16, and with AMX the float VAE decoder an
+    int8 export keeps (vae.choose_decoder); else none.
 
-    Measured with both engines in one process (docs/performance.md; SD 1.5 int8, 512x512, 2 threads): the UNet step
-    takes 0.46x onnxruntime's time on a Xeon with AMX and 0.79x on an AMD Zen with AVX-512 bf16 but no AMX; the int8
-    VAE decoder is faster on onnxruntime on both (4.20 vs 4.64 s; 2.44 vs 3.52 s). On AVX2-only CPUs OpenVINO
-    was no faster than onnxruntime in fp32 and slower in int8."""
-    if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & cpu_flags():
+    Measured with both engines (docs/performance.md; SD 1.5 int8, 512x512, 2 threads): the UNet step takes 0.46x
+    onnxruntime's time on a Xeon with AMX and 0.79x on an AMD Zen with AVX-512 bf16 but no AMX. The decoder: on the
+    AMX Xeon OpenVINO's float decoder in bf16 takes 0.43x of the int8 one on onnxruntime (1.80 vs 4.20 s); on the
+    Zen the int8 one on onnxruntime wins (2.44 s against 3.16 s). On AVX2-only CPUs OpenVINO was no faster than
+    onnxruntime in fp32 and slower in int8."""
+    flags = cpu_flags()
+    if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & flags:
         return ()
-    return AUTO_OPENVINO_COMPONENTS
+    return (*AUTO_OPENVINO_COMPONENTS, FLOAT_DECODER) if AMX_FLAG in flags else AUTO_OPENVINO_COMPONENTS
+
+
+def runs_on_openvino(config: SessionConfig, component: str) -> bool:
+    """Whether `open_model` puts `component`'s folder on OpenVINO under `config` (before any fallback)."""
+    placed = config.openvino_components
+    return config.providers[0] == OPENVINO and (placed is None or component in placed)
 
 
 def openvino_placement(provider: str) -> tuple[str, ...] | None:

@@ -4,10 +4,10 @@ or a tiny autoencoder (TAESD) exported beside it or as the model's own, each wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .manifest import ManifestError, ModelConfig
+from .manifest import FLOAT_DECODER, ManifestError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -44,4 +44,14 @@ def choose_vae(vae: str, config: ModelConfig, folder: Path) -> VaeChoice:
     return own
 
 
-__all__ = ["VAE_OPTIONS", "VaeChoice", "choose_vae"]
+def choose_decoder(choice: VaeChoice, components: tuple[str, ...], on_openvino: bool, low_memory: bool) -> VaeChoice:
+    """`choice` with the fp32 decoder an int8 export keeps beside its int8 one (FLOAT_DECODER) where OpenVINO runs
+    it (`on_openvino`), outside low-memory mode: OpenVINO runs the float decoder in bf16 faster than any engine
+    runs the int8 one on a Xeon with AMX (docs/performance.md). Low-memory mode keeps the int8 decoder, whose
+    group norms run in chunks."""
+    if choice.decoder != "vae_decoder" or FLOAT_DECODER not in components or not on_openvino or low_memory:
+        return choice
+    return replace(choice, decoder=FLOAT_DECODER)
+
+
+__all__ = ["VAE_OPTIONS", "VaeChoice", "choose_decoder", "choose_vae"]

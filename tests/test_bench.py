@@ -73,23 +73,33 @@ def test_quick_run_reports_every_field(tmp_path: Path) -> None:
     assert "| openvino-fp32 | skipped: no openvino environment: sd-bench peers setup --only openvino |" in text
 
 
-def test_turbo_style_run_one_step_without_guidance(tiny_pipeline: Path, tmp_path: Path) -> None:
+def test_turbo_style_run_one_step_without_guidance_and_a_failing_peer(tiny_pipeline: Path, tmp_path: Path) -> None:
     """`run` with 1 step and guidance 0 (the Turbo row): every engine runs a single unguided UNet call, and the
-    report goes under its own name beside the main one."""
+    report goes under its own name beside the main one. A peer whose export fails (out of memory, a build
+    error) is reported as failed, with its reason, beside the engines that ran; the run goes on."""
     from sd_onnx.benchmarks.cli import main
 
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'MemoryError: cannot allocate' >&2\nexit 1\n")
+    fake.chmod(0o755)
     args = ["run", "--model", str(tiny_pipeline), "--steps", "1", "--guidance", "0", "--size", "32"]
-    args += ["--engines", "sd-onnx-fp32,diffusers-pytorch", "--name", "turbo", "--out", str(tmp_path / "out")]
-    args += ["--work", str(tmp_path / "work"), "--low-memory"]
+    args += ["--engines", "optimum-ort,sd-onnx-fp32,diffusers-pytorch", "--optimum-python", str(fake)]
+    args += ["--name", "turbo", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--low-memory"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "turbo.json").read_text())
     assert report["settings"]["guidance"] == 0 and report["settings"]["steps"] == 1
     assert "export_fp32" in report["preparation"]
     assert "--work <work>" in report["command"] and str(tmp_path) not in report["command"]  # no machine paths
+    failed = report["engines"].pop("optimum-ort")
+    assert failed["error"] == "optimum-ort export failed: MemoryError: cannot allocate" and failed["seconds"] >= 0
+    assert list(report["engines"]) == ["sd-onnx-fp32", "diffusers-pytorch"]
     for record in report["engines"].values():
         assert record["unet_steps"] == 1 and record["end_to_end_s"] > 0
-    assert (tmp_path / "out" / "turbo_peak_rss.png").is_file() and (tmp_path / "out" / "turbo.md").is_file()
+    assert (tmp_path / "out" / "turbo_peak_rss.png").is_file()
+    text = (tmp_path / "out" / "turbo.md").read_text()
+    assert "| optimum-ort | failed: optimum-ort export failed: MemoryError: cannot allocate |" in text
+    assert "Ratios against optimum-ort" not in text
     refused = CliRunner().invoke(main, ["run", "--random", "sd15", "--model", str(tiny_pipeline)])
     assert refused.exit_code != 0 and "give exactly one of --model PATH or --random" in refused.output
 
@@ -129,28 +139,6 @@ def test_tiny_autoencoder_rows_skip_engines_without_one(tiny_pipeline: Path, tmp
     assert refused.exit_code != 0 and "has no tiny autoencoder: use another --work" in refused.output
     bad = CliRunner().invoke(main, [*args, "--work", str(tmp_path / "w"), "--tiny-vae", str(tmp_path)])
     assert bad.exit_code != 0 and "not a diffusers AutoencoderTiny folder" in bad.output
-
-
-def test_a_peer_that_fails_is_that_engines_result(tiny_pipeline: Path, tmp_path: Path) -> None:
-    """A peer whose export fails (out of memory, a build error) is reported as failed, with its reason, beside
-    the engines that ran; the run goes on."""
-    from sd_onnx.benchmarks.cli import main
-
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho 'MemoryError: cannot allocate' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    args = ["run", "--model", str(tiny_pipeline), "--steps", "1", "--size", "32", "--engines",
-            "optimum-ort,sd-onnx-fp32", "--optimum-python", str(fake), "--name", "peers",
-            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "peers.json").read_text())
-    failed = report["engines"]["optimum-ort"]
-    assert failed["error"] == "optimum-ort export failed: MemoryError: cannot allocate" and failed["seconds"] >= 0
-    assert report["engines"]["sd-onnx-fp32"]["unet_steps"] == 1
-    text = (tmp_path / "out" / "peers.md").read_text()
-    assert "| optimum-ort | failed: optimum-ort export failed: MemoryError: cannot allocate |" in text
-    assert "Ratios against optimum-ort" not in text and (tmp_path / "out" / "peers_peak_rss.png").is_file()
 
 
 def test_report_markdown_and_plots_from_fixed_json(tmp_path: Path) -> None:

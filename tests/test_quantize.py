@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from sd_onnx.exporter.cli import main as export_cli
 from sd_onnx.exporter.quantize import RECIPES
 from sd_onnx.runtime import Manifest, StableDiffusionPipeline
+from sd_onnx.runtime.manifest import FLOAT_DECODER
 
 # Documented tolerance of int8 against fp32 on held-out calibration-like inputs (tiny random-weight model).
 MIN_COSINE = {"unet": 0.97, "vae_decoder": 0.99, "vae_encoder": 0.99}
@@ -248,3 +249,55 @@ def test_disk_errors_are_one_line(tiny_export: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(export_cli, ["quantize", str(tiny_export), str(blocked / "out")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_fp32_decoder_is_kept_beside_the_int8_one_with_whole_group_norms(
+    int8_export: Path, tiny_export: Path
+) -> None:
+    """For OpenVINO, which runs the float decoder in bf16 faster than any engine runs the int8 one on AMX: the
+    fp32 graph as exported, its chunked group norms whole again, the same function (onnxruntime, fp32)."""
+    import onnxruntime as ort
+
+    manifest = Manifest.load(int8_export)
+    info = manifest.components[FLOAT_DECODER]
+    assert info.precision == "fp32" and info.file == f"{FLOAT_DECODER}/model.onnx"
+    assert info.validation["max_abs_diff"] < 1e-4
+    assert info.inputs == manifest.components["vae_decoder"].inputs
+    chunked = onnx.load(str(tiny_export / "vae_decoder" / "model.onnx"), load_external_data=False)
+    whole = onnx.load(str(int8_export / info.file), load_external_data=False)
+    norms = sum(n.op_type == "InstanceNormalization" for n in whole.graph.node)
+    assert not any("/chunk" in n.name for n in whole.graph.node)
+    assert (
+        norms
+        == info.optimizations["group_norms_whole"]
+        == Manifest.load(tiny_export).components["vae_decoder"].optimizations["group_norms_chunked"]
+    )
+    latents = (
+        np.random.default_rng(0)
+        .standard_normal((1, Manifest.load(int8_export).config.latent_channels, 16, 16))
+        .astype(np.float32)
+    )
+    name = info.inputs[0].name
+    outputs = [
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: latents})[0]
+        for path in (tiny_export / "vae_decoder" / "model.onnx", int8_export / info.file)
+    ]
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-4
+
+
+def test_openvino_decodes_with_the_float_decoder_and_onnxruntime_with_int8(int8_export: Path) -> None:
+    """Where OpenVINO runs the decoder it takes the float one (exact float layers with openvino:f32: the same
+    pixels as the fp32 decoder on onnxruntime); onnxruntime and low-memory mode keep the int8 one."""
+    cpu = StableDiffusionPipeline.from_pretrained(int8_export, provider="cpu")
+    exact = StableDiffusionPipeline.from_pretrained(int8_export, provider="openvino:f32")
+    lean = StableDiffusionPipeline.from_pretrained(int8_export, provider="openvino", low_memory=True)
+    assert (cpu.vae.decoder, exact.vae.decoder, lean.vae.decoder) == ("vae_decoder", FLOAT_DECODER, "vae_decoder")
+    latents = (
+        np.random.default_rng(1)
+        .standard_normal((1, Manifest.load(int8_export).config.latent_channels, 16, 16))
+        .astype(np.float32)
+    )
+    fp32 = StableDiffusionPipeline.from_pretrained(int8_export, provider="cpu")
+    fp32.vae = exact.vae  # the float decoder on onnxruntime: the reference for OpenVINO's f32
+    assert np.abs(exact.decode_latents(latents) - fp32.decode_latents(latents)).max() < 1e-4
+    assert np.abs(cpu.decode_latents(latents) - fp32.decode_latents(latents)).mean() > 1e-4  # int8 differs

@@ -30,17 +30,15 @@ def short_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_training_writes_a_pipeline_with_measured_scaling_factor(short_recipe: None, tmp_path: Path) -> None:
-    out = train.Trainer(tmp_path).run()
+    """One short run: the pipeline's VAE scaling factor is the dataset's, and the text encoder's unused token
+    embeddings stay zero."""
+    trainer = train.Trainer(tmp_path)
+    out = trainer.run()
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     dataset = torch.load(tmp_path / "dataset.pt")
     assert vae_config["scaling_factor"] == pytest.approx(1 / dataset["latents"].std().item())
     assert dataset["latents"].shape == (250, 4, 16, 16)
     assert json.loads((out / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
-
-
-def test_unused_token_embeddings_stay_zero(short_recipe: None, tmp_path: Path) -> None:
-    trainer = train.Trainer(tmp_path)
-    trainer.run()
     weights = trainer.text_encoder.get_input_embeddings().weight
     used = (weights.abs().sum(dim=1) > 0).sum().item()
     assert 20 < used < 40  # the grammar's words plus the special tokens, out of 49,408 rows
