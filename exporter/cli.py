@@ -333,6 +333,24 @@ def upscaler(
 
 
 @main.command()
+@click.argument("network", type=click.Choice(["hed"]))
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
+@click.option("--atol", default=1e-4, show_default=True, help="Max abs difference allowed between ONNX and PyTorch.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def annotator(network: str, file: Path, output: Path, opset: int, atol: float, overwrite: bool) -> None:
+    """Export a ControlNet preprocessor NETWORK's checkpoint FILE (hed: ControlNetHED.pth, read weights-only) to
+    the ONNX folder OUTPUT, validated against controlnet-aux's PyTorch module; the runtime finds it as
+    DIR/NETWORK under --annotators-dir DIR (A1111 modules softedge_hed, softedge_hedsafe). Needs controlnet-aux:
+    pip install --no-deps controlnet-aux==0.0.10 einops."""
+    from .annotator import export_annotator
+
+    derive(lambda: export_annotator(network, file, output, opset=opset, atol=atol, overwrite=overwrite, log=echo),
+           output)  # fmt: skip
+
+
+@main.command()
 @click.argument("controlnet", metavar="SOURCE[:NAME]")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))

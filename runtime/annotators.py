@@ -1,5 +1,6 @@
-"""ControlNet preprocessors that need no model, torch-free, named as A1111's ControlNet extension names its
-modules: `none`, `canny`, `invert`, `threshold`, `blur_gaussian`, `tile_resample`.
+"""ControlNet preprocessors, torch-free, named as A1111's ControlNet extension names its modules: those that need
+no model (`none`, `canny`, `invert`, `threshold`, `blur_gaussian`, `tile_resample`) and those that run an exported
+network (`softedge_hed`, `softedge_hedsafe`: annotator_models.py), given the networks loaded.
 
 Each takes a PIL image and returns the control image, after scaling the picture so that its short side is
 `resolution` pixels (A1111's `processor_res`; None keeps its size). `canny` is OpenCV's Canny (which the
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .annotator_models import MODEL_MODULES, AnnotatorNetwork
 from .request import RequestError
 
 TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)  # tan(22.5 degrees), OpenCV's 15-bit fixed point
@@ -110,18 +112,36 @@ MODULES: dict[str, tuple[Annotator | None, float | None, float | None]] = {
 }
 
 
+def module_names(networks: dict[str, AnnotatorNetwork] | None = None) -> list[str]:
+    """The preprocessors that can run: those needing no model, and those whose network is in `networks`."""
+    return [*MODULES, *(m for m, (network, _) in MODEL_MODULES.items() if network in (networks or {}))]
+
+
 def annotate(
     image: Image.Image,
     module: str,
     resolution: int | None = None,
     threshold_a: float | None = None,
     threshold_b: float | None = None,
+    networks: dict[str, AnnotatorNetwork] | None = None,
 ) -> Image.Image:
-    """The control image `module` makes from `image` (RequestError naming `module` for one not known, or
-    `threshold_a`/`threshold_b`/`resolution` for one out of range)."""
-    if not isinstance(module, str) or module not in MODULES:
-        raise RequestError("module", f"no preprocessor {str(module)[:64]!r}; there are {', '.join(MODULES)}")
-    run, default_a, default_b = MODULES[module]
+    """The control image `module` makes from `image`, with the exported `networks` (annotator_models.py) for the
+    modules that run one; RequestError naming `module` for one not known or whose network is not loaded, or
+    `threshold_a`/`threshold_b`/`resolution` for one out of range."""
+    if isinstance(module, str) and module in MODEL_MODULES:
+        network, safe = MODEL_MODULES[module]
+        if network not in (networks or {}):
+            raise RequestError(
+                "module",
+                f"{module} runs the {network} network, which is not loaded (sd-export annotator {network} FILE "
+                f"DIR/{network}, then --annotators-dir DIR)",
+            )
+        run, default_a, default_b = (lambda pixels, _a, _b: networks[network].edges(pixels, safe)), None, None
+    elif not isinstance(module, str) or module not in MODULES:
+        names = ", ".join(module_names(networks))
+        raise RequestError("module", f"no preprocessor {str(module)[:64]!r}; there are {names}")
+    else:
+        run, default_a, default_b = MODULES[module]
     if run is None:
         return image
     if resolution is not None:

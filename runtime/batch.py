@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .annotator_models import AnnotatorNetwork
 from .annotators import annotate
 from .controlnet import MAX_CONTROLS, ControlUnit
 from .files import UntrustedFileError, inside, parse_json, read_lines, regular_file
@@ -119,9 +120,14 @@ def _parse_line(line: str, number: int) -> BatchItem:
     return BatchItem(item_id, number, data)
 
 
-def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> tuple[dict[str, Any], bytes | None]:
-    """Generate one item: its result record and PNG bytes (None when it failed). Never raises for a bad
-    request or a failed generation: the record says why."""
+def run_item(
+    pipe: StableDiffusionPipeline,
+    item: BatchItem,
+    limits: Limits,
+    networks: dict[str, AnnotatorNetwork] | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """Generate one item (its controls preprocessed with the exported `networks`): its result record and PNG
+    bytes (None when it failed). Never raises for a bad request or a failed generation: the record says why."""
     record: dict[str, Any] = {"id": item.id, "line": item.line}
     if item.error is not None:
         return {**record, "status": "error", "error": item.error}, None
@@ -130,7 +136,7 @@ def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> 
         fields = dict(item.fields)
         if "controls" in fields:
             fields["controls"] = _controls(
-                fields["controls"], Path(item.folder or "."), limits.input_pixels(pipe.config)
+                fields["controls"], Path(item.folder or "."), limits.input_pixels(pipe.config), networks
             )
         request = pipe.prepare(GenerationRequest(**{"prompt_syntax": "a1111", **fields}), limits)
         out = pipe.generate(request)
@@ -144,7 +150,9 @@ def run_item(pipe: StableDiffusionPipeline, item: BatchItem, limits: Limits) -> 
     return {**record, "status": "ok", "seed": request.seed, "file": f"{item.id}.png", "timings": timings}, png
 
 
-def _controls(entries: Any, folder: Path, max_pixels: int) -> tuple[ControlUnit, ...]:
+def _controls(
+    entries: Any, folder: Path, max_pixels: int, networks: dict[str, AnnotatorNetwork] | None
+) -> tuple[ControlUnit, ...]:
     """A line's `controls` ([{"image": "edges/a.png", "model": "canny", "weight": 0.8, "module": "canny"}, ...])
     as ControlNet units, each image read from inside `folder` within `max_pixels` and preprocessed by `module`."""
     if not isinstance(entries, list) or len(entries) > MAX_CONTROLS:
@@ -157,7 +165,7 @@ def _controls(entries: Any, folder: Path, max_pixels: int) -> tuple[ControlUnit,
             image = decode_image(inside(folder, entry["image"], "the prompts file"), max_pixels)
         except (UntrustedFileError, ImageError, OSError) as exc:
             raise RequestError(f"controls[{i}].image", str(exc)) from None
-        control = annotate(image, entry.get("module", "none"))
+        control = annotate(image, entry.get("module", "none"), networks=networks)
         numbers = {k: entry[n] for k, n in (("scale", "weight"), ("start", "start"), ("end", "end")) if n in entry}
         units.append(ControlUnit(control, entry.get("model"), **numbers, resize_mode=entry.get("resize_mode",
                                  "just_resize"), module=entry.get("module", "none")))  # fmt: skip
@@ -261,12 +269,12 @@ def run_batch(
 
 
 def local_executor(
-    pipe: StableDiffusionPipeline, limits: Limits
+    pipe: StableDiffusionPipeline, limits: Limits, networks: dict[str, AnnotatorNetwork] | None = None
 ) -> Callable[[list[BatchItem]], Iterator[tuple[dict[str, Any], bytes | None]]]:
     """Run items one after another in this process."""
 
     def execute(items: list[BatchItem]) -> Iterator[tuple[dict[str, Any], bytes | None]]:
         for item in items:
-            yield run_item(pipe, item, limits)
+            yield run_item(pipe, item, limits, networks)
 
     return execute

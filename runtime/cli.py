@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from .annotator_models import MODEL_MODULES
 from .annotators import MODULES as ANNOTATORS
 from .hires import HiresFix
 from .hires_upscalers import upscaler_names
@@ -258,8 +259,15 @@ def main() -> None:
     "--control-preprocess",
     default="none",
     show_default=True,
-    type=click.Choice(list(ANNOTATORS)),
-    help="Make each control image from the picture first (A1111's module names; canny: OpenCV's, torch-free).",
+    type=click.Choice([*ANNOTATORS, *MODEL_MODULES]),
+    help="Make each control image from the picture first (A1111's module names; canny: OpenCV's, torch-free; "
+    "softedge_hed*: the network exported with sd-export annotator, in --annotators-dir).",
+)
+@click.option(
+    "--annotators-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of preprocessor networks exported with sd-export annotator (one sub-folder per network).",
 )
 @click.option("--control-start", default=0.0, show_default=True, type=float, help="ControlNet: first step fraction.")
 @click.option("--control-end", default=1.0, show_default=True, type=float, help="ControlNet: last step fraction.")
@@ -362,6 +370,7 @@ def prompt(
     no_paste_back: bool,
     controls: tuple[str, ...],
     control_preprocess: str,
+    annotators_dir: Path | None,
     control_start: float,
     control_end: float,
     guess_mode: bool,
@@ -431,7 +440,7 @@ def prompt(
             hires=hires_settings(hires_scale, hires_upscaler, hires_steps, hires_denoise),
             skip_guidance_layers=parse_layers(skip_layers), skip_layer_guidance_scale=skip_layer_scale,
             controls=read_controls(controls, control_preprocess, control_start, control_end, guess_mode,
-                                   limits.input_pixels(pipe.config)),
+                                   limits.input_pixels(pipe.config), annotators_dir, threads),
             guess_mode=guess_mode,
         )  # fmt: skip
         request = pipe.prepare(request, limits)
@@ -445,15 +454,19 @@ def prompt(
 
 
 def read_controls(
-    texts: tuple[str, ...], module: str, start: float, end: float, guess_mode: bool, max_pixels: int
-) -> tuple:
-    """--control IMAGE[:NAME[:WEIGHT]] options as ControlNet units, each image read (and preprocessed)."""
+    texts: tuple[str, ...], module: str, start: float, end: float, guess_mode: bool, max_pixels: int,
+    annotators_dir: Path | None = None, threads: int | None = None,
+) -> tuple:  # fmt: skip
+    """--control IMAGE[:NAME[:WEIGHT]] options as ControlNet units, each image read (and preprocessed, with the
+    networks in `annotators_dir` for the modules that run one)."""
+    from .annotator_models import load_annotators
     from .annotators import annotate
     from .controlnet import ControlUnit
 
     if not texts and (module != "none" or guess_mode):
         given = "--control-preprocess" if module != "none" else "--guess-mode"
         raise click.BadParameter("applies to control images: give one with --control IMAGE", param_hint=given)
+    networks = load_annotators(annotators_dir, threads) if module in MODEL_MODULES else None
     units = []
     for text in texts:
         path, name, weight = text, None, 1.0
@@ -467,7 +480,7 @@ def read_controls(
                     raise click.BadParameter(message, param_hint="--control") from None
             path, name = parts[0], (parts[1] if len(parts) > 1 else "") or None
         image = read_init_image(Path(path), max_pixels, "--control")
-        units.append(ControlUnit(annotate(image, module), name, weight, start, end, module=module))
+        units.append(ControlUnit(annotate(image, module, networks=networks), name, weight, start, end, module=module))
     return tuple(units)
 
 
@@ -589,6 +602,12 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
     help="Folder of exported upscalers (sd-export upscaler), one per sub-folder, for the A1111 extras routes.",
 )
 @click.option(
+    "--annotators-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of ControlNet preprocessor networks (sd-export annotator), one per sub-folder.",
+)
+@click.option(
     "--models-dir",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     default=None,
@@ -642,6 +661,7 @@ def info(folder: Path | None, model: Path | None, no_verify: bool) -> None:
 def serve(
     model: Path | None,
     upscalers_dir: Path | None,
+    annotators_dir: Path | None,
     models_dir: Path | None,
     max_loaded_models: int,
     strict: bool,
@@ -680,6 +700,7 @@ def serve(
         raise click.ClickException("sd-run serve needs the [serve] extra: pip install '.[serve]'") from None
     check_models_dir(models_dir, model, max_loaded_models, use_ray, loras)
     ray_options = ray_serve_options(use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica, workers)
+    from .annotator_models import load_annotators
     from .session import resolve_providers
     from .upscale import load_upscalers
 
@@ -705,6 +726,7 @@ def serve(
         applied = [parse_lora_option(text) for text in loras]
         check_loras(folder, list(read_loras(applied)))  # fails here, not in the background load
         load_upscalers(upscalers_dir)
+        load_annotators(annotators_dir)
     except ValueError as exc:
         raise user_error(exc) from None
     if mcp and importlib.util.find_spec("mcp") is None:
@@ -720,6 +742,7 @@ def serve(
         host=host,
         allow_origins=tuple(allow_origins),
         upscalers_dir=upscalers_dir,
+        annotators_dir=annotators_dir,
         strict=strict,
         mcp=mcp,
     )
@@ -819,6 +842,12 @@ def ray_serve_options(
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(0))
 @click.option("--provider", default="auto", show_default=True, help=PROVIDER_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="onnxruntime intra-op threads (local).")
+@click.option(
+    "--annotators-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of ControlNet preprocessor networks (sd-export annotator) for lines' controls (local only).",
+)
 @PROMPT_SYNTAX_OPTION
 @limit_options
 def batch(
@@ -833,6 +862,7 @@ def batch(
     gpus_per_worker: float,
     provider: str,
     threads: int | None,
+    annotators_dir: Path | None,
     prompt_syntax: str,
     max_steps: int,
     max_pixels: int | None,
@@ -842,12 +872,15 @@ def batch(
     with OUTDIR/results.jsonl recording each id's seed, timings or error.
 
     Exits non-zero when a line failed; its record says why."""
+    from .annotator_models import load_annotators
     from .batch import BatchOutput, local_executor, read_items, run_batch
     from .session import resolve_providers
 
     log_to_stderr()
     if not use_ray and (address or workers or cpus_per_worker != 1.0 or gpus_per_worker):
         raise click.UsageError("--address, --workers, --cpus-per-worker and --gpus-per-worker need --ray")
+    if use_ray and annotators_dir is not None:
+        raise click.UsageError("--annotators-dir runs locally only (Ray workers do not load the networks)")
     limits = Limits(max_steps, max_pixels, max_batch)
     folder = model_folder(model)
     try:
@@ -868,8 +901,9 @@ def batch(
             execute = ray_executor(folder, limits, address, workers or os.cpu_count() or 1, cpus_per_worker,
                                    gpus_per_worker, provider)  # fmt: skip
         else:
+            networks = load_annotators(annotators_dir, threads)
             pipe = StableDiffusionPipeline.from_pretrained(folder, provider=provider, threads=threads)
-            execute = local_executor(pipe, limits)
+            execute = local_executor(pipe, limits, networks)
         with click.progressbar(length=len(items), label="images", file=sys.stderr) as bar:
             summary = run_batch(items, output, done, execute, on_result=lambda _: bar.update(1))
     except USER_ERRORS as exc:

@@ -162,3 +162,41 @@ def tiny_flux2_klein_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flux2_klein_export(tiny_flux2_klein_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exported(tiny_flux2_klein_pipeline, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hed_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """controlnet-aux's HED network with seeded random weights, scaled so that its edge map spans many levels
+    (default initialization leaves it near one level everywhere), saved as ControlNetHED.pth."""
+    import torch
+
+    from sd_onnx.exporter.annotator import controlnet_aux_module
+
+    torch.manual_seed(0)
+    network = controlnet_aux_module("hed").ControlNetHED_Apache2()
+    probe = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        network.norm.fill_(127.0)
+        network.block1.convs[0].weight.mul_(1 / 64)
+        blocks = (network.block1, network.block2, network.block3, network.block4, network.block5)
+        for block, side in zip(blocks, network(probe), strict=True):
+            block.projection.weight.mul_(2 / side.std())
+            block.projection.bias.zero_()
+        for block, side in zip(blocks, network(probe), strict=True):
+            block.projection.bias.fill_(-side.mean())  # centred: sigmoid's whole range
+    path = tmp_path_factory.mktemp("hed") / "ControlNetHED.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def annotators_dir(hed_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for --annotators-dir holding the HED network exported by `sd-export annotator`."""
+    from click.testing import CliRunner
+
+    from sd_onnx.exporter.cli import main
+
+    root = tmp_path_factory.mktemp("annotators")
+    result = CliRunner().invoke(main, ["annotator", "hed", str(hed_checkpoint), str(root / "hed")])
+    assert result.exit_code == 0, result.output
+    return root

@@ -200,11 +200,13 @@ def test_sd_export_controlnet_adds_one_and_refuses_another_base(
         ControlNetSource.parse("folder:bad name")
 
 
-def test_cli_runs_controlnets_with_a_preprocessor(export: Path, ours, tmp_path: Path) -> None:
+def test_cli_runs_controlnets_with_a_preprocessor(export: Path, ours, tmp_path: Path, annotators_dir: Path) -> None:
     """`sd-run prompt --control IMAGE:NAME:WEIGHT --control-preprocess canny`: the API's image for the same units
-    (the control image made by the canny annotator); an unknown ControlNet is one line naming --control."""
+    (the control image made by the canny annotator), and likewise softedge_hed with the exported HED network from
+    --annotators-dir; an unknown ControlNet is one line naming --control, a network not given one line too."""
     from click.testing import CliRunner
 
+    from sd_onnx.runtime.annotator_models import load_annotators
     from sd_onnx.runtime.annotators import annotate
     from sd_onnx.runtime.cli import main
 
@@ -221,6 +223,17 @@ def test_cli_runs_controlnets_with_a_preprocessor(export: Path, ours, tmp_path: 
     assert np.abs(np.asarray(Image.open(out), np.float64) / 255 - want).max() <= 1 / 255 + 1e-6
     assert "ControlNet 0" in Image.open(out).text["parameters"]
     assert "Module: canny, Model: depth, Weight: 0.8" in Image.open(out).text["parameters"]
+    picture_file = f"{tmp_path / 'picture.png'}:canny"
+    hed = [*common[:-4], "--control-preprocess", "softedge_hed", *common[-2:], "--control", picture_file]
+    result = CliRunner().invoke(main, [*hed, "--annotators-dir", str(annotators_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    networks = load_annotators(annotators_dir)
+    unit = ControlUnit(annotate(picture, "softedge_hed", networks=networks), "canny", 1.0, module="softedge_hed")
+    want = ours.generate(GenerationRequest(PROMPT, steps=2, seed=4, controls=(unit,)), output_type="np").images[0]
+    assert np.abs(np.asarray(Image.open(out), np.float64) / 255 - want).max() <= 1 / 255 + 1e-6
+    assert "Module: softedge_hed" in Image.open(out).text["parameters"]
+    result = CliRunner().invoke(main, hed)
+    assert result.exit_code == 1 and "softedge_hed runs the hed network, which is not loaded" in result.output
     result = CliRunner().invoke(main, [*common, "--control", f"{tmp_path / 'picture.png'}:pose"])
     assert result.exit_code == 1 and "Error: --control: no ControlNet named 'pose'" in result.output
     result = CliRunner().invoke(main, [*common, "--control", f"{tmp_path / 'picture.png'}:depth:heavy"])
@@ -276,7 +289,7 @@ def test_annotators_follow_a1111s_modules() -> None:
             annotate(picture, **kwargs)
 
 
-def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: Path) -> None:
+def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: Path, annotators_dir: Path) -> None:
     """webuiapi's ControlNetUnit in `alwayson_scripts` (its request as sent: Resize and Fill, thresholds 64/64,
     processor_res 512): the API's image for the same unit; the extension's routes list the model's ControlNets
     and the modules, and /controlnet/detect runs a module alone; bad units are 422s naming the field."""
@@ -288,11 +301,12 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
     import uvicorn
     import webuiapi
 
+    from sd_onnx.runtime.annotator_models import load_annotators
     from sd_onnx.runtime.annotators import annotate
     from sd_onnx.runtime.controlnet import ControlUnit
     from sd_onnx.runtime.server.app import ServeConfig, ServerState, create_app
 
-    app = create_app(ServerState(ServeConfig()), loader=lambda: ours)
+    app = create_app(ServerState(ServeConfig(annotators_dir=annotators_dir)), loader=lambda: ours)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -304,7 +318,7 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
             threading.Event().wait(0.05)
         api = webuiapi.WebUIApi(host="127.0.0.1", port=port)
         assert api.controlnet_model_list() == ["canny", "depth"]
-        assert "canny" in api.controlnet_module_list()
+        assert {"canny", "softedge_hed", "softedge_hedsafe"} <= set(api.controlnet_module_list())
         picture = drawing().resize((96, 72))
         unit = webuiapi.ControlNetUnit(image=picture, module="canny", model="depth [0123abcd]", weight=0.9,
                                        threshold_a=50, threshold_b=120, guidance_end=0.6, processor_res=64)  # fmt: skip
@@ -323,6 +337,10 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
         detected = api.controlnet_detect([picture], module="canny", processor_res=64, threshold_a=50, threshold_b=120)
         got = detected.image  # webuiapi decodes the answer's first image
         assert np.array_equal(np.asarray(got), np.asarray(control))
+        detected = api.controlnet_detect([picture], module="softedge_hed", processor_res=64)
+        networks = load_annotators(annotators_dir)
+        assert np.array_equal(np.asarray(detected.image), np.asarray(annotate(picture, "softedge_hed", 64,
+                                                                              networks=networks)))  # fmt: skip
         body = {"prompt": PROMPT, "steps": 1, "width": 64, "height": 64}
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
@@ -353,13 +371,16 @@ def test_a1111_controlnet_units_through_webuiapi(export: Path, ours, tmp_path: P
         thread.join(timeout=10)
 
 
-def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_path: Path) -> None:
+def test_batch_lines_take_controls_inside_their_folder(
+    export: Path, ours, tmp_path: Path, annotators_dir: Path
+) -> None:
     """`sd-run batch` lines with `controls` (images inside the prompts file's folder): the API's image; a path
     that leaves the folder and an unknown key are that line's error records, the rest goes on."""
     import json
 
     from click.testing import CliRunner
 
+    from sd_onnx.runtime.annotator_models import load_annotators
     from sd_onnx.runtime.annotators import annotate
     from sd_onnx.runtime.cli import main
 
@@ -373,10 +394,12 @@ def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_p
         {"id": "ok", "prompt": PROMPT, "steps": 2, "seed": 2, "controls": [unit]},
         {"id": "leaves", "prompt": PROMPT, "controls": [{**unit, "image": "../outside.png"}]},
         {"id": "unknown", "prompt": PROMPT, "controls": [{**unit, "mask": "edges/a.png"}]},
+        {"id": "hed", "prompt": PROMPT, "steps": 2, "seed": 2, "controls": [{**unit, "module": "softedge_hed"}]},
     ]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = CliRunner().invoke(main, ["batch", str(tmp_path / "prompts.jsonl"), str(tmp_path / "out"),
-                                       "-m", str(export), "--provider", "cpu"])  # fmt: skip
+                                       "-m", str(export), "--provider", "cpu", "--annotators-dir",
+                                       str(annotators_dir)])  # fmt: skip
     assert result.exit_code == 1, result.output  # some lines failed
     records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert records["ok"]["status"] == "ok"
@@ -387,6 +410,13 @@ def test_batch_lines_take_controls_inside_their_folder(export: Path, ours, tmp_p
     request = GenerationRequest(PROMPT, steps=2, seed=2, controls=(control,), prompt_syntax="a1111")
     want = ours.generate(request, output_type="np").images[0]
     got = np.asarray(Image.open(tmp_path / "out" / "ok.png"), np.float64) / 255
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+    assert records["hed"]["status"] == "ok"
+    soft = annotate(picture, "softedge_hed", networks=load_annotators(annotators_dir))
+    control = ControlUnit(soft, "canny", 0.7, resize_mode="crop_and_resize", module="softedge_hed")
+    request = GenerationRequest(PROMPT, steps=2, seed=2, controls=(control,), prompt_syntax="a1111")
+    want = ours.generate(request, output_type="np").images[0]
+    got = np.asarray(Image.open(tmp_path / "out" / "hed.png"), np.float64) / 255
     assert np.abs(got - want).max() <= 1 / 255 + 1e-6
 
 

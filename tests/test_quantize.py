@@ -265,6 +265,7 @@ def test_the_fp32_decoder_is_kept_beside_the_int8_one_with_whole_group_norms(
     assert info.inputs == manifest.components["vae_decoder"].inputs
     chunked = onnx.load(str(tiny_export / "vae_decoder" / "model.onnx"), load_external_data=False)
     whole = onnx.load(str(int8_export / info.file), load_external_data=False)
+    assert any("/chunk" in n.name for n in chunked.graph.node)
     norms = sum(n.op_type == "InstanceNormalization" for n in whole.graph.node)
     assert not any("/chunk" in n.name for n in whole.graph.node)
     assert (
@@ -301,3 +302,20 @@ def test_openvino_decodes_with_the_float_decoder_and_onnxruntime_with_int8(int8_
     fp32.vae = exact.vae  # the float decoder on onnxruntime: the reference for OpenVINO's f32
     assert np.abs(exact.decode_latents(latents) - fp32.decode_latents(latents)).max() < 1e-4
     assert np.abs(cpu.decode_latents(latents) - fp32.decode_latents(latents)).mean() > 1e-4  # int8 differs
+
+
+@pytest.mark.parametrize("flags", [{"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16"}, {"avx512_bf16"}])
+def test_auto_decodes_with_the_float_decoder_on_openvino_only_with_amx(
+    flags: set[str], int8_export: Path, monkeypatch
+) -> None:
+    """Measured (docs/performance.md): with AMX OpenVINO's bf16 float decoder takes 0.46x the int8 one on
+    onnxruntime; on AVX-512 bf16 without AMX the int8 one on onnxruntime is faster."""
+    from sd_onnx.runtime import session
+
+    monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(flags))
+    pipe = StableDiffusionPipeline.from_pretrained(int8_export, provider="auto")
+    amx = "amx_bf16" in flags
+    assert pipe.vae.decoder == (FLOAT_DECODER if amx else "vae_decoder")
+    assert pipe.component(pipe.vae.decoder).provider == ("OpenVINO" if amx else "CPUExecutionProvider")
+    assert pipe.component("unet").provider == "OpenVINO"
+    assert ("vae_decoder_float" in pipe.engine) == amx, pipe.engine

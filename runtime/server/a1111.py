@@ -127,7 +127,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
         init = image if isinstance(image, Image.Image) else None
         limit = state.config.limits.input_pixels(applied.entry.config)
         models = list(applied.entry.config.controlnets)
-        controls, guess_mode, ignored = await control_units(applied.extra, init, size, limit, models)
+        controls, guess_mode, ignored = await control_units(applied.extra, init, size, limit, models, state.annotators)
         if state.config.strict and ignored:
             raise HTTPException(422, strict_refusal(ignored))
         applied.ignored.extend(ignored)

@@ -21,7 +21,8 @@ from fastapi import APIRouter, HTTPException
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..annotators import MODULES, annotate
+from ..annotator_models import AnnotatorNetwork
+from ..annotators import annotate, module_names
 from ..controlnet import MAX_CONTROL_SCALE, MAX_CONTROLS, ControlUnit
 from ..echo import echo
 from ..image import ImageError, decode_base64_image, png_bytes
@@ -53,10 +54,16 @@ def find_script(extra: dict[str, Any]) -> tuple[str, list[Any]] | None:
 
 
 async def control_units(
-    extra: dict[str, Any], init_image: Image.Image | None, size: tuple[int, int], limit: int, models: list[str]
+    extra: dict[str, Any],
+    init_image: Image.Image | None,
+    size: tuple[int, int],
+    limit: int,
+    models: list[str],
+    networks: dict[str, AnnotatorNetwork],
 ) -> tuple[tuple[ControlUnit, ...], bool, list[str]]:
-    """The enabled units of a body's ControlNet script, their images read and preprocessed; whether any asks for
-    guess mode; the fields listed as ignored. `models`: the ControlNets a unit's `model` may name."""
+    """The enabled units of a body's ControlNet script, their images read and preprocessed (with the exported
+    preprocessor `networks`); whether any asks for guess mode; the fields listed as ignored. `models`: the
+    ControlNets a unit's `model` may name."""
     found = find_script(extra)
     if found is None:
         return (), False, []
@@ -79,7 +86,7 @@ async def control_units(
         if mode == 1:
             ignored.append(f"{prefix}control_mode")
         modes.add(mode)
-        units.append(_unit(unit, prefix, image, size, models))
+        units.append(await asyncio.to_thread(_unit, unit, prefix, image, size, models, networks))
     return tuple(units), 2 in modes, ignored
 
 
@@ -102,7 +109,14 @@ async def _image(unit: dict, prefix: str, init: Image.Image | None, limit: int) 
         raise HTTPException(422, f"{prefix}{field}: {exc}") from None
 
 
-def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int], models: list[str] | None) -> ControlUnit:
+def _unit(
+    unit: dict,
+    prefix: str,
+    image: Image.Image,
+    size: tuple[int, int],
+    models: list[str] | None,
+    networks: dict[str, AnnotatorNetwork],
+) -> ControlUnit:
     """The unit as a ControlUnit, its image preprocessed; a 422 names a field as `prefix` + the unit's name."""
     module = str(unit.get("module") or "none").lower()
     resize = _choice(unit.get("resize_mode", "Crop and Resize"), RESIZE_MODES, f"{prefix}resize_mode")
@@ -113,7 +127,7 @@ def _unit(unit: dict, prefix: str, image: Image.Image, size: tuple[int, int], mo
         resolution = DEFAULT_RESOLUTION
     thresholds = [None if unit.get(n) in (None, -1) else unit.get(n) for n in ("threshold_a", "threshold_b")]
     try:
-        control = annotate(image, module, resolution if module != "none" else None, *thresholds)
+        control = annotate(image, module, resolution if module != "none" else None, *thresholds, networks=networks)
     except RequestError as exc:
         field = "processor_res" if exc.field == "resolution" else exc.field
         raise HTTPException(422, f"{prefix}{field}: {exc.reason}") from None
@@ -176,7 +190,7 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/controlnet/module_list")
     def module_list() -> dict[str, Any]:
-        return {"module_list": list(MODULES)}
+        return {"module_list": module_names(state.annotators)}
 
     @api.post("/controlnet/detect")
     async def detect(body: DetectRequest) -> dict[str, Any]:
@@ -193,6 +207,6 @@ def add_routes(api: APIRouter, state: ServerState) -> None:
                 image = await asyncio.to_thread(decode_base64_image, data, limit)
             except ImageError as exc:
                 raise HTTPException(422, f"{name}[{i}]: {exc}") from None
-            control = await asyncio.to_thread(_unit, unit, "controlnet_", image, image.size, None)  # its fields
+            control = await asyncio.to_thread(_unit, unit, "controlnet_", image, image.size, None, state.annotators)
             out.append(base64.b64encode(png_bytes(control.image)).decode())
         return {"images": out, "info": "Success"}

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..annotator_models import AnnotatorNetwork, load_annotators
 from ..echo import echo
 from ..pipeline import GenerationCancelled, PipelineOutput, StableDiffusionPipeline
 from ..request import GenerationRequest, Limits, RequestError
@@ -59,6 +60,8 @@ class ServeConfig:
     allow_origins: tuple[str, ...] = ()
     # Exported upscalers, one per sub-folder (`--upscalers-dir`), for the extras routes and hires fix.
     upscalers_dir: Path | None = None
+    # Exported ControlNet preprocessor networks, one per sub-folder (`--annotators-dir`; annotator_models.py).
+    annotators_dir: Path | None = None
     # Refuse (422) A1111 fields and settings the server would otherwise ignore and list in `info` (--strict).
     strict: bool = False
     # Serve the MCP endpoint at /mcp (`--mcp`; mcp_tools.py), behind the same API key.
@@ -109,6 +112,7 @@ class ServerState:
         `models`: the models offered (`--models-dir`); None: the one the loader loads."""
         self.config = config
         self.upscalers: dict[str, Upscaler] = load_upscalers(config.upscalers_dir)
+        self.annotators: dict[str, AnnotatorNetwork] = load_annotators(config.annotators_dir)
         self.jobs_factory = jobs_factory or (lambda pipe: JobQueue(None, config.workers, config.queue_size))
         self.models = models
         # A loaded pipeline: the current model's, unless a request on another model evicted it (see `model`).
