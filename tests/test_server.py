@@ -28,10 +28,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str) -> None:
+    def __init__(self, model: Path | None, *args: str) -> None:
+        """`sd-run serve -m MODEL ARGS` (no -m for None: ARGS name the models) on a free port, once ready."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sd_onnx.runtime.cli", "serve", "-m", str(model), "--port", str(self.port), *args]
+        chosen = ["-m", str(model)] if model is not None else []
+        cmd = [sys.executable, "-m", "sd_onnx.runtime.cli", "serve", *chosen, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 60
         while True:

@@ -464,3 +464,86 @@ def test_interrupt_stops_a_generation_from_the_page(keyed_server: Server, browse
     assert browser.find_element(By.ID, "error").text == "409: generation was interrupted"
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
     assert not browser.find_elements(By.ID, "result")
+
+
+def test_sampling_fields_from_the_page_are_the_apis(keyed_server: Server, browser: webdriver.Chrome) -> None:
+    """Schedule type, eta, clip skip and tiled VAE from the folded group: the same image as the API's for the same
+    body, and the result's parameters name them; a model without ControlNets shows no ControlNet group."""
+    browser.get(keyed_server.url + "/")
+    fill(browser, api_key=KEY, prompt="a blue square", steps="3", seed="3")
+    browser.execute_script("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    schedule = Select(browser.find_element(By.ID, "scheduler"))
+    WebDriverWait(browser, 10).until(lambda d: len(schedule.options) > 1)
+    headers = {"X-API-Key": KEY}
+    labels = [s["label"] for s in httpx.get(keyed_server.url + "/sdapi/v1/schedulers", headers=headers).json()]
+    assert [o.get_attribute("value") for o in schedule.options][1:] == labels
+    schedule.select_by_value(labels[-1])
+    sampler = Select(browser.find_element(By.ID, "sampler_name"))
+    ddim = next(o.get_attribute("value") for o in sampler.options if o.get_attribute("value").lower() == "ddim")
+    sampler.select_by_value(ddim)
+    fill(browser, eta="0.5", clip_skip="2")
+    browser.find_element(By.ID, "vae_tiling").click()
+    assert not browser.find_element(By.ID, "controlnet").is_displayed()
+    browser.find_element(By.ID, "generate").click()
+    wait_for_result_or_error(browser)
+    assert browser.find_element(By.ID, "error").text == ""
+    parameters = browser.find_element(By.ID, "parameters").text
+    assert "Eta: 0.5" in parameters and "Clip skip: 2" in parameters and "Tiled VAE: True" in parameters
+    body = {"prompt": "a blue square", "steps": 3, "seed": 3, "sampler_name": ddim, "scheduler": labels[-1],
+            "eta": 0.5, "clip_skip": 2, "vae_tiling": True}  # fmt: skip
+    api = httpx.post(keyed_server.url + "/sdapi/v1/txt2img", json=body, headers=headers, timeout=60).json()
+    src = browser.find_element(By.ID, "result").get_attribute("src")
+    assert base64.b64decode(src.split(",", 1)[1]) == base64.b64decode(api["images"][0])
+
+
+def test_a_controlnet_and_a_model_from_the_page_are_the_apis(browser: webdriver.Chrome, tmp_path: Path) -> None:
+    """A server with two models (the shipped one, which has the `outline` ControlNet, in fp32 and int8): a control
+    picture chosen in the page, the model and preprocessor from the extension's lists, reach the server as one
+    unit; the other model chosen in the page draws the next image; each is the API's image for the same body."""
+    from sd_onnx.models.shapes import shipped_model
+
+    outline = Path(__file__).parents[1] / "docs" / "controlnet-outline.png"
+    for name, precision in (("shapes", "fp32"), ("shapes-int8", "int8")):
+        shutil.copytree(shipped_model(precision), tmp_path / "models" / name)
+    server = Server(None, "--models-dir", str(tmp_path / "models"), "--max-steps", "1000")
+    try:
+        browser.get(server.url + "/")
+        control = browser.find_element(By.ID, "controlnet")
+        WebDriverWait(browser, 10).until(lambda d: control.is_displayed())
+        control.find_element(By.TAG_NAME, "summary").click()
+        assert [o.text for o in Select(browser.find_element(By.ID, "control_model")).options] == ["outline"]
+        modules = [o.text for o in Select(browser.find_element(By.ID, "control_module")).options]
+        assert modules[:2] == ["none", "canny"]
+        browser.find_element(By.ID, "control_file").send_keys(str(outline))
+        fill(browser, prompt="a red triangle on a blue background", steps="4", seed="5", control_weight="0.9")
+        browser.find_element(By.ID, "generate").click()
+        wait_for_result_or_error(browser)
+        assert browser.find_element(By.ID, "error").text == ""
+        assert (
+            'ControlNet 0: "Module: none, Model: outline, Weight: 0.9' in browser.find_element(By.ID, "parameters").text
+        )
+        unit = {"image": base64.b64encode(outline.read_bytes()).decode(), "module": "none", "model": "outline",
+                "weight": 0.9, "guidance_start": 0, "guidance_end": 1}  # fmt: skip
+        body = {"prompt": "a red triangle on a blue background", "steps": 4, "seed": 5,
+                "alwayson_scripts": {"ControlNet": {"args": [unit]}}}  # fmt: skip
+        api = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60).json()
+        src = browser.find_element(By.ID, "result").get_attribute("src")
+        assert base64.b64decode(src.split(",", 1)[1]) == base64.b64decode(api["images"][0])
+        plain = httpx.post(server.url + "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {}}, timeout=60)
+        assert plain.json()["images"][0] != api["images"][0]  # the unit was applied, not dropped
+        models = Select(browser.find_element(By.ID, "model"))
+        titles = {o.text: o.get_attribute("value") for o in models.options}
+        assert set(titles) == {"current model", "shapes", "shapes-int8"}
+        models.select_by_visible_text("shapes-int8")
+        browser.execute_script("document.getElementById('control_model').replaceChildren()")  # no unit this time
+        browser.find_element(By.ID, "generate").click()
+        wait_for_result_or_error(browser)
+        assert browser.find_element(By.ID, "error").text == ""
+        assert "Model: shapes-int8" in browser.find_element(By.ID, "parameters").text
+        body = {**body, "alwayson_scripts": {}, "override_settings": {"sd_model_checkpoint": titles["shapes-int8"]}}
+        api = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60).json()
+        src = browser.find_element(By.ID, "result").get_attribute("src")
+        assert base64.b64decode(src.split(",", 1)[1]) == base64.b64decode(api["images"][0])
+    finally:
+        server.stop()
