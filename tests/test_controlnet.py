@@ -111,6 +111,27 @@ def test_txt2img_matches_diffusers(ours, tiny_pipeline: Path, controlnets: dict[
     assert mean_abs(plain, want) > 5 * difference
 
 
+def test_lcm_sampling_matches_diffusers(ours, tiny_pipeline: Path, controlnets: dict[str, Path]) -> None:
+    """The few-step path (LCM's sampler, no guidance) with a ControlNet: diffusers' ControlNet pipeline with its
+    LCMScheduler, same weights and seed."""
+    from diffusers import ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline
+
+    control = control_images()[0]
+    settings = {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
+    got = ours(PROMPT, control_image=control, controlnet="canny", scheduler="lcm", seed=6, output_type="np",
+               **settings).images  # fmt: skip
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_pipeline, controlnet=ControlNetModel.from_pretrained(controlnets["canny"]), safety_checker=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(PROMPT, image=control, generator=torch.Generator().manual_seed(6), output_type="np",
+                    **settings).images  # fmt: skip
+    assert mean_abs(got, want) <= TOLERANCE
+
+
 def test_img2img_matches_diffusers(ours, tiny_pipeline: Path, controlnets: dict[str, Path]) -> None:
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
