@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .echo import echo
 from .graph import GraphModel
-from .manifest import FLOAT_DECODER, ComponentInfo
+from .manifest import ComponentInfo
 from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
 
 LOG = logging.getLogger("sd_onnx")
@@ -81,7 +81,7 @@ def resolve_providers(provider: str) -> list[str]:
     provider, _ = split_provider(provider)
     available = ort.get_available_providers()
     if provider == "auto":
-        chosen = next((p for p in AUTO_ORDER if p in available), OPENVINO if auto_openvino_components() else CPU)
+        chosen = next((p for p in AUTO_ORDER if p in available), OPENVINO if auto_openvino_components() != () else CPU)
     elif PROVIDER_ALIASES.get(provider.lower()) == OPENVINO:
         chosen = OPENVINO
         if openvino_version() is None:
@@ -117,20 +117,21 @@ def split_provider(provider: str) -> tuple[str, str | None]:
     return name, precision
 
 
-def auto_openvino_components() -> tuple[str, ...]:
-    """The component folders "auto" runs on OpenVINO here (the rest stay on onnxruntime's CPU provider): the UNet's
-    graphs where OpenVINO is installed and the CPU has AMX or AVX-512 bf16, and with AMX the float VAE decoder an
-    int8 export keeps (vae.choose_decoder); else none.
+def auto_openvino_components() -> tuple[str, ...] | None:
+    """The component folders "auto" runs on OpenVINO here, the rest on onnxruntime's CPU provider: every graph
+    (None) where OpenVINO is installed and the CPU has AMX, the UNet's graphs where it has AVX-512 bf16 without
+    AMX, else none (an empty tuple).
 
-    Measured with both engines (docs/performance.md; SD 1.5 int8, 512x512, 2 threads): the UNet step takes 0.46x
-    onnxruntime's time on a Xeon with AMX and 0.79x on an AMD Zen with AVX-512 bf16 but no AMX. The decoder: on the
-    AMX Xeon OpenVINO's float decoder in bf16 takes 0.43x of the int8 one on onnxruntime (1.80 vs 4.20 s); on the
-    Zen the int8 one on onnxruntime wins (2.44 s against 3.16 s). On AVX2-only CPUs OpenVINO was no faster than
-    onnxruntime in fp32 and slower in int8."""
+    Measured (docs/performance.md; SD 1.5 int8, 512x512, 2 threads). On a Xeon with AMX, OpenVINO is faster on
+    every graph: UNet step 0.46x onnxruntime's, text encoder 0.33x, int8 decoder 0.87x, and the float decoder an
+    int8 export keeps (vae.choose_decoder) 0.46x the int8 one on onnxruntime; 20 steps end to end with every
+    graph on OpenVINO took 0.94x the UNet and float decoder alone on it. On an AMD Zen with AVX-512 bf16 but no
+    AMX the UNet step takes 0.79x, but the int8 decoder on onnxruntime wins (2.44 s against 3.52 s int8 and
+    3.16 s float on OpenVINO). On AVX2-only CPUs OpenVINO was no faster in fp32 and slower in int8."""
     flags = cpu_flags()
     if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & flags:
         return ()
-    return (*AUTO_OPENVINO_COMPONENTS, FLOAT_DECODER) if AMX_FLAG in flags else AUTO_OPENVINO_COMPONENTS
+    return None if AMX_FLAG in flags else AUTO_OPENVINO_COMPONENTS
 
 
 def runs_on_openvino(config: SessionConfig, component: str) -> bool:
@@ -159,8 +160,9 @@ def describe_engines() -> dict[str, str]:
         lines["openvino"] = f"{version} (CPU; float layers in {default_precision()} unless openvino:f32)"
     chosen, placed = resolve_providers("auto")[0], auto_openvino_components()
     if chosen == OPENVINO:
-        flags = ", ".join(sorted(set(AUTO_OPENVINO_FLAGS) & cpu_flags()))
-        lines["auto"] = f"OpenVINO for {', '.join(placed)}, {CPU} for the rest (the CPU has {flags})"
+        flags = ", ".join(sorted({*AUTO_OPENVINO_FLAGS, AMX_FLAG} & cpu_flags()))
+        where = "every graph" if placed is None else f"{', '.join(placed)}, {CPU} for the rest"
+        lines["auto"] = f"OpenVINO for {where} (the CPU has {flags})"
     else:
         why = "a GPU provider" if chosen != CPU else "openvino not installed" if version is None else "no AMX or bf16"
         lines["auto"] = f"{chosen} ({why})"

@@ -177,9 +177,13 @@ def test_without_openvino_the_cpu_provider_runs(tiny_export: Path, monkeypatch) 
     assert session.resolve_providers("auto") == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("flags", [{"amx_int8", "amx_tile"}, {"avx512_vnni", "avx512_bf16"}, {"avx512_vnni"}, {"avx2"}])
+AMX = {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags", [{"avx512_vnni", "avx512_bf16"}, {"avx512_vnni"}, {"avx2"}])
 def test_auto_puts_the_unet_on_openvino_where_measured_faster(flags: set[str], tiny_export: Path, monkeypatch) -> None:
-    """AMX or AVX-512 bf16: the UNet's graphs on OpenVINO, the rest on onnxruntime; elsewhere all on onnxruntime."""
+    """AVX-512 bf16 without AMX: the UNet's graphs on OpenVINO, the rest on onnxruntime; without bf16 all on
+    onnxruntime (AMX: test_auto_puts_every_graph_on_openvino_with_amx)."""
     monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(flags))
     faster = bool({"amx_int8", "avx512_bf16"} & flags)
     assert session.resolve_providers("auto") == (
@@ -192,6 +196,16 @@ def test_auto_puts_the_unet_on_openvino_where_measured_faster(flags: set[str], t
     out = pipe(PROMPT, num_inference_steps=2, seed=1)
     engine = f"OpenVINO {openvino_version()} {default_precision()} for unet, onnxruntime "
     assert (out.parameters.get("Engine", "").startswith(engine)) == faster, out.parameters
+
+
+def test_auto_puts_every_graph_on_openvino_with_amx(tiny_export: Path, monkeypatch) -> None:
+    monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(AMX))
+    assert session.auto_openvino_components() is None
+    pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="auto", low_memory=True)
+    assert all(pipe.component(name).provider == "OpenVINO" for name in ("text_encoder", "unet", "vae_decoder"))
+    assert session.describe_engines()["auto"].startswith("OpenVINO for every graph (the CPU has amx_bf16")
+    engine = pipe(PROMPT, num_inference_steps=2, seed=1).parameters["Engine"]
+    assert engine == f"OpenVINO {openvino_version()} {default_precision()}"
 
 
 def test_provider_strings(tiny_export: Path) -> None:
