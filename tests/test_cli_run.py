@@ -243,7 +243,7 @@ def test_a_graph_that_fails_while_running_is_a_one_line_error(tmp_path: Path, mo
         raise RuntimeError(ORT_OOM)
 
     monkeypatch.setattr(ort.InferenceSession, "run", fail)
-    code, output = run("prompt", "a red circle", "-o", str(tmp_path / "a.png"), "--steps", "1")
+    code, output = run("prompt", "a red circle", "-o", str(tmp_path / "a.png"), "--steps", "1", "--provider", "cpu")
     assert code != 0 and "Traceback" not in output and len(errors_of(output)) == 1, output
     assert errors_of(output)[0].startswith("Error: text_encoder: onnxruntime could not run the graph (MatMul node "
                                            "/attn/MatMul: Failed to allocate memory for requested buffer of size "
