@@ -185,9 +185,6 @@ class StableDiffusionPipeline:
         if named and precision not in ("auto", named):
             raise ValueError(f"provider {provider!r} and precision={precision!r} disagree: give the precision once")
         precision = named or precision
-        session_config = SessionConfig(
-            providers, threads, optimization, cache, cache_root, not low_memory, precision, openvino_placement(provider)
-        )
         if os.path.lexists(folder / MANIFEST_NAME):  # a manifest that is no regular file is refused, not skipped
             manifest = Manifest.load(folder)
             if verify:
@@ -195,6 +192,10 @@ class StableDiffusionPipeline:
             config = manifest.config
         else:
             manifest, config = None, _config_from_plain_folder(folder)
+        placement = openvino_placement(provider, config.family)
+        session_config = SessionConfig(
+            providers, threads, optimization, cache, cache_root, not low_memory, precision, placement
+        )
         if cls is StableDiffusionPipeline:  # the class diffusers names for the folder's family
             cls = pipeline_class(config)
         return cls(

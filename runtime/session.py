@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .echo import echo
 from .graph import GraphModel
-from .manifest import ComponentInfo
+from .manifest import TRANSFORMER_FAMILIES, ComponentInfo
 from .openvino_engine import PRECISIONS, EngineUnavailable, OpenVinoModel, default_precision, openvino_version
 
 LOG = logging.getLogger("sd_onnx")
@@ -117,10 +117,12 @@ def split_provider(provider: str) -> tuple[str, str | None]:
     return name, precision
 
 
-def auto_openvino_components() -> tuple[str, ...] | None:
-    """The component folders "auto" runs on OpenVINO here, the rest on onnxruntime's CPU provider: every graph
-    (None) where OpenVINO is installed and the CPU has AMX, the UNet's graphs where it has AVX-512 bf16 without
-    AMX, else none (an empty tuple).
+def auto_openvino_components(family: str = "sd") -> tuple[str, ...] | None:
+    """The component folders "auto" runs on OpenVINO here for a model of `family` (config.family), the rest on
+    onnxruntime's CPU provider: every graph (None) of a UNet model where OpenVINO is installed and the CPU has AMX,
+    the UNet's graphs where it has AVX-512 bf16 without AMX, else none (an empty tuple). Transformer families
+    (SD3, FLUX, SANA, Z-Image) stay on onnxruntime: their bf16-stored and weight-only int8 graphs were measured
+    there only.
 
     Measured (docs/performance.md; SD 1.5 int8, 512x512, 2 threads). On a Xeon with AMX, OpenVINO is faster on
     every graph: UNet step 0.46x onnxruntime's, text encoder 0.33x, int8 decoder 0.87x, and the float decoder an
@@ -131,7 +133,7 @@ def auto_openvino_components() -> tuple[str, ...] | None:
     flags = cpu_flags()
     if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & flags:
         return ()
-    return None if AMX_FLAG in flags else AUTO_OPENVINO_COMPONENTS
+    return None if AMX_FLAG in flags and family not in TRANSFORMER_FAMILIES else AUTO_OPENVINO_COMPONENTS
 
 
 def runs_on_openvino(config: SessionConfig, component: str) -> bool:
@@ -140,10 +142,10 @@ def runs_on_openvino(config: SessionConfig, component: str) -> bool:
     return config.providers[0] == OPENVINO and (placed is None or component in placed)
 
 
-def openvino_placement(provider: str) -> tuple[str, ...] | None:
-    """The components to run on OpenVINO for `provider`: "auto"'s measured choice, or None (every graph) when
-    OpenVINO is named."""
-    return auto_openvino_components() if split_provider(provider)[0] == "auto" else None
+def openvino_placement(provider: str, family: str = "sd") -> tuple[str, ...] | None:
+    """The components of a `family` model to run on OpenVINO for `provider`: "auto"'s measured choice, or None
+    (every graph) when OpenVINO is named."""
+    return auto_openvino_components(family) if split_provider(provider)[0] == "auto" else None
 
 
 def ort_version() -> str:

@@ -201,6 +201,8 @@ def test_auto_puts_the_unet_on_openvino_where_measured_faster(flags: set[str], t
 def test_auto_puts_every_graph_on_openvino_with_amx(tiny_export: Path, monkeypatch) -> None:
     monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(AMX))
     assert session.auto_openvino_components() is None
+    for family in ("sd3", "flux", "flux2", "sana", "z_image"):  # measured on onnxruntime only: they stay there
+        assert session.openvino_placement("auto", family) == ("unet",)
     pipe = DiffusionPipeline.from_pretrained(tiny_export, provider="auto", low_memory=True)
     assert all(pipe.component(name).provider == "OpenVINO" for name in ("text_encoder", "unet", "vae_decoder"))
     assert session.describe_engines()["auto"].startswith("OpenVINO for every graph (the CPU has amx_bf16")
