@@ -92,8 +92,11 @@ def build_network(network: str, state: dict[str, torch.Tensor]) -> torch.nn.Modu
     try:
         hed.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ExportError(f"the checkpoint is not ControlNetHED_Apache2's ({first[:160]})") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ExportError(f"the checkpoint is not ControlNetHED_Apache2's ({(lines[1:] or lines)[0][:300]})") from None
+    broken = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise ExportError(f"the checkpoint holds NaN or infinite weights ({', '.join(broken[:3])})")
     return HedEdges(hed.float().eval()).eval()
 
 
@@ -106,7 +109,7 @@ def export_annotator(
     file, output = Path(file).expanduser(), Path(output).expanduser()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists (use --overwrite to replace it)")
-    module = build_network(network, read_state_dict(file))
+    module = build_network(network, read_state_dict(file, "annotator"))
     started = time.perf_counter()
     with staging_folder(output) as staging:
         validation, inputs, outputs = _export_graph(module, staging, opset, atol)

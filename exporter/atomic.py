@@ -45,6 +45,9 @@ def publish(staging: Path, output: Path) -> None:
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the export from a server running as another user
     staging.rename(output)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -333,11 +333,17 @@ def upscaler(
 
 
 @main.command()
-@click.argument("network", type=click.Choice(["hed"]))
+@click.argument("network", metavar="NETWORK", type=click.Choice(["hed"], case_sensitive=False))
 @click.argument("file", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 23), help="ONNX opset.")
-@click.option("--atol", default=1e-4, show_default=True, help="Max abs difference allowed between ONNX and PyTorch.")
+@click.option(
+    "--atol",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Max abs difference allowed between ONNX and PyTorch.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def annotator(network: str, file: Path, output: Path, opset: int, atol: float, overwrite: bool) -> None:
     """Export a ControlNet preprocessor NETWORK's checkpoint FILE (hed: ControlNetHED.pth, read weights-only) to
@@ -346,7 +352,8 @@ def annotator(network: str, file: Path, output: Path, opset: int, atol: float, o
     pip install --no-deps controlnet-aux==0.0.10 einops."""
     from .annotator import export_annotator
 
-    derive(lambda: export_annotator(network, file, output, opset=opset, atol=atol, overwrite=overwrite, log=echo),
+    derive(lambda: export_annotator(network.lower(), file, output, opset=opset, atol=atol, overwrite=overwrite,
+                                    log=echo),
            output)  # fmt: skip
 
 

@@ -50,9 +50,9 @@ SPEC = ComponentSpec(
 )
 
 
-def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .pth (weights-only unpickling) or .safetensors checkpoint, unwrapped from Real-ESRGAN's
-    `params_ema` / `params`; ExportError in one line for anything else."""
+def read_state_dict(file: Path, kind: str = "upscaler") -> dict[str, torch.Tensor]:
+    """The tensors of a .pth (weights-only unpickling) or .safetensors `kind` checkpoint, unwrapped from
+    Real-ESRGAN's `params_ema` / `params`; ExportError in one line for anything else."""
     file = Path(file).expanduser()
     try:
         size = regular_file(file, "checkpoint").st_size
@@ -64,7 +64,7 @@ def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         elif file.suffix in (".pth", ".pt", ".ckpt"):
             state = _unpickle_weights(file)
         else:
-            raise ExportError(f"{file}: expected a .pth or .safetensors upscaler checkpoint")
+            raise ExportError(f"{file}: expected a .pth or .safetensors {kind} checkpoint")
     except UntrustedFileError as exc:
         raise ExportError(str(exc)) from None
     for wrapper in ("params_ema", "params", "state_dict"):
@@ -82,10 +82,11 @@ def _unpickle_weights(file: Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ExportError(
-            f"{file}: refused: not a weights-only checkpoint ({_unpickler_reason(exc)}); only tensors and plain "
-            "containers are unpickled, never objects that could run code"
+            f"{file}: refused: not a weights-only PyTorch checkpoint ({_unpickler_reason(exc)}): either no "
+            "checkpoint at all, or one holding objects besides tensors and plain containers, which are never "
+            "unpickled (they could run code)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{file}: not a readable PyTorch checkpoint ({reason})") from None
 

@@ -60,7 +60,7 @@ class AnnotatorManifest:
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise UntrustedFileError(f"{folder}: has no {MANIFEST_NAME} (export one with sd-export annotator)")
-        data = read_json(path, MAX_MANIFEST_BYTES, "annotator manifest")
+        data = read_json(path, MAX_MANIFEST_BYTES, "manifest")
         try:
             check(data, SCHEMA, "", MANIFEST_NAME)
             manifest = cls(**{k: v for k, v in data.items() if k in set(SCHEMA.fields) | set(SCHEMA.optional)})
@@ -78,25 +78,43 @@ class AnnotatorManifest:
 
 
 class AnnotatorNetwork:
-    """One exported network, its session opened on first use (onnxruntime's CPU provider)."""
+    """One exported network, its session opened at once (onnxruntime's CPU provider), so that a folder it cannot
+    run fails where it is loaded (a server's start), not at a request."""
 
     def __init__(self, folder: Path, threads: int | None = None) -> None:
         self.manifest, self.graph = AnnotatorManifest.load(folder)
-        self.threads = threads
-        self._session: ort.InferenceSession | None = None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors have no common type
+            raise UntrustedFileError(f"{self.graph}: onnxruntime cannot load it ({_first_line(exc)})") from None
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if [(i.name, i.type, len(i.shape)) for i in inputs] != [("image", "tensor(float)", 4)] or [
+            (o.type, len(o.shape)) for o in outputs[:1]
+        ] != [("tensor(float)", 4)]:
+            raise UntrustedFileError(f"{self.graph}: not an annotator graph (one float image in, one float map out)")
 
     def edges(self, pixels: np.ndarray, safe: bool) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (H, W) uint8 map."""
-        if self._session is None:
-            options = ort.SessionOptions()
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            self._session = ort.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
+        """(H, W, 3) uint8 RGB -> (H, W) uint8 map; ValueError when the graph fails or returns something else."""
         image = pixels.astype(np.float32).transpose(2, 0, 1)[None]
-        edge = self._session.run(None, {"image": image})[0][0, 0].astype(np.float64)
+        try:
+            edge = self._session.run(None, {"image": image})[0]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's run errors have no common type
+            raise ValueError(f"{self.graph}: onnxruntime could not run it ({_first_line(exc)})") from None
+        if edge.shape != (1, 1, *pixels.shape[:2]) or not np.isfinite(edge).all():
+            raise ValueError(f"{self.graph}: returned a {edge.shape} map, not a finite (1, 1, H, W) one")
+        edge = edge[0, 0].astype(np.float64)
         if safe:  # controlnet-aux's safe_step(x, 2)
             edge = (edge.astype(np.float32) * 3).astype(np.int32).astype(np.float32) / 2
         return (edge * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def load_annotators(folder: Path | None, threads: int | None = None) -> dict[str, AnnotatorNetwork]:

@@ -22,6 +22,9 @@ from .request import RequestError
 
 TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)  # tan(22.5 degrees), OpenCV's 15-bit fixed point
 MAX_RESOLUTION = 4096
+# The largest image a preprocessor makes: the short side is `resolution`, and a narrow picture's long side follows
+# (a 64x1 picture at 512 would be 32768 wide). HED at 2048x2048 holds about 4 GB.
+MAX_ANNOTATED_PIXELS = 2048 * 2048
 # module -> (its function, the defaults of A1111's threshold_a and threshold_b sliders; None: unused)
 Annotator = Callable[[np.ndarray, float, float], np.ndarray]
 
@@ -136,7 +139,7 @@ def annotate(
                 f"{module} runs the {network} network, which is not loaded (sd-export annotator {network} FILE "
                 f"DIR/{network}, then --annotators-dir DIR)",
             )
-        run, default_a, default_b = (lambda pixels, _a, _b: networks[network].edges(pixels, safe)), None, None
+        run, default_a, default_b = _network_run(networks[network], module, safe), None, None
     elif not isinstance(module, str) or module not in MODULES:
         names = ", ".join(module_names(networks))
         raise RequestError("module", f"no preprocessor {str(module)[:64]!r}; there are {names}")
@@ -147,10 +150,24 @@ def annotate(
     if resolution is not None:
         if isinstance(resolution, bool) or not isinstance(resolution, int) or not 64 <= resolution <= MAX_RESOLUTION:
             raise RequestError("resolution", f"must be an integer in 64..{MAX_RESOLUTION}, got {resolution!r}"[:200])
+        size = _short_side_size(image.size, resolution)
+        if size[0] * size[1] > MAX_ANNOTATED_PIXELS:
+            reason = f"{resolution} makes this {image.width}x{image.height} picture {size[0]}x{size[1]}, more than "
+            raise RequestError("resolution", reason + f"{MAX_ANNOTATED_PIXELS} pixels")
         image = _short_side(image.convert("RGB"), resolution)
     a = _threshold_value("threshold_a", threshold_a, default_a)
     b = _threshold_value("threshold_b", threshold_b, default_b)
     return Image.fromarray(run(np.asarray(image.convert("RGB")), a, b)).convert("RGB")  # HWC3, as A1111
+
+
+def _network_run(network: AnnotatorNetwork, module: str, safe: bool) -> Annotator:
+    def run(pixels: np.ndarray, _a: float, _b: float) -> np.ndarray:
+        try:
+            return network.edges(pixels, safe)
+        except ValueError as exc:  # a graph that loaded but fails: the module cannot serve, said in one line
+            raise RequestError("module", f"{module}: {exc}") from None
+
+    return run
 
 
 def _threshold_value(name: str, value: float | None, default: float | None) -> float:
@@ -161,8 +178,13 @@ def _threshold_value(name: str, value: float | None, default: float | None) -> f
     return float(value)
 
 
+def _short_side_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    scale = side / min(size)
+    return round(size[0] * scale), round(size[1] * scale)
+
+
 def _short_side(image: Image.Image, side: int) -> Image.Image:
     scale = side / min(image.size)
-    size = (round(image.width * scale), round(image.height * scale))
+    size = _short_side_size(image.size, side)
     method = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.BOX
     return image if size == image.size else image.resize(size, method)

@@ -165,7 +165,10 @@ def _controls(
             image = decode_image(inside(folder, entry["image"], "the prompts file"), max_pixels)
         except (UntrustedFileError, ImageError, OSError) as exc:
             raise RequestError(f"controls[{i}].image", str(exc)) from None
-        control = annotate(image, entry.get("module", "none"), networks=networks)
+        try:
+            control = annotate(image, entry.get("module", "none"), networks=networks)
+        except RequestError as exc:
+            raise RequestError(f"controls[{i}].{exc.field}", exc.reason) from None
         numbers = {k: entry[n] for k, n in (("scale", "weight"), ("start", "start"), ("end", "end")) if n in entry}
         units.append(ControlUnit(control, entry.get("model"), **numbers, resize_mode=entry.get("resize_mode",
                                  "just_resize"), module=entry.get("module", "none")))  # fmt: skip

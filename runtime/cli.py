@@ -34,6 +34,7 @@ USER_ERRORS = (ValueError, OSError, GraphRunError)
 # GenerationRequest field -> the option that sets it, so errors name what the user typed.
 OPTION_NAMES = {
     "prompt": "TEXT",
+    "module": "--control-preprocess",  # annotators.annotate's field
     "negative_prompt": "--negative",
     "steps": "--steps",
     "guidance_scale": "--guidance",
@@ -466,7 +467,7 @@ def read_controls(
     if not texts and (module != "none" or guess_mode):
         given = "--control-preprocess" if module != "none" else "--guess-mode"
         raise click.BadParameter("applies to control images: give one with --control IMAGE", param_hint=given)
-    networks = load_annotators(annotators_dir, threads) if module in MODEL_MODULES else None
+    networks = load_annotators(annotators_dir, threads)
     units = []
     for text in texts:
         path, name, weight = text, None, 1.0
