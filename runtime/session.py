@@ -49,6 +49,8 @@ OPTIMIZATION_LEVELS = {
 }
 AUTO_ORDER = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 CACHE_ENV = "SD_ONNX_CACHE"
+# "0": `auto` never picks OpenVINO (the same engine on every CPU class: reproducible pixels, no compile step).
+AUTO_OPENVINO_ENV = "SD_ONNX_AUTO_OPENVINO"
 
 
 def cache_root() -> Path:
@@ -122,7 +124,7 @@ def auto_openvino_components(family: str = "sd") -> tuple[str, ...] | None:
     onnxruntime's CPU provider: every graph (None) of a UNet model where OpenVINO is installed and the CPU has AMX,
     the UNet's graphs where it has AVX-512 bf16 without AMX, else none (an empty tuple). Transformer families
     (SD3, FLUX, SANA, Z-Image) stay on onnxruntime: their bf16-stored and weight-only int8 graphs were measured
-    there only.
+    there only. $SD_ONNX_AUTO_OPENVINO=0 keeps everything on onnxruntime.
 
     Measured (docs/performance.md; SD 1.5 int8, 512x512, 2 threads). On a Xeon with AMX, OpenVINO is faster on
     every graph: UNet step 0.46x onnxruntime's, text encoder 0.33x, int8 decoder 0.87x, and the float decoder an
@@ -131,7 +133,7 @@ def auto_openvino_components(family: str = "sd") -> tuple[str, ...] | None:
     AMX the UNet step takes 0.79x, but the int8 decoder on onnxruntime wins (2.44 s against 3.52 s int8 and
     3.16 s float on OpenVINO). On AVX2-only CPUs OpenVINO was no faster in fp32 and slower in int8."""
     flags = cpu_flags()
-    if openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & flags:
+    if os.environ.get(AUTO_OPENVINO_ENV) == "0" or openvino_version() is None or not set(AUTO_OPENVINO_FLAGS) & flags:
         return ()
     return None if AMX_FLAG in flags and family not in TRANSFORMER_FAMILIES else AUTO_OPENVINO_COMPONENTS
 
@@ -166,7 +168,12 @@ def describe_engines() -> dict[str, str]:
         where = "every graph" if placed is None else f"{', '.join(placed)}, {CPU} for the rest"
         lines["auto"] = f"OpenVINO for {where} (the CPU has {flags})"
     else:
-        why = "a GPU provider" if chosen != CPU else "openvino not installed" if version is None else "no AMX or bf16"
+        why = (
+            "a GPU provider" if chosen != CPU
+            else "openvino not installed" if version is None
+            else f"{AUTO_OPENVINO_ENV}=0" if os.environ.get(AUTO_OPENVINO_ENV) == "0"
+            else "no AMX or bf16"
+        )  # fmt: skip
         lines["auto"] = f"{chosen} ({why})"
     return lines
 

@@ -17,6 +17,11 @@ if "SD_ONNX_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["SD_ONNX_CACHE"], True)
 
 
+# `auto` on onnxruntime everywhere (its OpenVINO choice depends on the CPU class): the same engine, pixels and
+# speed on every CI machine; the tests of that choice (test_openvino.py) lift it.
+os.environ["SD_ONNX_AUTO_OPENVINO"] = "0"
+
+
 def peer_python_or_skip(name: str) -> str:
     """$SD_ONNX_<NAME>_PYTHON, else peer `name`'s `sd-bench peers setup` environment (made if missing); the
     test is skipped where no package index can be reached to make it."""

@@ -27,6 +27,12 @@ PROMPT = "a red circle on a blue background"
 EXACT = "openvino:f32"
 
 
+@pytest.fixture(autouse=True)
+def auto_may_pick_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module tests `auto`'s choice: lift conftest's SD_ONNX_AUTO_OPENVINO=0."""
+    monkeypatch.delenv("SD_ONNX_AUTO_OPENVINO")
+
+
 def pixels(folder: Path, provider: str, **call) -> tuple[np.ndarray, DiffusionPipeline]:
     options = {key: call.pop(key) for key in ("low_memory", "loras", "vae", "cache_dir") if key in call}
     pipe = DiffusionPipeline.from_pretrained(folder, provider=provider, **options)
@@ -208,6 +214,9 @@ def test_auto_puts_every_graph_on_openvino_with_amx(tiny_export: Path, monkeypat
     assert session.describe_engines()["auto"].startswith("OpenVINO for every graph (the CPU has amx_bf16")
     engine = pipe(PROMPT, num_inference_steps=2, seed=1).parameters["Engine"]
     assert engine == f"OpenVINO {openvino_version()} {default_precision()}"
+    monkeypatch.setenv("SD_ONNX_AUTO_OPENVINO", "0")  # the same engine on every CPU class, when asked
+    assert session.resolve_providers("auto") == ["CPUExecutionProvider"]
+    assert session.describe_engines()["auto"] == "CPUExecutionProvider (SD_ONNX_AUTO_OPENVINO=0)"
 
 
 def test_provider_strings(tiny_export: Path) -> None:

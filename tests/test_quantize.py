@@ -313,6 +313,7 @@ def test_auto_decodes_with_the_float_decoder_on_openvino_only_with_amx(
     onnxruntime beats both decoders on OpenVINO."""
     from sd_onnx.runtime import session
 
+    monkeypatch.delenv("SD_ONNX_AUTO_OPENVINO")  # conftest's; this test is of auto's choice
     monkeypatch.setattr(session, "cpu_flags", lambda: frozenset(flags))
     pipe = StableDiffusionPipeline.from_pretrained(int8_export, provider="auto")
     amx = "amx_bf16" in flags
