@@ -82,9 +82,8 @@ def _unpickle_weights(file: Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ExportError(
-            f"{file}: refused: not a weights-only PyTorch checkpoint ({_unpickler_reason(exc)}): either no "
-            "checkpoint at all, or one holding objects besides tensors and plain containers, which are never "
-            "unpickled (they could run code)"
+            f"{file}: refused: not a weights-only checkpoint ({_unpickler_reason(exc)}); only tensors and plain "
+            "containers are unpickled, never objects that could run code"
         ) from None
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
