@@ -21,8 +21,8 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -142,8 +142,4 @@ def _export_graph(module: torch.nn.Module, folder: Path, opset: int, atol: float
     session = open_session(folder / GRAPH)
     validation = compare_outputs("annotator", session, {"image": check.numpy()}, reference, atol)
     inputs, outputs = signature(session)
-    return validation, [_spec(s) for s in inputs], [_spec(s) for s in outputs]
-
-
-def _spec(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "shape": spec.shape, "dtype": spec.dtype}
+    return validation, [asdict(s) for s in inputs], [asdict(s) for s in outputs]

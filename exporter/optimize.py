@@ -373,7 +373,8 @@ def chunk_group_norms(model: onnx.ModelProto, parts: int = 4) -> int:
 def unchunk_group_norms(model: onnx.ModelProto) -> int:
     """Undo `chunk_group_norms` in place: each chunked group norm computed whole again, as torch exports it;
     returns how many. The chunks save memory on onnxruntime, but OpenVINO runs a whole group norm as one fused
-    kernel, and the chunked one costs it 1.45x in an SD 1.5 decoder (docs/performance.md), so the float decoder
+    kernel, and the chunked one costs it 1.45x in an SD 1.5 decoder on an AMD Zen and 4.7x on a Xeon with AMX
+    (docs/performance.md), so the float decoder
     kept for OpenVINO beside the int8 one (quantize_folder.keep_float_decoder) is whole again."""
     g = _Graph(model.graph)
     replaced: set[int] = set()

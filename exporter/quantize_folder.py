@@ -110,9 +110,10 @@ def keep_float_decoder(folder: Path, manifest: Manifest, fp32_file: Path, held_o
     """Add `fp32_file`'s VAE decoder (the fp32 graph beside it, which int8 replaces) to `folder` as the component
     FLOAT_DECODER, its group norms whole again (optimize.unchunk_group_norms), checked against it on `held_out`.
 
-    On OpenVINO the float decoder, run in bf16, beats the int8 one (docs/performance.md: on a Xeon with AMX 1.80 s
-    against 4.20 s for int8 on onnxruntime at 512x512), so the runtime takes it where OpenVINO runs the decoder
-    (vae.choose_decoder); elsewhere, and in low-memory mode, the int8 decoder stays."""
+    On OpenVINO the float decoder, run in bf16, beats the int8 one (docs/performance.md: on a Xeon with AMX, SD 1.5
+    at 512x512, interleaved in one process, 1.84 s against 3.98 s for int8 on onnxruntime), so the runtime takes
+    it where OpenVINO runs the decoder (vae.choose_decoder); elsewhere, and in low-memory mode, the int8 decoder
+    stays."""
     out = folder / FLOAT_DECODER
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(fp32_file.parent, out)

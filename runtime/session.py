@@ -232,7 +232,7 @@ def open_model(
     if config.providers[0] != OPENVINO:
         return OnnxModel(model_file, info, config, initializers, arena, lean)
     on_cpu = replace(config, providers=config.providers[1:] or (CPU,))
-    if config.openvino_components is not None and model_file.parent.name not in config.openvino_components:
+    if not runs_on_openvino(config, model_file.parent.name):
         return OnnxModel(model_file, info, on_cpu, initializers, arena, lean)
 
     def fallback() -> OnnxModel:
